@@ -1,0 +1,52 @@
+"""Helpers shared by the CLI modules: consoles, progress bars, key=value parsing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from automl_cxr.errors import ConfigError
+
+__all__ = ["err_console", "out_console", "parse_key_values", "progress_bar"]
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, enabled: bool = True) -> Iterator:
+    """Yields a `(done, total)` callback that drives a rich progress bar on stderr."""
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
+
+
+def parse_key_values(items: list[str] | None, *, option: str) -> dict[str, str]:
+    """`["a=1", "b=2,c=3"]` → {"a": "1", "b": "2", "c": "3"}; malformed items are errors."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ConfigError(f"{option} expects KEY=VALUE, but got {part!r}")
+            out[key.strip()] = value.strip()
+    return out

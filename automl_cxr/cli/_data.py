@@ -1,0 +1,218 @@
+"""`automl-cxr data prepare|info|fetch`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from automl_cxr.cli import app
+from automl_cxr.cli._common import err_console, out_console, parse_key_values, progress_bar
+from automl_cxr.errors import ConfigError, DataError
+from automl_cxr.settings import default_sources_dir, resolve_data_dir
+
+data_app = typer.Typer(help="Prepare datasets and inspect them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Where prepared datasets live [$AUTOML_CXR_DATA or ./data]."),
+]
+
+
+def _check_writable(path: Path) -> None:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise DataError(f"data directory {path} is not writable (checked {probe})")
+
+
+@data_app.command("prepare")
+def prepare(
+    sources: Annotated[
+        Path | None, typer.Option(help="Folder holding cohen/ and kermany/ [auto-detected].")
+    ] = None,
+    cohen: Annotated[
+        Path | None, typer.Option(help="Cohen covid-chestxray-dataset folder.")
+    ] = None,
+    kermany: Annotated[
+        Path | None, typer.Option(help="Kermany folder (holding chest_xray/).")
+    ] = None,
+    folder: Annotated[Path | None, typer.Option(help="Your own folder-per-class data.")] = None,
+    csv: Annotated[
+        Path | None, typer.Option(help="Your own CSV manifest path,label[,patient_id].")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name for --folder/--csv.")] = None,
+    recipe: Annotated[
+        list[str] | None, typer.Option(help="Recipe(s) to build [three_class, four_class, binary].")
+    ] = None,
+    count: Annotated[
+        list[str] | None, typer.Option(help="Override target counts, e.g. viral=400.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the patient sampling.")] = 0,
+    skip_bad: Annotated[bool, typer.Option(help="Leave unreadable images out (listed).")] = False,
+    data_dir: DataDirOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Decode, check and de-duplicate images once, and write dataset manifests."""
+    from automl_cxr.data import prepare_recipes, prepare_table, read_csv_manifest, read_folder
+
+    out = resolve_data_dir(data_dir)
+    _check_writable(out)
+    if folder is not None or csv is not None:
+        if folder is not None and csv is not None:
+            raise ConfigError("pass either --folder or --csv, not both")
+        if not name:
+            raise ConfigError("--name is required with --folder/--csv (the new dataset's name)")
+        table = read_folder(folder) if folder is not None else read_csv_manifest(csv)
+        with progress_bar("decoding images", enabled=not quiet) as cb:
+            paths = [
+                prepare_table(
+                    table,
+                    name=name,
+                    data_dir=out,
+                    kind="folder" if folder is not None else "csv",
+                    origin=str(folder or csv),
+                    skip_bad=skip_bad,
+                    progress=cb,
+                )
+            ]
+    else:
+        if cohen is None and kermany is None:
+            src = sources or default_sources_dir()
+            if not src.is_dir():
+                raise DataError(f"sources folder {src} does not exist")
+            cohen = src / "cohen" if (src / "cohen").is_dir() else None
+            kermany = src / "kermany" if (src / "kermany").is_dir() else None
+            if cohen is None and kermany is None:
+                raise DataError(
+                    f"{src} holds neither cohen/ nor kermany/; run `automl-cxr data fetch` or "
+                    "point --sources at the folder holding them"
+                )
+        counts = {k: int(v) for k, v in parse_key_values(count, option="--count").items()}
+        with progress_bar("decoding images", enabled=not quiet) as cb:
+            paths = prepare_recipes(
+                cohen=cohen,
+                kermany=kermany,
+                data_dir=out,
+                recipes=recipe or ("three_class", "four_class", "binary"),
+                counts=counts,
+                seed=seed,
+                skip_bad=skip_bad,
+                progress=cb,
+            )
+    for p in paths:
+        meta = json.loads((p / "dataset.json").read_text())
+        counts_txt = ", ".join(f"{k} {v}" for k, v in meta["classes"].items())
+        out_console.print(
+            f"[green]prepared[/] {meta['name']}: {meta['images']} images ({counts_txt}) → {p}"
+        )
+        for lab, s in meta.get("shortfalls", {}).items():
+            out_console.print(
+                f"  [yellow]shortfall[/] {lab}: target {s['target']}, "
+                f"only {s['available']} available"
+            )
+        if meta["rejected"]:
+            out_console.print(
+                f"  [yellow]rejected[/] {len(meta['rejected'])} file(s) (see data info)"
+            )
+
+
+def _info_rows(info: dict) -> list[tuple[str, str]]:
+    ipp = info["images_per_patient"]
+    return [
+        ("images", str(info["images"])),
+        ("distinct patients", str(info["distinct_patients"])),
+        ("split groups (patients merged by near-duplicates)", str(info["split_groups"])),
+        ("images per patient", f"mean {ipp['mean']}, max {ipp['max']}"),
+        ("duplicates removed", str(info["duplicates_removed"])),
+        ("label conflicts (same bytes, two labels)", str(len(info["label_conflicts"]))),
+        ("near-duplicate pairs across patients", str(len(info["near_duplicates"]))),
+        ("patients with several labels", str(info["patients_with_several_labels"]["count"])),
+        ("files rejected", str(len(info["rejected"]))),
+        ("images without a license upstream", str(info["unlicensed_images"])),
+    ]
+
+
+@data_app.command("info")
+def info(
+    dataset: Annotated[str, typer.Argument(help="Prepared dataset name, e.g. three_class.")],
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Counts per class and source, patients, duplicates, rejects and shortcut warnings."""
+    from automl_cxr.data import load_dataset
+    from automl_cxr.data._diagnostics import source_label_alignment
+
+    ds = load_dataset(dataset, resolve_data_dir(data_dir))
+    meta = ds.meta
+    align = source_label_alignment(ds.manifest)
+    keys = (
+        "classes",
+        "patients",
+        "sources",
+        "distinct_patients",
+        "split_groups",
+        "images_per_patient",
+        "duplicates_removed",
+        "duplicates",
+        "label_conflicts",
+        "near_duplicates",
+        "merged_patient_groups",
+        "patients_with_several_labels",
+        "rejected",
+        "excluded",
+        "shortfalls",
+        "unlicensed_images",
+        "manifest_hash",
+        "kind",
+        "positive",
+    )
+    payload = {"dataset": ds.name, "images": len(ds), **{k: meta.get(k) for k in keys}}
+    payload["source_label_alignment"] = align
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2, default=str))
+        return
+    t = Table(title=f"dataset {ds.name} ({meta.get('kind')})")
+    t.add_column("class")
+    t.add_column("images", justify="right")
+    t.add_column("patients", justify="right")
+    for lab in ds.classes:
+        t.add_row(lab, str(meta["classes"].get(lab, 0)), str(meta["patients"].get(lab, 0)))
+    out_console.print(t)
+    s = Table(show_header=False, box=None)
+    for k, v in [
+        ("sources", ", ".join(f"{a} {b}" for a, b in meta["sources"].items())),
+        *_info_rows(meta),
+    ]:
+        s.add_row(k, v)
+    out_console.print(s)
+    for src, reasons in (meta.get("excluded") or {}).items():
+        for why, n in reasons.items():
+            out_console.print(f"excluded from {src}: {n} ({why})")
+    for lab, sf in (meta.get("shortfalls") or {}).items():
+        out_console.print(
+            f"[yellow]shortfall[/] {lab}: target {sf['target']}, available {sf['available']}"
+        )
+    for r in meta["rejected"][:20]:
+        out_console.print(f"[yellow]rejected[/] {r['path']}: {r['reason']}")
+    if align["warning"]:
+        err_console.print(f"[bold yellow]warning:[/] {align['warning']}")
+
+
+@data_app.command("fetch")
+def fetch(
+    dest: Annotated[Path, typer.Option(help="Where to put cohen/ and kermany/.")] = Path("sources"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the network.")] = 10.0,
+) -> None:
+    """Download the public sources (needs internet; offline it says where to put them)."""
+    from automl_cxr.data._fetch import fetch_sources
+
+    for line in fetch_sources(dest, timeout=timeout):
+        out_console.print(line)

@@ -1,0 +1,369 @@
+"""Turn source tables into prepared datasets: decode once, reject, de-duplicate, write manifests."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from automl_cxr.data._image import MIN_SIDE, decode_gray, thumbnail
+from automl_cxr.data._recipes import Recipe, get_recipe
+from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany
+from automl_cxr.errors import DataError, ImageDecodeError
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "NEAR_DUPLICATE_THRESHOLD",
+    "ScanResult",
+    "manifest_hash",
+    "prepare_recipes",
+    "prepare_table",
+    "scan_images",
+]
+
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "patient_id",
+    "group_id",
+    "source",
+    "view",
+    "license",
+    "sha256",
+    "width",
+    "height",
+    "split",
+    "finding",
+]
+NEAR_DUPLICATE_THRESHOLD = 0.985
+"""Thumbnail (32x32) correlation above which two images of different patients are the same
+radiograph: their patients are merged into one split group."""
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ScanResult:
+    """Every image of a pool decoded once: the usable rows, and the rejected files with reasons."""
+
+    table: pd.DataFrame  # pool rows + sha256, width, height, format, notes
+    thumbs: np.ndarray  # (N, 32*32) float32, row-aligned with `table`
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+def _decode_one(path: str, min_side: int) -> tuple[dict, np.ndarray | None, str | None]:
+    try:
+        img = decode_gray(path, min_side=min_side)
+    except ImageDecodeError as exc:
+        return {}, None, exc.reason
+    info = {
+        "sha256": img.sha256,
+        "width": img.width,
+        "height": img.height,
+        "format": img.format,
+        "notes": "; ".join(img.notes),
+    }
+    return info, thumbnail(img.pixels), None
+
+
+def scan_images(
+    pool: pd.DataFrame,
+    *,
+    skip_bad: bool = False,
+    min_side: int = MIN_SIDE,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> ScanResult:
+    """Decode every image of `pool` once (threads: Pillow releases the GIL while decoding).
+
+    A file that cannot be used raises DataError naming it and the reason, unless `skip_bad`,
+    in which case it is left out and listed in `rejected`.
+    """
+    paths = pool["path"].tolist()
+    infos: list[dict] = [{}] * len(paths)
+    thumbs: list[np.ndarray | None] = [None] * len(paths)
+    rejected: list[dict[str, str]] = []
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for i, (info, th, err) in enumerate(ex.map(lambda p: _decode_one(p, min_side), paths)):
+            if err is not None:
+                rejected.append({"path": paths[i], "reason": err})
+            infos[i], thumbs[i] = info, th
+            if progress:
+                progress(i + 1, len(paths))
+    if rejected and not skip_bad:
+        lines = "\n".join(f"  {r['path']}: {r['reason']}" for r in rejected[:20])
+        more = f"\n  ... and {len(rejected) - 20} more" if len(rejected) > 20 else ""
+        raise DataError(
+            f"{len(rejected)} image(s) cannot be used:\n{lines}{more}\n"
+            "Fix or remove them, or pass --skip-bad to leave them out (they are then listed "
+            "in the dataset's rejects report)."
+        )
+    ok = [i for i, t in enumerate(thumbs) if t is not None]
+    table = pool.iloc[ok].reset_index(drop=True)
+    extra = (
+        pd.DataFrame([infos[i] for i in ok])
+        if ok
+        else pd.DataFrame(columns=["sha256", "width", "height", "format", "notes"])
+    )
+    table = pd.concat([table, extra.reset_index(drop=True)], axis=1)
+    th = np.stack([thumbs[i] for i in ok]) if ok else np.zeros((0, 32 * 32), np.float32)
+    return ScanResult(table, th, rejected)
+
+
+def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """Drop exact duplicates (same bytes); a duplicate under two labels is a conflict (all
+    copies dropped, reported)."""
+    t = scan.table
+    dup_report: list[dict] = []
+    conflicts: list[dict] = []
+    keep = np.ones(len(t), dtype=bool)
+    for sha, idx in t.groupby("sha256").indices.items():
+        if len(idx) < 2:
+            continue
+        labels = sorted(set(t["label"].iloc[idx]))
+        paths = t["path"].iloc[idx].tolist()
+        if len(labels) > 1:
+            conflicts.append({"sha256": sha, "paths": paths, "labels": labels})
+            keep[idx] = False
+        else:
+            dup_report.append({"sha256": sha, "kept": paths[0], "removed": paths[1:]})
+            keep[idx[1:]] = False
+    removed = int(sum(len(d["removed"]) for d in dup_report))
+    return (
+        t[keep].reset_index(drop=True),
+        scan.thumbs[keep],
+        {
+            "duplicates_removed": removed,
+            "duplicates": dup_report,
+            "label_conflicts": conflicts,
+        },
+    )
+
+
+def _merge_near_duplicates(
+    table: pd.DataFrame, thumbs: np.ndarray, threshold: float = NEAR_DUPLICATE_THRESHOLD
+) -> tuple[pd.Series, list[dict]]:
+    """Union patients that share a near-identical radiograph (thumbnail correlation >
+    threshold), so the same film filed under two patient ids never straddles a split."""
+    patients = table["patient_id"].to_numpy()
+    parent: dict[str, str] = {p: p for p in patients}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    pairs: list[dict] = []
+    n = len(table)
+    block = 1024
+    for start in range(0, n, block):
+        sims = thumbs[start : start + block] @ thumbs.T
+        rows, cols = np.nonzero(sims > threshold)
+        for r, c in zip(rows, cols, strict=True):
+            i = start + int(r)
+            j = int(c)
+            if j <= i or patients[i] == patients[j]:
+                continue
+            pairs.append(
+                {
+                    "a": table["path"].iloc[i],
+                    "b": table["path"].iloc[j],
+                    "patients": [patients[i], patients[j]],
+                    "correlation": round(float(sims[r, c]), 4),
+                }
+            )
+            ra, rb = find(patients[i]), find(patients[j])
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    groups = pd.Series([find(p) for p in patients], index=table.index)
+    return groups, pairs
+
+
+def manifest_hash(manifest: pd.DataFrame) -> str:
+    """Content hash of a manifest: image bytes, label and split group of every row, order-free."""
+    lines = sorted(
+        f"{s}\t{lab}\t{g}"
+        for s, lab, g in zip(
+            manifest["sha256"], manifest["label"], manifest["group_id"], strict=True
+        )
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _summary(manifest: pd.DataFrame) -> dict:
+    per_patient = manifest.groupby("patient_id").size()
+    labels_per_patient = manifest.groupby("patient_id")["label"].nunique()
+    multi = labels_per_patient[labels_per_patient > 1]
+    return {
+        "images": len(manifest),
+        "classes": {k: int(v) for k, v in manifest["label"].value_counts().sort_index().items()},
+        "patients": {
+            k: int(v) for k, v in manifest.groupby("label")["patient_id"].nunique().items()
+        },
+        "sources": {k: int(v) for k, v in manifest["source"].value_counts().sort_index().items()},
+        "distinct_patients": int(manifest["patient_id"].nunique()),
+        "split_groups": int(manifest["group_id"].nunique()),
+        "images_per_patient": {
+            "mean": round(float(per_patient.mean()), 3) if len(per_patient) else 0.0,
+            "max": int(per_patient.max()) if len(per_patient) else 0,
+        },
+        "patients_with_several_labels": {
+            "count": len(multi),
+            "examples": sorted(multi.index)[:10],
+        },
+        "unlicensed_images": int((manifest["license"].fillna("").str.strip() == "").sum()),
+    }
+
+
+def _write_dataset(
+    data_dir: Path, name: str, manifest: pd.DataFrame, meta: dict, classes: Sequence[str]
+) -> Path:
+    """Write `<data_dir>/<name>/{manifest.csv,dataset.json}` atomically (old one kept on error)."""
+    manifest = manifest[MANIFEST_COLUMNS].reset_index(drop=True)
+    meta = {
+        **meta,
+        "name": name,
+        "labels": list(classes),  # class order of the model's outputs
+        "manifest_hash": manifest_hash(manifest),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **_summary(manifest),
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    final = data_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=data_dir))
+    try:
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+        if (final / "cache").is_dir():  # keep the image cache: it is keyed by content hash
+            shutil.move(str(final / "cache"), tmp / "cache")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _finish_pool(
+    tables: Iterable[SourceTable], *, skip_bad: bool, progress: Progress | None
+) -> tuple[pd.DataFrame, dict]:
+    tables = list(tables)
+    pool = pd.concat([t.table for t in tables], ignore_index=True)
+    if pool.empty:
+        raise DataError("the sources hold no images")
+    scan = scan_images(pool, skip_bad=skip_bad, progress=progress)
+    table, thumbs, dup_info = _dedupe(scan)
+    groups, near = _merge_near_duplicates(table, thumbs)
+    table = table.assign(group_id=groups.to_numpy())
+    merged = sorted(
+        {g for g, n in table.groupby("group_id")["patient_id"].nunique().items() if n > 1}
+    )
+    info = {
+        "rejected": scan.rejected,
+        **dup_info,
+        "near_duplicates": near,
+        "merged_patient_groups": merged,
+        "excluded": {t.name: t.excluded for t in tables if t.excluded},
+        "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
+    }
+    return table, info
+
+
+def prepare_recipes(
+    *,
+    cohen: str | Path | None,
+    kermany: str | Path | None,
+    data_dir: str | Path,
+    recipes: Sequence[str] = ("three_class", "four_class", "binary"),
+    counts: Mapping[str, int] | None = None,
+    seed: int = 0,
+    skip_bad: bool = False,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Build the paper's datasets from the public sources; returns the dataset folders."""
+    tables = []
+    if cohen is not None:
+        tables.append(read_cohen(cohen))
+    if kermany is not None:
+        tables.append(read_kermany(kermany))
+    if not tables:
+        raise DataError("no sources given: pass the Cohen and/or Kermany folders")
+    resolved: list[Recipe] = [get_recipe(r) for r in recipes]
+    pool, info = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
+    out = []
+    for recipe in resolved:
+        if counts:
+            relevant = {
+                k: v for k, v in counts.items() if any(k in p for p in recipe.classes.values())
+            }
+            recipe = recipe.with_counts(relevant)
+        selected, shortfalls = recipe.select(pool, seed=seed)
+        empty = [lab for lab in recipe.classes if not (selected["label"] == lab).any()]
+        if empty:
+            raise DataError(
+                f"recipe {recipe.name!r}: no images for class(es) {empty}; check that the "
+                "sources hold them (Cohen for covid, Kermany for bacterial/viral/normal)"
+            )
+        meta = {
+            "kind": "recipe",
+            "recipe": {
+                "name": recipe.name,
+                "description": recipe.description,
+                "reference": recipe.reference,
+                "targets": recipe.targets,
+                "classes": {k: dict(v) for k, v in recipe.classes.items()},
+            },
+            "positive": recipe.positive,
+            "seed": seed,
+            "shortfalls": shortfalls,
+            "sources_used": {t: str(p) for t, p in (("cohen", cohen), ("kermany", kermany)) if p},
+            **info,
+        }
+        out.append(
+            _write_dataset(Path(data_dir), recipe.name, selected, meta, list(recipe.classes))
+        )
+    return out
+
+
+def prepare_table(
+    table: SourceTable,
+    *,
+    name: str,
+    data_dir: str | Path,
+    kind: str,
+    origin: str,
+    positive: str | None = "covid",
+    skip_bad: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """A user's own data (folder per class or CSV manifest) as a prepared dataset."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise DataError(f"dataset name must be letters, digits, '_' or '-', but got name={name!r}")
+    pool, info = _finish_pool([table], skip_bad=skip_bad, progress=progress)
+    classes = sorted(pool["label"].unique())
+    if len(classes) < 2:
+        raise DataError(
+            f"dataset {name!r} needs at least 2 classes, but found {classes} in {origin}"
+        )
+    meta = {
+        "kind": kind,
+        "origin": origin,
+        "positive": positive if positive in classes else None,
+        "seed": None,
+        "shortfalls": {},
+        **info,
+    }
+    return _write_dataset(Path(data_dir), name, pool, meta, classes)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real shared X-rays, and datasets prepared from them once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never wait on the hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("AUTOML_CXR_SHARED", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        import torch
+
+        # xdist runs one worker per core: one thread each avoids oversubscription.
+        torch.set_num_threads(int(os.environ.get("AUTOML_CXR_TEST_THREADS", "1")))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED / "cohen").is_dir():
+        pytest.fail(f"shared X-ray data not found at {SHARED} (set AUTOML_CXR_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """The paper's three recipes prepared from the shared data (once per test process)."""
+    from automl_cxr.data import prepare_recipes
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_recipes(cohen=shared_data / "cohen", kermany=shared_data / "kermany", data_dir=out)
+    return out
