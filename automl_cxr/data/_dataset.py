@@ -65,6 +65,25 @@ class PreparedDataset:
     def __len__(self) -> int:
         return len(self.manifest)
 
+    def subset(self, indices, *, tag: str) -> PreparedDataset:
+        """A view on some rows (e.g. a quick-run sample) sharing this dataset's image cache."""
+        import hashlib
+
+        idx = np.asarray(indices, dtype=np.int64)
+        manifest = self.manifest.iloc[idx].reset_index(drop=True)
+        sub_hash = hashlib.sha256(f"{self.hash}:{tag}:{idx.tolist()}".encode()).hexdigest()
+        meta = {**self.meta, "manifest_hash": sub_hash, "subset_of": self.hash, "subset": tag}
+        meta["classes"] = {k: int(v) for k, v in manifest["label"].value_counts().items()}
+        parent = self
+
+        class _Subset(PreparedDataset):
+            def images(self, size: int, *, progress=None) -> np.ndarray:
+                if size not in self._images:
+                    self._images[size] = np.asarray(parent.images(size, progress=progress))[idx]
+                return self._images[size]
+
+        return _Subset(self.root, manifest, meta)
+
     def cache_path(self, size: int) -> Path:
         return self.root / "cache" / f"{self.hash[:16]}_v{CACHE_VERSION}_{size}px.npy"
 

@@ -1,0 +1,178 @@
+"""`automl-cxr search` and `automl-cxr dashboard`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from automl_cxr.cli import app
+from automl_cxr.cli._common import err_console, out_console
+from automl_cxr.settings import resolve_data_dir
+
+
+def _fmt_params(params: dict) -> str:
+    parts = []
+    for k, v in params.items():
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+class _ProgressView:
+    """Live view: trials done/total, best so far with its configuration, elapsed, ETA."""
+
+    def __init__(self, total: int, metric: str, enabled: bool) -> None:
+        self.total, self.metric, self.enabled = total, metric, enabled
+        self.start = time.time()
+        self.done_at_start: int | None = None
+        self.live: Live | None = None
+
+    def table(self, study) -> Table:
+        from automl_cxr.study import FINISHED
+
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in FINISHED for t in trials)
+        if self.done_at_start is None:
+            self.done_at_start = done
+        failed = sum(t.state.name == "FAIL" for t in trials)
+        pruned = sum(t.state.name == "PRUNED" for t in trials)
+        elapsed = time.time() - self.start
+        ran = done - self.done_at_start
+        eta = (elapsed / ran) * (self.total - done) if ran else float("nan")
+        t = Table.grid(padding=(0, 2))
+        t.add_row("trials", f"{done}/{self.total} finished ({pruned} pruned, {failed} failed)")
+        try:
+            if len(study.directions) == 1:
+                b = study.best_trial
+                t.add_row(f"best {self.metric}", f"{b.value:.4f} (trial {b.number})")
+                t.add_row("best config", _fmt_params(b.params))
+        except ValueError:
+            t.add_row(f"best {self.metric}", "-")
+        t.add_row("elapsed", f"{elapsed:,.0f} s")
+        t.add_row("remaining", "-" if eta != eta else f"~{eta:,.0f} s")
+        return t
+
+    def on_trial(self, study, trial) -> None:
+        value = (
+            f"{trial.value:.4f}"
+            if trial.values and len(trial.values) == 1
+            else str(trial.values)
+            if trial.values
+            else "-"
+        )
+        reason = trial.user_attrs.get("fail_reason")
+        line = f"trial {trial.number} {trial.state.name} {value} [{_fmt_params(trial.params)}]"
+        if reason:
+            line += f" — {reason}"
+        if self.enabled:
+            err_console.print(line, highlight=False)
+            if self.live is not None:
+                self.live.update(self.table(study))
+
+
+@app.command("search")
+def search(
+    dataset: Annotated[
+        str, typer.Option(help="Prepared dataset: three_class, four_class, binary…")
+    ],
+    trials: Annotated[int, typer.Option(help="Finished trials the study holds at the end.")],
+    storage: Annotated[
+        str | None, typer.Option(help="SQLite path or Optuna storage URL [studies/<dataset>.db].")
+    ] = None,
+    study_name: Annotated[str | None, typer.Option(help="[<dataset>-<profile>]")] = None,
+    space: Annotated[
+        Path | None, typer.Option(help="Search space YAML [studies/default.yaml].")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="smoke|demo|cpu|gpu|paper [gpu with CUDA, else cpu].")
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="Objective metric (maximised).")
+    ] = "balanced_accuracy",
+    objectives: Annotated[
+        str | None, typer.Option(help="Several objectives, e.g. accuracy,latency (NSGA-II).")
+    ] = None,
+    sampler: Annotated[str, typer.Option(help="tpe|random|nsga2")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="hyperband|median|none")] = "hyperband",
+    backend: Annotated[str, typer.Option(help="local|ray")] = "local",
+    workers: Annotated[int, typer.Option(help="Parallel trials.")] = 1,
+    cpus_per_trial: Annotated[int | None, typer.Option(help="CPU threads per trial.")] = None,
+    gpus_per_trial: Annotated[
+        float | None, typer.Option(help="GPUs per trial (Ray; fractions ok).")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address [local Ray].")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Ray Tune scheduler: asha.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop starting trials after SECONDS.")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help="[$AUTOML_CXR_DATA or ./data]")] = None,
+    feature_cache_dir: Annotated[
+        Path | None, typer.Option(help="Keep frozen features on disk here, across runs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Search backbone, frozen depth, head and training options with Optuna."""
+    import torch
+
+    from automl_cxr.study import SearchSettings, run_search
+
+    settings = SearchSettings(
+        dataset=dataset,
+        trials=trials,
+        data_dir=resolve_data_dir(data_dir),
+        storage=storage,
+        study_name=study_name,
+        space=space,
+        profile=profile,
+        metric=metric,
+        objectives=[o.strip() for o in objectives.split(",")] if objectives else None,
+        sampler=sampler,
+        pruner=pruner,
+        backend=backend,
+        workers=workers,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        address=address,
+        scheduler=scheduler,
+        timeout=timeout,
+        seed=seed,
+        feature_cache_dir=feature_cache_dir,
+    )
+    if cpus_per_trial:
+        torch.set_num_threads(cpus_per_trial)
+    view = _ProgressView(trials, settings.objectives[0], enabled=not quiet)
+    try:
+        with Live(
+            console=err_console, refresh_per_second=2, transient=True, auto_refresh=not quiet
+        ) as live:
+            view.live = live if not quiet else None
+            summary = run_search(
+                settings,
+                on_trial=view.on_trial,
+                log=(lambda s: err_console.print(s, highlight=False)) if not quiet else None,
+            )
+    except KeyboardInterrupt:
+        err_console.print(
+            "[bold red]interrupted[/]: finished trials are saved; the running one is marked "
+            "failed. Resume with the same command."
+        )
+        raise typer.Exit(130) from None
+    out_console.print(
+        f"study [bold]{summary.study_name}[/] in {summary.storage}: "
+        + ", ".join(f"{v} {k.lower()}" for k, v in summary.counts.items())
+        + f" ({summary.ran} new, {summary.seconds:.0f} s)",
+        highlight=False,
+    )
+    if summary.best:
+        out_console.print(
+            f"best {settings.objectives[0]} {summary.best['value']:.4f} (trial "
+            f"{summary.best['number']}): {_fmt_params(summary.best['params'])}",
+            highlight=False,
+        )
+    for w in summary.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False)

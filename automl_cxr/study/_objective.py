@@ -1,0 +1,294 @@
+"""The Optuna objective: sample a configuration, run the trial engine, record everything."""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import socket
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+
+from automl_cxr.data import PreparedDataset
+from automl_cxr.engine import FeatureCache, TrainConfig, run_trial
+from automl_cxr.errors import AutomlCxrError, TrialFailed
+from automl_cxr.models import ModelConfig, get_backbone, num_stages
+from automl_cxr.study._profiles import Profile
+from automl_cxr.study._space import SearchSpace
+
+__all__ = ["OBJECTIVE_KEYS", "Objective", "TrialPlan", "json_safe", "subsample"]
+
+OBJECTIVE_KEYS = {"latency": "latency_ms", "params": "params_total"}
+"""Cost objectives for multi-objective search (minimised), next to any metric (maximised)."""
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON: NaN/inf → None (optuna-dashboard's JSON.parse rejects NaN), numpy → Python."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    return obj
+
+
+def subsample(dataset: PreparedDataset, max_per_class: int | None, seed: int) -> PreparedDataset:
+    """At most `max_per_class` images per class, taken by whole split group (patient)."""
+    if max_per_class is None:
+        return dataset
+    rng = np.random.default_rng(seed)
+    m = dataset.manifest
+    keep: list[int] = []
+    for label in dataset.classes:
+        rows = m.index[m["label"] == label]
+        groups = np.array(sorted(m.loc[rows, "group_id"].unique()))
+        rng.shuffle(groups)
+        taken: list[int] = []
+        by_group = m.loc[rows].groupby("group_id").groups
+        for g in groups:
+            if len(taken) >= max_per_class:
+                break
+            taken.extend(int(i) for i in by_group[g])
+        keep.extend(taken)
+    return dataset.subset(sorted(set(keep)), tag=f"max{max_per_class}-seed{seed}")
+
+
+@dataclass
+class TrialPlan:
+    """A sampled configuration, resolved for one backbone."""
+
+    model: ModelConfig
+    train: TrainConfig
+    frozen_fraction: float
+
+
+class Objective:
+    """Callable objective for `study.optimize` (and for Ray workers via `run_params`).
+
+    Args:
+        dataset: the prepared dataset (already subsampled by the profile if asked).
+        space: the search space; `profile` fills every value the space leaves open.
+        metrics: the objective(s): metric names (maximised) and/or `latency`/`params` (minimised).
+        feature_cache: shared across trials of this process (the main speed lever).
+    """
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        space: SearchSpace,
+        profile: Profile,
+        *,
+        metrics: Sequence[str] = ("balanced_accuracy",),
+        seed: int = 0,
+        device: str = "auto",
+        feature_cache: FeatureCache | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.space = space
+        self.profile = profile
+        self.metrics = list(metrics)
+        self.seed = seed
+        self.device = device
+        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
+        self.log = log
+        self.primary = next(
+            (m for m in self.metrics if m not in OBJECTIVE_KEYS), "balanced_accuracy"
+        )
+
+    # -- sampling -------------------------------------------------------------------------
+    def sample(self, trial: optuna.Trial) -> TrialPlan:
+        sp, prof = self.space, self.profile
+        backbones = list(sp.backbones or prof.backbones)
+        backbone = (
+            trial.suggest_categorical("backbone", backbones) if len(backbones) > 1 else backbones[0]
+        )
+        frac = float(sp.frozen_fraction.suggest(trial))
+        stages = num_stages(backbone)
+        frozen = int(round(frac * stages))
+        heads = list(sp.heads)
+        head = trial.suggest_categorical("head", heads) if len(heads) > 1 else heads[0]
+        head_kwargs = {
+            k.split(".", 1)[1]: p.suggest(trial)
+            for k, p in ((p.name, p) for p in sp.heads[head].values())
+        }
+        gray = sp.gray_mode.suggest(trial)
+        t = {k: p.suggest(trial) for k, p in sp.train.items()}
+        resolution = t.pop("resolution", None)
+        if resolution is None:
+            resolution = (
+                get_backbone(backbone).input_size
+                if prof.extra.get("native_resolution")
+                else prof.resolution
+            )
+        train = TrainConfig(
+            resolution=int(resolution),
+            epochs=int(t.pop("epochs", prof.epochs)),
+            batch_size=int(t.pop("batch_size", prof.batch_size)),
+            n_folds=prof.n_folds,
+            holdout=prof.holdout,
+            max_folds=prof.max_folds,
+            early_stopping=prof.early_stopping,
+            seed=self.seed,
+            device=self.device,
+            **t,
+        )
+        model = ModelConfig(
+            backbone=backbone,
+            num_classes=len(self.dataset.classes),
+            frozen_stages=frozen,
+            head=head,
+            head_kwargs=head_kwargs,
+            pretrained=prof.pretrained,
+            gray_mode=gray,
+        )
+        return TrialPlan(model, train, frac)
+
+    # -- running --------------------------------------------------------------------------
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        try:
+            plan = self.sample(trial)
+        except AutomlCxrError as exc:
+            trial.set_user_attr("fail_reason", f"invalid configuration: {exc}")
+            raise
+        return self.run_plan(trial, plan)
+
+    def run_plan(self, trial: optuna.Trial, plan: TrialPlan) -> float | tuple[float, ...]:
+        trial.set_user_attr(
+            "config",
+            json_safe(
+                {
+                    "model": plan.model.to_dict(),
+                    "train": plan.train.to_dict(),
+                    "frozen_fraction": plan.frozen_fraction,
+                    "num_stages": num_stages(plan.model.backbone),
+                    "profile": self.profile.name,
+                }
+            ),
+        )
+        trial.set_user_attr("dataset", self.dataset.name)
+        trial.set_user_attr("dataset_hash", self.dataset.hash)
+        multi = len(self.metrics) > 1
+
+        def report(step: int, value: float) -> None:
+            if multi:
+                return  # Optuna does not prune multi-objective studies
+            trial.report(value if math.isfinite(value) else 0.0, step)
+            if trial.should_prune():
+                trial.set_user_attr("fail_reason", None)
+                trial.set_user_attr("pruned_at_step", step)
+                raise optuna.TrialPruned(f"pruned at step {step} ({self.primary}={value:.4f})")
+
+        try:
+            result = run_trial(
+                self.dataset,
+                plan.model,
+                plan.train,
+                metric=self.primary,
+                report=report,
+                feature_cache=self.feature_cache,
+                log=self.log,
+            )
+        except TrialFailed as exc:
+            trial.set_user_attr("fail_reason", exc.reason)
+            trial.set_user_attr("fail_kind", exc.kind)
+            raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            if _is_oom(exc):
+                _free_device_memory()
+                trial.set_user_attr(
+                    "fail_reason",
+                    f"out of memory at batch size {plan.train.batch_size}, "
+                    f"resolution {plan.train.resolution}",
+                )
+                trial.set_user_attr("oom_batch_size", plan.train.batch_size)
+                raise optuna.TrialPruned("out of memory") from None
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+            raise
+        finally:
+            _free_device_memory()
+        self.record(trial, result)
+        values = []
+        for m in self.metrics:
+            if m in OBJECTIVE_KEYS:
+                values.append(float(getattr(result, OBJECTIVE_KEYS[m])))
+            else:
+                values.append(float(result.summary["metrics"][m]["mean"]))
+        return tuple(values) if multi else values[0]
+
+    @staticmethod
+    def record(trial: optuna.Trial, result: Any) -> None:
+        """The stable user attributes (see README): fold means, the full record, costs."""
+        means = {k: v["mean"] for k, v in result.summary["metrics"].items()}
+        for key in (
+            "accuracy",
+            "balanced_accuracy",
+            "covid_sensitivity",
+            "covid_specificity",
+            "macro_f1",
+            "auc",
+        ):
+            if key in means:
+                trial.set_user_attr(key, json_safe(means[key]))
+        trial.set_user_attr(
+            "metrics",
+            json_safe(
+                {
+                    "summary": result.summary,
+                    "folds": result.folds,
+                    "pooled": result.pooled,
+                    "roc": result.roc,
+                    "curves": result.curves,
+                    "splits": result.splits,
+                    "classes": result.classes,
+                    "external": result.external,
+                }
+            ),
+        )
+        trial.set_user_attr("confusion_matrix", result.summary.get("confusion_matrix"))
+        for key in (
+            "params_total",
+            "params_trainable",
+            "latency_ms",
+            "train_seconds",
+            "images_per_second",
+            "device",
+        ):
+            trial.set_user_attr(key, json_safe(getattr(result, key)))
+        trial.set_user_attr("feature_cache", json_safe(result.feature_cache))
+        trial.set_user_attr("weight_source", json_safe(result.weight_source))
+        trial.set_user_attr("fail_reason", None)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass

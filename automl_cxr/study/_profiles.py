@@ -1,0 +1,123 @@
+"""Hardware profiles: resolution, epochs, folds, backbones and batch size for a machine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from automl_cxr.errors import ConfigError
+
+__all__ = ["Profile", "default_profile", "get_profile", "list_profiles"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Defaults a search space can override. `max_per_class` subsamples the dataset by patient
+    (deterministically) for quick runs; None uses every image."""
+
+    name: str
+    description: str
+    resolution: int
+    epochs: int
+    n_folds: int
+    batch_size: int
+    backbones: tuple[str, ...]
+    pretrained: bool = True
+    holdout: float | None = None
+    max_folds: int | None = None
+    max_per_class: int | None = None
+    early_stopping: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_OFFLINE_CPU = ("mobilenetv2_100", "tf_efficientnet_lite0", "tf_efficientnet_lite1")
+_PAPER = ("vgg19", "mobilenetv2_100", "inception_v3", "legacy_xception", "inception_resnet_v2")
+
+_PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            "smoke",
+            "Seconds per trial on CPU (tests, CI): timm test models, random init, 64 px, "
+            "2 folds, 2 epochs, 40 images per class.",
+            resolution=64,
+            epochs=2,
+            n_folds=2,
+            batch_size=32,
+            backbones=("test_efficientnet", "test_resnet"),
+            pretrained=False,
+            max_per_class=40,
+        ),
+        Profile(
+            "demo",
+            "A few minutes on 2 CPU cores: offline ImageNet weights (MobileNet v2, "
+            "EfficientNet-Lite0), 128 px, 3 folds, 4 epochs, 120 images per class.",
+            resolution=128,
+            epochs=4,
+            n_folds=3,
+            batch_size=32,
+            backbones=("mobilenetv2_100", "tf_efficientnet_lite0"),
+            max_per_class=120,
+        ),
+        Profile(
+            "cpu",
+            "Default without CUDA: backbones whose ImageNet weights install offline, 160 px, "
+            "5-fold CV, 6 epochs; frozen-feature caching and pruning carry the speed.",
+            resolution=160,
+            epochs=6,
+            n_folds=5,
+            batch_size=32,
+            backbones=_OFFLINE_CPU,
+            early_stopping=3,
+        ),
+        Profile(
+            "gpu",
+            "Default with CUDA: the curated catalogue at 224 px, 5-fold CV, 15 epochs.",
+            resolution=224,
+            epochs=15,
+            n_folds=5,
+            batch_size=64,
+            backbones=(
+                *_PAPER,
+                "resnet50",
+                "densenet121",
+                "efficientnet_b0",
+                "tf_efficientnet_lite0",
+                "tf_efficientnet_lite2",
+                "convnext_tiny",
+                "regnety_016",
+            ),
+            early_stopping=4,
+        ),
+        Profile(
+            "paper",
+            "The paper's protocol: its five ImageNet CNNs, 10-fold CV, 224 px (299 for the "
+            "Inception family, chosen per backbone), 10 epochs.",
+            resolution=224,
+            epochs=10,
+            n_folds=10,
+            batch_size=32,
+            backbones=_PAPER,
+            extra={"native_resolution": True},
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return _PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown profile {name!r}; allowed: {sorted(_PROFILES)}") from None
+
+
+def list_profiles() -> list[Profile]:
+    return list(_PROFILES.values())
+
+
+def default_profile() -> Profile:
+    import torch
+
+    return _PROFILES["gpu" if torch.cuda.is_available() else "cpu"]

@@ -1,0 +1,405 @@
+"""Run a study to N finished trials: create or resume, sample, prune, show progress."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from automl_cxr.data import load_dataset
+from automl_cxr.data._diagnostics import source_label_alignment
+from automl_cxr.engine import SCALAR_METRICS, FeatureCache
+from automl_cxr.errors import ConfigError, StorageError
+from automl_cxr.study._objective import OBJECTIVE_KEYS, Objective, subsample
+from automl_cxr.study._profiles import Profile, default_profile, get_profile
+from automl_cxr.study._space import SearchSpace, load_space
+from automl_cxr.study._storage import open_storage, storage_url
+
+__all__ = [
+    "FINISHED",
+    "SAMPLERS",
+    "PRUNERS",
+    "SearchSettings",
+    "SearchSummary",
+    "make_pruner",
+    "make_sampler",
+    "reconcile_dead_trials",
+    "run_search",
+]
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+"""States that count towards `--trials` (failed trials are retried, not counted)."""
+SAMPLERS = ("tpe", "random", "nsga2")
+PRUNERS = ("hyperband", "median", "none")
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SearchSettings:
+    """Everything `automl-cxr search` takes, validated."""
+
+    dataset: str
+    trials: int
+    data_dir: Path
+    storage: str | None = None
+    study_name: str | None = None
+    space: str | Path | SearchSpace | None = None
+    profile: str | None = None
+    metric: str = "balanced_accuracy"
+    objectives: Sequence[str] | None = None
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    backend: str = "local"
+    workers: int = 1
+    cpus_per_trial: int | None = None
+    gpus_per_trial: float | None = None
+    address: str | None = None
+    scheduler: str | None = None
+    timeout: float | None = None
+    seed: int = 0
+    feature_cache_dir: Path | None = None
+    feature_cache_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"trials must be at least 1, but got trials={self.trials}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, but got workers={self.workers}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {self.sampler!r}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"pruner must be one of {PRUNERS}, but got {self.pruner!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, but got {self.backend!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"timeout must be positive, but got timeout={self.timeout}")
+        if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
+            raise ConfigError(
+                f"cpus_per_trial must be at least 1, but got cpus_per_trial={self.cpus_per_trial}"
+            )
+        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
+            raise ConfigError(
+                f"gpus_per_trial must be at least 0, but got gpus_per_trial={self.gpus_per_trial}"
+            )
+        allowed = (*SCALAR_METRICS, "sensitivity_<class>", "specificity_<class>")
+        objectives = list(self.objectives or [self.metric])
+        for m in objectives:
+            if (
+                m in OBJECTIVE_KEYS
+                or m in SCALAR_METRICS
+                or m.startswith(("sensitivity_", "specificity_"))
+            ):
+                continue
+            raise ConfigError(
+                f"unknown metric {m!r}; allowed: {list(allowed)} and, as costs, "
+                f"{sorted(OBJECTIVE_KEYS)}"
+            )
+        if all(m in OBJECTIVE_KEYS for m in objectives):
+            raise ConfigError(
+                f"objectives need at least one metric besides costs, got {objectives}"
+            )
+        if len(objectives) > 1 and self.sampler == "tpe":
+            self.sampler = "nsga2"  # the multi-objective default
+        self.objectives = objectives
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize" if m in OBJECTIVE_KEYS else "maximize" for m in self.objectives]
+
+
+@dataclass
+class SearchSummary:
+    study_name: str
+    storage: str
+    counts: dict[str, int]
+    best: dict | None
+    seconds: float
+    ran: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_sampler(name: str, seed: int, *, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if multi:
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    # multivariate + group: the head's conditional parameters are modelled together
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, n_startup_trials=5
+        )
+
+
+def make_pruner(name: str, max_resource: int) -> optuna.pruners.BasePruner:
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_resource))
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def reconcile_dead_trials(study: optuna.Study, *, host: str | None = None) -> list[int]:
+    """Trials RUNNING on this host whose worker process no longer exists → FAIL, re-enqueued.
+
+    Heartbeats do the same across machines after a grace period; this does it at once for the
+    common case of a killed local run.
+    """
+    host = host or socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker") or {}
+        if w.get("host") != host or _pid_alive(int(w.get("pid", -1))):
+            continue
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(
+                t._trial_id, "fail_reason", "worker process died (killed or crashed)"
+            )
+            ok = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except Exception:  # another worker got there first
+            continue
+        if ok:
+            failed.append(t.number)
+            retries = int(t.system_attrs.get("automl_cxr:retries", 0))
+            if retries < 2 and t.params:
+                study.enqueue_trial(
+                    t.params,
+                    user_attrs={"retry_of": t.number},
+                    skip_if_exists=False,
+                )
+    return failed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False  # our own trial left RUNNING from an earlier call in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _load_or_create(
+    settings: SearchSettings, storage, name: str, profile: Profile, space: SearchSpace, dataset
+) -> optuna.Study:
+    multi = len(settings.objectives) > 1
+    sampler = make_sampler(settings.sampler, settings.seed, multi=multi)
+    max_res = max(1, profile.epochs * (profile.max_folds or profile.n_folds))
+    pruner = make_pruner(settings.pruner, max_res)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=settings.directions,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    except ValueError as exc:  # e.g. directions differ from the existing study
+        raise StorageError(f"cannot use study {name!r}: {exc}") from None
+    attrs = study.user_attrs
+    if not attrs.get("dataset"):
+        align = source_label_alignment(dataset.manifest)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(settings.objectives))
+        for k, v in {
+            "dataset": dataset.name,
+            "dataset_hash": dataset.hash,
+            "classes": dataset.classes,
+            "positive": dataset.positive,
+            "objectives": list(settings.objectives),
+            "metric": settings.objectives[0],
+            "profile": profile.to_dict(),
+            "space": space.to_dict(),
+            "sampler": settings.sampler,
+            "pruner": settings.pruner,
+            "seed": settings.seed,
+            "source_label_alignment": {
+                "cramers_v": align["cramers_v"],
+                "warning": align["warning"],
+            },
+            "paper": {
+                "accuracy": 0.9678,
+                "covid_sensitivity": 0.9866,
+                "covid_specificity": 0.9646,
+                "reference": "Apostolopoulos & Mpesiana 2020",
+            },
+        }.items():
+            study.set_user_attr(k, v)
+    else:
+        if attrs.get("dataset_hash") != dataset.hash:
+            raise StorageError(
+                f"study {name!r} was run on dataset {attrs.get('dataset')!r} with content hash "
+                f"{str(attrs.get('dataset_hash'))[:12]}, but the data now has hash "
+                f"{dataset.hash[:12]}: use another --study-name, or prepare the same data"
+            )
+        if list(attrs.get("objectives") or []) != list(settings.objectives):
+            raise StorageError(
+                f"study {name!r} optimises {attrs.get('objectives')}, not {settings.objectives}: "
+                "use another --study-name"
+            )
+    return study
+
+
+def run_search(
+    settings: SearchSettings,
+    *,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SearchSummary:
+    """Run (or resume) the study until it holds `settings.trials` finished trials."""
+    profile = get_profile(settings.profile) if settings.profile else default_profile()
+    space = (
+        settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
+    )
+    full = load_dataset(settings.dataset, settings.data_dir)
+    dataset = subsample(full, profile.max_per_class, settings.seed)
+    storage_arg = settings.storage or str(Path("studies") / f"{settings.dataset}.db")
+    storage = open_storage(storage_arg)
+    name = settings.study_name or f"{settings.dataset}-{profile.name}"
+    study = _load_or_create(settings, storage, name, profile, space, dataset)
+    reconciled = reconcile_dead_trials(study)
+    if reconciled and log:
+        log(f"marked trial(s) {reconciled} FAILED: their worker died; they will be retried")
+    warnings = []
+    align = study.user_attrs.get("source_label_alignment") or {}
+    if align.get("warning"):
+        warnings.append(align["warning"])
+    start = time.time()
+    before = len(study.trials)
+    if _finished(study) < settings.trials:
+        if settings.backend == "ray":
+            from automl_cxr.study._ray import run_ray
+
+            run_ray(
+                settings, study, dataset, space, profile, storage_arg, on_trial=on_trial, log=log
+            )
+        else:
+            objective = Objective(
+                dataset,
+                space,
+                profile,
+                metrics=settings.objectives,
+                seed=settings.seed,
+                feature_cache=FeatureCache(
+                    settings.feature_cache_bytes, settings.feature_cache_dir
+                ),
+            )
+            if settings.workers > 1:
+                _run_local_workers(settings, storage_arg, name, settings.workers)
+            else:
+                callbacks = [
+                    optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED),
+                ]
+                if on_trial:
+                    callbacks.append(on_trial)
+                while _finished(study) < settings.trials:
+                    remaining = settings.trials - _finished(study)
+                    study.optimize(
+                        objective,
+                        n_trials=remaining,
+                        timeout=(
+                            None
+                            if settings.timeout is None
+                            else max(1.0, settings.timeout - (time.time() - start))
+                        ),
+                        catch=(Exception,),
+                        callbacks=callbacks,
+                        gc_after_trial=True,
+                    )
+                    if settings.timeout is not None and time.time() - start >= settings.timeout:
+                        break
+                    if _too_many_failures(study, before):
+                        raise StorageError(
+                            "every recent trial failed; stopping instead of burning time. "
+                            "Last reason: " + _last_fail_reason(study)
+                        )
+    counts = {s.name: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] += 1
+    best = None
+    if len(settings.objectives) == 1:
+        try:
+            bt = study.best_trial
+            best = {"number": bt.number, "value": bt.value, "params": bt.params}
+        except ValueError:
+            best = None
+    return SearchSummary(
+        study_name=name,
+        storage=storage_url(storage_arg),
+        counts={k: v for k, v in counts.items() if v},
+        best=best,
+        seconds=round(time.time() - start, 2),
+        ran=len(study.trials) - before,
+        warnings=warnings,
+    )
+
+
+def _too_many_failures(study: optuna.Study, before: int, window: int = 5) -> bool:
+    new = study.get_trials(deepcopy=False)[before:]
+    if len(new) < window:
+        return False
+    return all(t.state == TrialState.FAIL for t in new[-window:])
+
+
+def _last_fail_reason(study: optuna.Study) -> str:
+    for t in reversed(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))):
+        r = t.user_attrs.get("fail_reason")
+        if r:
+            return str(r)
+    return "unknown"
+
+
+def _run_local_workers(settings: SearchSettings, storage_arg: str, name: str, n: int) -> None:
+    """N worker processes on one study (each opens the storage itself)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = []
+    threads = max(1, (os.cpu_count() or 1) // n)
+    for i in range(n):
+        s = SearchSettings(
+            **{
+                **settings.__dict__,
+                "workers": 1,
+                "seed": settings.seed + i,
+                "storage": storage_arg,
+                "study_name": name,
+            }
+        )
+        s.cpus_per_trial = settings.cpus_per_trial or threads
+        p = ctx.Process(target=_worker_main, args=(s,), daemon=False)
+        p.start()
+        procs.append(p)
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        raise StorageError(f"{len(bad)} worker process(es) failed with exit codes {bad}")
+
+
+def _worker_main(settings: SearchSettings) -> None:
+    import torch
+
+    torch.set_num_threads(settings.cpus_per_trial or 1)
+    run_search(settings)

@@ -1,0 +1,78 @@
+"""Optuna storage from a path or URL: SQLite by default, RDB URLs, journal files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from automl_cxr.errors import StorageError
+
+__all__ = ["HEARTBEAT_INTERVAL", "open_storage", "storage_url", "study_names"]
+
+HEARTBEAT_INTERVAL = 10
+GRACE_PERIOD = 30
+MAX_RETRY = 2
+
+
+def storage_url(storage: str | Path) -> str:
+    """A bare path means SQLite (`studies/x.db` → `sqlite:////abs/studies/x.db`)."""
+    s = str(storage)
+    if "://" in s:
+        return s
+    if s.endswith((".log", ".journal", ".jsonl")):
+        return "journal:" + str(Path(s).resolve())
+    return "sqlite:///" + str(Path(s).resolve())
+
+
+def open_storage(storage: str | Path, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage with heartbeats (a trial whose process died becomes FAIL and is
+    retried) and, on SQLite, a long busy timeout so concurrent workers wait instead of failing
+    with "database is locked"."""
+    url = storage_url(storage)
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        if not create and not path.is_file():
+            raise StorageError(f"study storage not found: {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise StorageError(f"cannot open journal storage {path}: {exc}") from None
+    engine_kwargs: dict = {}
+    if url.startswith("sqlite:"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not create and not path.is_file():
+            raise StorageError(f"study storage not found: {path} (no such file)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the folder for {path}: {exc}") from None
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+        retry = {
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=MAX_RETRY
+            )
+        }
+    else:  # pragma: no cover - older optuna
+        retry = {
+            "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
+        }
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=GRACE_PERIOD,
+            **retry,
+        )
+    except Exception as exc:  # sqlalchemy raises many kinds; name the URL, no traceback
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot open storage {url!r}: {msg}") from None
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]

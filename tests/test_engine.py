@@ -1,0 +1,132 @@
+"""Trial engine on real shared X-rays with tiny timm test models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from automl_cxr.data import load_dataset
+from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, run_trial
+from automl_cxr.errors import ConfigError, TrialFailed
+from automl_cxr.models import ModelConfig, num_stages
+from automl_cxr.study import subsample
+
+
+@pytest.fixture(scope="module")
+def small(prepared_dir):
+    """three_class, 30 images per class taken by patient (fast, still real data)."""
+    return subsample(load_dataset("three_class", prepared_dir), 30, seed=0)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(resolution=48, epochs=2, batch_size=16, n_folds=2, lr=3e-3, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _model(small, **kw) -> ModelConfig:
+    base = dict(backbone="test_efficientnet", num_classes=len(small.classes), pretrained=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_trial_end_to_end_metrics_and_no_leakage(small) -> None:
+    steps = []
+    res = run_trial(small, _model(small), _cfg(), report=lambda s, v: steps.append((s, v)))
+    assert [s for s, _ in steps] == [0, 1, 2, 3]  # fold * epochs + epoch
+    assert len(res.folds) == 2 and len(res.curves) == 2
+    summary = res.summary["metrics"]
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "auc",
+        "covid_sensitivity",
+        "covid_specificity",
+    ):
+        folds = summary[key]["folds"]
+        assert summary[key]["mean"] == pytest.approx(np.nanmean(folds))
+        assert summary[key]["ci_low"] <= summary[key]["mean"] <= summary[key]["ci_high"]
+    for f in res.folds:
+        cm = np.array(f["confusion_matrix"])
+        assert f["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    # every image evaluated exactly once, out of fold, and no patient on both sides
+    assert sum(s["n_val"] for s in res.splits) == len(small)
+    splits = make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)
+    for sp in splits:
+        assert not set(small.groups[sp.train]) & set(small.groups[sp.val])
+    assert res.pooled["n"] == len(small)
+    assert res.params_trainable == res.params_total > 0
+    assert res.latency_ms > 0 and res.images_per_second > 0
+    assert res.value == summary["balanced_accuracy"]["mean"]
+
+
+def test_same_seed_same_result(small) -> None:
+    a = run_trial(small, _model(small), _cfg(augment=0.3))
+    b = run_trial(small, _model(small), _cfg(augment=0.3))
+    assert a.summary == b.summary
+    assert a.curves == b.curves
+
+
+def test_nan_loss_ends_trial_with_reason(small) -> None:
+    with pytest.raises(TrialFailed, match="loss became") as exc:
+        run_trial(small, _model(small), _cfg(optimizer="sgd", lr=1e12, momentum=0.9))
+    assert exc.value.kind == "nan"
+
+
+def test_pruning_callback_stops_trial(small) -> None:
+    class Stop(Exception):
+        pass
+
+    def report(step: int, value: float) -> None:
+        if step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(small, _model(small), _cfg(), report=report)
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
+def test_feature_cache_hits_and_matches_uncached(small, backbone: str) -> None:
+    n = num_stages(backbone)
+    cache = FeatureCache()
+    for frozen in (n, n - 1):
+        mc = _model(small, backbone=backbone, frozen_stages=frozen)
+        first = run_trial(small, mc, _cfg(), feature_cache=cache)
+        second = run_trial(small, mc, _cfg(lr=1e-3), feature_cache=cache)
+        plain = run_trial(small, mc, _cfg(feature_cache=False))
+        assert first.feature_cache["used"] and not first.feature_cache["hit"]
+        assert second.feature_cache["hit"]
+        assert not plain.feature_cache["used"]
+        a = first.summary["metrics"]
+        b = plain.summary["metrics"]
+        for key in ("accuracy", "auc"):
+            assert a[key]["folds"] == pytest.approx(b[key]["folds"], abs=1e-6)
+        la = [p["train_loss"] for c in first.curves for p in c]
+        lb = [p["train_loss"] for c in plain.curves for p in c]
+        assert la == pytest.approx(lb, rel=1e-4)
+    assert cache.hits >= 2 and cache.misses == 2
+
+
+def test_augmentation_bypasses_cache(small) -> None:
+    mc = _model(small, frozen_stages=num_stages("test_efficientnet"))
+    res = run_trial(small, mc, _cfg(augment=0.5))
+    assert not res.feature_cache["used"]
+
+
+def test_external_set_evaluated_once_with_fold_ensemble(prepared_dir, small) -> None:
+    ext = subsample(load_dataset("three_class", prepared_dir), 10, seed=5)
+    res = run_trial(small, _model(small), _cfg(), external=ext)
+    assert res.external["dataset"] == "three_class"
+    assert res.external["metrics"]["n"] == len(ext)
+    ci = res.external["bootstrap"]["metrics"]["accuracy"]
+    assert ci["ci_low"] <= ci["estimate"] <= ci["ci_high"]
+
+
+def test_config_validation_messages() -> None:
+    with pytest.raises(ConfigError, match="epochs must be at least 1, but got epochs=0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="holdout must be in"):
+        TrainConfig(holdout=0.9)

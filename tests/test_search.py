@@ -1,0 +1,187 @@
+"""`automl-cxr search` end to end on the real shared data (smoke profile), and its inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from automl_cxr.cli import main
+from automl_cxr.errors import ConfigError
+from automl_cxr.study import SearchSettings, SearchSpace, load_space, run_search
+
+STABLE_KEYS = (
+    "accuracy",
+    "covid_sensitivity",
+    "covid_specificity",
+    "macro_f1",
+    "auc",
+    "metrics",
+    "config",
+    "params_total",
+    "params_trainable",
+    "latency_ms",
+    "train_seconds",
+    "fail_reason",
+)
+
+
+def _study(db: Path) -> optuna.Study:
+    names = optuna.get_all_study_names(f"sqlite:///{db}")
+    assert len(names) == 1
+    return optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}")
+
+
+def test_search_cli_runs_and_resumes(tmp_path: Path, prepared_dir: Path, capsys) -> None:
+    db = tmp_path / "s.db"
+    args = [
+        "search",
+        "--dataset",
+        "three_class",
+        "--profile",
+        "smoke",
+        "--storage",
+        str(db),
+        "--data-dir",
+        str(prepared_dir),
+        "--quiet",
+    ]
+    assert main([*args, "--trials", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "three_class-smoke" in out and "best balanced_accuracy" in out
+    study = _study(db)
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) == 4
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete, "at least one trial should complete"
+    for t in complete:
+        for key in STABLE_KEYS:
+            assert key in t.user_attrs, key
+        for key in ("accuracy", "covid_sensitivity", "covid_specificity", "macro_f1", "auc"):
+            assert 0.0 <= t.user_attrs[key] <= 1.0
+        assert t.value == pytest.approx(
+            t.user_attrs["metrics"]["summary"]["metrics"]["balanced_accuracy"]["mean"]
+        )
+        assert t.intermediate_values
+        cfg = t.user_attrs["config"]
+        assert cfg["model"]["backbone"] == t.params.get("backbone", cfg["model"]["backbone"])
+        assert 0 <= cfg["model"]["frozen_stages"] <= cfg["num_stages"]
+        json.dumps(t.user_attrs, allow_nan=False)  # strict JSON for optuna-dashboard
+    assert study.user_attrs["dataset"] == "three_class"
+    assert study.user_attrs["source_label_alignment"]["warning"]
+    # re-running with more trials adds exactly the missing ones
+    assert main([*args, "--trials", "6"]) == 0
+    study = _study(db)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
+    first = {t.number: t.params for t in study.trials if t.number < 4}
+    assert {t.number: t.params for t in _study(db).trials if t.number < 4} == first
+
+
+def test_same_seed_same_parameters_and_metrics(tmp_path: Path, prepared_dir: Path) -> None:
+    def run(db: Path) -> list:
+        run_search(
+            SearchSettings(
+                dataset="binary",
+                trials=3,
+                data_dir=prepared_dir,
+                storage=str(db),
+                profile="smoke",
+                pruner="none",
+                seed=7,
+            )
+        )
+        return [(t.params, t.value) for t in _study(db).trials]
+
+    assert run(tmp_path / "a.db") == run(tmp_path / "b.db")
+
+
+def test_space_file_errors_name_the_key(tmp_path: Path) -> None:
+    bad = {
+        "frozen_depth: [1, 2]\n": "unknown key(s) ['frozen_depth']",
+        "lr: {low: 0.1, high: 0.01}\n": "'lr': low must not exceed high",
+        "lr: {low: 0, high: 0.1, log: true}\n": "'lr': a log range needs low > 0",
+        "heads: {transformer: {}}\n": "unknown head 'transformer'",
+        "backbones: [resnet5O]\n": "resnet5O",
+        "frozen_fraction: {low: 0.0, high: 2.0}\n": "'frozen_fraction' must lie in [0, 1]",
+        "lr: {low: 1.0e-3}\n": "'lr': a range needs both",
+    }
+    for text, message in bad.items():
+        p = tmp_path / "space.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=None) as exc:
+            load_space(p)
+        assert message in str(exc.value), (text, str(exc.value))
+
+
+def test_default_and_paper_spaces_load() -> None:
+    root = Path(__file__).resolve().parent.parent / "studies"
+    for f in (
+        "default.yaml",
+        "paper_three_class.yaml",
+        "paper_four_class.yaml",
+        "paper_binary.yaml",
+    ):
+        s = load_space(root / f)
+        assert isinstance(s, SearchSpace) and s.heads
+    paper = load_space(root / "paper_three_class.yaml")
+    assert paper.backbones == (
+        "vgg19",
+        "mobilenetv2_100",
+        "inception_v3",
+        "legacy_xception",
+        "inception_resnet_v2",
+    )
+
+
+def test_frozen_fraction_always_valid_for_every_backbone(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    from automl_cxr.data import load_dataset
+    from automl_cxr.study import Objective, get_profile, subsample
+
+    ds = subsample(load_dataset("three_class", prepared_dir), 5, 0)
+    space = load_space(None)
+    space.backbones = ("test_efficientnet", "test_resnet", "mobilenetv2_100", "vgg19")
+    obj = Objective(ds, space, get_profile("smoke"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        plan = obj.sample(trial)  # ModelConfig validation would raise on an invalid depth
+        from automl_cxr.models import num_stages
+
+        assert 0 <= plan.model.frozen_stages <= num_stages(plan.model.backbone)
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"--dataset": "five_class"}, "unknown dataset 'five_class'"),
+        ({"--trials": "0"}, "trials must be at least 1, but got trials=0"),
+        ({"--trials": "-3"}, "trials must be at least 1, but got trials=-3"),
+        ({"--profile": "tpu"}, "unknown profile 'tpu'"),
+        ({"--sampler": "cmaes"}, "sampler must be one of"),
+        ({"--pruner": "asha"}, "pruner must be one of"),
+        ({"--metric": "f2"}, "unknown metric 'f2'"),
+        ({"--space": "/nonexistent/space.yaml"}, "search space file not found"),
+        ({"--storage": "postgresql://nobody@127.0.0.1:1/x"}, "cannot open storage"),
+    ],
+)
+def test_search_bad_input_clear_error(
+    options: dict, message: str, prepared_dir: Path, tmp_path: Path, capsys
+) -> None:
+    opts = {
+        "--dataset": "three_class",
+        "--trials": "2",
+        "--profile": "smoke",
+        "--storage": str(tmp_path / "x.db"),
+        "--data-dir": str(prepared_dir),
+        **options,
+    }
+    rc = main(["search", *[x for kv in opts.items() for x in kv], "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err
+    assert "Traceback" not in err
