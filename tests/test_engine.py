@@ -130,3 +130,16 @@ def test_config_validation_messages() -> None:
         TrainConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="holdout must be in"):
         TrainConfig(holdout=0.9)
+
+
+def test_fit_full_trains_on_every_image(small) -> None:
+    import torch
+
+    from automl_cxr.engine import fit_full
+
+    model = fit_full(small, _model(small), _cfg(epochs=1))
+    assert not model.training
+    x = torch.from_numpy(np.asarray(small.images(48))[:4]).unsqueeze(1).float() / 255
+    probs = torch.softmax(model(x), dim=1)
+    assert probs.shape == (4, 3)
+    assert torch.allclose(probs.sum(1), torch.ones(4))

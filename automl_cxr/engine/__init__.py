@@ -14,7 +14,7 @@ from automl_cxr.engine._metrics import (
     summarize_folds,
 )
 from automl_cxr.engine._splits import Split, assert_no_patient_leakage, make_splits, split_summary
-from automl_cxr.engine._trial import Reporter, TrialResult, resolve_device, run_trial
+from automl_cxr.engine._trial import Reporter, TrialResult, fit_full, resolve_device, run_trial
 
 __all__ = [
     "OPTIMIZERS",
@@ -29,6 +29,7 @@ __all__ = [
     "bootstrap_metrics",
     "compute_metrics",
     "feature_key",
+    "fit_full",
     "make_splits",
     "paired_comparison",
     "resolve_device",

@@ -27,7 +27,7 @@ from automl_cxr.engine._splits import make_splits
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
-__all__ = ["Reporter", "TrialResult", "resolve_device", "run_trial"]
+__all__ = ["Reporter", "TrialResult", "fit_full", "resolve_device", "run_trial"]
 
 Reporter = Callable[[int, float], None]
 """`report(step, value)`: called after every epoch (step = fold * epochs + epoch) with the
@@ -133,6 +133,244 @@ def _latency_ms(model: nn.Module, resolution: int, device: torch.device, autocas
     return float(np.median(times) * 1000.0)
 
 
+class _Session:
+    """The state one configuration trains from: device, model and its initial weights, the
+    images (or cached frozen features) on the device, and the random generator."""
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        model_config: ModelConfig,
+        cfg: TrainConfig,
+        *,
+        feature_cache: FeatureCache | None,
+        log: Callable[[str], None] | None,
+    ) -> None:
+        classes = dataset.classes
+        if model_config.num_classes != len(classes):
+            raise ConfigError(
+                f"num_classes must equal the dataset's {len(classes)} classes {classes}, "
+                f"but got num_classes={model_config.num_classes}"
+            )
+        self.cfg, self.dataset, self.log = cfg, dataset, log
+        self.device = device = resolve_device(cfg.device)
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.amp_dtype = (
+            torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
+        )
+        torch.manual_seed(cfg.seed)
+        model: CxrModel = build_model(model_config).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ws = model.weight_source
+        self.weight_info = asdict(ws) if hasattr(ws, "__dataclass_fields__") else {"repr": repr(ws)}
+        images = torch.from_numpy(np.ascontiguousarray(dataset.images(cfg.resolution)))
+        self.images = images.unsqueeze(1).to(device)  # uint8 (N, 1, R, R), kept on the device
+        self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.cache_info: dict = {"used": False, "hit": False, "key": None, "bytes": 0}
+        self.feats: torch.Tensor | None = None
+        # Frozen-feature cache: only when the frozen prefix sees un-augmented images.
+        split = model.split_frozen() if (cfg.feature_cache and cfg.augment == 0) else None
+        if split is not None:
+            self._load_features(split[0], model_config, feature_cache)
+
+    def autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
+        )
+
+    def _load_features(self, prefix: nn.Module, mc: ModelConfig, cache: FeatureCache | None):
+        cfg, device = self.cfg, self.device
+        key = feature_key(
+            backbone=mc.backbone,
+            weights=self.weight_info.get("sha256") or f"{self.weight_info.get('kind')}:{cfg.seed}",
+            frozen=self.model.frozen_stages,
+            resolution=cfg.resolution,
+            gray=mc.gray_mode,
+            dataset=self.dataset.hash,
+            amp=str(self.amp_dtype) if self.use_amp else "fp32",
+        )
+        cache = cache if cache is not None else FeatureCache()
+
+        def compute() -> torch.Tensor:
+            prefix.eval()
+            chunks = []
+            with torch.inference_mode(), self.autocast():
+                for i in range(0, len(self.images), cfg.eval_batch_size):
+                    chunks.append(
+                        prefix(
+                            self.prep_images(self.images[i : i + cfg.eval_batch_size], False)
+                        ).float()
+                    )
+            return torch.cat(chunks)
+
+        t0 = time.perf_counter()
+        feats_cpu, hit = cache.get_or_compute(key, compute)
+        self.feats = feats_cpu.to(device)
+        self.cache_info = {
+            "used": True,
+            "hit": hit,
+            "key": key,
+            "bytes": int(feats_cpu.numel() * feats_cpu.element_size()),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if self.log:
+            self.log(
+                f"frozen features {'reused' if hit else 'computed'} "
+                f"({self.cache_info['bytes'] >> 20} MiB)"
+            )
+
+    def prep_images(self, xb: torch.Tensor, train: bool) -> torch.Tensor:
+        x = xb.float().div_(255.0)
+        if train and self.cfg.augment > 0:
+            x = augment_batch(x, self.cfg.augment, self.gen)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @staticmethod
+    def prep_feats(xb: torch.Tensor, train: bool) -> torch.Tensor:
+        return xb
+
+    def fit(
+        self,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray | None,
+        *,
+        fold: int = 0,
+        n_folds: int = 1,
+        metric: str = "balanced_accuracy",
+        report: Reporter | None = None,
+    ) -> tuple[list[dict], np.ndarray | None, dict | None, float, int]:
+        """Train from the initial weights on `train_idx`; evaluate on `val_idx` every epoch.
+
+        Returns (curve, last validation probabilities, last validation metrics, training
+        seconds, images trained on).
+        """
+        cfg, device, model = self.cfg, self.device, self.model
+        classes = self.dataset.classes
+        model.load_state_dict(self.init_state)
+        if self.feats is not None:
+            _, net = model.split_frozen()
+            x_source, prep = self.feats, self.prep_feats
+        else:
+            net, x_source, prep = model, self.images, self.prep_images
+        tr = torch.tensor(train_idx, dtype=torch.long, device=device)
+        va = torch.tensor(val_idx, dtype=torch.long, device=device) if val_idx is not None else None
+        counts = torch.bincount(self.labels[tr], minlength=len(classes)).float()
+        weight = None
+        if cfg.class_weighting:
+            weight = (counts.sum() / (len(classes) * counts.clamp(min=1))).to(device)
+        params = [p for p in net.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the configuration leaves no trainable parameter")
+        opt = _optimizer(params, cfg)
+        steps = max(1, math.ceil(len(tr) / cfg.batch_size))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+        curve: list[dict] = []
+        best_val, bad_epochs = math.inf, 0
+        probs, m = None, None
+        train_time, n_trained = 0.0, 0
+        for epoch in range(cfg.epochs):
+            net.train()
+            t0 = time.perf_counter()
+            perm = tr[torch.randperm(len(tr), generator=self.gen).to(device)]
+            loss_sum = torch.zeros((), device=device)
+            for s in range(steps):
+                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                xb = prep(x_source[idx], True)
+                with self.autocast():
+                    loss = F.cross_entropy(
+                        net(xb).float(),
+                        self.labels[idx],
+                        weight=weight,
+                        label_smoothing=cfg.label_smoothing,
+                    )
+                if not torch.isfinite(loss):
+                    raise TrialFailed(
+                        f"training loss became {loss.item()} in fold {fold} epoch {epoch} "
+                        f"step {s} (learning rate {cfg.lr:g} may be too high)",
+                        kind="nan",
+                    )
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(opt)
+                self.scaler.update()
+                sched.step()
+                loss_sum += loss.detach() * len(idx)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0
+            n_trained += len(tr)
+            point = {
+                "epoch": epoch,
+                "train_loss": float(loss_sum) / len(tr),
+                "lr": float(sched.get_last_lr()[0]),
+            }
+            if va is not None:
+                probs = _predict(net, x_source[va], prep, cfg.eval_batch_size, self.autocast)
+                y_va = self.dataset.labels[val_idx]
+                val_loss = float(
+                    F.nll_loss(
+                        torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                        torch.from_numpy(np.asarray(y_va)),
+                    )
+                )
+                m = compute_metrics(y_va, probs, classes, positive=self.dataset.positive)
+                value = float(scalar_metrics(m).get(metric, float("nan")))
+                point.update(val_loss=val_loss, value=value)
+            curve.append(point)
+            if self.log:
+                extra = (
+                    f", val loss {point['val_loss']:.4f}, {metric} {point['value']:.4f}"
+                    if va is not None
+                    else ""
+                )
+                self.log(
+                    f"fold {fold + 1}/{n_folds} epoch {epoch + 1}/{cfg.epochs}: "
+                    f"train loss {point['train_loss']:.4f}{extra}"
+                )
+            if va is None:
+                continue
+            if report is not None:
+                report(fold * cfg.epochs + epoch, point["value"])
+            if cfg.early_stopping is not None:
+                if point["val_loss"] < best_val - 1e-4:
+                    best_val, bad_epochs = point["val_loss"], 0
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= cfg.early_stopping:
+                        break
+        return curve, probs, m, train_time, n_trained
+
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        """Probabilities of the current model on (N, 1, R, R) uint8 images."""
+        return _predict(
+            self.model, images, self.prep_images, self.cfg.eval_batch_size, self.autocast
+        )
+
+
+def fit_full(
+    dataset: PreparedDataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    feature_cache: FeatureCache | None = None,
+    log: Callable[[str], None] | None = None,
+) -> CxrModel:
+    """Train one configuration on every image of `dataset` (for export); returns the model
+    in eval mode on the CPU. Validation-based early stopping does not apply."""
+    session = _Session(dataset, model_config, train_config, feature_cache=feature_cache, log=log)
+    session.fit(np.arange(len(dataset)), None)
+    return session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+
+
 def run_trial(
     dataset: PreparedDataset,
     model_config: ModelConfig,
@@ -152,40 +390,15 @@ def run_trial(
     """
     cfg = train_config
     classes = dataset.classes
-    if model_config.num_classes != len(classes):
-        raise ConfigError(
-            f"num_classes must equal the dataset's {len(classes)} classes {classes}, "
-            f"but got num_classes={model_config.num_classes}"
-        )
     if external is not None and external.classes != classes:
         raise DataError(
             f"external set {external.name!r} has classes {external.classes}, the study has "
             f"{classes}; map its labels first (e.g. --label-map normal=non_covid)"
         )
-    device = resolve_device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)
-
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    torch.manual_seed(cfg.seed)
-    model: CxrModel = build_model(model_config).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
+    model, device = session.model, session.device
     total_params, trainable_params = model.param_counts()
-    ws = model.weight_source
-    weight_info = asdict(ws) if hasattr(ws, "__dataclass_fields__") else {"repr": repr(ws)}
-
-    images_np = dataset.images(cfg.resolution)
-    images = torch.from_numpy(np.ascontiguousarray(images_np)).unsqueeze(1)  # uint8 (N,1,R,R)
-    images = images.to(device)
-    labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
     y_all = dataset.labels
-
     splits = make_splits(
         dataset.manifest["label"].to_numpy(),
         dataset.groups,
@@ -195,64 +408,6 @@ def run_trial(
     )
     if cfg.max_folds is not None:
         splits = splits[: cfg.max_folds]
-
-    # Frozen-feature cache: only when the frozen prefix sees un-augmented images.
-    split = model.split_frozen() if (cfg.feature_cache and cfg.augment == 0) else None
-    cache_info = {"used": False, "hit": False, "key": None, "bytes": 0}
-    feats: torch.Tensor | None = None
-    if split is not None:
-        prefix, _ = split
-        key = feature_key(
-            backbone=model_config.backbone,
-            weights=weight_info.get("sha256") or f"{weight_info.get('kind')}:{cfg.seed}",
-            frozen=model.frozen_stages,
-            resolution=cfg.resolution,
-            gray=model_config.gray_mode,
-            dataset=dataset.hash,
-            amp=str(amp_dtype) if use_amp else "fp32",
-        )
-        cache = feature_cache if feature_cache is not None else FeatureCache()
-
-        def compute() -> torch.Tensor:
-            prefix.eval()
-            chunks = []
-            with torch.inference_mode(), autocast():
-                for i in range(0, len(images), cfg.eval_batch_size):
-                    xb = images[i : i + cfg.eval_batch_size].float().div_(255.0)
-                    if device.type == "cuda":
-                        xb = xb.contiguous(memory_format=torch.channels_last)
-                    chunks.append(prefix(xb).float())
-            return torch.cat(chunks)
-
-        t0 = time.perf_counter()
-        feats_cpu, hit = cache.get_or_compute(key, compute)
-        feats = feats_cpu.to(device)
-        cache_info = {
-            "used": True,
-            "hit": hit,
-            "key": key,
-            "bytes": int(feats_cpu.numel() * feats_cpu.element_size()),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        if log:
-            log(
-                f"frozen features {'reused' if hit else 'computed'} "
-                f"({cache_info['bytes'] >> 20} MiB)"
-            )
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def prep_images(xb: torch.Tensor, train: bool) -> torch.Tensor:
-        x = xb.float().div_(255.0)
-        if train and cfg.augment > 0:
-            x = augment_batch(x, cfg.augment, gen)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def prep_feats(xb: torch.Tensor, train: bool) -> torch.Tensor:
-        return xb
-
     fold_metrics: list[dict] = []
     curves: list[list[dict]] = []
     oof = np.full((len(dataset), len(classes)), np.nan, dtype=np.float64)
@@ -263,102 +418,18 @@ def run_trial(
         ext_images = ext_images.unsqueeze(1).to(device)
     train_time = 0.0
     n_trained = 0
-
     for fi, sp in enumerate(splits):
-        model.load_state_dict(init_state)
-        if split is not None:
-            _, net = model.split_frozen()
-            x_source, prep = feats, prep_feats
-        else:
-            net, x_source, prep = model, images, prep_images
-        tr = torch.tensor(sp.train, dtype=torch.long, device=device)
-        va = torch.tensor(sp.val, dtype=torch.long, device=device)
-        y_tr = labels[tr]
-        counts = torch.bincount(y_tr, minlength=len(classes)).float()
-        weight = None
-        if cfg.class_weighting:
-            weight = (counts.sum() / (len(classes) * counts.clamp(min=1))).to(device)
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("the configuration leaves no trainable parameter")
-        opt = _optimizer(params, cfg)
-        steps = max(1, math.ceil(len(tr) / cfg.batch_size))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-        curve: list[dict] = []
-        best_val, bad_epochs = math.inf, 0
-        for epoch in range(cfg.epochs):
-            net.train()
-            t0 = time.perf_counter()
-            perm = tr[torch.randperm(len(tr), generator=gen).to(device)]
-            loss_sum = torch.zeros((), device=device)
-            for s in range(steps):
-                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                xb = prep(x_source[idx], True)
-                with autocast():
-                    logits = net(xb)
-                    loss = F.cross_entropy(
-                        logits.float(),
-                        labels[idx],
-                        weight=weight,
-                        label_smoothing=cfg.label_smoothing,
-                    )
-                if not torch.isfinite(loss):
-                    raise TrialFailed(
-                        f"training loss became {loss.item()} in fold {fi} epoch {epoch} step {s} "
-                        f"(learning rate {cfg.lr:g} may be too high)",
-                        kind="nan",
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                loss_sum += loss.detach() * len(idx)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - t0
-            n_trained += len(tr)
-            probs = _predict(net, x_source[va], prep, cfg.eval_batch_size, autocast)
-            y_va = y_all[sp.val]
-            val_loss = float(
-                F.nll_loss(
-                    torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y_va)
-                )
-            )
-            m = compute_metrics(y_va, probs, classes, positive=dataset.positive)
-            value = float(scalar_metrics(m).get(metric, float("nan")))
-            point = {
-                "epoch": epoch,
-                "train_loss": float(loss_sum) / len(tr),
-                "val_loss": val_loss,
-                "value": value,
-                "lr": float(sched.get_last_lr()[0]),
-            }
-            curve.append(point)
-            if log:
-                log(
-                    f"fold {fi + 1}/{len(splits)} epoch {epoch + 1}/{cfg.epochs}: "
-                    f"train loss {point['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                    f"{metric} {value:.4f}"
-                )
-            if report is not None:
-                report(fi * cfg.epochs + epoch, value)
-            if cfg.early_stopping is not None:
-                if val_loss < best_val - 1e-4:
-                    best_val, bad_epochs = val_loss, 0
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.early_stopping:
-                        break
+        curve, probs, m, seconds, n = session.fit(
+            sp.train, sp.val, fold=fi, n_folds=len(splits), metric=metric, report=report
+        )
+        train_time += seconds
+        n_trained += n
         oof[sp.val] = probs
         m["epochs_run"] = len(curve)
         fold_metrics.append(m)
         curves.append(curve)
         if ext_images is not None:
-            # `net` shares its parameters with `model`: the full model is this fold's model.
-            ext_probs.append(
-                _predict(model, ext_images, prep_images, cfg.eval_batch_size, autocast)
-            )
+            ext_probs.append(session.predict(ext_images))  # this fold's model
 
     seen = ~np.isnan(oof).any(axis=1)
     pooled = compute_metrics(y_all[seen], oof[seen], classes, positive=dataset.positive)
@@ -371,7 +442,7 @@ def run_trial(
             "metrics": compute_metrics(external.labels, p, classes, positive=external.positive),
             "bootstrap": bootstrap_metrics(external.labels, p, classes, positive=external.positive),
         }
-    latency = _latency_ms(model, cfg.resolution, device, autocast)
+    latency = _latency_ms(model, cfg.resolution, device, session.autocast)
     result = TrialResult(
         dataset=dataset.name,
         dataset_hash=dataset.hash,
@@ -390,8 +461,8 @@ def run_trial(
         train_seconds=round(train_time, 3),
         images_per_second=round(n_trained / train_time, 2) if train_time > 0 else 0.0,
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        feature_cache=cache_info,
-        weight_source=weight_info,
+        feature_cache=session.cache_info,
+        weight_source=session.weight_info,
         external=ext,
         splits=[{"fold": s.fold, "n_train": len(s.train), "n_val": len(s.val)} for s in splits],
     )
