@@ -143,3 +143,12 @@ def test_fit_full_trains_on_every_image(small) -> None:
     probs = torch.softmax(model(x), dim=1)
     assert probs.shape == (4, 3)
     assert torch.allclose(probs.sum(1), torch.ones(4))
+
+
+def test_metrics_stratified_by_source(small) -> None:
+    res = run_trial(small, _model(small), _cfg(epochs=1))
+    assert set(res.by_source) == {"cohen", "kermany"}
+    assert res.by_source["cohen"]["n"] + res.by_source["kermany"]["n"] == len(small)
+    # every Cohen image is covid in this recipe: its per-source confusion matrix has one row
+    cm = np.array(res.by_source["cohen"]["confusion_matrix"])
+    assert cm.sum() == cm[small.classes.index("covid")].sum()

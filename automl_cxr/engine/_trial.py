@@ -47,6 +47,7 @@ class TrialResult:
     summary: dict  # summarize_folds(): metrics.<name>.{mean, std, ci_low, ci_high, folds}
     folds: list[dict]  # compute_metrics() of each fold, plus epochs_run
     pooled: dict  # compute_metrics() of all out-of-fold predictions together
+    by_source: dict  # the same, per image source (a shortcut shows up as a gap between them)
     roc: dict  # one-vs-rest ROC curves of the pooled out-of-fold predictions
     curves: list[list[dict]]  # per fold, per epoch: train_loss, val_loss, value
     params_total: int
@@ -433,6 +434,16 @@ def run_trial(
 
     seen = ~np.isnan(oof).any(axis=1)
     pooled = compute_metrics(y_all[seen], oof[seen], classes, positive=dataset.positive)
+    sources = dataset.manifest["source"].to_numpy()
+    by_source = {
+        str(src): compute_metrics(
+            y_all[seen & (sources == src)],
+            oof[seen & (sources == src)],
+            classes,
+            positive=dataset.positive,
+        )
+        for src in sorted(set(sources[seen]))
+    }
     ext = None
     if external is not None and ext_probs:
         p = np.mean(ext_probs, axis=0)
@@ -453,6 +464,7 @@ def run_trial(
         summary=summarize_folds(fold_metrics),
         folds=fold_metrics,
         pooled=pooled,
+        by_source=by_source,
         roc=roc_curves(y_all[seen], oof[seen], classes),
         curves=curves,
         params_total=int(total_params),

@@ -252,6 +252,7 @@ class Objective:
                     "summary": result.summary,
                     "folds": result.folds,
                     "pooled": result.pooled,
+                    "by_source": result.by_source,
                     "roc": result.roc,
                     "curves": result.curves,
                     "splits": result.splits,
