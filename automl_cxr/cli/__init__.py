@@ -19,19 +19,20 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)
 
 
 def _register() -> None:
     # Each subcommand module adds its commands to `app`; imported lazily-light modules only.
-    from automl_cxr.cli import _data, _models, _search  # noqa: F401
+    from automl_cxr.cli import _data, _models, _report, _search  # noqa: F401
 
 
 _register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: AutomlCxrError → one red line on stderr and exit code 2."""
+    """Console-script entry point: AutomlCxrError → one red line on stderr and exit code 2;
+    usage errors → click's message and its exit code (2); never a traceback for bad input."""
     try:
         rv = app(args=argv, standalone_mode=False)
     except AutomlCxrError as exc:
@@ -40,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err.print("[bold red]interrupted[/]")
         return 130
-    except SystemExit as exc:  # typer/click --help and usage errors
-        return int(exc.code or 0)
-    except Exception as exc:  # click usage errors in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except SystemExit as exc:  # --help, typer.Exit
+        return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:
+        # Typer vendors click (typer._click): recognise its exceptions by shape, not by class.
+        if callable(getattr(exc, "show", None)) and isinstance(
+            getattr(exc, "exit_code", None), int
+        ):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             _err.print("[bold red]aborted[/]")
             return 130
         raise

@@ -12,8 +12,8 @@ from automl_cxr.errors import ConfigError
 
 __all__ = ["err_console", "out_console", "parse_key_values", "progress_bar"]
 
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -19,24 +19,31 @@ app.add_typer(data_app, name="data")
 
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="Where prepared datasets live [$AUTOML_CXR_DATA or ./data]."),
+    typer.Option(
+        "--data-dir",
+        help="Where prepared datasets live (default: $AUTOML_CXR_DATA or ./data).",
+    ),
 ]
 
 
 def _check_writable(path: Path) -> None:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    """Fail before any work when `path` cannot be created or written."""
     import os
 
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(f"data directory {path} is not writable: {probe} is a file")
     if not os.access(probe, os.W_OK):
-        raise DataError(f"data directory {path} is not writable (checked {probe})")
+        raise DataError(f"data directory {path} is not writable (no permission on {probe})")
 
 
 @data_app.command("prepare")
 def prepare(
     sources: Annotated[
-        Path | None, typer.Option(help="Folder holding cohen/ and kermany/ [auto-detected].")
+        Path | None,
+        typer.Option(help="Folder holding cohen/ and kermany/ (default: auto-detected)."),
     ] = None,
     cohen: Annotated[
         Path | None, typer.Option(help="Cohen covid-chestxray-dataset folder.")
@@ -46,11 +53,15 @@ def prepare(
     ] = None,
     folder: Annotated[Path | None, typer.Option(help="Your own folder-per-class data.")] = None,
     csv: Annotated[
-        Path | None, typer.Option(help="Your own CSV manifest path,label[,patient_id].")
+        Path | None,
+        typer.Option(
+            help="Your own CSV manifest with columns path,label and optionally patient_id."
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name for --folder/--csv.")] = None,
     recipe: Annotated[
-        list[str] | None, typer.Option(help="Recipe(s) to build [three_class, four_class, binary].")
+        list[str] | None,
+        typer.Option(help="Recipe(s) to build (default: three_class, four_class, binary)."),
     ] = None,
     count: Annotated[
         list[str] | None, typer.Option(help="Override target counts, e.g. viral=400.")

@@ -1,4 +1,4 @@
-"""`automl-cxr search` and `automl-cxr dashboard`."""
+"""`automl-cxr search`."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class _ProgressView:
         if reason:
             line += f" — {reason}"
         if self.enabled:
-            err_console.print(line, highlight=False)
+            err_console.print(line, highlight=False, markup=False)
             if self.live is not None:
                 self.live.update(self.table(study))
 
@@ -81,14 +81,16 @@ def search(
     ],
     trials: Annotated[int, typer.Option(help="Finished trials the study holds at the end.")],
     storage: Annotated[
-        str | None, typer.Option(help="SQLite path or Optuna storage URL [studies/<dataset>.db].")
+        str | None,
+        typer.Option(help="SQLite path or Optuna storage URL (default: studies/<dataset>.db)."),
     ] = None,
-    study_name: Annotated[str | None, typer.Option(help="[<dataset>-<profile>]")] = None,
+    study_name: Annotated[str | None, typer.Option(help="(default: <dataset>-<profile>)")] = None,
     space: Annotated[
-        Path | None, typer.Option(help="Search space YAML [studies/default.yaml].")
+        Path | None, typer.Option(help="Search space YAML (default: studies/default.yaml).")
     ] = None,
     profile: Annotated[
-        str | None, typer.Option(help="smoke|demo|cpu|gpu|paper [gpu with CUDA, else cpu].")
+        str | None,
+        typer.Option(help="smoke|demo|cpu|gpu|paper (default: gpu with CUDA, else cpu)."),
     ] = None,
     metric: Annotated[
         str, typer.Option(help="Objective metric (maximised).")
@@ -104,22 +106,30 @@ def search(
     gpus_per_trial: Annotated[
         float | None, typer.Option(help="GPUs per trial (Ray; fractions ok).")
     ] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address [local Ray].")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: a local Ray instance).")
+    ] = None,
     scheduler: Annotated[str | None, typer.Option(help="Ray Tune scheduler: asha.")] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Stop starting trials after SECONDS.")
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="[$AUTOML_CXR_DATA or ./data]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="(default: $AUTOML_CXR_DATA or ./data)")
+    ] = None,
     feature_cache_dir: Annotated[
         Path | None, typer.Option(help="Keep frozen features on disk here, across runs.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Search backbone, frozen depth, head and training options with Optuna."""
+    import optuna
     import torch
 
     from automl_cxr.study import SearchSettings, run_search
+
+    # Our live view reports every trial; failed trials keep their traceback in user attrs.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     settings = SearchSettings(
         dataset=dataset,

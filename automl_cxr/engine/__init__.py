@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from automl_cxr.engine._config import OPTIMIZERS, SCHEDULES, TrainConfig
-from automl_cxr.engine._features import FeatureCache, feature_key
-from automl_cxr.engine._metrics import (
-    SCALAR_METRICS,
-    bootstrap_metrics,
-    compute_metrics,
-    paired_comparison,
-    roc_curves,
-    scalar_metrics,
-    summarize_folds,
-)
-from automl_cxr.engine._splits import Split, assert_no_patient_leakage, make_splits, split_summary
-from automl_cxr.engine._trial import Reporter, TrialResult, fit_full, resolve_device, run_trial
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Lazy: `automl-cxr report`/`dashboard` need only the light parts; torch loads on first use.
+_EXPORTS = {
+    "OPTIMIZERS": "automl_cxr.engine._config",
+    "SCHEDULES": "automl_cxr.engine._config",
+    "TrainConfig": "automl_cxr.engine._config",
+    "FeatureCache": "automl_cxr.engine._features",
+    "feature_key": "automl_cxr.engine._features",
+    "SCALAR_METRICS": "automl_cxr.engine._metrics",
+    "bootstrap_metrics": "automl_cxr.engine._metrics",
+    "compute_metrics": "automl_cxr.engine._metrics",
+    "paired_comparison": "automl_cxr.engine._metrics",
+    "roc_curves": "automl_cxr.engine._metrics",
+    "scalar_metrics": "automl_cxr.engine._metrics",
+    "summarize_folds": "automl_cxr.engine._metrics",
+    "Split": "automl_cxr.engine._splits",
+    "assert_no_patient_leakage": "automl_cxr.engine._splits",
+    "make_splits": "automl_cxr.engine._splits",
+    "split_summary": "automl_cxr.engine._splits",
+    "Reporter": "automl_cxr.engine._trial",
+    "TrialResult": "automl_cxr.engine._trial",
+    "fit_full": "automl_cxr.engine._trial",
+    "resolve_device": "automl_cxr.engine._trial",
+    "run_trial": "automl_cxr.engine._trial",
+}
 
 __all__ = [
     "OPTIMIZERS",
@@ -39,3 +53,37 @@ __all__ = [
     "split_summary",
     "summarize_folds",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automl_cxr.engine._config import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401
+    from automl_cxr.engine._features import FeatureCache, feature_key  # noqa: F401
+    from automl_cxr.engine._metrics import (
+        SCALAR_METRICS,
+        bootstrap_metrics,
+        compute_metrics,
+        paired_comparison,
+        roc_curves,
+        scalar_metrics,
+        summarize_folds,
+    )  # noqa: F401
+    from automl_cxr.engine._splits import (
+        Split,
+        assert_no_patient_leakage,
+        make_splits,
+        split_summary,
+    )  # noqa: F401
+    from automl_cxr.engine._trial import Reporter, TrialResult, fit_full, resolve_device, run_trial  # noqa: F401

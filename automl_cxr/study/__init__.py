@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
-from automl_cxr.study._objective import OBJECTIVE_KEYS, Objective, TrialPlan, json_safe, subsample
-from automl_cxr.study._profiles import Profile, default_profile, get_profile, list_profiles
-from automl_cxr.study._runner import (
-    FINISHED,
-    PRUNERS,
-    SAMPLERS,
-    SearchSettings,
-    SearchSummary,
-    make_pruner,
-    make_sampler,
-    reconcile_dead_trials,
-    run_search,
-)
-from automl_cxr.study._space import ParamSpec, SearchSpace, load_space
-from automl_cxr.study._storage import open_storage, storage_url, study_names
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Lazy: `automl-cxr report`/`dashboard` need only the light parts; torch loads on first use.
+_EXPORTS = {
+    "OBJECTIVE_KEYS": "automl_cxr.study._record",
+    "Objective": "automl_cxr.study._objective",
+    "TrialPlan": "automl_cxr.study._objective",
+    "json_safe": "automl_cxr.study._record",
+    "subsample": "automl_cxr.study._objective",
+    "Profile": "automl_cxr.study._profiles",
+    "default_profile": "automl_cxr.study._profiles",
+    "get_profile": "automl_cxr.study._profiles",
+    "list_profiles": "automl_cxr.study._profiles",
+    "FINISHED": "automl_cxr.study._runner",
+    "PRUNERS": "automl_cxr.study._runner",
+    "SAMPLERS": "automl_cxr.study._runner",
+    "SearchSettings": "automl_cxr.study._runner",
+    "SearchSummary": "automl_cxr.study._runner",
+    "make_pruner": "automl_cxr.study._runner",
+    "make_sampler": "automl_cxr.study._runner",
+    "reconcile_dead_trials": "automl_cxr.study._runner",
+    "run_search": "automl_cxr.study._runner",
+    "ParamSpec": "automl_cxr.study._space",
+    "SearchSpace": "automl_cxr.study._space",
+    "load_space": "automl_cxr.study._space",
+    "open_storage": "automl_cxr.study._storage",
+    "storage_url": "automl_cxr.study._storage",
+    "study_names": "automl_cxr.study._storage",
+}
 
 __all__ = [
     "FINISHED",
@@ -44,3 +59,40 @@ __all__ = [
     "study_names",
     "subsample",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automl_cxr.study._objective import (
+        OBJECTIVE_KEYS,
+        Objective,
+        TrialPlan,
+        json_safe,
+        subsample,
+    )  # noqa: F401
+    from automl_cxr.study._profiles import Profile, default_profile, get_profile, list_profiles  # noqa: F401
+    from automl_cxr.study._runner import (
+        FINISHED,
+        PRUNERS,
+        SAMPLERS,
+        SearchSettings,
+        SearchSummary,
+        make_pruner,
+        make_sampler,
+        reconcile_dead_trials,
+        run_search,
+    )  # noqa: F401
+    from automl_cxr.study._space import ParamSpec, SearchSpace, load_space  # noqa: F401
+    from automl_cxr.study._storage import open_storage, storage_url, study_names  # noqa: F401

@@ -19,28 +19,10 @@ from automl_cxr.engine import FeatureCache, TrainConfig, run_trial
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
 from automl_cxr.study._profiles import Profile
+from automl_cxr.study._record import OBJECTIVE_KEYS, json_safe
 from automl_cxr.study._space import SearchSpace
 
 __all__ = ["OBJECTIVE_KEYS", "Objective", "TrialPlan", "json_safe", "subsample"]
-
-OBJECTIVE_KEYS = {"latency": "latency_ms", "params": "params_total"}
-"""Cost objectives for multi-objective search (minimised), next to any metric (maximised)."""
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain JSON: NaN/inf → None (optuna-dashboard's JSON.parse rejects NaN), numpy → Python."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    return obj
 
 
 def subsample(dataset: PreparedDataset, max_per_class: int | None, seed: int) -> PreparedDataset:
@@ -207,6 +189,10 @@ class Objective:
             raise
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C / SIGINT)")
+            trial.set_user_attr("fail_kind", "interrupted")
+            raise
         except Exception as exc:
             if _is_oom(exc):
                 _free_device_memory()
@@ -218,6 +204,7 @@ class Objective:
                 trial.set_user_attr("oom_batch_size", plan.train.batch_size)
                 raise optuna.TrialPruned("out of memory") from None
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr("fail_kind", "transient" if _is_transient(exc) else "error")
             trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
             raise
         finally:
@@ -282,6 +269,16 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Faults worth a retry: I/O and connection errors, lost CUDA contexts."""
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in msg for s in ("cuda error: unspecified launch failure", "nccl", "connection reset")
+    )
 
 
 def _free_device_memory() -> None:

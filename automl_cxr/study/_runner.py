@@ -28,11 +28,19 @@ __all__ = [
     "PRUNERS",
     "SearchSettings",
     "SearchSummary",
+    "WorkerTaggingSampler",
     "make_pruner",
     "make_sampler",
+    "enqueue_retry",
     "reconcile_dead_trials",
     "run_search",
 ]
+
+MAX_RETRIES = 2
+"""A trial that failed transiently (I/O, lost worker) is re-run with the same parameters at
+most this many times."""
+SQLITE_WORKERS_HINT = 4
+"""More local workers than this on one SQLite file: recommend a journal file or PostgreSQL."""
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 """States that count towards `--trials` (failed trials are retried, not counted)."""
@@ -66,6 +74,7 @@ class SearchSettings:
     seed: int = 0
     feature_cache_dir: Path | None = None
     feature_cache_bytes: int = 4 << 30
+    worker_index: int = 0  # local parallel workers: offsets the sampler's seed only
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -78,6 +87,17 @@ class SearchSettings:
             raise ConfigError(f"pruner must be one of {PRUNERS}, but got {self.pruner!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, but got {self.backend!r}")
+        if self.backend == "local":
+            ray_only = {
+                "--scheduler": self.scheduler,
+                "--address": self.address,
+                "--gpus-per-trial": self.gpus_per_trial,
+            }
+            given = [k for k, v in ray_only.items() if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} only apply with --backend ray, but got backend='local'"
+                )
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, but got timeout={self.timeout}")
         if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
@@ -123,6 +143,35 @@ class SearchSummary:
     seconds: float
     ran: int
     warnings: list[str] = field(default_factory=list)
+
+
+class WorkerTaggingSampler(optuna.samplers.BaseSampler):
+    """Wraps a sampler and records the worker (host, pid) on each trial as it is created, so a
+    trial whose process is killed can be recognised at once by the next run on this host."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self.inner = inner
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        study._storage.set_trial_user_attr(
+            trial._trial_id, "worker", {"host": socket.gethostname(), "pid": os.getpid()}
+        )
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def make_sampler(name: str, seed: int, *, multi: bool) -> optuna.samplers.BaseSampler:
@@ -174,14 +223,26 @@ def reconcile_dead_trials(study: optuna.Study, *, host: str | None = None) -> li
             continue
         if ok:
             failed.append(t.number)
-            retries = int(t.system_attrs.get("automl_cxr:retries", 0))
-            if retries < 2 and t.params:
-                study.enqueue_trial(
-                    t.params,
-                    user_attrs={"retry_of": t.number},
-                    skip_if_exists=False,
-                )
+            enqueue_retry(study, t)
     return failed
+
+
+def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Re-run a failed trial's parameters (bounded by MAX_RETRIES along a retry chain)."""
+    retries = int(trial.user_attrs.get("retries", 0))
+    if retries >= MAX_RETRIES or not trial.params:
+        return False
+    study.enqueue_trial(
+        trial.params,
+        user_attrs={"retry_of": trial.number, "retries": retries + 1},
+        skip_if_exists=False,
+    )
+    return True
+
+
+def _retry_transient(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_kind") == "transient":
+        enqueue_retry(study, trial)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -202,7 +263,9 @@ def _load_or_create(
     settings: SearchSettings, storage, name: str, profile: Profile, space: SearchSpace, dataset
 ) -> optuna.Study:
     multi = len(settings.objectives) > 1
-    sampler = make_sampler(settings.sampler, settings.seed, multi=multi)
+    sampler = WorkerTaggingSampler(
+        make_sampler(settings.sampler, settings.seed + 1000 * settings.worker_index, multi=multi)
+    )
     max_res = max(1, profile.epochs * (profile.max_folds or profile.n_folds))
     pruner = make_pruner(settings.pruner, max_res)
     try:
@@ -281,10 +344,10 @@ def run_search(
     reconciled = reconcile_dead_trials(study)
     if reconciled and log:
         log(f"marked trial(s) {reconciled} FAILED: their worker died; they will be retried")
-    warnings = []
+    notes: list[str] = []
     align = study.user_attrs.get("source_label_alignment") or {}
     if align.get("warning"):
-        warnings.append(align["warning"])
+        notes.append(align["warning"])
     start = time.time()
     before = len(study.trials)
     if _finished(study) < settings.trials:
@@ -306,10 +369,23 @@ def run_search(
                 ),
             )
             if settings.workers > 1:
+                if (
+                    storage_url(storage_arg).startswith("sqlite:")
+                    and settings.workers > SQLITE_WORKERS_HINT
+                ):
+                    notes.append(
+                        f"{settings.workers} workers share one SQLite file: writes are "
+                        "serialised and may wait on locks. For many workers use a journal "
+                        "file (--storage studies/x.log) or PostgreSQL (--storage "
+                        "postgresql://...)."
+                    )
+                    if log:
+                        log(notes[-1])
                 _run_local_workers(settings, storage_arg, name, settings.workers)
             else:
                 callbacks = [
                     optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED),
+                    _retry_transient,
                 ]
                 if on_trial:
                     callbacks.append(on_trial)
@@ -351,7 +427,7 @@ def run_search(
         best=best,
         seconds=round(time.time() - start, 2),
         ran=len(study.trials) - before,
-        warnings=warnings,
+        warnings=notes,
     )
 
 

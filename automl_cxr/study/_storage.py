@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -52,23 +53,27 @@ def open_storage(storage: str | Path, *, create: bool = True) -> optuna.storages
             raise StorageError(f"cannot create the folder for {path}: {exc}") from None
         engine_kwargs = {"connect_args": {"timeout": 120}}
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
-        retry = {
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRY
-            )
-        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = {
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY
+                )
+            }
     else:  # pragma: no cover - older optuna
         retry = {
             "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
         }
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
-            **retry,
-        )
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                **retry,
+            )
     except Exception as exc:  # sqlalchemy raises many kinds; name the URL, no traceback
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url!r}: {msg}") from None

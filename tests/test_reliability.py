@@ -1,0 +1,288 @@
+"""Crash-safe studies, parallel workers, bad input through the real CLI, and trial faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from automl_cxr.study import SearchSettings, run_search
+from automl_cxr.study import _objective as objective_module
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AUTOML_CXR_TEST_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "automl_cxr", *args],
+        cwd=kw.get("cwd", REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    p = _cli(*args, cwd=cwd or REPO)
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _study(db: Path) -> optuna.Study:
+    (name,) = optuna.get_all_study_names(f"sqlite:///{db}")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def _wait_for_running_trial(db: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Poll the SQLite file until a trial of this process is RUNNING with exactly one
+    intermediate value (it has started training and has most of its epochs ahead)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"search ended early: {proc.stderr.read()[-2000:]}")
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as con:
+                    row = con.execute(
+                        "SELECT t.number FROM trials t JOIN trial_intermediate_values v "
+                        "ON v.trial_id = t.trial_id JOIN trial_user_attributes a "
+                        "ON a.trial_id = t.trial_id AND a.key = 'worker' "
+                        "WHERE t.state = 'RUNNING' AND a.value_json LIKE ? "
+                        "GROUP BY t.trial_id HAVING COUNT(v.step) = 1 LIMIT 1",
+                        (f'%"pid": {proc.pid}%',),
+                    ).fetchone()
+                if row:
+                    return int(row[0])
+            except sqlite3.OperationalError:
+                pass  # tables not created yet, or locked
+        time.sleep(0.2)
+    raise AssertionError("no running trial appeared")
+
+
+def _snapshot(study: optuna.Study) -> dict:
+    return {
+        t.number: (t.params, t.values, t.user_attrs.get("accuracy"), t.user_attrs.get("config"))
+        for t in study.trials
+        if t.state.name in ("COMPLETE", "PRUNED")
+    }
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path: Path, prepared_dir: Path) -> None:
+    db = tmp_path / "crash.db"
+    args = ["search", "--dataset", "three_class", "--trials", "5", "--profile", "smoke",
+            "--storage", str(db), "--data-dir", str(prepared_dir), "--quiet", "--pruner", "none"]
+    killed: list[int] = []
+    before: dict = {}
+    attempts = 0
+    while len(killed) < 3:
+        attempts += 1
+        assert attempts < 8, "could not kill a trial mid-way"
+        proc = _cli(*args)
+        number = _wait_for_running_trial(db, proc)
+        if killed:  # everything finished before an earlier kill is still intact
+            now = _snapshot(_study(db))
+            assert {k: now[k] for k in before} == before
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        before = _snapshot(_study(db))
+        if _study(db).trials[number].state.name == "RUNNING":  # truly killed mid-trial
+            killed.append(number)
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = _study(db)
+    after = _snapshot(study)
+    assert {k: after[k] for k in before} == before
+    states = {t.number: t.state.name for t in study.trials}
+    for n in killed:
+        assert states[n] == "FAIL"
+        assert "worker process died" in study.trials[n].user_attrs["fail_reason"]
+    retried = {t.user_attrs.get("retry_of") for t in study.trials} - {None}
+    assert set(killed) <= retried
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states.values()) == 5
+
+
+def test_sigint_stops_cleanly_with_resume_hint(tmp_path: Path, prepared_dir: Path) -> None:
+    db = tmp_path / "int.db"
+    proc = _cli("search", "--dataset", "three_class", "--trials", "3", "--profile", "smoke",
+                "--storage", str(db), "--data-dir", str(prepared_dir), "--pruner", "none")
+    number = _wait_for_running_trial(db, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Resume with the same command" in err
+    assert "Traceback" not in err
+    trial = _study(db).trials[number]
+    assert trial.state.name == "FAIL"
+    assert "interrupted" in trial.user_attrs["fail_reason"]
+
+
+def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
+    db = tmp_path / "par.db"
+    res = _run("search", "--dataset", "binary", "--trials", "4", "--profile", "smoke",
+               "--storage", str(db), "--data-dir", str(prepared_dir), "--workers", "2",
+               "--cpus-per-trial", "1", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = _study(db)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) >= 4
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(pids) == 2  # two processes shared the study
+
+
+@pytest.mark.postgres
+def test_four_workers_on_postgresql(prepared_dir: Path) -> None:
+    url = os.environ.get("AUTOML_CXR_TEST_POSTGRES")
+    if not url:
+        pytest.skip("AUTOML_CXR_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)")
+    name = f"pg-{os.getpid()}-{time.time_ns()}"
+    res = _run("search", "--dataset", "binary", "--trials", "8", "--profile", "smoke",
+               "--storage", url, "--study-name", name, "--data-dir", str(prepared_dir),
+               "--workers", "4", "--cpus-per-trial", "1", "--quiet", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=url)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    # MaxTrialsCallback is checked after each trial: up to workers-1 extra may finish
+    assert 8 <= len(finished) <= 8 + 3
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # nothing lost or duplicated
+    assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) == 4
+
+
+# -- trial faults, injected ---------------------------------------------------------------
+
+
+def _inject(monkeypatch, faults: dict[int, BaseException]) -> list[int]:
+    """Make the n-th call of run_trial raise faults[n] (0-based); others run for real."""
+    calls: list[int] = []
+    real = objective_module.run_trial
+
+    def fake(*a, **kw):
+        n = len(calls)
+        calls.append(n)
+        if n in faults:
+            raise faults[n]
+        return real(*a, **kw)
+
+    monkeypatch.setattr(objective_module, "run_trial", fake)
+    return calls
+
+
+def _settings(tmp_path: Path, prepared_dir: Path, trials: int) -> SearchSettings:
+    return SearchSettings(dataset="binary", trials=trials, data_dir=prepared_dir,
+                          storage=str(tmp_path / "f.db"), profile="smoke", pruner="none")
+
+
+def test_exception_nan_and_oom_do_not_stop_the_study(
+    tmp_path: Path, prepared_dir: Path, monkeypatch
+) -> None:
+    from automl_cxr.errors import TrialFailed
+
+    _inject(monkeypatch, {
+        0: ValueError("boom in trial"),
+        1: TrialFailed("training loss became nan in fold 0 epoch 0 step 3", kind="nan"),
+        2: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    })
+    summary = run_search(_settings(tmp_path, prepared_dir, 2))
+    study = _study(tmp_path / "f.db")
+    t0, t1, t2 = study.trials[:3]
+    assert t0.state.name == "FAIL" and "boom in trial" in t0.user_attrs["fail_reason"]
+    assert t0.user_attrs["fail_kind"] == "error"
+    assert t1.state.name == "FAIL" and "nan" in t1.user_attrs["fail_reason"]
+    assert t2.state.name == "PRUNED" and "out of memory" in t2.user_attrs["fail_reason"]
+    assert t2.user_attrs["oom_batch_size"] == t2.user_attrs["config"]["train"]["batch_size"]
+    assert summary.counts["COMPLETE"] == 1  # the study went on (the pruned OOM trial counts)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 2
+
+
+def test_transient_fault_is_retried_with_same_params(
+    tmp_path: Path, prepared_dir: Path, monkeypatch
+) -> None:
+    _inject(monkeypatch, {0: OSError("NFS hiccup reading cache"), 1: OSError("again")})
+    run_search(_settings(tmp_path, prepared_dir, 1))
+    trials = _study(tmp_path / "f.db").trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[2].user_attrs["retry_of"] == 1
+    assert trials[0].params == trials[1].params == trials[2].params
+    assert trials[2].user_attrs["retries"] == 2
+
+
+def test_persistent_failures_stop_with_reason(tmp_path: Path, prepared_dir: Path, monkeypatch):
+    from automl_cxr.errors import StorageError
+
+    _inject(monkeypatch, {i: ValueError("always broken") for i in range(10)})
+    with pytest.raises(StorageError, match="always broken"):
+        run_search(_settings(tmp_path, prepared_dir, 3))
+
+
+# -- bad input through the real CLI: clear error, exit 2, no traceback ------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_input_env(tmp_path_factory, shared_data: Path) -> dict:
+    root = tmp_path_factory.mktemp("bad")
+    folder = root / "mine"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+    src = sorted((shared_data / "kermany/chest_xray/test/NORMAL").iterdir())[:2]
+    for i, f in enumerate(src):
+        (folder / ("a", "b")[i] / f.name).write_bytes(f.read_bytes())
+    (folder / "a" / "broken.jpeg").write_bytes((shared_data / "bad/truncated.jpeg").read_bytes())
+    space = root / "space.yaml"
+    space.write_text("frozen_layers: [1]\n")
+    empty = root / "empty"
+    empty.mkdir()
+    return {"root": root, "folder": folder, "space": space, "empty": empty}
+
+
+CASES = {
+    "unknown dataset": (["search", "--dataset", "five_class", "--trials", "1"],
+                        "unknown dataset 'five_class'"),
+    "unknown backbone": (["models", "check", "resnet5O"], "resnet5O"),
+    "invalid space": (["search", "--dataset", "three_class", "--trials", "1", "--space",
+                       "{space}"], "unknown key(s) ['frozen_layers']"),
+    "empty data dir": (["data", "info", "three_class", "--data-dir", "{empty}"],
+                       "data prepare"),
+    "unreadable image": (["data", "prepare", "--folder", "{folder}", "--name", "mine",
+                          "--data-dir", "{root}/d"], "broken.jpeg"),
+    "storage cannot open": (["search", "--dataset", "three_class", "--trials", "1", "--storage",
+                             "mysql://nobody@127.0.0.1:1/none"], "cannot open storage"),
+    "data dir not writable": (["data", "prepare", "--folder", "{folder}", "--name", "x",
+                               "--data-dir", "{space}/sub"], "not writable"),
+    "trials zero": (["search", "--dataset", "three_class", "--trials", "0"],
+                    "trials must be at least 1, but got trials=0"),
+    "trials negative": (["search", "--dataset", "three_class", "--trials", "-2"],
+                        "trials must be at least 1, but got trials=-2"),
+    "report missing study file": (["report", "{root}/nope.db"], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_table(case: str, bad_input_env: dict, prepared_dir: Path) -> None:
+    args, message = CASES[case]
+    args = [a.format(**bad_input_env) for a in args]
+    if args[0] == "search":
+        args += ["--data-dir", str(prepared_dir), "--profile", "smoke", "--quiet"]
+        if "--storage" not in args:
+            args += ["--storage", str(bad_input_env["root"] / "s.db")]
+    res = _run(*args, timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_skip_bad_keeps_going_and_lists_rejects(bad_input_env: dict) -> None:
+    d = bad_input_env["root"] / "d2"
+    res = _run("data", "prepare", "--folder", str(bad_input_env["folder"]), "--name", "mine",
+               "--data-dir", str(d), "--skip-bad", "-q")
+    assert res.returncode == 0, res.stderr
+    assert "rejected" in res.stdout
+    info = _run("data", "info", "mine", "--data-dir", str(d), "--json")
+    assert '"broken.jpeg' in info.stdout or "broken.jpeg" in info.stdout
