@@ -1,0 +1,221 @@
+"""`automl-cxr report` and `automl-cxr dashboard`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from automl_cxr.cli import app
+from automl_cxr.cli._common import err_console, out_console
+
+
+def _console_table(data) -> Table:
+    """A leaderboard that fits 80 columns: the full one is in the files."""
+    board = data.board.head(data.top)
+    table = Table(
+        title=f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean, 95% CI "
+        "over folds; COVID-19 sensitivity / specificity; latency ms)",
+        title_justify="left",
+        header_style="bold underline",
+        box=None,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    for name, justify in (
+        ("#", "right"),
+        ("", "left"),
+        ("trial", "right"),
+        ("score", "right"),
+        ("95% CI", "right"),
+        ("sens", "right"),
+        ("spec", "right"),
+        ("backbone", "left"),
+        ("frozen", "left"),
+        ("head", "left"),
+        ("ms", "right"),
+    ):
+        table.add_column(
+            name,
+            justify=justify,
+            no_wrap=name != "backbone",
+            overflow="fold" if name == "backbone" else "ellipsis",
+        )
+
+    def num(x, spec):
+        return "-" if x != x else format(x, spec)
+
+    for r in board.to_dict(orient="records"):
+        mark = {True: "≈", False: "", None: "?"}[r["not_worse"]]
+        table.add_row(
+            str(r["rank"]),
+            mark,
+            str(r["number"]),
+            num(r["value"], ".4f"),
+            "-" if r["ci_low"] != r["ci_low"] else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+            num(r["covid_sensitivity"], ".3f"),
+            num(r["covid_specificity"], ".3f"),
+            str(r["backbone"]),
+            str(r["frozen_depth"] or "-"),
+            str(r["head"]),
+            num(r["latency_ms"], ".1f"),
+            style="green" if r["not_worse"] else None,
+        )
+    return table
+
+
+def _print_report(data, files: list[Path]) -> None:
+    from automl_cxr.report._tables import counts_text, mark_legend
+
+    c = out_console
+    c.print(f"[bold]study[/] {data.study_name}  ({data.storage})", highlight=False)
+    c.print(f"trials: {counts_text(data.counts)}", highlight=False)
+    if data.warning:
+        err_console.print(
+            f"[bold yellow]warning (shortcut risk, Cramér's V = {data.cramers_v}):[/] "
+            f"{data.warning}",
+            highlight=False,
+        )
+    if data.counts.get("RUNNING"):
+        c.print(
+            f"[yellow]the study is still running ({data.counts['RUNNING']} trial(s)); "
+            "this report is a snapshot[/]"
+        )
+    c.print(_console_table(data))
+    c.print(
+        mark_legend(data).replace("≈ best", "≈").replace("n/a:", "?:"), highlight=False, style="dim"
+    )
+    for note in data.notes:
+        c.print(f"note: {note}", highlight=False, style="dim")
+    if files:
+        folder = files[0].parent
+        page = folder / "index.html"
+        c.print(
+            f"wrote {len(files)} files to {folder}/" + (f"; open {page}" if page in files else ""),
+            highlight=False,
+        )
+
+
+@app.command("report")
+def report(
+    study: Annotated[str, typer.Argument(help="SQLite file path or Optuna storage URL.")],
+    study_name: Annotated[
+        str | None, typer.Option(help="Study to report (default: the only one in the storage).")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="Metric to rank by (default: the study's objective).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default: dashboards/<study name>/).")
+    ] = None,
+    top: Annotated[
+        int,
+        typer.Option(
+            help="Leaderboard rows in the console, Markdown and page (the CSV has all); confusion "
+            "matrices and ROC curves show the first min(K, 4)."
+        ),
+    ] = 10,
+    compare: Annotated[
+        str | None, typer.Option(help="Another study (path/URL) to compare best per backbone.")
+    ] = None,
+    compare_study_name: Annotated[
+        str | None, typer.Option(help="Study in --compare's storage (default: the only one).")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="Level of the 'not significantly worse than the best' test.")
+    ] = 0.05,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the leaderboard as JSON on stdout; files are "
+            "written only when --out is given.",
+        ),
+    ] = False,
+    html: Annotated[bool, typer.Option("--html/--no-html", help="Write index.html.")] = True,
+) -> None:
+    """Leaderboard, groupings, paper-style table and an interactive page for a study."""
+    from automl_cxr.errors import ConfigError
+    from automl_cxr.report import load_report, make_report
+
+    if not 0 < alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), but got {alpha}")
+    if as_json:
+        if out is not None:
+            data, files = make_report(
+                study,
+                study_name=study_name,
+                metric=metric,
+                out=out,
+                top=top,
+                alpha=alpha,
+                compare=compare,
+                compare_study_name=compare_study_name,
+                html=html,
+            )
+            err_console.print(f"wrote {len(files)} files to {out}/", highlight=False)
+        else:
+            data = load_report(
+                study,
+                study_name=study_name,
+                metric=metric,
+                top=top,
+                alpha=alpha,
+                compare=compare,
+                compare_study_name=compare_study_name,
+            )
+        if data.warning:
+            err_console.print(
+                f"[bold yellow]warning (shortcut risk):[/] {data.warning}", highlight=False
+            )
+        print(json.dumps(data.summary(), indent=2))
+        return
+    data, files = make_report(
+        study,
+        study_name=study_name,
+        metric=metric,
+        out=out,
+        top=top,
+        alpha=alpha,
+        compare=compare,
+        compare_study_name=compare_study_name,
+        html=html,
+    )
+    _print_report(data, files)
+
+
+@app.command("dashboard")
+def dashboard(
+    study: Annotated[str, typer.Argument(help="SQLite file path or Optuna storage URL.")],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for others).")] = "127.0.0.1",
+) -> None:
+    """Start optuna-dashboard on a study's storage (Ctrl-C stops it)."""
+    from optuna_dashboard import run_server
+
+    from automl_cxr.errors import ConfigError, StorageError
+    from automl_cxr.study import open_storage, storage_url, study_names
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, but got {port}")
+    storage = open_storage(study, create=False)
+    try:
+        names = study_names(storage)
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot read studies from {storage_url(study)!r}: {msg}") from None
+    if not names:
+        raise StorageError(f"no study in {storage_url(study)!r}: run `automl-cxr search` first")
+    err_console.print(
+        f"optuna-dashboard on http://{host}:{port}/dashboard for {storage_url(study)} "
+        f"({len(names)} stud{'y' if len(names) == 1 else 'ies'}: {', '.join(sorted(names))}; "
+        "Ctrl-C stops it)",
+        highlight=False,
+    )
+    try:
+        run_server(storage, host=host, port=port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

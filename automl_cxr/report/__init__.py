@@ -1,0 +1,145 @@
+"""`automl-cxr report`: what a person reads from a study.
+
+Three layers: :mod:`._data` computes the information as plain data (tested without drawing),
+:mod:`._figures` draws it with Plotly, :mod:`._html` and :mod:`._tables` render the page and the
+exports. :func:`make_report` does all of it for a storage path or URL.
+
+Files of a report folder: ``index.html`` (self-contained interactive page), ``report.md``,
+``leaderboard.csv`` / ``leaderboard.json``, ``trials.csv`` (every trial, any state),
+``best_per_group.csv``, ``paper_table.csv`` / ``paper_table.md``, and ``compare.csv`` with
+``--compare``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from automl_cxr.errors import AutomlCxrError
+from automl_cxr.report._data import (
+    DEFAULT_ALPHA,
+    LEADERBOARD_COLUMNS,
+    PAPER_CAVEAT,
+    STATES,
+    ReportData,
+    best_per_group,
+    build_report_data,
+    compare_best_per_backbone,
+    confusion_data,
+    history_frame,
+    leaderboard,
+    learning_curves,
+    load_study,
+    not_worse_than_best,
+    paper_table,
+    param_importances,
+    pareto_flags,
+    resolve_metric,
+    roc_data,
+    state_counts,
+    trial_records,
+)
+from automl_cxr.report._figures import FIGURE_TITLES, build_figures
+from automl_cxr.report._html import render_html
+from automl_cxr.report._tables import (
+    markdown_table,
+    paper_table_markdown,
+    report_files,
+    report_markdown,
+    write_files,
+)
+from automl_cxr.study import storage_url
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "FIGURE_TITLES",
+    "LEADERBOARD_COLUMNS",
+    "PAPER_CAVEAT",
+    "STATES",
+    "ReportData",
+    "best_per_group",
+    "build_figures",
+    "build_report_data",
+    "compare_best_per_backbone",
+    "confusion_data",
+    "default_out_dir",
+    "history_frame",
+    "leaderboard",
+    "learning_curves",
+    "load_report",
+    "load_study",
+    "make_report",
+    "markdown_table",
+    "not_worse_than_best",
+    "paper_table",
+    "paper_table_markdown",
+    "param_importances",
+    "pareto_flags",
+    "render_html",
+    "report_files",
+    "report_markdown",
+    "resolve_metric",
+    "roc_data",
+    "state_counts",
+    "trial_records",
+    "write_files",
+]
+
+
+def default_out_dir(study_name: str) -> Path:
+    """`dashboards/<study_name>/` under the current directory (unsafe characters replaced)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name) or "study"
+    return Path("dashboards") / safe
+
+
+def load_report(
+    storage: str,
+    *,
+    study_name: str | None = None,
+    metric: str | None = None,
+    top: int = 10,
+    alpha: float = DEFAULT_ALPHA,
+    compare: str | None = None,
+    compare_study_name: str | None = None,
+) -> ReportData:
+    """Open the study (and the one to compare with) and compute the report's data."""
+    study = load_study(storage, study_name)
+    data = build_report_data(study, metric=metric, top=top, alpha=alpha,
+                             storage=storage_url(storage))
+    if compare is not None:
+        other = load_study(compare, compare_study_name)
+        try:
+            odata = build_report_data(other, metric=data.metric, top=top, alpha=alpha,
+                                      storage=storage_url(compare))
+        except AutomlCxrError as exc:
+            raise type(exc)(f"--compare study {other.study_name!r}: {exc}") from None
+        name = other.study_name
+        if name == data.study_name:
+            name = f"{name} ({storage_url(compare)})"
+        data.compare = compare_best_per_backbone(data, odata)
+        data.compare_name = name
+    return data
+
+
+def make_report(
+    storage: str,
+    *,
+    study_name: str | None = None,
+    metric: str | None = None,
+    out: str | Path | None = None,
+    top: int = 10,
+    alpha: float = DEFAULT_ALPHA,
+    compare: str | None = None,
+    compare_study_name: str | None = None,
+    html: bool = True,
+) -> tuple[ReportData, list[Path]]:
+    """Compute, render and write a report folder; returns the data and the files written.
+
+    Everything is rendered in memory before the first file is written, and the files are
+    written all or none (see :func:`write_files`).
+    """
+    data = load_report(storage, study_name=study_name, metric=metric, top=top, alpha=alpha,
+                       compare=compare, compare_study_name=compare_study_name)
+    page = render_html(data, build_figures(data)) if html else None
+    files = report_files(data, page)
+    target = Path(out) if out is not None else default_out_dir(data.study_name)
+    return data, write_files(target, files)

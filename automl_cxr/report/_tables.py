@@ -1,0 +1,309 @@
+"""Exports: CSV, Markdown and JSON of the leaderboard, groupings and the paper-style table,
+and the all-or-nothing writer of a report folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from automl_cxr.errors import StorageError
+from automl_cxr.report._data import (
+    LEADERBOARD_COLUMNS,
+    PAPER_CAVEAT,
+    STATES,
+    ReportData,
+)
+from automl_cxr.study import json_safe
+
+__all__ = [
+    "fmt_ci",
+    "fmt_pct_ci",
+    "leaderboard_csv",
+    "markdown_table",
+    "paper_table_markdown",
+    "report_files",
+    "report_markdown",
+    "write_files",
+]
+
+_MARK = {True: "≈ best", False: "", None: "n/a"}
+
+
+def _isnan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_ci(mean: Any, lo: Any, hi: Any, digits: int = 4) -> str:
+    """`0.9123 [0.8810, 0.9436]`; `-` without a mean; no bracket without an interval."""
+    if _isnan(mean):
+        return "-"
+    s = f"{mean:.{digits}f}"
+    if not (_isnan(lo) or _isnan(hi)):
+        s += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return s
+
+
+def fmt_pct_ci(mean: Any, lo: Any, hi: Any) -> str:
+    """`96.78% (95.1–98.4)` in percent; `-` without a mean."""
+    if _isnan(mean):
+        return "-"
+    s = f"{100 * mean:.2f}%"
+    if not (_isnan(lo) or _isnan(hi)):
+        s += f" ({100 * lo:.1f}–{100 * hi:.1f})"
+    return s
+
+
+def _fmt_num(x: Any, spec: str) -> str:
+    return "-" if _isnan(x) else format(x, spec)
+
+
+def _cell(x: Any) -> str:
+    s = "-" if _isnan(x) else str(x)
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                   align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table (cells escaped for `|`)."""
+    align = align or ["left"] * len(header)
+    sep = {"left": ":--", "right": "--:", "center": ":-:"}
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "| " + " | ".join(sep[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def leaderboard_rows(data: ReportData, k: int | None = None) -> tuple[list[str], list[list]]:
+    """Header and formatted rows of the leaderboard (top `k`, all when None)."""
+    m = data.metric
+    header = ["rank", "", "trial", f"{m} [95% CI]", "COVID sensitivity", "COVID specificity",
+              "backbone", "frozen", "head", "lr", "latency ms", "params"]
+    board = data.board if k is None else data.board.head(k)
+    rows = []
+    for r in board.to_dict(orient="records"):
+        rows.append([
+            r["rank"], _MARK[r["not_worse"]], r["number"],
+            fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
+            fmt_ci(r["covid_sensitivity"], r["covid_sensitivity_ci_low"],
+                   r["covid_sensitivity_ci_high"], 3),
+            fmt_ci(r["covid_specificity"], r["covid_specificity_ci_low"],
+                   r["covid_specificity_ci_high"], 3),
+            r["backbone"], r["frozen_depth"] or "-", r["head"], _fmt_num(r["lr"], ".2e"),
+            _fmt_num(r["latency_ms"], ".2f"),
+            "-" if _isnan(r["params_total"]) else f"{int(r['params_total']):,}",
+        ])
+    return header, rows
+
+
+def group_rows(data: ReportData, frame: pd.DataFrame, by: str) -> tuple[list[str], list[list]]:
+    header = [by.replace("_", " "), "trials", "best trial", "rank",
+              f"{data.metric} [95% CI]", "COVID sens.", "COVID spec.", "latency ms", ""]
+    rows = [[r[by], r["n_trials"], r["number"], r["rank"],
+             fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
+             _fmt_num(r["covid_sensitivity"], ".3f"), _fmt_num(r["covid_specificity"], ".3f"),
+             _fmt_num(r["latency_ms"], ".2f"), _MARK[r["not_worse"]]]
+            for r in frame.to_dict(orient="records")]
+    return header, rows
+
+
+def paper_rows(data: ReportData) -> tuple[list[str], list[list]]:
+    header = ["", "trial", "backbone", "accuracy", "COVID-19 sensitivity",
+              "COVID-19 specificity"]
+    rows = []
+    for r in data.paper.to_dict(orient="records"):
+        rows.append([
+            r["row"], "-" if _isnan(r["trial"]) else int(r["trial"]), r["backbone"],
+            *(fmt_pct_ci(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"])
+              for k in ("accuracy", "covid_sensitivity", "covid_specificity")),
+        ])
+    return header, rows
+
+
+def compare_rows(data: ReportData) -> tuple[list[str], list[list]]:
+    a, b = data.study_name, data.compare_name or "other"
+    header = ["backbone", f"{a}: trial", f"{a}: {data.metric} [95% CI]", f"{b}: trial",
+              f"{b}: {data.metric} [95% CI]", "difference"]
+    rows = []
+    for r in data.compare.to_dict(orient="records"):
+        rows.append([
+            r["backbone"], "-" if _isnan(r["a_trial"]) else int(r["a_trial"]),
+            fmt_ci(r["a_value"], r["a_ci_low"], r["a_ci_high"]),
+            "-" if _isnan(r["b_trial"]) else int(r["b_trial"]),
+            fmt_ci(r["b_value"], r["b_ci_low"], r["b_ci_high"]),
+            _fmt_num(r["difference"], "+.4f"),
+        ])
+    return header, rows
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in STATES[:4]) + (
+        f", {counts['WAITING']} waiting" if counts.get("WAITING") else ""
+    )
+
+
+def mark_legend(data: ReportData) -> str:
+    return (
+        f"≈ best: not significantly worse than the best trial (one-sided paired t-test on the "
+        f"same {int(data.board['n_folds'].max()) if len(data.board) else 0} folds, "
+        f"α = {data.alpha}, uncorrected): these trials are equally good within the evidence; "
+        "n/a: the test needs at least 2 paired folds. Ties on the score are broken by lower "
+        "latency, then fewer parameters."
+    )
+
+
+def paper_table_markdown(data: ReportData) -> str:
+    header, rows = paper_rows(data)
+    return (
+        f"### Paper-style table ({data.study_name})\n\n"
+        + markdown_table(header, rows, ["left", "right", "left", "right", "right", "right"])
+        + "\nOurs: mean over patient-grouped folds (95 % t-interval over folds). "
+        + PAPER_CAVEAT + "\n"
+    )
+
+
+def report_markdown(data: ReportData) -> str:
+    """The whole report as Markdown: header, warning, counts, leaderboard (top K), best per
+    backbone / frozen depth / head, the paper-style table and the notes."""
+    a = data.attrs
+    profile = (a.get("profile") or {}).get("name") if isinstance(a.get("profile"), dict) \
+        else a.get("profile")
+    out = [f"# automl-cxr report: {data.study_name}\n"]
+    out.append(
+        f"- dataset: {a.get('dataset', '?')} (classes: {', '.join(a.get('classes') or [])})\n"
+        f"- storage: {data.storage}\n"
+        f"- profile: {profile or '?'}; objectives: {', '.join(a.get('objectives') or [])}\n"
+        f"- ranked by: {data.metric} (mean over folds, 95 % CI)\n"
+        f"- trials: {counts_text(data.counts)}\n"
+    )
+    if data.warning:
+        out.append(f"\n> **⚠ Shortcut risk (source–label alignment, Cramér's V = "
+                   f"{data.cramers_v}):** {data.warning}\n")
+    if data.counts.get("RUNNING"):
+        out.append(f"\n> The study is still running ({data.counts['RUNNING']} trial(s)): this "
+                   "report is a snapshot.\n")
+    k = min(data.top, len(data.board))
+    header, rows = leaderboard_rows(data, data.top)
+    out.append(f"\n## Leaderboard (top {k} of {len(data.board)} ranked)\n\n")
+    out.append(markdown_table(header, rows, ["right", "left", "right", "right", "right",
+                                             "right", "left", "left", "left", "right",
+                                             "right", "right"]))
+    out.append(f"\n{mark_legend(data)}\n")
+    for title, frame, by in (("Best per backbone", data.by_backbone, "backbone"),
+                             ("Best per frozen depth", data.by_frozen, "frozen_depth"),
+                             ("Best per head design", data.by_head, "head")):
+        h, r = group_rows(data, frame, by)
+        out.append(f"\n## {title}\n\n" + markdown_table(h, r))
+    out.append("\n## Beside the seed paper\n\n" + paper_table_markdown(data).split("\n", 2)[2])
+    if data.compare is not None:
+        h, r = compare_rows(data)
+        out.append(f"\n## Comparison with {data.compare_name}\n\n" + markdown_table(h, r))
+    if data.notes:
+        out.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in data.notes))
+    return "".join(out)
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, (dict, list)):
+        return json.dumps(json_safe(v), sort_keys=True)
+    return v
+
+
+def leaderboard_csv(data: ReportData) -> str:
+    cols = [c for c in LEADERBOARD_COLUMNS if c in data.board]
+    frame = data.board[cols].copy()
+    # Ranked by one of the columns shown anyway (accuracy, covid_*): keep one copy of it.
+    frame = frame.drop(columns=[c for c in (data.metric, f"{data.metric}_ci_low",
+                                            f"{data.metric}_ci_high") if c in frame])
+    frame = frame.rename(columns={"number": "trial", "value": data.metric})
+    return _frame_csv(frame)
+
+
+_INT_COLUMNS = ("params_total", "params_trainable", "frozen_stages", "num_stages", "trial",
+                "a_trial", "b_trial")
+
+
+def _frame_csv(frame: pd.DataFrame, drop: Sequence[str] = ()) -> str:
+    frame = frame.drop(columns=[c for c in drop if c in frame]).copy()
+    for c in frame.columns:
+        if c in _INT_COLUMNS:
+            frame[c] = pd.to_numeric(frame[c], errors="coerce").round().astype("Int64")
+        elif frame[c].dtype == object:
+            frame[c] = frame[c].map(_csv_value)
+    return frame.to_csv(index=False)
+
+
+def report_files(data: ReportData, html: str | None) -> dict[str, str]:
+    """File name → content of a report folder (everything rendered in memory first)."""
+    groups = pd.concat(
+        [f.assign(group_by=by).rename(columns={by: "group"})
+         for f, by in ((data.by_backbone, "backbone"), (data.by_frozen, "frozen_depth"),
+                       (data.by_head, "head")) if not f.empty],
+        ignore_index=True,
+    ) if len(data.board) else pd.DataFrame()
+    files = {
+        "report.md": report_markdown(data),
+        "leaderboard.csv": leaderboard_csv(data),
+        "leaderboard.json": json.dumps(data.summary(), indent=2) + "\n",
+        "trials.csv": _frame_csv(data.records, drop=("hover", "folds", "splits")),
+        "best_per_group.csv": _frame_csv(groups),
+        "paper_table.csv": _frame_csv(data.paper),
+        "paper_table.md": paper_table_markdown(data),
+    }
+    if data.compare is not None:
+        files["compare.csv"] = _frame_csv(data.compare)
+    if html is not None:
+        files["index.html"] = html
+    return files
+
+
+REPORT_FILES = ("index.html", "report.md", "leaderboard.csv", "leaderboard.json", "trials.csv",
+                "best_per_group.csv", "paper_table.csv", "paper_table.md", "compare.csv")
+"""Every file a report folder can hold (a new report removes the ones it does not write)."""
+
+
+def write_files(out: Path, files: Mapping[str, str]) -> list[Path]:
+    """Write all `files` into `out`, or none of them.
+
+    Each file goes to a temporary name first and is renamed into place only when every one
+    was written; on any error the temporaries (and a folder made for them) are removed and a
+    StorageError names the path. Report files of an earlier run that this one does not write
+    (e.g. ``compare.csv``) are removed, so the folder never mixes two reports.
+    """
+    out = Path(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the report folder {out}: {exc.strerror or exc}") \
+            from None
+    if not out.is_dir():
+        raise StorageError(f"cannot write the report to {out}: not a folder")
+    tmp: list[tuple[Path, Path]] = []
+    try:
+        for name, text in files.items():
+            final = out / name
+            part = out / f".{name}.part-{os.getpid()}"
+            tmp.append((part, final))
+            part.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        for part, _ in tmp:
+            part.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise StorageError(f"cannot write the report to {out}: {exc.strerror or exc}") \
+            from None
+    for part, final in tmp:
+        os.replace(part, final)
+    for name in REPORT_FILES:
+        if name not in files:
+            with contextlib.suppress(OSError):
+                (out / name).unlink(missing_ok=True)
+    return [final for _, final in tmp]

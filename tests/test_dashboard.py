@@ -1,0 +1,115 @@
+"""`automl-cxr dashboard`: optuna-dashboard on a real smoke study, read back over its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+import automl_cxr.cli._report  # noqa: F401  (registers `dashboard` until cli/__init__ imports it)
+from automl_cxr.cli import main
+from automl_cxr.study import SearchSettings, run_search
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
+    db = tmp_path_factory.mktemp("dashboard") / "s.db"
+    run_search(SearchSettings(dataset="three_class", trials=1, data_dir=prepared_dir,
+                              storage=str(db), profile="smoke", seed=0, pruner="none"))
+    return db
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (localhost only)
+        return r.status, r.read()
+
+
+def test_dashboard_serves_the_study(study_db: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    code = (
+        "import sys, automl_cxr.cli._report\n"
+        "from automl_cxr.cli import main\n"
+        f"sys.exit(main(['dashboard', {str(study_db)!r}, '--port', '{port}', "
+        "'--host', '127.0.0.1']))\n"
+    )
+    log = (tmp_path / "dashboard.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 120
+        studies = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                status, body = _get(f"{base}/api/studies", timeout=2)
+                if status == 200:
+                    studies = json.loads(body)["study_summaries"]
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        log.flush()
+        assert studies is not None, (
+            f"dashboard did not come up (exit {proc.poll()}):\n"
+            + (tmp_path / "dashboard.log").read_text()[-3000:]
+        )
+        stored = optuna.load_study(study_name="three_class-smoke",
+                                   storage=f"sqlite:///{study_db}")
+        assert [s["study_name"] for s in studies] == ["three_class-smoke"]
+        sid = studies[0]["study_id"]
+        status, body = _get(f"{base}/api/studies/{sid}")
+        assert status == 200
+        detail = json.loads(body)
+        attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
+        assert json.loads(attrs["paper"])["accuracy"] == pytest.approx(0.9678)
+        complete = [t for t in stored.trials if t.state.name == "COMPLETE"]
+        assert complete
+        served = {t["number"]: t for t in detail["trials"]}
+        assert set(served) == {t.number for t in stored.trials}
+        for t in complete:
+            got = {a["key"]: a["value"] for a in served[t.number]["user_attrs"]}
+            for key in ("balanced_accuracy", "accuracy", "covid_sensitivity", "latency_ms",
+                        "params_total"):
+                assert float(got[key]) == pytest.approx(t.user_attrs[key]), key
+            assert got["config"].startswith('{"model"')
+            assert served[t.number]["state"].lower() == "complete"
+            assert served[t.number]["values"] == pytest.approx(t.values)
+            params = {p["name"]: p for p in served[t.number]["params"]}
+            assert set(params) == set(t.params)
+        status, page = _get(f"{base}/dashboard")
+        assert status == 200 and b"<html" in page.lower()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_dashboard_errors(tmp_path: Path, capsys) -> None:
+    assert main(["dashboard", str(tmp_path / "missing.db")]) == 2
+    assert "not found" in capsys.readouterr().err
+    empty = tmp_path / "empty.db"
+    optuna.storages.RDBStorage(f"sqlite:///{empty}")  # a storage without any study
+    assert main(["dashboard", str(empty)]) == 2
+    assert "no study" in capsys.readouterr().err
+    assert main(["dashboard", str(empty), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
