@@ -1,0 +1,434 @@
+"""`automl-cxr evaluate|export|predict|diagnose`: external validation, deployable models and
+shortcut diagnostics. The work is done in `automl_cxr.deploy` / `automl_cxr.diagnostics`;
+this module only parses options and formats what they return."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from automl_cxr.cli import app
+from automl_cxr.cli._common import err_console, out_console, parse_key_values
+from automl_cxr.errors import ConfigError
+
+StudyOpt = Annotated[
+    str | None, typer.Option("--study", help="SQLite file path or Optuna storage URL.")
+]
+StudyNameOpt = Annotated[
+    str | None, typer.Option("--study-name", help="Study in the storage (default: the only one).")
+]
+TrialOpt = Annotated[
+    str,
+    typer.Option(
+        "--trial",
+        help="'best' (best value; Pareto front: best first metric) or a trial number.",
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Prepared datasets of the study [$AUTOML_CXR_DATA or ./data]."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
+
+
+def _log(quiet: bool):
+    return None if quiet else (lambda s: err_console.print(s, highlight=False))
+
+
+def _num(x: Any, spec: str = ".3f") -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if not math.isfinite(v) else format(v, spec)
+
+
+def _clip(x: Any) -> Any:
+    try:
+        return min(1.0, max(0.0, float(x)))
+    except (TypeError, ValueError):
+        return x
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    """A 95% interval of a metric in [0, 1] (t-intervals over few folds are clipped to it)."""
+    a, b = _num(_clip(lo)), _num(_clip(hi))
+    return "-" if a == "-" or b == "-" else f"[{a}, {b}]"
+
+
+def _warn(lines: list[str] | None) -> None:
+    for w in lines or []:
+        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _echo_json(payload: Any) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _metric_rows(boot: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    metrics = boot.get("metrics") or {}
+    order = [
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "auc",
+        "covid_sensitivity",
+        "covid_specificity",
+    ]
+    names = [m for m in order if m in metrics] + sorted(m for m in metrics if m not in order)
+    for name in names:
+        m = metrics[name]
+        rows.append((name, _num(m.get("estimate")), _ci(m.get("ci_low"), m.get("ci_high"))))
+    return rows
+
+
+@app.command("evaluate")
+def evaluate(
+    data: Annotated[
+        Path, typer.Option("--data", help="External set: folder per class, or CSV manifest.")
+    ],
+    study: StudyOpt = None,
+    study_name: StudyNameOpt = None,
+    trial: TrialOpt = "best",
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Exported model folder (skips retraining the trial)."),
+    ] = None,
+    label_map: Annotated[
+        list[str] | None,
+        typer.Option("--label-map", help="Map external labels onto the study's: a=b,c=d."),
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Leave unreadable images out (listed).")
+    ] = False,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    runtime: Annotated[
+        str, typer.Option(help="With --model: torchscript|onnx|pytorch.")
+    ] = "torchscript",
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a trial (retrained on all its training data) or an exported model on an
+    external set: the study's metrics with 95% bootstrap CIs."""
+    from automl_cxr.deploy import run_evaluate
+
+    mapping = parse_key_values(label_map, option="--label-map")
+    res = run_evaluate(
+        data,
+        study=study,
+        study_name=study_name,
+        trial=trial,
+        model_dir=model,
+        data_dir=data_dir,
+        label_map=mapping,
+        skip_bad=skip_bad,
+        n_boot=n_boot,
+        seed=seed,
+        runtime=runtime,
+        log=_log(quiet or as_json),
+    )
+    if as_json:
+        _echo_json(res)
+        _warn(res["warnings"])
+        return
+    c = out_console
+    who = (
+        f"study {res['study']['study']} trial {res['study']['trial']}"
+        if res.get("study")
+        else f"model {res['model'].get('dir')}"
+    )
+    how = (
+        f"retrained on {res['model']['images']} training images"
+        if res["model"]["kind"] == "retrained"
+        else f"exported model ({res['model']['runtime']})"
+    )
+    c.print(
+        f"[bold]external evaluation[/] of {who} ({how}) on {res['data']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    c.print(
+        f"{res['n_images']} images: "
+        + ", ".join(f"{k} {v}" for k, v in res["counts"].items())
+        + (f"; label map {res['label_map']}" if res["label_map"] else ""),
+        highlight=False,
+    )
+    if res["rejected"]:
+        c.print(f"[yellow]skipped {len(res['rejected'])} unreadable file(s)[/]")
+        for r in res["rejected"][:10]:
+            c.print(f"  {r['path']}: {r['reason']}", highlight=False, soft_wrap=True)
+    boot = res["bootstrap"]
+    t = Table(
+        title=f"metrics with 95% bootstrap CI ({boot['n_boot']} resamples over "
+        f"{boot['n_units']} {boot['unit']}s)",
+        title_justify="left",
+    )
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("95% CI", justify="right")
+    for row in _metric_rows(boot):
+        t.add_row(*row)
+    c.print(t)
+    cm = res["metrics"].get("confusion_matrix")
+    if cm:
+        ct = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+        ct.add_column("")
+        for cls in res["classes"]:
+            ct.add_column(cls, justify="right")
+        for cls, row in zip(res["classes"], cm, strict=True):
+            ct.add_row(cls, *[str(v) for v in row])
+        c.print(ct)
+    for note in res.get("notes") or []:
+        c.print(f"note: {note}", style="dim", highlight=False, soft_wrap=True)
+    _warn(res["warnings"])
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export(
+    study: Annotated[str, typer.Option("--study", help="SQLite file path or storage URL.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model into.")],
+    study_name: StudyNameOpt = None,
+    trial: TrialOpt = "best",
+    data_dir: DataDirOpt = None,
+    onnx_exporter: Annotated[
+        str, typer.Option(help="ONNX exporter: auto (dynamo, else legacy) | dynamo | legacy.")
+    ] = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Retrain the chosen trial on all its data; write TorchScript, ONNX, weights, config and
+    a model card (research only, not a medical device)."""
+    from automl_cxr.deploy import run_export
+
+    res = run_export(
+        study,
+        out,
+        study_name=study_name,
+        trial=trial,
+        data_dir=data_dir,
+        onnx_exporter=onnx_exporter,
+        log=_log(quiet or as_json),
+    )
+    if as_json:
+        _echo_json(res)
+    else:
+        s = res["study"]
+        out_console.print(
+            f"[green]exported[/] study {s['study']} trial {s['trial']} → {res['out']}",
+            highlight=False,
+        )
+        for f in res["files"]:
+            out_console.print(f"  {f}", highlight=False, soft_wrap=True)
+        ch = res["checks"]
+        out_console.print(
+            f"ONNX via {res['onnx']['exporter']} exporter (opset {res['onnx']['opset']}); "
+            f"max |logit difference| vs PyTorch: TorchScript "
+            f"{ch['torchscript_max_abs_diff']:.2g}, ONNX {ch['onnx_max_abs_diff']:.2g}",
+            highlight=False,
+        )
+        out_console.print(
+            "intended use: research only, not a medical device (see model_card.md)",
+            style="bold",
+        )
+    if not res["checks"]["ok"]:
+        _warn(
+            [
+                "TorchScript/ONNX outputs differ from PyTorch by more than "
+                f"{res['checks']['atol']:.1g}: check the runtimes before using them"
+            ]
+        )
+    _warn(res["warnings"])
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@app.command("predict")
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="Folder written by `automl-cxr export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image file(s) to classify.")],
+    runtime: Annotated[
+        str, typer.Option(help="torchscript | onnx (onnxruntime) | pytorch.")
+    ] = "torchscript",
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the Grad-CAM PNGs.")] = Path(
+        "gradcam"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Class probabilities per image; --explain adds `<stem>_gradcam.png` heatmaps."""
+    from automl_cxr.deploy import ExportedModel, predict_images
+
+    m = ExportedModel(model_dir, runtime=runtime)
+    res = predict_images(m, list(images), explain=explain, out_dir=out)
+    if as_json:
+        _echo_json(
+            {"model": str(model_dir), "runtime": runtime, "classes": m.classes, "predictions": res}
+        )
+        return
+    t = Table(
+        title=f"class probabilities ({runtime}; research only, not a medical device)",
+        title_justify="left",
+    )
+    t.add_column("image", overflow="fold")
+    for c in m.classes:
+        t.add_column(c, justify="right")
+    t.add_column("predicted")
+    if explain:
+        t.add_column("Grad-CAM", overflow="fold")
+    for r in res:
+        row = [
+            Path(r["path"]).name,
+            *[f"{r['probabilities'][c]:.3f}" for c in m.classes],
+            r["predicted"],
+        ]
+        if explain:
+            row.append(str(r["gradcam"]))
+        t.add_row(*row)
+    out_console.print(t)
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+
+def _print_diagnose(res: dict[str, Any]) -> None:
+    c = out_console
+
+    def say(text: str, **kw: Any) -> None:
+        c.print(text, highlight=False, soft_wrap=True, **kw)
+
+    s = res["study"]
+    say(
+        f"[bold]shortcut diagnostics[/] of study {s['study']} trial {s['trial']} "
+        f"(dataset {res['dataset']})"
+    )
+    al = res["alignment"]
+    say(
+        f"\n[bold]1. source-label alignment[/]: Cramér's V = {_num(al['cramers_v'], '.2f')}"
+        " (0 = independent, 1 = the source determines the label)"
+    )
+    classes = sorted({lab for row in al["contingency"].values() for lab in row})
+    t = Table(box=None, padding=(0, 2))
+    t.add_column("source")
+    for lab in classes:
+        t.add_column(lab, justify="right")
+    for src, row in al["contingency"].items():
+        t.add_row(src, *[str(row.get(lab, 0)) for lab in classes])
+    c.print(t)
+    pr = res["probe"]
+    if pr.get("auc") is None:
+        say(f"\n[bold]2. image-based source probe[/]: not run ({pr.get('note')})")
+    else:
+        folds = pr.get("auc_folds") or []
+        spread = f", folds {min(folds):.2f}-{max(folds):.2f}" if folds else ""
+        say(
+            f"\n[bold]2. image-based source probe[/]: ROC-AUC {pr['auc']:.3f} predicting the "
+            f"source from pixels ({pr['n_folds']} patient-grouped folds{spread}; 0.5 = chance, "
+            f"warning at {pr['warn_at']})"
+        )
+        say(f"   {pr['method']}", style="dim")
+    bs = res.get("by_source")
+    say("\n[bold]3. out-of-fold metrics per source[/] (the trial's cross-validation)")
+    if bs and bs["rows"]:
+        t = Table(box=None, padding=(0, 2))
+        for col in ("source", "images", "accuracy", "bal. acc.", "AUC"):
+            t.add_column(col, justify="left" if col == "source" else "right")
+        t.add_column("sensitivity (classes present)", overflow="fold")
+        for r in bs["rows"]:
+            t.add_row(
+                r["source"],
+                str(r["n"]),
+                _num(r["accuracy"]),
+                _num(r["balanced_accuracy"]),
+                _num(r["auc"]),
+                ", ".join(f"{k} {_num(v)}" for k, v in r["sensitivity"].items()),
+            )
+        c.print(t)
+        if bs.get("note"):
+            say(f"   note: {bs['note']}", style="dim")
+    else:
+        say("   not recorded for this trial")
+    ctl = res.get("control")
+    if ctl is None:
+        say(
+            "\n[bold]4. lung-blanked control run[/]: not run (add --control to retrain with the "
+            "central lung field hidden)"
+        )
+    else:
+        o, k = ctl["original"], ctl["control"]
+        say(
+            f"\n[bold]4. lung-blanked control run[/]: central {ctl['fraction']:.0%} x "
+            f"{ctl['fraction']:.0%} blanked ({ctl['fill']}); {ctl['metric']}, mean and 95% CI "
+            "over folds"
+        )
+        t = Table(box=None, padding=(0, 2))
+        t.add_column("")
+        t.add_column(ctl["metric"], justify="right")
+        t.add_column("95% CI", justify="right")
+        t.add_row("lungs visible", _num(o["mean"]), _ci(o["ci_low"], o["ci_high"]))
+        t.add_row("lungs hidden", _num(k["mean"]), _ci(k["ci_low"], k["ci_high"]))
+        t.add_row("chance", _num(ctl["chance"]), "")
+        c.print(t)
+        style = {"likely_shortcut": "bold red", "partial": "yellow"}.get(ctl["verdict"])
+        say(f"   verdict: {ctl['message']}", style=style)
+    if not res["warnings"]:
+        say("\n[green]no shortcut warning[/]: the source does not give the label away")
+
+
+@app.command("diagnose")
+def diagnose(
+    study: Annotated[str, typer.Option("--study", help="SQLite file path or storage URL.")],
+    study_name: StudyNameOpt = None,
+    trial: TrialOpt = "best",
+    data_dir: DataDirOpt = None,
+    control: Annotated[
+        bool,
+        typer.Option("--control", help="Also retrain with the central lung field blanked."),
+    ] = False,
+    blank_fraction: Annotated[
+        float, typer.Option(help="Side of the blanked centre as a fraction of the image.")
+    ] = 0.6,
+    fill: Annotated[str, typer.Option(help="Blank with each image's mean, or zero.")] = "mean",
+    probe_size: Annotated[int, typer.Option(help="Thumbnail side of the source probe.")] = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Is the model reading the source instead of the disease? Alignment, source probe,
+    per-source metrics and (--control) a lung-blanked control run."""
+    from automl_cxr.deploy import run_diagnose
+
+    if fill not in ("mean", "zero"):
+        raise ConfigError(f"--fill must be 'mean' or 'zero', but got {fill!r}")
+    res = run_diagnose(
+        study,
+        study_name=study_name,
+        trial=trial,
+        data_dir=data_dir,
+        control=control,
+        blank_fraction=blank_fraction,
+        fill=fill,
+        probe_size=probe_size,
+        log=_log(quiet or as_json),
+    )
+    if as_json:
+        _echo_json(res)
+    else:
+        _print_diagnose(res)
+    _warn(res["warnings"])

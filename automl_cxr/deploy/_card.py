@@ -1,0 +1,292 @@
+"""The model card: what the exported model is, what it was trained on, how well the
+configuration scored (with intervals), what may be wrong with it, and what it is not for."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from typing import Any
+
+from automl_cxr.data import PreparedDataset
+
+__all__ = ["CARD_METRICS", "INPUT_CONTRACT", "INTENDED_USE", "build_card", "render_card"]
+
+INTENDED_USE = (
+    "RESEARCH USE ONLY. This model is not a medical device: it is not cleared or approved by "
+    "any regulator, has not been validated clinically, and must not be used to diagnose, "
+    "triage, screen or treat patients, nor to support any clinical decision."
+)
+
+INPUT_CONTRACT = {
+    "shape": "(B, 1, R, R)",
+    "dtype": "float32",
+    "range": "[0, 1]",
+    "description": (
+        "Grayscale radiographs as float32 tensors of shape (B, 1, R, R) with values in [0, 1] "
+        "(8-bit gray value / 255), R = the model's resolution. Decode as the data layer does "
+        "(any format → 8-bit gray, 16-bit rescaled by its range, alpha over black), resize the "
+        "whole image to R x R with bilinear antialiasing (aspect ratio not kept, no crop). "
+        "Normalisation happens inside the model. Output: logits (B, C) in the order of "
+        "`classes`; softmax gives probabilities."
+    ),
+}
+
+CARD_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "auc",
+    "covid_sensitivity",
+    "covid_specificity",
+)
+
+_LIMITATIONS = (
+    "Metrics are patient-grouped cross-validation estimates of the *configuration* on the "
+    "study's data, not of this exact model (retrained on all of it), and not of performance "
+    "on other hospitals, scanners or populations.",
+    "Public COVID-19 X-ray collections mix sources: in the paper's recipes every COVID-19 image "
+    "comes from one collection of adults and the other classes from a paediatric collection "
+    "(Kermany: children aged 1-5). A model can learn the source instead of the disease "
+    "(DeGrave et al. 2021; Roberts et al. 2021 found none of 62 screened COVID-19 imaging "
+    "models clinically usable).",
+    "Validate on an external set from a source never seen in training "
+    "(`automl-cxr evaluate --data ...`) and inspect Grad-CAM maps (`automl-cxr predict "
+    "--explain`) before drawing any conclusion.",
+)
+
+
+def _f(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _clip(v: float | None) -> float | None:
+    return None if v is None else min(1.0, max(0.0, v))
+
+
+def _cv_metrics(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    metrics = summary.get("metrics") or {}
+    names = [m for m in CARD_METRICS if m in metrics]
+    names += sorted(m for m in metrics if m.startswith(("sensitivity_", "specificity_")))
+    for name in names:
+        m = metrics[name]
+        out[name] = {
+            "mean": _f(m.get("mean")),
+            "ci_low": _clip(_f(m.get("ci_low"))),
+            "ci_high": _clip(_f(m.get("ci_high"))),
+            "std": _f(m.get("std")),
+            "n_folds": m.get("n"),
+        }
+    return out
+
+
+def build_card(
+    spec: Any,
+    dataset: PreparedDataset,
+    *,
+    diagnostics: dict[str, Any] | None = None,
+    export: dict[str, Any] | None = None,
+    model_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model card as a plain dict (written as `model_card.json`, rendered by
+    :func:`render_card`). `spec` is a :class:`~automl_cxr.deploy.TrialSpec`, `dataset` the
+    training data, `diagnostics` the output of `source_diagnostics`."""
+    metrics = spec.metrics
+    summary = metrics.get("summary") or {}
+    meta = dataset.meta
+    recipe = meta.get("recipe") or {}
+    align = (
+        (diagnostics or {}).get("alignment") or spec.study_attrs.get("source_label_alignment") or {}
+    )
+    probe = (diagnostics or {}).get("probe")
+    warnings = list((diagnostics or {}).get("warnings") or [])
+    if not warnings and align.get("warning"):
+        warnings.append(align["warning"])
+    by_source = {
+        src: {
+            "n": m.get("n"),
+            "accuracy": _f(m.get("accuracy")),
+            "balanced_accuracy": _f(m.get("balanced_accuracy")),
+        }
+        for src, m in (metrics.get("by_source") or {}).items()
+    }
+    counts = {k: int(v) for k, v in dataset.manifest["label"].value_counts().sort_index().items()}
+    sources = {k: int(v) for k, v in dataset.manifest["source"].value_counts().sort_index().items()}
+    return {
+        "format": "automl-cxr-model-card/1",
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "title": f"{spec.model.backbone} chest X-ray classifier ({', '.join(spec.classes)})",
+        "intended_use": INTENDED_USE,
+        "classes": list(spec.classes),
+        "positive": spec.positive,
+        "input": {**INPUT_CONTRACT, "resolution": spec.resolution},
+        "model": {
+            **spec.model.to_dict(),
+            **(model_info or {}),
+            "weight_source": spec.user_attrs.get("weight_source"),
+        },
+        "training": {
+            "config": spec.train.to_dict(),
+            "retrained_on": f"all {len(dataset)} images of the study's training data",
+        },
+        "data": {
+            "dataset": spec.dataset,
+            "kind": meta.get("kind"),
+            "recipe": {
+                "name": recipe.get("name"),
+                "description": recipe.get("description"),
+                "reference": recipe.get("reference"),
+                "targets": recipe.get("targets"),
+            }
+            if recipe
+            else None,
+            "origin": meta.get("origin"),
+            "manifest_hash": meta.get("subset_of") or dataset.hash,
+            "training_hash": dataset.hash,
+            "subset": meta.get("subset"),
+            "images": len(dataset),
+            "classes": counts,
+            "sources": sources,
+            "seed": meta.get("seed"),
+        },
+        "study": spec.describe(),
+        "metrics": {
+            "protocol": (
+                f"patient-grouped {summary.get('n_folds', '?')}-fold cross-validation of this "
+                "configuration; mean and Student-t 95% CI over folds (clipped to [0, 1])"
+            ),
+            "cv": _cv_metrics(summary),
+            "by_source": by_source,
+            "external": metrics.get("external"),
+        },
+        "diagnostics": {
+            "source_label_alignment": {
+                "cramers_v": align.get("cramers_v"),
+                "confounded_classes": align.get("confounded_classes"),
+                "warning": align.get("warning"),
+            },
+            "source_probe": probe,
+        },
+        "warnings": warnings,
+        "limitations": list(_LIMITATIONS),
+        "export": export or {},
+    }
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    v = _f(x)
+    return "n/a" if v is None else format(v, spec)
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """Markdown for `model_card.md`."""
+    lines: list[str] = [f"# Model card: {card['title']}", ""]
+    lines += ["> **Intended use: research only, not a medical device.**", ">"]
+    lines += [f"> {card['intended_use']}", ""]
+    if card["warnings"]:
+        lines += ["## Warnings", ""]
+        lines += [f"- **Shortcut risk:** {w}" for w in card["warnings"]]
+        lines.append("")
+    m = card["model"]
+    inp = card["input"]
+    lines += [
+        "## Model",
+        "",
+        f"- backbone: `{m['backbone']}` (frozen stages {m['frozen_stages']}, head `{m['head']}` "
+        f"{m.get('head_kwargs') or {}}, gray mode `{m['gray_mode']}`)",
+        f"- classes (output order): {', '.join(card['classes'])}",
+        f"- resolution: {inp['resolution']} x {inp['resolution']}",
+    ]
+    if m.get("params_total"):
+        lines.append(f"- parameters: {m['params_total']:,}")
+    ws = m.get("weight_source") or {}
+    if ws:
+        lines.append(
+            f"- initial weights: {ws.get('kind')} ({ws.get('description') or ws.get('path')})"
+        )
+    lines += [
+        "",
+        "## Input contract",
+        "",
+        f"`{inp['shape']}` {inp['dtype']} in {inp['range']}, R = {inp['resolution']}. "
+        + inp["description"],
+        "",
+    ]
+    d = card["data"]
+    lines += ["## Training data", ""]
+    lines.append(f"- dataset: `{d['dataset']}` ({d.get('kind') or 'prepared'})")
+    if d.get("recipe"):
+        r = d["recipe"]
+        lines.append(f"- recipe: {r.get('description')}")
+        if r.get("reference"):
+            lines.append(f"- reference: {r['reference']}")
+    if d.get("origin"):
+        lines.append(f"- origin: {d['origin']}")
+    lines.append(f"- manifest hash: `{d['manifest_hash']}`")
+    if d.get("subset"):
+        lines.append(f"- subset: {d['subset']} (hash `{d['training_hash']}`)")
+    lines.append(
+        f"- images: {d['images']} ("
+        + ", ".join(f"{k} {v}" for k, v in d["classes"].items())
+        + "); sources: "
+        + ", ".join(f"{k} {v}" for k, v in d["sources"].items())
+    )
+    lines.append(f"- {card['training']['retrained_on']}")
+    s = card["study"]
+    lines += [
+        "",
+        "## Study",
+        "",
+        f"- study `{s['study']}`, trial {s['trial']} (objectives {', '.join(s['objectives'])}: "
+        + ", ".join(_fmt(v, ".4f") for v in s["values"])
+        + ")",
+    ]
+    if s.get("storage"):
+        lines.append(f"- storage: `{s['storage']}`")
+    met = card["metrics"]
+    lines += ["", "## Metrics", "", f"{met['protocol']}.", ""]
+    lines += ["| metric | mean | 95% CI |", "| --- | ---: | --- |"]
+    for name, v in met["cv"].items():
+        lines.append(
+            f"| {name} | {_fmt(v['mean'])} | [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] |"
+        )
+    if met["by_source"]:
+        lines += ["", "Out-of-fold metrics per image source:", ""]
+        lines += [
+            "| source | images | accuracy | balanced accuracy |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for src, v in met["by_source"].items():
+            lines.append(
+                f"| {src} | {v['n']} | {_fmt(v['accuracy'])} | {_fmt(v['balanced_accuracy'])} |"
+            )
+    diag = card["diagnostics"]
+    al = diag["source_label_alignment"]
+    lines += ["", "## Diagnostics", ""]
+    lines.append(f"- source-label alignment: Cramér's V = {_fmt(al.get('cramers_v'), '.2f')}")
+    for c in al.get("confounded_classes") or []:
+        lines.append(f"  - every `{c['label']}` image comes from `{c['source']}`")
+    pr = diag.get("source_probe")
+    if pr:
+        if pr.get("auc") is not None:
+            lines.append(
+                f"- source probe: the image source is predicted from pixels with ROC-AUC "
+                f"{_fmt(pr['auc'])} ({pr['method']})"
+            )
+        else:
+            lines.append(f"- source probe: not run ({pr.get('note')})")
+    lines += ["", "## Limitations", ""]
+    lines += [f"- {x}" for x in card["limitations"]]
+    ex = card.get("export") or {}
+    if ex.get("files"):
+        lines += ["", "## Files", ""]
+        for name, info in ex["files"].items():
+            lines.append(
+                f"- `{name}`: {info.get('what', '')} (sha256 `{info.get('sha256', '')[:16]}…`)"
+            )
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""What `evaluate`, `export` and `diagnose` do, as functions returning plain dicts (the CLI
+only formats them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automl_cxr.deploy._evaluate import evaluate_predictions, external_overlap, load_external
+from automl_cxr.deploy._export import export_trial, source_roots
+from automl_cxr.deploy._predict import ExportedModel, softmax
+from automl_cxr.deploy._select import TrialSpec, load_study, select_trial, training_data, trial_spec
+from automl_cxr.errors import ConfigError, DataError
+from automl_cxr.study import json_safe
+
+__all__ = ["open_trial", "run_diagnose", "run_evaluate", "run_export"]
+
+Log = Callable[[str], None] | None
+
+
+def open_trial(study: str | Path, study_name: str | None = None, trial: str | int = "best"):
+    """(TrialSpec) of the chosen trial of a stored study."""
+    s = load_study(study, study_name)
+    return trial_spec(s, select_trial(s, trial), storage=study)
+
+
+def _torch_probs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(softmax(model(torch.from_numpy(x[i : i + batch])).float().numpy()))
+    return np.concatenate(out)
+
+
+def run_evaluate(
+    data: str | Path,
+    *,
+    study: str | Path | None = None,
+    study_name: str | None = None,
+    trial: str | int = "best",
+    model_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    label_map: Mapping[str, str] | None = None,
+    skip_bad: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    runtime: str = "torchscript",
+    log: Log = None,
+) -> dict[str, Any]:
+    """Evaluate the chosen trial (retrained on the study's full training data with `fit_full`)
+    or an exported model (`model_dir`) on an external set."""
+    from automl_cxr.settings import resolve_data_dir
+
+    if study is None and model_dir is None:
+        raise ConfigError("pass --study STUDY (retrain its trial) or --model DIR (an export)")
+    spec: TrialSpec | None = None
+    if study is not None:
+        spec = open_trial(study, study_name, trial)
+    exported = ExportedModel(model_dir, runtime=runtime) if model_dir is not None else None
+    if exported is not None and spec is not None and exported.classes != spec.classes:
+        raise DataError(
+            f"model {model_dir} predicts {exported.classes}, but study {spec.study_name!r} has "
+            f"classes {spec.classes}"
+        )
+    classes = spec.classes if spec is not None else exported.classes
+    positive = spec.positive if spec is not None else exported.config.get("positive")
+    resolution = exported.resolution if exported is not None else spec.resolution
+    ext = load_external(data, classes, resolution, label_map=label_map, skip_bad=skip_bad)
+    train_shas: set[str] | None = None
+    train_sources: dict[str, Any] | None = None
+    if exported is not None:
+        if log:
+            log(f"using the exported model in {model_dir} ({runtime})")
+        probs = exported.predict_proba(ext.tensor())
+        sha_file = Path(model_dir) / "training_images.sha256"
+        if sha_file.is_file():
+            train_shas = set(sha_file.read_text().split())
+        train_sources = (exported.config.get("training_data") or {}).get("sources")
+        model_desc = {"kind": "exported", "dir": str(model_dir), "runtime": runtime}
+    else:
+        from automl_cxr.engine import fit_full
+
+        dataset = training_data(spec, resolve_data_dir(data_dir))
+        if log:
+            log(
+                f"retraining trial {spec.number} ({spec.model.backbone}) on all {len(dataset)} "
+                "training images"
+            )
+        model = fit_full(dataset, spec.model, spec.train, log=log)
+        probs = _torch_probs(model, ext.tensor())
+        train_shas = set(dataset.manifest["sha256"].astype(str))
+        train_sources = source_roots(dataset.manifest)
+        model_desc = {"kind": "retrained", "images": len(dataset)}
+    result = evaluate_predictions(probs, ext, positive=positive, n_boot=n_boot, seed=seed)
+    overlap = external_overlap(ext.table, train_shas=train_shas, train_sources=train_sources)
+    warnings = [overlap["warning"]] if overlap["warning"] else []
+    return json_safe(
+        {
+            "data": str(data),
+            "study": spec.describe() if spec is not None else None,
+            "model": model_desc,
+            "classes": classes,
+            "resolution": resolution,
+            "label_map": dict(label_map or {}),
+            "rejected": ext.rejected,
+            **result,
+            "overlap": overlap,
+            "warnings": warnings,
+        }
+    )
+
+
+def run_export(
+    study: str | Path,
+    out_dir: str | Path,
+    *,
+    study_name: str | None = None,
+    trial: str | int = "best",
+    data_dir: str | Path | None = None,
+    onnx_exporter: str = "auto",
+    probe: bool = True,
+    log: Log = None,
+) -> dict[str, Any]:
+    """Retrain the chosen trial on all of its training data and export it with a model card."""
+    from automl_cxr.diagnostics import source_diagnostics
+    from automl_cxr.settings import resolve_data_dir
+
+    spec = open_trial(study, study_name, trial)
+    dataset = training_data(spec, resolve_data_dir(data_dir))
+    diag = None
+    if probe:
+        diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)
+    if log:
+        log(
+            f"retraining trial {spec.number} ({spec.model.backbone}) on all {len(dataset)} "
+            "training images"
+        )
+    config = export_trial(
+        spec, dataset, out_dir, diagnostics=diag, onnx_exporter=onnx_exporter, log=log
+    )
+    return json_safe(
+        {
+            "out": str(out_dir),
+            "study": spec.describe(),
+            "files": sorted(p.name for p in Path(out_dir).iterdir() if p.is_file()),
+            "onnx": config["onnx"],
+            "checks": config["checks"],
+            "warnings": (diag or {}).get("warnings")
+            or [
+                w
+                for w in [(spec.study_attrs.get("source_label_alignment") or {}).get("warning")]
+                if w
+            ],
+        }
+    )
+
+
+def run_diagnose(
+    study: str | Path,
+    *,
+    study_name: str | None = None,
+    trial: str | int = "best",
+    data_dir: str | Path | None = None,
+    control: bool = False,
+    blank_fraction: float = 0.6,
+    fill: str = "mean",
+    probe_size: int = 32,
+    log: Log = None,
+) -> dict[str, Any]:
+    """Alignment, source probe and per-source metrics of the chosen trial; with `control`,
+    the lung-blanked control run compared with the trial."""
+    from automl_cxr.diagnostics import check_blank, control_run, diagnose_dataset
+    from automl_cxr.settings import resolve_data_dir
+
+    if control:
+        check_blank(blank_fraction, fill)
+    spec = open_trial(study, study_name, trial)
+    dataset = training_data(spec, resolve_data_dir(data_dir))
+    out = diagnose_dataset(
+        dataset,
+        resolution=spec.resolution,
+        by_source=spec.metrics.get("by_source"),
+        probe_size=probe_size,
+        seed=spec.seed,
+    )
+    out["study"] = spec.describe()
+    out["control"] = None
+    if control:
+        if log:
+            log(
+                f"control run: trial {spec.number} retrained with the central "
+                f"{blank_fraction:.0%} x {blank_fraction:.0%} blanked ({fill})"
+            )
+        out["control"] = control_run(
+            dataset,
+            spec.model,
+            spec.train,
+            original=spec.metrics.get("summary"),
+            metric="balanced_accuracy",
+            fraction=blank_fraction,
+            fill=fill,
+            log=log,
+        )
+    return json_safe(out)

@@ -1,0 +1,251 @@
+"""Evaluate a model on an external set (folder per class or CSV manifest) never seen in the
+search: the study's metrics with bootstrap confidence intervals, and a loud warning when the
+'external' images come from a training source after all."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from automl_cxr.data import decode_gray, read_csv_manifest, read_folder, resize_square
+from automl_cxr.engine import bootstrap_metrics, compute_metrics
+from automl_cxr.errors import ConfigError, DataError, ImageDecodeError
+
+__all__ = [
+    "ExternalSet",
+    "evaluate_predictions",
+    "external_overlap",
+    "load_external",
+    "map_labels",
+    "read_external",
+]
+
+
+def read_external(data: str | Path) -> pd.DataFrame:
+    """Rows (path, label, patient_id, source, ...) of a folder-per-class dir or CSV manifest."""
+    p = Path(data)
+    if p.is_dir():
+        return read_folder(p).table
+    if p.is_file():
+        if p.suffix.lower() != ".csv":
+            raise DataError(
+                f"--data {p} is a file but not a CSV manifest (.csv); pass a folder with one "
+                "sub-folder per class, or a CSV with columns path,label[,patient_id]"
+            )
+        return read_csv_manifest(p).table
+    raise DataError(
+        f"--data {p} not found: pass a folder with one sub-folder per class, or a CSV manifest "
+        "with columns path,label[,patient_id]"
+    )
+
+
+def map_labels(
+    table: pd.DataFrame, label_map: Mapping[str, str] | None, classes: list[str]
+) -> pd.DataFrame:
+    """Rename external labels onto the study's classes (`{"NORMAL": "normal"}`); every label
+    must end up in `classes`, or a DataError lists the strays and the allowed ones."""
+    label_map = dict(label_map or {})
+    have = sorted(table["label"].astype(str).unique())
+    unknown_keys = sorted(set(label_map) - set(have))
+    if unknown_keys:
+        raise ConfigError(
+            f"--label-map maps {unknown_keys}, which are not labels of the external set; "
+            f"its labels: {have}"
+        )
+    mapped = table.assign(label=table["label"].astype(str).map(lambda s: label_map.get(s, s)))
+    stray = sorted(set(mapped["label"]) - set(classes))
+    if stray:
+        hint = []
+        for s in stray:
+            src = [k for k, v in label_map.items() if v == s] or [s]
+            close = [c for c in classes if c.lower() == s.lower()]
+            if close and src == [s]:
+                hint.append(f"{s}={close[0]}")
+        tip = f" (e.g. --label-map {','.join(hint)})" if hint else ""
+        raise DataError(
+            f"external label(s) {stray} are not classes of the study; allowed: {classes}. Map "
+            f"them with --label-map EXTERNAL=CLASS{tip}"
+        )
+    return mapped
+
+
+@dataclass
+class ExternalSet:
+    """Decoded external images at the model's resolution, with labels mapped to class indices."""
+
+    table: pd.DataFrame  # usable rows: path, label (mapped), patient_id, source, sha256 ...
+    images: np.ndarray  # (N, R, R) uint8
+    labels: np.ndarray  # (N,) class indices
+    classes: list[str]
+    label_map: dict[str, str]
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def groups(self) -> np.ndarray | None:
+        """Patient ids, when the set has them (some patient with several images)."""
+        pid = self.table["patient_id"].astype(str)
+        return pid.to_numpy() if pid.nunique() < len(pid) else None
+
+    def tensor(self) -> np.ndarray:
+        return (self.images.astype(np.float32) / 255.0)[:, None]
+
+
+def load_external(
+    data: str | Path,
+    classes: list[str],
+    resolution: int,
+    *,
+    label_map: Mapping[str, str] | None = None,
+    skip_bad: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExternalSet:
+    """Read, map and decode an external set like the data layer does (decode_gray →
+    resize_square). An unreadable file is a DataError naming it, unless `skip_bad`."""
+    table = map_labels(read_external(data), label_map, classes)
+    paths = table["path"].tolist()
+
+    def one(path: str) -> tuple[np.ndarray | None, str, str | None]:
+        try:
+            img = decode_gray(path)
+        except ImageDecodeError as exc:
+            return None, "", exc.reason
+        return resize_square(img.pixels, resolution), img.sha256, None
+
+    results: list[tuple[np.ndarray | None, str, str | None]] = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
+        for i, r in enumerate(ex.map(one, paths)):
+            results.append(r)
+            if progress:
+                progress(i + 1, len(paths))
+    rejected = [
+        {"path": p, "reason": r[2]} for p, r in zip(paths, results, strict=True) if r[2] is not None
+    ]
+    if rejected and not skip_bad:
+        lines = "\n".join(f"  {r['path']}: {r['reason']}" for r in rejected[:20])
+        more = f"\n  ... and {len(rejected) - 20} more" if len(rejected) > 20 else ""
+        raise DataError(
+            f"{len(rejected)} external image(s) cannot be used:\n{lines}{more}\n"
+            "Fix or remove them, or pass --skip-bad to leave them out."
+        )
+    ok = [i for i, r in enumerate(results) if r[2] is None]
+    if not ok:
+        raise DataError(f"no usable image in {data} (all {len(paths)} were rejected)")
+    table = table.iloc[ok].reset_index(drop=True).assign(sha256=[results[i][1] for i in ok])
+    images = np.stack([results[i][0] for i in ok]).astype(np.uint8)
+    index = {c: k for k, c in enumerate(classes)}
+    labels = table["label"].map(index).to_numpy(dtype=np.int64)
+    return ExternalSet(table, images, labels, list(classes), dict(label_map or {}), rejected)
+
+
+def _under(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([os.path.abspath(path), root]) == root
+    except ValueError:
+        return False
+
+
+def external_overlap(
+    table: pd.DataFrame,
+    *,
+    train_shas: set[str] | None = None,
+    train_sources: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Is the 'external' set really external? Counts images byte-identical to training images,
+    images under a training source's folder, and source names shared with training.
+
+    `train_sources`: ``{source: {"root": folder}}`` (see `source_roots`). Returns
+    ``{"byte_identical", "same_source": {source: n}, "same_source_name": [..], "warning"}``.
+    """
+    shas = table.get("sha256", pd.Series([], dtype=str)).astype(str)
+    identical = int(shas.isin(train_shas or set()).sum())
+    same_source: dict[str, int] = {}
+    for src, info in (train_sources or {}).items():
+        root = str(info.get("root") or "")
+        if not root or len(Path(root).parts) < 3:  # "/" or "/home": too broad to mean anything
+            continue
+        n = int(sum(_under(p, root) for p in table["path"]))
+        if n:
+            same_source[str(src)] = n
+    names = sorted(set(table["source"].astype(str)) & set(train_sources or {}))
+    parts = []
+    if identical:
+        parts.append(f"{identical} of {len(table)} images are byte-identical to training images")
+    if same_source:
+        parts.append(
+            "; ".join(
+                f"{n} of {len(table)} images lie in the folder of training source {s!r} "
+                f"({train_sources[s]['root']})"
+                for s, n in same_source.items()
+            )
+        )
+    if names:
+        parts.append(f"the set's source name(s) {names} are training sources")
+    warning = None
+    if parts:
+        warning = (
+            "NOT AN EXTERNAL SET: "
+            + "; ".join(parts)
+            + ". Images from a training source share its hospital, scanner and population, so "
+            "these numbers do not show how the model does elsewhere (and a shortcut learnt "
+            "from the source still pays off here)"
+        )
+    return {
+        "byte_identical": identical,
+        "same_source": same_source,
+        "same_source_name": names,
+        "warning": warning,
+    }
+
+
+def evaluate_predictions(
+    probs: np.ndarray,
+    ext: ExternalSet,
+    *,
+    positive: str | None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """compute_metrics + bootstrap CIs (over patients when the set has patient ids, else
+    images), and per-source metrics when the set has several sources."""
+    metrics = compute_metrics(ext.labels, probs, ext.classes, positive=positive)
+    boot = bootstrap_metrics(
+        ext.labels,
+        probs,
+        ext.classes,
+        positive=positive,
+        n_boot=n_boot,
+        seed=seed,
+        groups=ext.groups,
+    )
+    counts = {c: int((ext.labels == k).sum()) for k, c in enumerate(ext.classes)}
+    missing = [c for c, n in counts.items() if n == 0]
+    notes = []
+    if missing:
+        notes.append(
+            f"the external set has no {missing} images: their sensitivity is undefined and "
+            "balanced accuracy / AUC are over the classes present"
+        )
+    sources = ext.table["source"].astype(str).to_numpy()
+    by_source = None
+    if len(set(sources)) > 1:
+        by_source = {
+            s: compute_metrics(
+                ext.labels[sources == s], probs[sources == s], ext.classes, positive=positive
+            )
+            for s in sorted(set(sources))
+        }
+    return {
+        "n_images": len(ext.labels),
+        "counts": counts,
+        "metrics": metrics,
+        "bootstrap": boot,
+        "by_source": by_source,
+        "notes": notes,
+    }

@@ -1,0 +1,315 @@
+"""Write a trained `CxrModel` as a self-contained model folder: TorchScript, ONNX, state dict,
+config and model card. Loading it back (`ExportedModel`) needs neither the training data nor
+pretrained weights."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from automl_cxr.deploy._card import INPUT_CONTRACT, build_card, render_card
+from automl_cxr.errors import AutomlCxrError, ConfigError
+from automl_cxr.models import CxrModel
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "MODEL_FILES",
+    "ONNX_EXPORTERS",
+    "export_model",
+    "export_trial",
+    "export_torchscript",
+    "export_onnx",
+]
+
+EXPORT_FORMAT = "automl-cxr-model/1"
+MODEL_FILES = {
+    "model.ts": "TorchScript (torch.jit.trace), input (B, 1, R, R) float in [0, 1] → logits",
+    "model.onnx": "ONNX, input 'image' (batch, 1, R, R) float32 in [0, 1] → 'logits'",
+    "model.pt": "PyTorch state dict of the CxrModel described by config.json",
+    "config.json": "model and training configuration, classes, resolution, input contract",
+    "model_card.md": "model card (human-readable)",
+    "model_card.json": "model card (machine-readable)",
+}
+ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
+CHECK_ATOL = 1e-4
+
+_log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_torchscript(model: CxrModel, path: Path, resolution: int) -> None:
+    """`torch.jit.trace` of the model (eval mode) on a (1, 1, R, R) input; the batch size
+    stays free."""
+    example = torch.rand(1, 1, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # jit deprecation notices and tracer warnings
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(path))
+
+
+def export_onnx(model: CxrModel, path: Path, resolution: int, exporter: str = "auto") -> dict:
+    """ONNX with a dynamic batch axis: input `image`, output `logits`.
+
+    `exporter`: "dynamo" (torch.export based, needs onnxscript), "legacy" (TorchScript based),
+    or "auto" (dynamo, falling back to legacy if it fails). Returns what was used.
+    """
+    if exporter not in ONNX_EXPORTERS:
+        raise ConfigError(
+            f"ONNX exporter must be one of {', '.join(ONNX_EXPORTERS)}, but got {exporter!r}"
+        )
+    from automl_cxr.deploy._predict import require
+
+    require("onnx", "onnx", "ONNX export")
+    if exporter in ("auto", "dynamo"):
+        try:
+            import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+        except ImportError:
+            if exporter == "dynamo":
+                require("onnxscript", "onnxscript", "the dynamo ONNX exporter")
+            exporter = "legacy"
+    example = torch.rand(1, 1, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    errors: list[str] = []
+    order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
+    for kind in order:
+        path.unlink(missing_ok=True)
+        sink = io.StringIO()
+        try:
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(sink),
+                contextlib.redirect_stderr(sink),
+                torch.no_grad(),
+            ):
+                warnings.simplefilter("ignore")
+                if kind == "dynamo":
+                    batch = torch.export.Dim("batch", min=1, max=4096)
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(path),
+                        dynamo=True,
+                        input_names=["image"],
+                        output_names=["logits"],
+                        dynamic_shapes=({0: batch},),
+                        external_data=False,
+                        verbose=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(path),
+                        dynamo=False,
+                        input_names=["image"],
+                        output_names=["logits"],
+                        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                        opset_version=17,
+                    )
+            if not path.is_file():
+                raise RuntimeError("the exporter wrote no file")
+            import onnx
+
+            opset = next(
+                (
+                    o.version
+                    for o in onnx.load(str(path), load_external_data=False).opset_import
+                    if o.domain in ("", "ai.onnx")
+                ),
+                None,
+            )
+            return {"exporter": kind, "opset": opset, "fallback_from": errors or None}
+        except Exception as exc:  # exporters raise many kinds; try the next one
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{kind}: {type(exc).__name__}: {msg[:300]}")
+            _log.info("ONNX export with %s failed: %s", kind, msg)
+    raise AutomlCxrError("ONNX export failed: " + "; ".join(errors))
+
+
+def _check_runtimes(model: CxrModel, folder: Path, resolution: int) -> dict[str, Any]:
+    """Largest absolute logit difference of TorchScript and ONNX against PyTorch on a random
+    batch of 3 (also checks that the batch axis is free)."""
+    from automl_cxr.deploy._predict import onnx_session
+
+    x = torch.rand(3, 1, resolution, resolution, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ts = torch.jit.load(str(folder / "model.ts"), map_location="cpu").eval()
+        ts_out = ts(x).numpy()
+    sess = onnx_session(folder / "model.onnx")
+    onnx_out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    scale = max(1.0, float(np.abs(ref).max()))
+    d_ts = float(np.abs(ts_out - ref).max())
+    d_onnx = float(np.abs(onnx_out - ref).max())
+    return {
+        "batch": 3,
+        "atol": CHECK_ATOL * scale,
+        "torchscript_max_abs_diff": d_ts,
+        "onnx_max_abs_diff": d_onnx,
+        "ok": d_ts <= CHECK_ATOL * scale and d_onnx <= CHECK_ATOL * scale,
+    }
+
+
+def export_model(
+    model: CxrModel,
+    out_dir: str | Path,
+    *,
+    classes: list[str],
+    resolution: int,
+    train_config: dict[str, Any] | None = None,
+    positive: str | None = None,
+    card: Callable[[dict[str, Any]], dict[str, Any]] | dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    onnx_exporter: str = "auto",
+) -> dict[str, Any]:
+    """Write `model.ts`, `model.onnx`, `model.pt`, `config.json` and (given `card`) the model
+    card into `out_dir`; returns the config written (with `files`, `checks`).
+
+    `card` is a card dict, or a function of the export info returning one (so the card can list
+    the files and checks). Existing files of these names are replaced; others are left alone.
+    """
+    if len(classes) != model.config.num_classes:
+        raise ConfigError(
+            f"classes {classes} do not match the model's {model.config.num_classes} outputs"
+        )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
+    try:
+        export_torchscript(model, tmp / "model.ts", resolution)
+        onnx_info = export_onnx(model, tmp / "model.onnx", resolution, onnx_exporter)
+        torch.save(model.state_dict(), tmp / "model.pt")
+        checks = _check_runtimes(model, tmp, resolution)
+        total, trainable = model.param_counts()
+        config = {
+            "format": EXPORT_FORMAT,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "classes": list(classes),
+            "positive": positive,
+            "resolution": int(resolution),
+            "input": {**INPUT_CONTRACT, "resolution": int(resolution), "name": "image"},
+            "output": {"name": "logits", "shape": "(B, C)", "classes": list(classes)},
+            "model": model.config.to_dict(),
+            "train": dict(train_config or {}),
+            "params_total": int(total),
+            "onnx": onnx_info,
+            "torch": torch.__version__,
+            "checks": checks,
+            **(extra or {}),
+        }
+        files = {
+            name: {"what": MODEL_FILES[name], "sha256": _sha256(tmp / name)}
+            for name in ("model.ts", "model.onnx", "model.pt")
+        }
+        config["files"] = files
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if card is not None:
+            card_dict = card(config) if callable(card) else card
+            card_dict.setdefault("export", {})
+            card_dict["export"] = {
+                **card_dict["export"],
+                "files": files,
+                "onnx": onnx_info,
+                "checks": checks,
+            }
+            (tmp / "model_card.json").write_text(json.dumps(card_dict, indent=2, default=str))
+            (tmp / "model_card.md").write_text(render_card(card_dict))
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink(missing_ok=True)
+        tmp.rmdir()
+    return config
+
+
+def export_trial(
+    spec: Any,
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    model: CxrModel | None = None,
+    diagnostics: dict[str, Any] | None = None,
+    onnx_exporter: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Retrain a study trial's configuration on all its training data (`fit_full`, unless a
+    trained `model` is given) and export it with its model card. Also writes
+    `training_images.sha256` (the training images' file hashes, for leakage checks of external
+    sets; no pixels)."""
+    from automl_cxr.engine import fit_full
+
+    if model is None:
+        model = fit_full(dataset, spec.model, spec.train, log=log)
+    total, trainable = model.param_counts()
+    roots = source_roots(dataset.manifest)
+
+    def make_card(config: dict[str, Any]) -> dict[str, Any]:
+        return build_card(
+            spec,
+            dataset,
+            diagnostics=diagnostics,
+            model_info={"params_total": int(total), "params_trainable": int(trainable)},
+        )
+
+    config = export_model(
+        model,
+        out_dir,
+        classes=spec.classes,
+        resolution=spec.resolution,
+        train_config=spec.train.to_dict(),
+        positive=spec.positive,
+        card=make_card,
+        extra={
+            "study": spec.describe(),
+            "training_data": {
+                "dataset": spec.dataset,
+                "hash": dataset.hash,
+                "manifest_hash": dataset.meta.get("subset_of") or dataset.hash,
+                "images": len(dataset),
+                "sources": roots,
+            },
+        },
+        onnx_exporter=onnx_exporter,
+    )
+    shas = sorted(set(dataset.manifest["sha256"].astype(str)))
+    (Path(out_dir) / "training_images.sha256").write_text("\n".join(shas) + "\n")
+    return config
+
+
+def source_roots(manifest: Any) -> dict[str, dict[str, Any]]:
+    """Per source: image count and the deepest folder holding all its images (used to tell
+    whether an 'external' set really comes from elsewhere)."""
+    out: dict[str, dict[str, Any]] = {}
+    for src, rows in manifest.groupby("source"):
+        dirs = [str(Path(p).parent) for p in rows["path"]]
+        try:
+            root = os.path.commonpath(dirs) if dirs else ""
+        except ValueError:
+            root = ""
+        out[str(src)] = {"images": len(rows), "root": root}
+    return out

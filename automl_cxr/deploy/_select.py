@@ -1,0 +1,207 @@
+"""Open a finished study, pick a trial, and rebuild its configuration and its training data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from automl_cxr.data import PreparedDataset, load_dataset
+from automl_cxr.engine import TrainConfig
+from automl_cxr.errors import ConfigError, DataError, StorageError
+from automl_cxr.models import ModelConfig
+from automl_cxr.study import OBJECTIVE_KEYS, open_storage, storage_url, study_names, subsample
+
+__all__ = ["TrialSpec", "load_study", "select_trial", "trial_spec", "training_data"]
+
+
+def load_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
+    """An existing study from a SQLite path or storage URL; with several studies in the storage
+    `study_name` must name one (the error lists them)."""
+    backend = open_storage(storage, create=False)
+    url = storage_url(storage)
+    try:
+        names = study_names(backend)
+    except Exception as exc:  # not an Optuna database, a broken URL, ...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot read studies from {url!r}: {msg}") from None
+    if not names:
+        raise StorageError(f"no study in {url!r}: run `automl-cxr search` first")
+    if study_name is None:
+        if len(names) > 1:
+            raise StorageError(
+                f"{len(names)} studies in {url!r}; choose one with --study-name: "
+                f"{', '.join(sorted(names))}"
+            )
+        study_name = names[0]
+    elif study_name not in names:
+        raise StorageError(
+            f"no study named {study_name!r} in {url!r}; the studies there: "
+            f"{', '.join(sorted(names))}"
+        )
+    return optuna.load_study(study_name=study_name, storage=backend)
+
+
+def _primary_index(study: optuna.Study) -> int:
+    """The first objective that is a metric (not a cost such as latency)."""
+    objectives = list(study.user_attrs.get("objectives") or [])
+    for i, name in enumerate(objectives):
+        if name not in OBJECTIVE_KEYS:
+            return i
+    return 0
+
+
+def select_trial(study: optuna.Study, trial: str | int = "best") -> FrozenTrial:
+    """`"best"`: the best trial (single objective) or, among the Pareto front, the one with the
+    best first metric objective (ties: the earlier trial). A number: that trial, which must be
+    COMPLETE."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if isinstance(trial, str) and trial.strip().lower() == "best":
+        if not complete:
+            raise StorageError(
+                f"study {study.study_name!r} has no COMPLETE trial yet: run more trials with "
+                "`automl-cxr search`"
+            )
+        if len(study.directions) == 1:
+            return study.best_trial
+        k = _primary_index(study)
+        sign = 1.0 if study.directions[k] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        front = study.best_trials
+
+        def key(t: FrozenTrial) -> tuple[float, int]:
+            v = t.values[k] if t.values else math.nan
+            return (-(sign * v) if math.isfinite(v) else math.inf, t.number)
+
+        return min(front, key=key)
+    try:
+        number = int(str(trial).strip())
+    except ValueError:
+        raise ConfigError(f"--trial must be 'best' or a trial number, but got {trial!r}") from None
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in by_number:
+        have = sorted(by_number)
+        span = f"trials 0..{have[-1]}" if have else "no trials"
+        raise ConfigError(
+            f"no trial {number} in study {study.study_name!r} (it holds {span}); "
+            f"COMPLETE ones: {_numbers(complete)}"
+        )
+    t = by_number[number]
+    if t.state != TrialState.COMPLETE:
+        reason = t.user_attrs.get("fail_reason")
+        why = f" ({reason})" if reason else ""
+        raise ConfigError(
+            f"trial {number} of study {study.study_name!r} is {t.state.name}{why}, not "
+            f"COMPLETE; choose a COMPLETE trial: {_numbers(complete)}"
+        )
+    return t
+
+
+def _numbers(trials: list[FrozenTrial], limit: int = 20) -> str:
+    nums = [str(t.number) for t in trials[:limit]]
+    more = f", ... ({len(trials)} in all)" if len(trials) > limit else ""
+    return (", ".join(nums) + more) if nums else "none"
+
+
+@dataclass
+class TrialSpec:
+    """A chosen trial with everything needed to train it again, evaluate it or describe it."""
+
+    study_name: str
+    storage: str
+    number: int
+    model: ModelConfig
+    train: TrainConfig
+    classes: list[str]
+    positive: str | None
+    dataset: str
+    dataset_hash: str | None
+    objectives: list[str]
+    values: list[float]
+    profile: dict[str, Any]
+    seed: int
+    params: dict[str, Any] = field(default_factory=dict)
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+    study_attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The trial's recorded metrics (``summary``, ``folds``, ``pooled``, ``by_source``...)."""
+        return dict(self.user_attrs.get("metrics") or {})
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train.resolution)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "study": self.study_name,
+            "storage": self.storage,
+            "trial": self.number,
+            "objectives": self.objectives,
+            "values": self.values,
+            "params": self.params,
+            "dataset": self.dataset,
+            "dataset_hash": self.dataset_hash,
+            "profile": self.profile.get("name"),
+            "seed": self.seed,
+        }
+
+
+def trial_spec(study: optuna.Study, trial: FrozenTrial, *, storage: str | Path = "") -> TrialSpec:
+    """Rebuild a trial's ModelConfig/TrainConfig from its `config` user attribute."""
+    cfg = trial.user_attrs.get("config")
+    if not isinstance(cfg, dict) or "model" not in cfg or "train" not in cfg:
+        raise StorageError(
+            f"trial {trial.number} of study {study.study_name!r} has no recorded configuration "
+            "(user attribute 'config'); was it run by automl-cxr?"
+        )
+    attrs = dict(study.user_attrs)
+    model = ModelConfig.from_dict(dict(cfg["model"]))
+    train = TrainConfig.from_dict(dict(cfg["train"]))
+    dataset = trial.user_attrs.get("dataset") or attrs.get("dataset")
+    if not dataset:
+        raise StorageError(f"study {study.study_name!r} does not record its dataset")
+    classes = list(attrs.get("classes") or (trial.user_attrs.get("metrics") or {}).get("classes"))
+    seed = attrs.get("seed")
+    return TrialSpec(
+        study_name=study.study_name,
+        storage=storage_url(storage) if storage else "",
+        number=trial.number,
+        model=model,
+        train=train,
+        classes=classes,
+        positive=attrs.get("positive"),
+        dataset=str(dataset),
+        dataset_hash=trial.user_attrs.get("dataset_hash") or attrs.get("dataset_hash"),
+        objectives=list(attrs.get("objectives") or [attrs.get("metric", "balanced_accuracy")]),
+        values=[float(v) for v in (trial.values or [])],
+        profile=dict(attrs.get("profile") or {}),
+        seed=int(seed if seed is not None else train.seed),
+        params=dict(trial.params),
+        user_attrs=dict(trial.user_attrs),
+        study_attrs=attrs,
+    )
+
+
+def training_data(spec: TrialSpec, data_dir: str | Path) -> PreparedDataset:
+    """The exact images the trial was trained and evaluated on: the prepared dataset,
+    subsampled as the study's profile did (`max_per_class`, seed). Its content hash must equal
+    the one the trial recorded, or a DataError says what changed."""
+    full = load_dataset(spec.dataset, data_dir)
+    max_per_class = spec.profile.get("max_per_class")
+    candidates = []
+    for seed in dict.fromkeys((spec.seed, spec.train.seed)):
+        ds = subsample(full, max_per_class, seed)
+        if spec.dataset_hash is None or ds.hash == spec.dataset_hash:
+            return ds
+        candidates.append(ds.hash[:12])
+    raise DataError(
+        f"the prepared dataset {spec.dataset!r} in {data_dir} is not the data study "
+        f"{spec.study_name!r} was run on: its content hash (after the profile's subsampling) is "
+        f"{', '.join(candidates)}, the study recorded {str(spec.dataset_hash)[:12]}. Prepare the "
+        "same data again, or point --data-dir at the data the study used"
+    )
