@@ -26,6 +26,7 @@ class Profile:
     max_folds: int | None = None
     max_per_class: int | None = None
     early_stopping: int | None = None
+    space: str | None = None  # default search space file in studies/ when --space is not given
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -63,14 +64,16 @@ _PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "cpu",
-            "Default without CUDA: backbones whose ImageNet weights install offline, 160 px, "
-            "5-fold CV, 6 epochs; frozen-feature caching and pruning carry the speed.",
-            resolution=160,
+            "Default without CUDA: backbones whose ImageNet weights install offline, 128 px, "
+            "3-fold CV, 6 epochs, and studies/cpu.yaml (deep freezing) as the default space, "
+            "so frozen-feature caching and pruning carry the speed.",
+            resolution=128,
             epochs=6,
-            n_folds=5,
+            n_folds=3,
             batch_size=32,
             backbones=_OFFLINE_CPU,
             early_stopping=3,
+            space="cpu.yaml",
         ),
         Profile(
             "gpu",

@@ -335,6 +335,8 @@ def run_search(
     space = (
         settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
     )
+    if profile.pretrained and not space.backbones:
+        space.backbones = _backbones_with_weights(profile, log)
     full = load_dataset(settings.dataset, settings.data_dir)
     dataset = subsample(full, profile.max_per_class, settings.seed)
     storage_arg = settings.storage or str(Path("studies") / f"{settings.dataset}.db")
@@ -429,6 +431,29 @@ def run_search(
         ran=len(study.trials) - before,
         warnings=notes,
     )
+
+
+def _backbones_with_weights(profile: Profile, log: Callable[[str], None] | None) -> tuple:
+    """The profile's backbones whose pretrained weights can be had on this machine now."""
+    from automl_cxr.errors import WeightsUnavailable
+    from automl_cxr.models import resolve_weights
+
+    ok, missing = [], []
+    for name in profile.backbones:
+        try:
+            resolve_weights(name, checksum=False)
+            ok.append(name)
+        except WeightsUnavailable:
+            missing.append(name)
+    if missing and log:
+        log(f"profile {profile.name!r}: no pretrained weights here for {missing}; searching {ok}")
+    if not ok:
+        raise WeightsUnavailable(
+            f"none of profile {profile.name!r}'s backbones {list(profile.backbones)} has "
+            "pretrained weights on this machine; see `automl-cxr models list` for how to supply "
+            "them, or pass --space with backbones you have weights for"
+        )
+    return tuple(ok)
 
 
 def _too_many_failures(study: optuna.Study, before: int, window: int = 5) -> bool:
