@@ -40,3 +40,24 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) ->
     out = tmp_path_factory.mktemp("prepared")
     prepare_recipes(cohen=shared_data / "cohen", kermany=shared_data / "kermany", data_dir=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
+    """One small real study (smoke profile, 2 trials) on the paper's three-class recipe.
+
+    Read-only for tests: tests that add trials make their own study.
+    """
+    from automl_cxr.study import SearchSettings, run_search
+
+    db = tmp_path_factory.mktemp("smoke-study") / "s.db"
+    run_search(
+        SearchSettings(
+            dataset="three_class",
+            trials=2,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+        )
+    )
+    return db

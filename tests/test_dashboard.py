@@ -15,7 +15,6 @@ from pathlib import Path
 import optuna
 import pytest
 
-import automl_cxr.cli._report  # noqa: F401  (registers `dashboard` until cli/__init__ imports it)
 from automl_cxr.cli import main
 from automl_cxr.study import SearchSettings, run_search
 
@@ -23,8 +22,17 @@ from automl_cxr.study import SearchSettings, run_search
 @pytest.fixture(scope="module")
 def study_db(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
     db = tmp_path_factory.mktemp("dashboard") / "s.db"
-    run_search(SearchSettings(dataset="three_class", trials=1, data_dir=prepared_dir,
-                              storage=str(db), profile="smoke", seed=0, pruner="none"))
+    run_search(
+        SearchSettings(
+            dataset="three_class",
+            trials=1,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+            seed=0,
+            pruner="none",
+        )
+    )
     return db
 
 
@@ -49,8 +57,12 @@ def test_dashboard_serves_the_study(study_db: Path, tmp_path: Path) -> None:
         "'--host', '127.0.0.1']))\n"
     )
     log = (tmp_path / "dashboard.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     try:
         deadline = time.monotonic() + 120
         studies = None
@@ -69,8 +81,7 @@ def test_dashboard_serves_the_study(study_db: Path, tmp_path: Path) -> None:
             f"dashboard did not come up (exit {proc.poll()}):\n"
             + (tmp_path / "dashboard.log").read_text()[-3000:]
         )
-        stored = optuna.load_study(study_name="three_class-smoke",
-                                   storage=f"sqlite:///{study_db}")
+        stored = optuna.load_study(study_name="three_class-smoke", storage=f"sqlite:///{study_db}")
         assert [s["study_name"] for s in studies] == ["three_class-smoke"]
         sid = studies[0]["study_id"]
         status, body = _get(f"{base}/api/studies/{sid}")
@@ -84,8 +95,13 @@ def test_dashboard_serves_the_study(study_db: Path, tmp_path: Path) -> None:
         assert set(served) == {t.number for t in stored.trials}
         for t in complete:
             got = {a["key"]: a["value"] for a in served[t.number]["user_attrs"]}
-            for key in ("balanced_accuracy", "accuracy", "covid_sensitivity", "latency_ms",
-                        "params_total"):
+            for key in (
+                "balanced_accuracy",
+                "accuracy",
+                "covid_sensitivity",
+                "latency_ms",
+                "params_total",
+            ):
                 assert float(got[key]) == pytest.approx(t.user_attrs[key]), key
             assert got["config"].startswith('{"model"')
             assert served[t.number]["state"].lower() == "complete"

@@ -13,7 +13,6 @@ import optuna
 import pytest
 from PIL import Image
 
-import automl_cxr.cli._deploy  # noqa: F401  (registers the commands until cli._register does)
 from automl_cxr.cli import main
 from automl_cxr.data import decode_gray, load_dataset, read_cohen
 from automl_cxr.deploy import (
@@ -26,23 +25,6 @@ from automl_cxr.deploy import (
     training_data,
 )
 from automl_cxr.errors import ConfigError, DataError
-from automl_cxr.study import SearchSettings, run_search
-
-
-@pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
-    """One small real study (smoke profile) on the paper's three-class recipe."""
-    db = tmp_path_factory.mktemp("deploy") / "s.db"
-    run_search(
-        SearchSettings(
-            dataset="three_class",
-            trials=2,
-            data_dir=prepared_dir,
-            storage=str(db),
-            profile="smoke",
-        )
-    )
-    return db
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import automl_cxr.cli._deploy  # noqa: F401  (registers the commands until cli._register does)
 from automl_cxr.cli import main
 from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.diagnostics import (
@@ -23,24 +22,6 @@ from automl_cxr.diagnostics import (
     source_probe,
 )
 from automl_cxr.errors import ConfigError
-from automl_cxr.study import SearchSettings, run_search
-
-
-@pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
-    """One small real study (smoke profile, three_class = the paper's recipe)."""
-    db = tmp_path_factory.mktemp("diag") / "s.db"
-    run_search(
-        SearchSettings(
-            dataset="three_class",
-            trials=2,
-            data_dir=prepared_dir,
-            storage=str(db),
-            profile="smoke",
-        )
-    )
-    return db
-
 
 # ----------------------------------------------------------------------------- source probe
 

@@ -30,8 +30,14 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # The default run builds the paper's MobileNetV2, EfficientNet-Lite0 and the tiny test models;
 # the rest of the catalogue (seconds each on a 2-core machine) runs with `-m slow`.
-FAST = {"mobilenetv2_100", "tf_efficientnet_lite0", "test_efficientnet", "test_resnet",
-        "test_convnext", "test_vit"}
+FAST = {
+    "mobilenetv2_100",
+    "tf_efficientnet_lite0",
+    "test_efficientnet",
+    "test_resnet",
+    "test_convnext",
+    "test_vit",
+}
 
 
 def _size(name: str) -> int:
@@ -54,8 +60,10 @@ def _gray(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "name",
-    [s.name if s.name in FAST else pytest.param(s.name, marks=pytest.mark.slow)
-     for s in list_backbones()],
+    [
+        s.name if s.name in FAST else pytest.param(s.name, marks=pytest.mark.slow)
+        for s in list_backbones()
+    ],
 )
 def test_build_every_catalogue_entry(name: str):
     model = _build(name)
@@ -101,8 +109,15 @@ def test_drop_path_rate_is_passed_on_or_refused():
 # One of each family in the default run; the paper's other families with `-m slow`.
 FAMILIES = ["test_efficientnet", "test_resnet", "test_convnext", "mobilenetv2_100"] + [
     pytest.param(n, marks=pytest.mark.slow)
-    for n in ("tf_efficientnet_lite0", "mobilenetv3_large_100", "resnet18", "densenet121",
-              "inception_v3", "legacy_xception", "vgg19")
+    for n in (
+        "tf_efficientnet_lite0",
+        "mobilenetv3_large_100",
+        "resnet18",
+        "densenet121",
+        "inception_v3",
+        "legacy_xception",
+        "vgg19",
+    )
 ]
 
 
@@ -166,11 +181,24 @@ def test_full_depth_trains_only_the_head():
 # -- split_frozen ---------------------------------------------------------------------------------
 
 
-SPLIT = ["test_efficientnet", "test_resnet", "test_convnext", "mobilenetv2_100",
-         "tf_efficientnet_lite0"] + [
+SPLIT = [
+    "test_efficientnet",
+    "test_resnet",
+    "test_convnext",
+    "mobilenetv2_100",
+    "tf_efficientnet_lite0",
+] + [
     pytest.param(n, marks=pytest.mark.slow)
-    for n in ("resnet50", "densenet121", "inception_v3", "legacy_xception",
-              "inception_resnet_v2", "vgg19", "convnext_tiny", "regnety_016")
+    for n in (
+        "resnet50",
+        "densenet121",
+        "inception_v3",
+        "legacy_xception",
+        "inception_resnet_v2",
+        "vgg19",
+        "convnext_tiny",
+        "regnety_016",
+    )
 ]
 
 

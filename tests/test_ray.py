@@ -22,8 +22,18 @@ ray = pytest.importorskip("ray")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RESULT_KEYS = {
-    "accuracy", "covid_sensitivity", "covid_specificity", "macro_f1", "auc", "metrics",
-    "config", "params_total", "params_trainable", "latency_ms", "train_seconds", "device",
+    "accuracy",
+    "covid_sensitivity",
+    "covid_specificity",
+    "macro_f1",
+    "auc",
+    "metrics",
+    "config",
+    "params_total",
+    "params_trainable",
+    "latency_ms",
+    "train_seconds",
+    "device",
     "worker",
 }
 
@@ -41,10 +51,17 @@ def _window(t: optuna.trial.FrozenTrial) -> tuple[datetime, datetime]:
 
 def test_unknown_scheduler_is_a_config_error_before_ray_starts(prepared_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"'pbt'.*asha"):
-        run_search(SearchSettings(
-            dataset="three_class", trials=1, data_dir=prepared_dir,
-            storage=str(tmp_path / "s.db"), profile="smoke", backend="ray", scheduler="pbt",
-        ))
+        run_search(
+            SearchSettings(
+                dataset="three_class",
+                trials=1,
+                data_dir=prepared_dir,
+                storage=str(tmp_path / "s.db"),
+                profile="smoke",
+                backend="ray",
+                scheduler="pbt",
+            )
+        )
     assert not ray.is_initialized()
 
 
@@ -54,15 +71,22 @@ def test_driver_maps_tune_outcomes_to_optuna_states():
     study = optuna.create_study(direction="maximize")
     seen = []
     driver = ray_backend._Driver(
-        study, None, target=9, finished_states=FINISHED, timeout=None,
-        on_trial=lambda s, t: seen.append(t.state), stopped={"t2"}, scheduler_name="asha",
+        study,
+        None,
+        target=9,
+        finished_states=FINISHED,
+        timeout=None,
+        on_trial=lambda s, t: seen.append(t.state),
+        stopped={"t2"},
+        scheduler_name="asha",
     )
     for i in range(5):
         t = study.ask()
         t.report(0.5, 0)
         driver.live[f"t{i}"] = ray_backend._Live(t._trial_id, t.number)
-    driver.on_trial_complete("t0", {"final": True, "optuna_state": "COMPLETE",
-                                    "optuna_values": [0.75]}, False)
+    driver.on_trial_complete(
+        "t0", {"final": True, "optuna_state": "COMPLETE", "optuna_values": [0.75]}, False
+    )
     driver.on_trial_complete("t1", None, True)
     driver.on_trial_complete("t2", {"step": 0, "value": 0.5}, False)
     driver.on_trial_complete("t3", {"step": 0, "value": 0.5}, False)
@@ -84,8 +108,13 @@ def test_asha_needs_one_objective_and_spans_every_step():
     from automl_cxr.study import get_profile, load_space
 
     profile, space = get_profile("smoke"), load_space(None)
-    multi = SearchSettings(dataset="three_class", trials=1, data_dir=".",
-                           objectives=["accuracy", "latency"], backend="ray")
+    multi = SearchSettings(
+        dataset="three_class",
+        trials=1,
+        data_dir=".",
+        objectives=["accuracy", "latency"],
+        backend="ray",
+    )
     with pytest.raises(ConfigError, match="single objective"):
         ray_backend.make_scheduler("asha", multi, profile, space)
     single = SearchSettings(dataset="three_class", trials=1, data_dir=".", backend="ray")
@@ -99,8 +128,15 @@ def test_two_concurrent_trials_keep_the_local_record(prepared_dir, tmp_path):
     seen: list[optuna.trial.FrozenTrial] = []
     db = str(tmp_path / "ray.db")
     summary = run_search(
-        SearchSettings(dataset="three_class", trials=3, data_dir=prepared_dir, storage=db,
-                       profile="smoke", backend="ray", workers=2),
+        SearchSettings(
+            dataset="three_class",
+            trials=3,
+            data_dir=prepared_dir,
+            storage=db,
+            profile="smoke",
+            backend="ray",
+            workers=2,
+        ),
         on_trial=lambda study, t: seen.append(t),
     )
     assert not ray.is_initialized(), "run_ray must shut down the Ray instance it started"
@@ -133,8 +169,16 @@ def test_two_concurrent_trials_keep_the_local_record(prepared_dir, tmp_path):
 
     # The same user attributes as a local run (plus where Ray placed the trial).
     local_db = str(tmp_path / "local.db")
-    local = run_search(SearchSettings(dataset="three_class", trials=1, data_dir=prepared_dir,
-                                      storage=local_db, profile="smoke", pruner="none"))
+    local = run_search(
+        SearchSettings(
+            dataset="three_class",
+            trials=1,
+            data_dir=prepared_dir,
+            storage=local_db,
+            profile="smoke",
+            pruner="none",
+        )
+    )
     (lt,) = _load(local_db, local.study_name).get_trials()
     assert lt.state == TrialState.COMPLETE
     for t in complete:
@@ -172,10 +216,20 @@ def test_fractional_gpus_fall_back_to_cpu_and_asha_stops_become_pruned(
 
     monkeypatch.setattr(ray_backend._RecordingASHA, "on_trial_result", on_trial_result)
     db = str(tmp_path / "gpu.db")
-    summary = run_search(SearchSettings(
-        dataset="three_class", trials=2, data_dir=prepared_dir, storage=db, profile="smoke",
-        backend="ray", workers=2, gpus_per_trial=0.5, scheduler="asha", pruner="none",
-    ))
+    summary = run_search(
+        SearchSettings(
+            dataset="three_class",
+            trials=2,
+            data_dir=prepared_dir,
+            storage=db,
+            profile="smoke",
+            backend="ray",
+            workers=2,
+            gpus_per_trial=0.5,
+            scheduler="asha",
+            pruner="none",
+        )
+    )
     assert ray.is_initialized(), "a Ray instance the caller started stays up"
     assert ray.cluster_resources().get("GPU") == 4
 

@@ -21,11 +21,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AUTOML_CXR_TEST_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "AUTOML_CXR_TEST_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "automl_cxr", *args],
-        cwd=kw.get("cwd", REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=kw.get("cwd", REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
 
@@ -42,8 +49,8 @@ def _study(db: Path) -> optuna.Study:
 
 
 def _wait_for_running_trial(db: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
-    """Poll the SQLite file until a trial of this process is RUNNING with exactly one
-    intermediate value (it has started training and has most of its epochs ahead)."""
+    """Poll the SQLite file until a trial of this process is RUNNING and still in its first
+    fold (it has started training and has most of its epochs ahead)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
@@ -56,7 +63,7 @@ def _wait_for_running_trial(db: Path, proc: subprocess.Popen, timeout: float = 1
                         "ON v.trial_id = t.trial_id JOIN trial_user_attributes a "
                         "ON a.trial_id = t.trial_id AND a.key = 'worker' "
                         "WHERE t.state = 'RUNNING' AND a.value_json LIKE ? "
-                        "GROUP BY t.trial_id HAVING COUNT(v.step) = 1 LIMIT 1",
+                        "GROUP BY t.trial_id HAVING COUNT(v.step) BETWEEN 1 AND 6 LIMIT 1",
                         (f'%"pid": {proc.pid}%',),
                     ).fetchone()
                 if row:
@@ -67,6 +74,14 @@ def _wait_for_running_trial(db: Path, proc: subprocess.Popen, timeout: float = 1
     raise AssertionError("no running trial appeared")
 
 
+@pytest.fixture(scope="module")
+def slow_space(tmp_path_factory) -> Path:
+    """The default space with 12 epochs, so a smoke trial lasts long enough to be killed."""
+    p = tmp_path_factory.mktemp("space") / "slow.yaml"
+    p.write_text((REPO / "studies" / "default.yaml").read_text() + "\nepochs: 12\n")
+    return p
+
+
 def _snapshot(study: optuna.Study) -> dict:
     return {
         t.number: (t.params, t.values, t.user_attrs.get("accuracy"), t.user_attrs.get("config"))
@@ -75,10 +90,30 @@ def _snapshot(study: optuna.Study) -> dict:
     }
 
 
-def test_sigkill_mid_trial_then_resume(tmp_path: Path, prepared_dir: Path) -> None:
+def test_sigkill_mid_trial_then_resume(
+    tmp_path: Path, prepared_dir: Path, slow_space: Path
+) -> None:
+    from automl_cxr.study._runner import MAX_RETRIES
+
     db = tmp_path / "crash.db"
-    args = ["search", "--dataset", "three_class", "--trials", "5", "--profile", "smoke",
-            "--storage", str(db), "--data-dir", str(prepared_dir), "--quiet", "--pruner", "none"]
+    args = [
+        "search",
+        "--dataset",
+        "three_class",
+        "--trials",
+        "4",
+        "--profile",
+        "smoke",
+        "--storage",
+        str(db),
+        "--data-dir",
+        str(prepared_dir),
+        "--quiet",
+        "--pruner",
+        "none",
+        "--space",
+        str(slow_space),
+    ]
     killed: list[int] = []
     before: dict = {}
     attempts = 0
@@ -105,14 +140,36 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, prepared_dir: Path) -> No
         assert states[n] == "FAIL"
         assert "worker process died" in study.trials[n].user_attrs["fail_reason"]
     retried = {t.user_attrs.get("retry_of") for t in study.trials} - {None}
-    assert set(killed) <= retried
-    assert sum(s in ("COMPLETE", "PRUNED") for s in states.values()) == 5
+    for n in killed:  # retried with the same parameters, unless its retry budget is spent
+        t = study.trials[n]
+        assert n in retried or t.user_attrs.get("retries", 0) >= MAX_RETRIES
+    for t in study.trials:
+        if t.user_attrs.get("retry_of") is not None:
+            assert t.params == study.trials[t.user_attrs["retry_of"]].params
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states.values()) == 4
 
 
-def test_sigint_stops_cleanly_with_resume_hint(tmp_path: Path, prepared_dir: Path) -> None:
+def test_sigint_stops_cleanly_with_resume_hint(
+    tmp_path: Path, prepared_dir: Path, slow_space: Path
+) -> None:
     db = tmp_path / "int.db"
-    proc = _cli("search", "--dataset", "three_class", "--trials", "3", "--profile", "smoke",
-                "--storage", str(db), "--data-dir", str(prepared_dir), "--pruner", "none")
+    proc = _cli(
+        "search",
+        "--dataset",
+        "three_class",
+        "--trials",
+        "3",
+        "--profile",
+        "smoke",
+        "--storage",
+        str(db),
+        "--data-dir",
+        str(prepared_dir),
+        "--pruner",
+        "none",
+        "--space",
+        str(slow_space),
+    )
     number = _wait_for_running_trial(db, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -126,9 +183,24 @@ def test_sigint_stops_cleanly_with_resume_hint(tmp_path: Path, prepared_dir: Pat
 
 def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
     db = tmp_path / "par.db"
-    res = _run("search", "--dataset", "binary", "--trials", "4", "--profile", "smoke",
-               "--storage", str(db), "--data-dir", str(prepared_dir), "--workers", "2",
-               "--cpus-per-trial", "1", "--quiet")
+    res = _run(
+        "search",
+        "--dataset",
+        "binary",
+        "--trials",
+        "4",
+        "--profile",
+        "smoke",
+        "--storage",
+        str(db),
+        "--data-dir",
+        str(prepared_dir),
+        "--workers",
+        "2",
+        "--cpus-per-trial",
+        "1",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     study = _study(db)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -143,9 +215,27 @@ def test_four_workers_on_postgresql(prepared_dir: Path) -> None:
     if not url:
         pytest.skip("AUTOML_CXR_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)")
     name = f"pg-{os.getpid()}-{time.time_ns()}"
-    res = _run("search", "--dataset", "binary", "--trials", "8", "--profile", "smoke",
-               "--storage", url, "--study-name", name, "--data-dir", str(prepared_dir),
-               "--workers", "4", "--cpus-per-trial", "1", "--quiet", timeout=600)
+    res = _run(
+        "search",
+        "--dataset",
+        "binary",
+        "--trials",
+        "8",
+        "--profile",
+        "smoke",
+        "--storage",
+        url,
+        "--study-name",
+        name,
+        "--data-dir",
+        str(prepared_dir),
+        "--workers",
+        "4",
+        "--cpus-per-trial",
+        "1",
+        "--quiet",
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=url)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -176,8 +266,14 @@ def _inject(monkeypatch, faults: dict[int, BaseException]) -> list[int]:
 
 
 def _settings(tmp_path: Path, prepared_dir: Path, trials: int) -> SearchSettings:
-    return SearchSettings(dataset="binary", trials=trials, data_dir=prepared_dir,
-                          storage=str(tmp_path / "f.db"), profile="smoke", pruner="none")
+    return SearchSettings(
+        dataset="binary",
+        trials=trials,
+        data_dir=prepared_dir,
+        storage=str(tmp_path / "f.db"),
+        profile="smoke",
+        pruner="none",
+    )
 
 
 def test_exception_nan_and_oom_do_not_stop_the_study(
@@ -185,11 +281,14 @@ def test_exception_nan_and_oom_do_not_stop_the_study(
 ) -> None:
     from automl_cxr.errors import TrialFailed
 
-    _inject(monkeypatch, {
-        0: ValueError("boom in trial"),
-        1: TrialFailed("training loss became nan in fold 0 epoch 0 step 3", kind="nan"),
-        2: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    })
+    _inject(
+        monkeypatch,
+        {
+            0: ValueError("boom in trial"),
+            1: TrialFailed("training loss became nan in fold 0 epoch 0 step 3", kind="nan"),
+            2: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        },
+    )
     summary = run_search(_settings(tmp_path, prepared_dir, 2))
     study = _study(tmp_path / "f.db")
     t0, t1, t2 = study.trials[:3]
@@ -243,23 +342,44 @@ def bad_input_env(tmp_path_factory, shared_data: Path) -> dict:
 
 
 CASES = {
-    "unknown dataset": (["search", "--dataset", "five_class", "--trials", "1"],
-                        "unknown dataset 'five_class'"),
+    "unknown dataset": (
+        ["search", "--dataset", "five_class", "--trials", "1"],
+        "unknown dataset 'five_class'",
+    ),
     "unknown backbone": (["models", "check", "resnet5O"], "resnet5O"),
-    "invalid space": (["search", "--dataset", "three_class", "--trials", "1", "--space",
-                       "{space}"], "unknown key(s) ['frozen_layers']"),
-    "empty data dir": (["data", "info", "three_class", "--data-dir", "{empty}"],
-                       "data prepare"),
-    "unreadable image": (["data", "prepare", "--folder", "{folder}", "--name", "mine",
-                          "--data-dir", "{root}/d"], "broken.jpeg"),
-    "storage cannot open": (["search", "--dataset", "three_class", "--trials", "1", "--storage",
-                             "mysql://nobody@127.0.0.1:1/none"], "cannot open storage"),
-    "data dir not writable": (["data", "prepare", "--folder", "{folder}", "--name", "x",
-                               "--data-dir", "{space}/sub"], "not writable"),
-    "trials zero": (["search", "--dataset", "three_class", "--trials", "0"],
-                    "trials must be at least 1, but got trials=0"),
-    "trials negative": (["search", "--dataset", "three_class", "--trials", "-2"],
-                        "trials must be at least 1, but got trials=-2"),
+    "invalid space": (
+        ["search", "--dataset", "three_class", "--trials", "1", "--space", "{space}"],
+        "unknown key(s) ['frozen_layers']",
+    ),
+    "empty data dir": (["data", "info", "three_class", "--data-dir", "{empty}"], "data prepare"),
+    "unreadable image": (
+        ["data", "prepare", "--folder", "{folder}", "--name", "mine", "--data-dir", "{root}/d"],
+        "broken.jpeg",
+    ),
+    "storage cannot open": (
+        [
+            "search",
+            "--dataset",
+            "three_class",
+            "--trials",
+            "1",
+            "--storage",
+            "mysql://nobody@127.0.0.1:1/none",
+        ],
+        "cannot open storage",
+    ),
+    "data dir not writable": (
+        ["data", "prepare", "--folder", "{folder}", "--name", "x", "--data-dir", "{space}/sub"],
+        "not writable",
+    ),
+    "trials zero": (
+        ["search", "--dataset", "three_class", "--trials", "0"],
+        "trials must be at least 1, but got trials=0",
+    ),
+    "trials negative": (
+        ["search", "--dataset", "three_class", "--trials", "-2"],
+        "trials must be at least 1, but got trials=-2",
+    ),
     "report missing study file": (["report", "{root}/nope.db"], "not found"),
 }
 
@@ -280,8 +400,18 @@ def test_bad_input_table(case: str, bad_input_env: dict, prepared_dir: Path) -> 
 
 def test_skip_bad_keeps_going_and_lists_rejects(bad_input_env: dict) -> None:
     d = bad_input_env["root"] / "d2"
-    res = _run("data", "prepare", "--folder", str(bad_input_env["folder"]), "--name", "mine",
-               "--data-dir", str(d), "--skip-bad", "-q")
+    res = _run(
+        "data",
+        "prepare",
+        "--folder",
+        str(bad_input_env["folder"]),
+        "--name",
+        "mine",
+        "--data-dir",
+        str(d),
+        "--skip-bad",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     assert "rejected" in res.stdout
     info = _run("data", "info", "mine", "--data-dir", str(d), "--json")

@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-import automl_cxr.cli._report  # noqa: F401  (registers `report` until cli/__init__ imports it)
 from automl_cxr.cli import main
 from automl_cxr.engine import paired_comparison
 from automl_cxr.errors import ConfigError, StorageError
@@ -51,12 +50,21 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 def _build_study(db: Path, prepared_dir: Path) -> None:
     """A real smoke-profile study, plus one FAIL, one PRUNED and one RUNNING trial by hand."""
-    run_search(SearchSettings(dataset="three_class", trials=5, data_dir=prepared_dir,
-                              storage=str(db), profile="smoke", seed=0))
+    run_search(
+        SearchSettings(
+            dataset="three_class",
+            trials=5,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+            seed=0,
+        )
+    )
     url = f"sqlite:///{db}"  # no heartbeat: the trials below are made by hand, not optimize()
     (name,) = optuna.get_all_study_names(url)
-    study = optuna.load_study(study_name=name, storage=url,
-                              sampler=optuna.samplers.RandomSampler(seed=1))
+    study = optuna.load_study(
+        study_name=name, storage=url, sampler=optuna.samplers.RandomSampler(seed=1)
+    )
     dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True)}
     failed = study.ask(dist)
     failed.set_user_attr("fail_reason", "training loss became nan (by hand)")
@@ -80,11 +88,11 @@ def study_db(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
     db = folder / "s.db"
     with (folder / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not db.exists():
-            part = folder / f"building-{os.getpid()}.db"
-            part.unlink(missing_ok=True)
-            _build_study(part, request.getfixturevalue("prepared_dir"))
-            part.rename(db)
+        done = folder / "done"
+        if not done.exists():  # built in place under the lock; `done` marks it complete
+            db.unlink(missing_ok=True)
+            _build_study(db, request.getfixturevalue("prepared_dir"))
+            done.touch()
     return db
 
 
@@ -115,15 +123,25 @@ def _clip(x):
 def test_leaderboard_matches_stored_values(study: optuna.Study, data) -> None:
     metric = study.user_attrs["metric"]
     assert data.metric == metric == "balanced_accuracy"
-    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE
-                and t.user_attrs.get(metric) is not None]
+    complete = [
+        t
+        for t in study.get_trials()
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(metric) is not None
+    ]
     board = data.board
     assert len(board) == len(complete) >= 2
     assert set(board["number"]) == {t.number for t in complete}
     by_number = {t.number: t for t in complete}
     # Order: the stored fold mean, descending; ties broken by the stored latency, then size.
-    keys = [(-by_number[n].user_attrs[metric], by_number[n].user_attrs["latency_ms"],
-             by_number[n].user_attrs["params_total"], n) for n in board["number"]]
+    keys = [
+        (
+            -by_number[n].user_attrs[metric],
+            by_number[n].user_attrs["latency_ms"],
+            by_number[n].user_attrs["params_total"],
+            n,
+        )
+        for n in board["number"]
+    ]
     assert keys == sorted(keys)
     assert list(board["rank"]) == list(range(1, len(board) + 1))
     for r in board.itertuples():
@@ -153,8 +171,9 @@ def test_leaderboard_matches_stored_values(study: optuna.Study, data) -> None:
 
 def test_failed_pruned_running_are_counted_not_ranked(study: optuna.Study, data) -> None:
     trials = study.get_trials()
-    expected = {s: sum(t.state.name == s for t in trials)
-                for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    expected = {
+        s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+    }
     assert expected["FAIL"] >= 1 and expected["PRUNED"] >= 1 and expected["RUNNING"] == 1
     for s, n in expected.items():
         assert data.counts[s] == n
@@ -166,10 +185,13 @@ def test_failed_pruned_running_are_counted_not_ranked(study: optuna.Study, data)
     # Every trial is in the records, pruned and running ones in the learning curves.
     assert set(data.records["number"]) == {t.number for t in trials}
     assert unranked - {t.number for t in trials if t.state == TrialState.FAIL} <= set(
-        data.curves["number"])
-    assert (data.curves.dropna(subset=["fold"])["step"] ==
-            data.curves.dropna(subset=["fold"])["fold"] * 2
-            + data.curves.dropna(subset=["fold"])["epoch"]).all()
+        data.curves["number"]
+    )
+    assert (
+        data.curves.dropna(subset=["fold"])["step"]
+        == data.curves.dropna(subset=["fold"])["fold"] * 2
+        + data.curves.dropna(subset=["fold"])["epoch"]
+    ).all()
 
 
 def test_not_worse_marks_follow_the_paired_test(data) -> None:
@@ -184,8 +206,11 @@ def test_not_worse_marks_follow_the_paired_test(data) -> None:
 
 
 def test_best_per_group_on_the_real_study(data) -> None:
-    for frame, by in ((data.by_backbone, "backbone"), (data.by_frozen, "frozen_depth"),
-                      (data.by_head, "head")):
+    for frame, by in (
+        (data.by_backbone, "backbone"),
+        (data.by_frozen, "frozen_depth"),
+        (data.by_head, "head"),
+    ):
         assert sorted(frame[by]) == sorted(set(data.board[by].astype(str)))
         assert frame["n_trials"].sum() == len(data.board)
         for r in frame.itertuples():
@@ -214,7 +239,7 @@ def test_not_worse_than_best_handcrafted() -> None:
         2: [0.91, 0.90, 0.92, 0.92, 0.89],  # as good within noise
         3: [0.95, 0.96, 0.94, 0.97, 0.95],  # better (cannot happen for the real best)
         4: [0.89, 0.91, 0.90, 0.92, 0.89],  # worse by exactly 0.01 on every fold
-        5: [0.91],                          # other folds
+        5: [0.91],  # other folds
     }
     marks = not_worse_than_best(folds, 0)
     assert marks[0] == {"p_value": 1.0, "mean_diff": 0.0, "n": 5, "not_worse": True}
@@ -242,23 +267,39 @@ def test_not_worse_than_best_handcrafted() -> None:
 
 
 def _records(rows: list[dict]) -> pd.DataFrame:
-    base = {"state": "COMPLETE", "ci_low": math.nan, "ci_high": math.nan, "latency_ms": 1.0,
-            "params_total": 1000.0, "splits": None, "backbone": "a", "head": "linear",
-            "frozen_depth": "1/4", "hover": ""}
+    base = {
+        "state": "COMPLETE",
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "latency_ms": 1.0,
+        "params_total": 1000.0,
+        "splits": None,
+        "backbone": "a",
+        "head": "linear",
+        "frozen_depth": "1/4",
+        "hover": "",
+    }
     return pd.DataFrame([{**base, **r} for r in rows])
 
 
 def test_leaderboard_ties_broken_by_cost() -> None:
-    recs = _records([
-        {"number": 0, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": 5.0},
-        {"number": 1, "value": 0.9, "folds": [0.9, 0.9], "latency_ms": 9.0},
-        {"number": 2, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": 2.0},
-        {"number": 3, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": 2.0,
-         "params_total": 10.0},
-        {"number": 4, "value": math.nan, "folds": [math.nan] * 2},
-        {"number": 5, "value": 0.99, "folds": [0.99] * 2, "state": "PRUNED"},
-        {"number": 6, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": math.nan},
-    ])
+    recs = _records(
+        [
+            {"number": 0, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": 5.0},
+            {"number": 1, "value": 0.9, "folds": [0.9, 0.9], "latency_ms": 9.0},
+            {"number": 2, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": 2.0},
+            {
+                "number": 3,
+                "value": 0.8,
+                "folds": [0.8, 0.8],
+                "latency_ms": 2.0,
+                "params_total": 10.0,
+            },
+            {"number": 4, "value": math.nan, "folds": [math.nan] * 2},
+            {"number": 5, "value": 0.99, "folds": [0.99] * 2, "state": "PRUNED"},
+            {"number": 6, "value": 0.8, "folds": [0.8, 0.8], "latency_ms": math.nan},
+        ]
+    )
     board = leaderboard(recs)
     assert list(board["number"]) == [1, 3, 2, 0, 6]
     assert list(board["rank"]) == [1, 2, 3, 4, 5]
@@ -267,14 +308,23 @@ def test_leaderboard_ties_broken_by_cost() -> None:
 
 
 def test_groupings_history_pareto_paper_handcrafted() -> None:
-    recs = _records([
-        {"number": 0, "value": 0.70, "folds": [0.7, 0.7], "backbone": "b", "head": "mlp"},
-        {"number": 1, "value": 0.90, "folds": [0.9, 0.9], "backbone": "a"},
-        {"number": 2, "state": "FAIL", "value": math.nan, "folds": []},
-        {"number": 3, "value": 0.80, "folds": [0.8, 0.8], "backbone": "b"},
-        {"number": 4, "value": 0.95, "folds": [0.95, 0.95], "backbone": "a",
-         "accuracy": 0.9, "accuracy_ci_low": 0.85, "accuracy_ci_high": 0.95},
-    ])
+    recs = _records(
+        [
+            {"number": 0, "value": 0.70, "folds": [0.7, 0.7], "backbone": "b", "head": "mlp"},
+            {"number": 1, "value": 0.90, "folds": [0.9, 0.9], "backbone": "a"},
+            {"number": 2, "state": "FAIL", "value": math.nan, "folds": []},
+            {"number": 3, "value": 0.80, "folds": [0.8, 0.8], "backbone": "b"},
+            {
+                "number": 4,
+                "value": 0.95,
+                "folds": [0.95, 0.95],
+                "backbone": "a",
+                "accuracy": 0.9,
+                "accuracy_ci_low": 0.85,
+                "accuracy_ci_high": 0.95,
+            },
+        ]
+    )
     board = leaderboard(recs)
     g = best_per_group(board, "backbone")
     assert g[["backbone", "n_trials", "number"]].values.tolist() == [["a", 2, 4], ["b", 2, 3]]
@@ -282,9 +332,21 @@ def test_groupings_history_pareto_paper_handcrafted() -> None:
     assert h["number"].tolist() == [0, 1, 2, 3, 4]
     assert h["best_so_far"].tolist() == [0.70, 0.90, 0.90, 0.90, 0.95]
     assert pareto_flags([0.9, 0.8, 0.95, 0.7, math.nan], [1, 1, 3, 0.5, 0.1]) == [
-        True, False, True, True, False]
-    pt = paper_table(board, {"accuracy": 0.9678, "covid_sensitivity": 0.9866,
-                             "covid_specificity": 0.9646, "reference": "A & M 2020"})
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
+    pt = paper_table(
+        board,
+        {
+            "accuracy": 0.9678,
+            "covid_sensitivity": 0.9866,
+            "covid_specificity": 0.9646,
+            "reference": "A & M 2020",
+        },
+    )
     assert pt["row"].tolist() == ["best overall", "best a", "best b", "A & M 2020 (reported)"]
     assert pt.iloc[0]["trial"] == 4 and pt.iloc[0]["accuracy_ci_low"] == 0.85
     assert pt.iloc[-1]["accuracy"] == 0.9678 and pt.iloc[-1]["source"] == "paper"
@@ -309,15 +371,21 @@ def test_partial_records_and_multi_objective_in_memory() -> None:
     study = optuna.create_study(directions=["minimize", "maximize"])
     study.set_user_attr("objectives", ["latency", "accuracy"])
     study.set_user_attr("metric", "latency")
-    dists = {"backbone": optuna.distributions.CategoricalDistribution(["a", "b"]),
-             "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
-    for i, (bb, acc, lat) in enumerate([("a", 0.8, 3.0), ("b", 0.9, 9.0), ("a", 0.9, 4.0),
-                                         ("b", None, 1.0)]):
-        study.add_trial(optuna.trial.create_trial(
-            params={"backbone": bb, "lr": 10 ** -(i + 1)}, distributions=dists,
-            values=[lat, acc if acc is not None else 0.0],
-            user_attrs={"accuracy": acc, "latency_ms": lat, "params_total": 1000 * (i + 1)},
-        ))
+    dists = {
+        "backbone": optuna.distributions.CategoricalDistribution(["a", "b"]),
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+    }
+    for i, (bb, acc, lat) in enumerate(
+        [("a", 0.8, 3.0), ("b", 0.9, 9.0), ("a", 0.9, 4.0), ("b", None, 1.0)]
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"backbone": bb, "lr": 10 ** -(i + 1)},
+                distributions=dists,
+                values=[lat, acc if acc is not None else 0.0],
+                user_attrs={"accuracy": acc, "latency_ms": lat, "params_total": 1000 * (i + 1)},
+            )
+        )
     data = build_report_data(study)
     assert data.metric == "accuracy"
     assert list(data.board["number"]) == [2, 1, 0]  # 0.9 (4 ms) before 0.9 (9 ms)
@@ -335,8 +403,19 @@ def test_partial_records_and_multi_objective_in_memory() -> None:
 
 def test_figures_are_drawn_from_the_data(data) -> None:
     figs = build_figures(data)
-    assert list(figs) == ["backbones", "frozen", "heads", "lr", "parallel", "importance",
-                          "history", "pareto", "confusion", "roc", "curves"]
+    assert list(figs) == [
+        "backbones",
+        "frozen",
+        "heads",
+        "lr",
+        "parallel",
+        "importance",
+        "history",
+        "pareto",
+        "confusion",
+        "roc",
+        "curves",
+    ]
     # Backbone boxes hold exactly the ranked scores, with each trial's parameters on hover.
     ys = sorted(v for tr in figs["backbones"].data for v in tr.y)
     assert ys == pytest.approx(sorted(data.board["value"]))
@@ -365,13 +444,29 @@ def test_importances(data) -> None:
 
 def test_exports_exist_and_parse(data, report_dir: Path) -> None:
     names = {p.name for p in report_dir.iterdir()}
-    assert names == {"index.html", "report.md", "leaderboard.csv", "leaderboard.json",
-                     "trials.csv", "best_per_group.csv", "paper_table.csv", "paper_table.md"}
+    assert names == {
+        "index.html",
+        "report.md",
+        "leaderboard.csv",
+        "leaderboard.json",
+        "trials.csv",
+        "best_per_group.csv",
+        "paper_table.csv",
+        "paper_table.md",
+    }
     csv = pd.read_csv(report_dir / "leaderboard.csv")
     assert csv["trial"].tolist() == data.board["number"].tolist()
     assert csv["balanced_accuracy"].tolist() == pytest.approx(data.board["value"].tolist())
-    assert {"ci_low", "ci_high", "covid_sensitivity", "covid_specificity", "latency_ms",
-            "params_total", "not_worse", "params"} <= set(csv.columns)
+    assert {
+        "ci_low",
+        "ci_high",
+        "covid_sensitivity",
+        "covid_specificity",
+        "latency_ms",
+        "params_total",
+        "not_worse",
+        "params",
+    } <= set(csv.columns)
     json.loads(csv["params"].iloc[0])
     js = json.loads((report_dir / "leaderboard.json").read_text())
     assert [r["number"] for r in js["leaderboard"]] == csv["trial"].tolist()
@@ -403,8 +498,9 @@ def test_html_is_self_contained(data, report_dir: Path) -> None:
     assert "https://cdn.plot.ly/plotly" not in page
     assert len(page) > 3_000_000 and "Plotly.newPlot" in page  # plotly.js itself inlined
     figs = json.loads(
-        re.search(r'<script type="application/json" id="figure-data">(.*?)</script>', page,
-                  re.S).group(1)
+        re.search(
+            r'<script type="application/json" id="figure-data">(.*?)</script>', page, re.S
+        ).group(1)
     )
     assert list(figs) == list(build_figures(data))
     for key in figs:
@@ -427,8 +523,9 @@ def test_render_html_escapes_names(data) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_report_writes_default_folder(study_db: Path, tmp_path: Path, monkeypatch,
-                                          capsys) -> None:
+def test_cli_report_writes_default_folder(
+    study_db: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["report", str(study_db), "--top", "3"]) == 0
     cap = capsys.readouterr()
@@ -477,8 +574,9 @@ def test_cli_errors(study_db: Path, tmp_path: Path, capsys) -> None:
     msg = err(["report", str(empty)])
     assert "empty-study" in msg and "no complete trial" in msg
     # A study whose trials all failed: counted in the message.
-    failed = optuna.create_study(storage=f"sqlite:///{tmp_path / 'failed.db'}",
-                                 study_name="all-failed")
+    failed = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'failed.db'}", study_name="all-failed"
+    )
     failed.tell(failed.ask(), state=TrialState.FAIL)
     assert "1 fail" in err(["report", str(tmp_path / "failed.db")])
     # Several studies and no --study-name: the error lists them.
@@ -544,9 +642,13 @@ def test_build_report_data_rejects_empty_in_memory() -> None:
 
 
 def _chromium(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CHROMIUM), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HOME": os.environ.get(
-                              "HOME", "/tmp")})
+    return subprocess.run(
+        [str(CHROMIUM), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HOME": os.environ.get("HOME", "/tmp")},
+    )
 
 
 _PROBE = (
@@ -569,20 +671,40 @@ def test_page_renders_in_headless_chromium(data, report_dir: Path, tmp_path: Pat
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report-three_class-smoke.png"
     shot.unlink(missing_ok=True)
-    proc = _chromium([
-        "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", "--disable-default-apps", "--disable-extensions",
-        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-        "--virtual-time-budget=10000", "--window-size=1400,4000",
-        f"--screenshot={shot}", "--dump-dom", probe.as_uri(),
-    ])
+    proc = _chromium(
+        [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-unsafe-swiftshader",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-default-apps",
+            "--disable-extensions",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--window-size=1400,4000",
+            f"--screenshot={shot}",
+            "--dump-dom",
+            probe.as_uri(),
+        ]
+    )
     log = proc.stderr
     (ARTIFACTS / "report-chromium.log").write_text(log)
     assert proc.returncode == 0, log[-3000:]
     console = [ln for ln in log.splitlines() if "CONSOLE" in ln]
-    bad = [ln for ln in console if any(k in ln for k in (
-        "Uncaught", "[console.error]", "[window.error]", "[unhandledrejection]"))]
+    bad = [
+        ln
+        for ln in console
+        if any(
+            k in ln
+            for k in ("Uncaught", "[console.error]", "[window.error]", "[unhandledrejection]")
+        )
+    ]
     bad += [ln for ln in log.splitlines() if "ERROR:CONSOLE" in ln]
     assert not bad, "\n".join(bad)
     dom = proc.stdout

@@ -14,36 +14,9 @@ from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.engine import TrainConfig
 from automl_cxr.errors import ConfigError, DataError, StorageError
 from automl_cxr.models import ModelConfig
-from automl_cxr.study import OBJECTIVE_KEYS, open_storage, storage_url, study_names, subsample
+from automl_cxr.study import OBJECTIVE_KEYS, load_study, storage_url, subsample
 
 __all__ = ["TrialSpec", "load_study", "select_trial", "trial_spec", "training_data"]
-
-
-def load_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
-    """An existing study from a SQLite path or storage URL; with several studies in the storage
-    `study_name` must name one (the error lists them)."""
-    backend = open_storage(storage, create=False)
-    url = storage_url(storage)
-    try:
-        names = study_names(backend)
-    except Exception as exc:  # not an Optuna database, a broken URL, ...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StorageError(f"cannot read studies from {url!r}: {msg}") from None
-    if not names:
-        raise StorageError(f"no study in {url!r}: run `automl-cxr search` first")
-    if study_name is None:
-        if len(names) > 1:
-            raise StorageError(
-                f"{len(names)} studies in {url!r}; choose one with --study-name: "
-                f"{', '.join(sorted(names))}"
-            )
-        study_name = names[0]
-    elif study_name not in names:
-        raise StorageError(
-            f"no study named {study_name!r} in {url!r}; the studies there: "
-            f"{', '.join(sorted(names))}"
-        )
-    return optuna.load_study(study_name=study_name, storage=backend)
 
 
 def _primary_index(study: optuna.Study) -> int:

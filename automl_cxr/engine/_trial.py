@@ -170,7 +170,7 @@ class _Session:
         self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ws = model.weight_source
         self.weight_info = asdict(ws) if hasattr(ws, "__dataclass_fields__") else {"repr": repr(ws)}
-        images = torch.from_numpy(np.ascontiguousarray(dataset.images(cfg.resolution)))
+        images = torch.from_numpy(np.array(dataset.images(cfg.resolution)))  # own, writable copy
         self.images = images.unsqueeze(1).to(device)  # uint8 (N, 1, R, R), kept on the device
         self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -415,7 +415,7 @@ def run_trial(
     ext_probs: list[np.ndarray] = []
     ext_images = None
     if external is not None:
-        ext_images = torch.from_numpy(np.ascontiguousarray(external.images(cfg.resolution)))
+        ext_images = torch.from_numpy(np.array(external.images(cfg.resolution)))
         ext_images = ext_images.unsqueeze(1).to(device)
     train_time = 0.0
     n_trained = 0

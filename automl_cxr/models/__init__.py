@@ -1,8 +1,8 @@
 """Model builder: backbone catalogue, frozen depth, head registry, pretrained weights.
 
-    >>> from automl_cxr.models import ModelConfig, build_model
-    >>> model = build_model(ModelConfig("mobilenetv2_100", num_classes=3, frozen_stages=4))
-    >>> logits = model(gray_images)  # (B, 1, H, W) in [0, 1] → (B, 3)
+>>> from automl_cxr.models import ModelConfig, build_model
+>>> model = build_model(ModelConfig("mobilenetv2_100", num_classes=3, frozen_stages=4))
+>>> logits = model(gray_images)  # (B, 1, H, W) in [0, 1] → (B, 3)
 """
 
 from __future__ import annotations

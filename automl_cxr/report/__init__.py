@@ -103,13 +103,15 @@ def load_report(
 ) -> ReportData:
     """Open the study (and the one to compare with) and compute the report's data."""
     study = load_study(storage, study_name)
-    data = build_report_data(study, metric=metric, top=top, alpha=alpha,
-                             storage=storage_url(storage))
+    data = build_report_data(
+        study, metric=metric, top=top, alpha=alpha, storage=storage_url(storage)
+    )
     if compare is not None:
         other = load_study(compare, compare_study_name)
         try:
-            odata = build_report_data(other, metric=data.metric, top=top, alpha=alpha,
-                                      storage=storage_url(compare))
+            odata = build_report_data(
+                other, metric=data.metric, top=top, alpha=alpha, storage=storage_url(compare)
+            )
         except AutomlCxrError as exc:
             raise type(exc)(f"--compare study {other.study_name!r}: {exc}") from None
         name = other.study_name
@@ -137,8 +139,15 @@ def make_report(
     Everything is rendered in memory before the first file is written, and the files are
     written all or none (see :func:`write_files`).
     """
-    data = load_report(storage, study_name=study_name, metric=metric, top=top, alpha=alpha,
-                       compare=compare, compare_study_name=compare_study_name)
+    data = load_report(
+        storage,
+        study_name=study_name,
+        metric=metric,
+        top=top,
+        alpha=alpha,
+        compare=compare,
+        compare_study_name=compare_study_name,
+    )
     page = render_html(data, build_figures(data)) if html else None
     files = report_files(data, page)
     target = Path(out) if out is not None else default_out_dir(data.study_name)

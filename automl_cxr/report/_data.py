@@ -39,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from automl_cxr.engine import paired_comparison
 from automl_cxr.errors import ConfigError, StorageError
-from automl_cxr.study import OBJECTIVE_KEYS, json_safe, open_storage, storage_url, study_names
+from automl_cxr.study import OBJECTIVE_KEYS, json_safe, load_study
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -85,35 +85,6 @@ _COVID = ("covid_sensitivity", "covid_specificity")
 # ----------------------------------------------------------------------------- the study
 
 
-def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
-    """Open an existing study: `storage` is a SQLite path or any Optuna storage URL.
-
-    With one study in the storage it is chosen automatically; with several, `study_name` must
-    name one, and the error lists them.
-    """
-    backend = open_storage(storage, create=False)
-    try:
-        names = study_names(backend)
-    except Exception as exc:  # a file that is not an Optuna database, a broken URL, ...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StorageError(f"cannot read studies from {storage_url(storage)!r}: {msg}") from None
-    if not names:
-        raise StorageError(f"no study in {storage_url(storage)!r}: run `automl-cxr search` first")
-    if study_name is None:
-        if len(names) > 1:
-            raise StorageError(
-                f"{len(names)} studies in {storage_url(storage)!r}; choose one with "
-                f"--study-name: {', '.join(sorted(names))}"
-            )
-        study_name = names[0]
-    elif study_name not in names:
-        raise StorageError(
-            f"no study named {study_name!r} in {storage_url(storage)!r}; the studies there: "
-            f"{', '.join(sorted(names))}"
-        )
-    return optuna.load_study(study_name=study_name, storage=backend)
-
-
 def state_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     """Trials per state, every state of :data:`STATES` present (0 when none)."""
     counts = {s: 0 for s in STATES}
@@ -122,8 +93,9 @@ def state_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
-def resolve_metric(study_attrs: Mapping[str, Any], metric: str | None,
-                   available: Sequence[str] | None = None) -> str:
+def resolve_metric(
+    study_attrs: Mapping[str, Any], metric: str | None, available: Sequence[str] | None = None
+) -> str:
     """The metric to rank by: `metric`, else the study's objective (its first quality metric).
 
     `available` (metric names the finished trials carry) validates an explicit choice.
@@ -132,17 +104,14 @@ def resolve_metric(study_attrs: Mapping[str, Any], metric: str | None,
         objectives = list(study_attrs.get("objectives") or [])
         first = study_attrs.get("metric")
         candidates = ([first] if first else []) + objectives
-        metric = next((m for m in candidates if m and m not in OBJECTIVE_KEYS),
-                      "balanced_accuracy")
+        metric = next((m for m in candidates if m and m not in OBJECTIVE_KEYS), "balanced_accuracy")
     if metric in OBJECTIVE_KEYS:
         raise ConfigError(
             f"--metric {metric!r} is a cost, not a score; costs are shown next to the score "
             "(latency_ms, params_total) and break ties"
         )
     if available is not None and len(available) and metric not in available:
-        raise ConfigError(
-            f"unknown metric {metric!r} for this study; allowed: {sorted(available)}"
-        )
+        raise ConfigError(f"unknown metric {metric!r} for this study; allowed: {sorted(available)}")
     return metric
 
 
@@ -190,8 +159,14 @@ def _summary_metric(trial: FrozenTrial, name: str) -> dict[str, Any]:
             "folds": [_num(v) for v in (s.get("folds") or [])],
         }
     mean = _num(trial.user_attrs.get(name))
-    return {"mean": mean, "ci_low": _NAN, "ci_high": _NAN, "std": _NAN,
-            "n": 0 if math.isnan(mean) else 1, "folds": []}
+    return {
+        "mean": mean,
+        "ci_low": _NAN,
+        "ci_high": _NAN,
+        "std": _NAN,
+        "n": 0 if math.isnan(mean) else 1,
+        "folds": [],
+    }
 
 
 def _available_metrics(trials: Sequence[FrozenTrial]) -> list[str]:
@@ -265,8 +240,11 @@ def trial_records(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
             frozen_fraction=_num(frac),
             frozen_stages=_num(frozen),
             num_stages=_num(n_stages),
-            frozen_depth=(f"{int(frozen)}/{int(n_stages)}"
-                          if frozen is not None and n_stages is not None else None),
+            frozen_depth=(
+                f"{int(frozen)}/{int(n_stages)}"
+                if frozen is not None and n_stages is not None
+                else None
+            ),
             lr=_num(t.params.get("lr", train.get("lr"))),
             latency_ms=_num(ua.get("latency_ms")),
             params_total=_num(ua.get("params_total")),
@@ -321,12 +299,14 @@ def not_worse_than_best(
     for key, values in folds.items():
         a = np.asarray(values, dtype=float)
         if key == best:
-            out[key] = {"p_value": 1.0, "mean_diff": 0.0, "n": int(np.sum(~np.isnan(a))),
-                        "not_worse": True}
+            out[key] = {
+                "p_value": 1.0,
+                "mean_diff": 0.0,
+                "n": int(np.sum(~np.isnan(a))),
+                "not_worse": True,
+            }
             continue
-        same_folds = a.size == ref.size and (
-            splits is None or splits.get(key) == splits.get(best)
-        )
+        same_folds = a.size == ref.size and (splits is None or splits.get(key) == splits.get(best))
         if not same_folds:
             out[key] = {"p_value": _NAN, "mean_diff": _NAN, "n": 0, "not_worse": None}
             continue
@@ -349,9 +329,12 @@ def leaderboard(records: pd.DataFrame, *, alpha: float = DEFAULT_ALPHA) -> pd.Da
         return records.assign(rank=pd.Series(dtype=int))
     done = records[(records["state"] == "COMPLETE") & records["value"].notna()].copy()
     if done.empty:
-        return done.assign(rank=pd.Series(dtype=int), p_vs_best=pd.Series(dtype=float),
-                           diff_vs_best=pd.Series(dtype=float),
-                           not_worse=pd.Series(dtype=object))
+        return done.assign(
+            rank=pd.Series(dtype=int),
+            p_vs_best=pd.Series(dtype=float),
+            diff_vs_best=pd.Series(dtype=float),
+            not_worse=pd.Series(dtype=object),
+        )
     done["_lat"] = done["latency_ms"].fillna(math.inf)
     done["_par"] = done["params_total"].fillna(math.inf)
     done = done.sort_values(
@@ -367,8 +350,9 @@ def leaderboard(records: pd.DataFrame, *, alpha: float = DEFAULT_ALPHA) -> pd.Da
     )
     done["p_vs_best"] = [marks[int(n)]["p_value"] for n in done["number"]]
     done["diff_vs_best"] = [marks[int(n)]["mean_diff"] for n in done["number"]]
-    done["not_worse"] = pd.Series([marks[int(n)]["not_worse"] for n in done["number"]],
-                                  index=done.index, dtype=object)
+    done["not_worse"] = pd.Series(
+        [marks[int(n)]["not_worse"] for n in done["number"]], index=done.index, dtype=object
+    )
     return done.reset_index(drop=True)
 
 
@@ -382,9 +366,23 @@ def best_per_group(board: pd.DataFrame, by: str) -> pd.DataFrame:
     first = board.assign(_k=key).drop_duplicates("_k", keep="first")
     first = first.assign(n_trials=[int(counts[k]) for k in first["_k"]])
     first[by] = first["_k"]
-    cols = [by, "n_trials", "rank", "number", "value", "ci_low", "ci_high", "n_folds",
-            "accuracy", "covid_sensitivity", "covid_specificity", "latency_ms", "params_total",
-            "not_worse", "params_text"]
+    cols = [
+        by,
+        "n_trials",
+        "rank",
+        "number",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n_folds",
+        "accuracy",
+        "covid_sensitivity",
+        "covid_specificity",
+        "latency_ms",
+        "params_total",
+        "not_worse",
+        "params_text",
+    ]
     return first[[c for c in cols if c in first]].reset_index(drop=True)
 
 
@@ -399,8 +397,12 @@ def paper_table(board: pd.DataFrame, paper: Mapping[str, Any] | None) -> pd.Data
     keys = ("accuracy", *_COVID)
 
     def row_of(label: str, r: Mapping[str, Any]) -> dict[str, Any]:
-        d: dict[str, Any] = {"row": label, "trial": int(r["number"]),
-                             "backbone": r.get("backbone"), "source": "this study"}
+        d: dict[str, Any] = {
+            "row": label,
+            "trial": int(r["number"]),
+            "backbone": r.get("backbone"),
+            "source": "this study",
+        }
         for k in keys:
             d[k] = r.get(k, _NAN)
             d[f"{k}_ci_low"] = r.get(f"{k}_ci_low", _NAN)
@@ -413,9 +415,12 @@ def paper_table(board: pd.DataFrame, paper: Mapping[str, Any] | None) -> pd.Data
             full = board[board["number"] == r["number"]].iloc[0].to_dict()
             rows.append(row_of(f"best {r['backbone']}", full))
     if paper:
-        d = {"row": f"{paper.get('reference', 'seed paper')} (reported)", "trial": None,
-             "backbone": paper.get("backbone", "MobileNet v2"),
-             "source": "paper"}
+        d = {
+            "row": f"{paper.get('reference', 'seed paper')} (reported)",
+            "trial": None,
+            "backbone": paper.get("backbone", "MobileNet v2"),
+            "source": "paper",
+        }
         for k in keys:
             d[k] = _num(paper.get(k))
             d[f"{k}_ci_low"] = _NAN
@@ -455,8 +460,9 @@ def pareto_flags(values: Sequence[float], costs: Sequence[float]) -> list[bool]:
     return flags
 
 
-def param_importances(records: pd.DataFrame, trials: Sequence[FrozenTrial],
-                      *, seed: int = 0) -> tuple[pd.DataFrame, str | None]:
+def param_importances(
+    records: pd.DataFrame, trials: Sequence[FrozenTrial], *, seed: int = 0
+) -> tuple[pd.DataFrame, str | None]:
     """Hyperparameter importance for the ranking metric (Optuna's default evaluator, run on
     the COMPLETE trials with a finite score). Returns ``(frame[param, importance], note)``;
     the frame is empty, and the note says why, when it cannot be computed."""
@@ -505,14 +511,20 @@ def learning_curves(trials: Sequence[FrozenTrial], records: pd.DataFrame) -> pd.
         epochs = ((t.user_attrs.get("config") or {}).get("train") or {}).get("epochs")
         epochs = int(epochs) if isinstance(epochs, int) and epochs > 0 else None
         for step, value in sorted(t.intermediate_values.items()):
-            rows.append({
-                "number": t.number, "state": t.state.name, "step": int(step),
-                "fold": int(step) // epochs if epochs else None,
-                "epoch": int(step) % epochs if epochs else None,
-                "value": _num(value), "hover": hover.get(t.number, ""),
-            })
-    return pd.DataFrame(rows, columns=["number", "state", "step", "fold", "epoch", "value",
-                                       "hover"])
+            rows.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "step": int(step),
+                    "fold": int(step) // epochs if epochs else None,
+                    "epoch": int(step) % epochs if epochs else None,
+                    "value": _num(value),
+                    "hover": hover.get(t.number, ""),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["number", "state", "step", "fold", "epoch", "value", "hover"]
+    )
 
 
 def confusion_data(board: pd.DataFrame, trials: Sequence[FrozenTrial], k: int) -> list[dict]:
@@ -527,8 +539,15 @@ def confusion_data(board: pd.DataFrame, trials: Sequence[FrozenTrial], k: int) -
         classes = summary.get("classes") or m.get("classes")
         if cm is None or classes is None:
             continue
-        out.append({"number": int(r.number), "rank": int(r.rank), "backbone": r.backbone,
-                    "classes": list(classes), "matrix": [list(map(int, row)) for row in cm]})
+        out.append(
+            {
+                "number": int(r.number),
+                "rank": int(r.rank),
+                "backbone": r.backbone,
+                "classes": list(classes),
+                "matrix": [list(map(int, row)) for row in cm],
+            }
+        )
     return out
 
 
@@ -539,13 +558,22 @@ def roc_data(board: pd.DataFrame, trials: Sequence[FrozenTrial], k: int) -> list
     for r in board.head(k).itertuples():
         roc = (by_number[int(r.number)].user_attrs.get("metrics") or {}).get("roc") or {}
         curves = {
-            label: {"fpr": list(c.get("fpr") or []), "tpr": list(c.get("tpr") or []),
-                    "auc": _num(c.get("auc"))}
+            label: {
+                "fpr": list(c.get("fpr") or []),
+                "tpr": list(c.get("tpr") or []),
+                "auc": _num(c.get("auc")),
+            }
             for label, c in roc.items()
         }
         if curves:
-            out.append({"number": int(r.number), "rank": int(r.rank), "backbone": r.backbone,
-                        "curves": curves})
+            out.append(
+                {
+                    "number": int(r.number),
+                    "rank": int(r.rank),
+                    "backbone": r.backbone,
+                    "curves": curves,
+                }
+            )
     return out
 
 
@@ -561,12 +589,25 @@ def compare_best_per_backbone(a: ReportData, b: ReportData) -> pd.DataFrame:
             hit = g[g["backbone"] == name] if not g.empty else g
             if len(hit):
                 r = hit.iloc[0]
-                row.update({f"{tag}_trial": int(r["number"]), f"{tag}_value": r["value"],
-                            f"{tag}_ci_low": r["ci_low"], f"{tag}_ci_high": r["ci_high"],
-                            f"{tag}_n_trials": int(r["n_trials"])})
+                row.update(
+                    {
+                        f"{tag}_trial": int(r["number"]),
+                        f"{tag}_value": r["value"],
+                        f"{tag}_ci_low": r["ci_low"],
+                        f"{tag}_ci_high": r["ci_high"],
+                        f"{tag}_n_trials": int(r["n_trials"]),
+                    }
+                )
             else:
-                row.update({f"{tag}_trial": None, f"{tag}_value": _NAN, f"{tag}_ci_low": _NAN,
-                            f"{tag}_ci_high": _NAN, f"{tag}_n_trials": 0})
+                row.update(
+                    {
+                        f"{tag}_trial": None,
+                        f"{tag}_value": _NAN,
+                        f"{tag}_ci_low": _NAN,
+                        f"{tag}_ci_high": _NAN,
+                        f"{tag}_n_trials": 0,
+                    }
+                )
         row["difference"] = row["a_value"] - row["b_value"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -616,26 +657,51 @@ class ReportData:
 
     def summary(self) -> dict:
         """A JSON-ready summary: study, metric, counts, warning, leaderboard."""
-        return json_safe({
-            "study": self.study_name,
-            "storage": self.storage,
-            "dataset": self.attrs.get("dataset"),
-            "metric": self.metric,
-            "confidence": 0.95,
-            "alpha": self.alpha,
-            "counts": self.counts,
-            "source_label_warning": self.warning,
-            "leaderboard": self.leaderboard_records(),
-        })
+        return json_safe(
+            {
+                "study": self.study_name,
+                "storage": self.storage,
+                "dataset": self.attrs.get("dataset"),
+                "metric": self.metric,
+                "confidence": 0.95,
+                "alpha": self.alpha,
+                "counts": self.counts,
+                "source_label_warning": self.warning,
+                "leaderboard": self.leaderboard_records(),
+            }
+        )
 
 
 LEADERBOARD_COLUMNS = (
-    "rank", "number", "value", "ci_low", "ci_high", "std", "n_folds", "not_worse", "p_vs_best",
-    "diff_vs_best", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "covid_sensitivity",
-    "covid_sensitivity_ci_low", "covid_sensitivity_ci_high", "covid_specificity",
-    "covid_specificity_ci_low", "covid_specificity_ci_high", "backbone", "frozen_depth",
-    "frozen_fraction", "head", "lr", "latency_ms", "params_total", "params_trainable",
-    "train_seconds", "params",
+    "rank",
+    "number",
+    "value",
+    "ci_low",
+    "ci_high",
+    "std",
+    "n_folds",
+    "not_worse",
+    "p_vs_best",
+    "diff_vs_best",
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "covid_sensitivity",
+    "covid_sensitivity_ci_low",
+    "covid_sensitivity_ci_high",
+    "covid_specificity",
+    "covid_specificity_ci_low",
+    "covid_specificity_ci_high",
+    "backbone",
+    "frozen_depth",
+    "frozen_fraction",
+    "head",
+    "lr",
+    "latency_ms",
+    "params_total",
+    "params_trainable",
+    "train_seconds",
+    "params",
 )
 """Leaderboard columns of the exports, in order (``number`` is the Optuna trial number)."""
 
@@ -678,16 +744,21 @@ def build_report_data(
     excluded = {s: n for s, n in counts.items() if s != "COMPLETE" and n}
     if excluded:
         notes.append(
-            "not ranked: " + ", ".join(f"{n} {s.lower()}" for s, n in excluded.items())
+            "not ranked: "
+            + ", ".join(f"{n} {s.lower()}" for s, n in excluded.items())
             + " trial(s)"
         )
     if counts.get("FAIL"):
-        reasons = records.loc[records["state"] == "FAIL", "fail_reason"].fillna("no reason "
-                                                                               "recorded")
+        reasons = records.loc[records["state"] == "FAIL", "fail_reason"].fillna(
+            "no reason recorded"
+        )
         top_reasons = reasons.astype(str).str.slice(0, 160).value_counts().head(3)
         notes.append("failed trials: " + "; ".join(f"{n}× {r}" for r, n in top_reasons.items()))
-    n_nan = int(((records["state"] == "COMPLETE") & records["value"].isna()).sum()) \
-        if len(records) else 0
+    n_nan = (
+        int(((records["state"] == "COMPLETE") & records["value"].isna()).sum())
+        if len(records)
+        else 0
+    )
     if n_nan:
         notes.append(f"{n_nan} complete trial(s) have no {metric} score and are not ranked")
     return ReportData(

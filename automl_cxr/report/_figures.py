@@ -19,10 +19,25 @@ from automl_cxr.report._data import ReportData, pareto_flags
 
 __all__ = ["FIGURE_TITLES", "build_figures"]
 
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-            "#7f7f7f", "#bcbd22", "#17becf")
-_STATE_COLOURS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728",
-                  "RUNNING": "#2ca02c", "WAITING": "#7f7f7f"}
+_PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_STATE_COLOURS = {
+    "COMPLETE": "#1f77b4",
+    "PRUNED": "#ff7f0e",
+    "FAIL": "#d62728",
+    "RUNNING": "#2ca02c",
+    "WAITING": "#7f7f7f",
+}
 _HOVER = "%{hovertext}<extra></extra>"
 
 FIGURE_TITLES = {
@@ -56,8 +71,11 @@ def _layout(fig: go.Figure, title: str, *, height: int = 420, **kw) -> go.Figure
 
 def _integer_axis(fig: go.Figure, largest: float) -> None:
     """Whole-number ticks only (trial numbers, steps), about ten of them at most."""
-    largest = 0 if largest is None or (isinstance(largest, float) and math.isnan(largest)) \
+    largest = (
+        0
+        if largest is None or (isinstance(largest, float) and math.isnan(largest))
         else int(largest)
+    )
     fig.update_xaxes(tickmode="linear", tick0=0, dtick=max(1, math.ceil(largest / 10)))
 
 
@@ -68,8 +86,14 @@ def _colour_map(values: Sequence) -> dict:
 def _ci_error(frame: pd.DataFrame) -> dict:
     up = (frame["ci_high"] - frame["value"]).clip(lower=0)
     down = (frame["value"] - frame["ci_low"]).clip(lower=0)
-    return {"type": "data", "symmetric": False, "array": up.fillna(0).tolist(),
-            "arrayminus": down.fillna(0).tolist(), "thickness": 1, "width": 3}
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": up.fillna(0).tolist(),
+        "arrayminus": down.fillna(0).tolist(),
+        "thickness": 1,
+        "width": 3,
+    }
 
 
 def _jitter(n: int, seed: int = 0, width: float = 0.15) -> np.ndarray:
@@ -83,11 +107,20 @@ def _distribution(data: ReportData, by: str, title: str, xlabel: str) -> go.Figu
     order = [str(v) for v in dict.fromkeys(board[by].astype(str))]
     for name in order:
         sub = board[board[by].astype(str) == name]
-        fig.add_trace(go.Box(
-            y=sub["value"], x=[name] * len(sub), name=name, boxpoints="all", jitter=0.4,
-            pointpos=0, hovertext=sub["hover"], hovertemplate=_HOVER,
-            marker={"size": 8}, showlegend=False,
-        ))
+        fig.add_trace(
+            go.Box(
+                y=sub["value"],
+                x=[name] * len(sub),
+                name=name,
+                boxpoints="all",
+                jitter=0.4,
+                pointpos=0,
+                hovertext=sub["hover"],
+                hovertemplate=_HOVER,
+                marker={"size": 8},
+                showlegend=False,
+            )
+        )
     _layout(fig, title, xaxis_title=xlabel, yaxis_title=data.metric)
     fig.update_xaxes(categoryorder="array", categoryarray=order)
     return fig
@@ -102,13 +135,24 @@ def _frozen(data: ReportData) -> go.Figure:
         x = (sub["frozen_stages"] / sub["num_stages"]).where(
             sub["num_stages"] > 0, sub["frozen_fraction"]
         )
-        fig.add_trace(go.Scatter(
-            x=x, y=sub["value"], mode="markers", name=name,
-            marker={"color": colour, "size": 10, "line": {"width": 1, "color": "white"}},
-            error_y=_ci_error(sub), hovertext=sub["hover"], hovertemplate=_HOVER,
-        ))
-    _layout(fig, FIGURE_TITLES["frozen"], xaxis_title="frozen stages / stages (0 = fine-tune "
-            "all, 1 = train the head only)", yaxis_title=data.metric)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=sub["value"],
+                mode="markers",
+                name=name,
+                marker={"color": colour, "size": 10, "line": {"width": 1, "color": "white"}},
+                error_y=_ci_error(sub),
+                hovertext=sub["hover"],
+                hovertemplate=_HOVER,
+            )
+        )
+    _layout(
+        fig,
+        FIGURE_TITLES["frozen"],
+        xaxis_title="frozen stages / stages (0 = fine-tune all, 1 = train the head only)",
+        yaxis_title=data.metric,
+    )
     fig.update_xaxes(range=[-0.05, 1.05])
     return fig
 
@@ -118,13 +162,21 @@ def _lr(data: ReportData) -> go.Figure:
     fig = go.Figure()
     for name, colour in _colour_map(board["backbone"].astype(str)).items():
         sub = board[board["backbone"].astype(str) == name]
-        fig.add_trace(go.Scatter(
-            x=sub["lr"], y=sub["value"], mode="markers", name=name,
-            marker={"color": colour, "size": 10}, error_y=_ci_error(sub),
-            hovertext=sub["hover"], hovertemplate=_HOVER,
-        ))
-    _layout(fig, FIGURE_TITLES["lr"], xaxis_title="learning rate (log scale)",
-            yaxis_title=data.metric)
+        fig.add_trace(
+            go.Scatter(
+                x=sub["lr"],
+                y=sub["value"],
+                mode="markers",
+                name=name,
+                marker={"color": colour, "size": 10},
+                error_y=_ci_error(sub),
+                hovertext=sub["hover"],
+                hovertemplate=_HOVER,
+            )
+        )
+    _layout(
+        fig, FIGURE_TITLES["lr"], xaxis_title="learning rate (log scale)", yaxis_title=data.metric
+    )
     fig.update_xaxes(type="log")
     return fig
 
@@ -138,34 +190,52 @@ def _parallel(data: ReportData) -> go.Figure:
         col = board[key]
         if key in ("backbone", "head"):
             cats = list(dict.fromkeys(col.astype(str)))
-            dims.append({"label": key, "values": [cats.index(v) for v in col.astype(str)],
-                         "tickvals": list(range(len(cats))), "ticktext": cats})
+            dims.append(
+                {
+                    "label": key,
+                    "values": [cats.index(v) for v in col.astype(str)],
+                    "tickvals": list(range(len(cats))),
+                    "ticktext": cats,
+                }
+            )
         elif key == "lr":
             dims.append({"label": "log10(lr)", "values": np.log10(col.astype(float)).tolist()})
         else:
             dims.append({"label": key, "values": col.astype(float).tolist()})
     # The other sampled parameters, numeric ones as they are, categorical ones as codes.
-    extra = sorted({k for p in board["params"] for k in p} -
-                   {"backbone", "frozen_fraction", "head", "lr"})
+    extra = sorted(
+        {k for p in board["params"] for k in p} - {"backbone", "frozen_fraction", "head", "lr"}
+    )
     for key in extra:
         vals = [p.get(key) for p in board["params"]]
         if all(v is None for v in vals):
             continue
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
-               for v in vals):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in vals):
             numeric = [float(v) if v is not None else math.nan for v in vals]
             lo = np.nanmin(numeric)
             dims.append({"label": key, "values": [lo if math.isnan(v) else v for v in numeric]})
         else:
             cats = list(dict.fromkeys(str(v) for v in vals))
-            dims.append({"label": key, "values": [cats.index(str(v)) for v in vals],
-                         "tickvals": list(range(len(cats))), "ticktext": cats})
+            dims.append(
+                {
+                    "label": key,
+                    "values": [cats.index(str(v)) for v in vals],
+                    "tickvals": list(range(len(cats))),
+                    "ticktext": cats,
+                }
+            )
     dims.append({"label": data.metric, "values": board["value"].tolist()})
-    fig = go.Figure(go.Parcoords(
-        line={"color": board["value"].tolist(), "colorscale": "Viridis", "showscale": True,
-              "colorbar": {"title": {"text": data.metric}}},
-        dimensions=dims,
-    ))
+    fig = go.Figure(
+        go.Parcoords(
+            line={
+                "color": board["value"].tolist(),
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": {"text": data.metric}},
+            },
+            dimensions=dims,
+        )
+    )
     _layout(fig, FIGURE_TITLES["parallel"], height=460)
     fig.update_layout(margin={"l": 80, "r": 80, "t": 90, "b": 40})
     return fig
@@ -173,20 +243,29 @@ def _parallel(data: ReportData) -> go.Figure:
 
 def _importance(data: ReportData) -> go.Figure:
     imp = data.importances.iloc[::-1]
-    fig = go.Figure(go.Bar(
-        x=imp["importance"], y=imp["param"], orientation="h",
-        text=[f"{v:.2f}" if v >= 0.01 else "<0.01" for v in imp["importance"]],
-        textposition="outside",
-        hovertemplate="%{y}: %{x:.3f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=imp["importance"],
+            y=imp["param"],
+            orientation="h",
+            text=[f"{v:.2f}" if v >= 0.01 else "<0.01" for v in imp["importance"]],
+            textposition="outside",
+            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+        )
+    )
     title = FIGURE_TITLES["importance"]
     if data.importance_note:
         title += f"<br><sup>{data.importance_note}</sup>"
     if imp.empty:
-        fig.add_annotation(text="not available", showarrow=False, x=0.5, y=0.5,
-                           xref="paper", yref="paper")
-    _layout(fig, title, height=max(300, 60 + 32 * len(imp)),
-            xaxis_title=f"importance for {data.metric} (sums to 1)")
+        fig.add_annotation(
+            text="not available", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper"
+        )
+    _layout(
+        fig,
+        title,
+        height=max(300, 60 + 32 * len(imp)),
+        xaxis_title=f"importance for {data.metric} (sums to 1)",
+    )
     return fig
 
 
@@ -202,17 +281,32 @@ def _history(data: ReportData) -> go.Figure:
             # Not scored: drawn along the bottom so they are counted, not ranked.
             low = h["value"].min()
             y = [low if not (isinstance(low, float) and math.isnan(low)) else 0] * len(sub)
-        fig.add_trace(go.Scatter(
-            x=sub["number"], y=y, mode="markers", name=state.lower(),
-            marker={"color": _STATE_COLOURS[state], "size": 9,
-                    "symbol": "circle" if state == "COMPLETE" else "x"},
-            hovertext=sub["hover"], hovertemplate=_HOVER,
-        ))
-    fig.add_trace(go.Scatter(
-        x=h["number"], y=h["best_so_far"], mode="lines", name="best so far",
-        line={"shape": "hv", "color": "#d62728", "width": 2}, connectgaps=True,
-        hovertemplate="best so far after trial %{x}: %{y:.4f}<extra></extra>",
-    ))
+        fig.add_trace(
+            go.Scatter(
+                x=sub["number"],
+                y=y,
+                mode="markers",
+                name=state.lower(),
+                marker={
+                    "color": _STATE_COLOURS[state],
+                    "size": 9,
+                    "symbol": "circle" if state == "COMPLETE" else "x",
+                },
+                hovertext=sub["hover"],
+                hovertemplate=_HOVER,
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=h["number"],
+            y=h["best_so_far"],
+            mode="lines",
+            name="best so far",
+            line={"shape": "hv", "color": "#d62728", "width": 2},
+            connectgaps=True,
+            hovertemplate="best so far after trial %{x}: %{y:.4f}<extra></extra>",
+        )
+    )
     _layout(fig, FIGURE_TITLES["history"], xaxis_title="trial", yaxis_title=data.metric)
     _integer_axis(fig, h["number"].max() if len(h) else 0)
     return fig
@@ -220,26 +314,50 @@ def _history(data: ReportData) -> go.Figure:
 
 def _pareto(data: ReportData) -> go.Figure:
     board = data.board
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("vs latency", "vs model size"),
-                        horizontal_spacing=0.08)
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("vs latency", "vs model size"), horizontal_spacing=0.08
+    )
     for col, (cost, label, axis) in enumerate(
-        (("latency_ms", "latency, ms per image (batch 1)", "linear"),
-         ("params_total", "parameters (log scale)", "log")), start=1,
+        (
+            ("latency_ms", "latency, ms per image (batch 1)", "linear"),
+            ("params_total", "parameters (log scale)", "log"),
+        ),
+        start=1,
     ):
         on = np.array(pareto_flags(board["value"], board[cost]))
         off = board[~on]
         front = board[on].sort_values(cost)
-        fig.add_trace(go.Scatter(
-            x=off[cost], y=off["value"], mode="markers", name="dominated",
-            marker={"color": "#9ecae1", "size": 8}, hovertext=off["hover"],
-            hovertemplate=_HOVER, showlegend=col == 1, legendgroup="off",
-        ), row=1, col=col)
-        fig.add_trace(go.Scatter(
-            x=front[cost], y=front["value"], mode="lines+markers", name="Pareto front",
-            line={"shape": "hv", "color": "#d62728"}, marker={"size": 10, "color": "#d62728"},
-            hovertext=front["hover"], hovertemplate=_HOVER, showlegend=col == 1,
-            legendgroup="front",
-        ), row=1, col=col)
+        fig.add_trace(
+            go.Scatter(
+                x=off[cost],
+                y=off["value"],
+                mode="markers",
+                name="dominated",
+                marker={"color": "#9ecae1", "size": 8},
+                hovertext=off["hover"],
+                hovertemplate=_HOVER,
+                showlegend=col == 1,
+                legendgroup="off",
+            ),
+            row=1,
+            col=col,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=front[cost],
+                y=front["value"],
+                mode="lines+markers",
+                name="Pareto front",
+                line={"shape": "hv", "color": "#d62728"},
+                marker={"size": 10, "color": "#d62728"},
+                hovertext=front["hover"],
+                hovertemplate=_HOVER,
+                showlegend=col == 1,
+                legendgroup="front",
+            ),
+            row=1,
+            col=col,
+        )
         fig.update_xaxes(title_text=label, type=axis, row=1, col=col)
     fig.update_yaxes(title_text=data.metric, row=1, col=1)
     return _layout(fig, FIGURE_TITLES["pareto"], height=440)
@@ -254,16 +372,28 @@ def _confusion(data: ReportData) -> go.Figure:
         m = np.asarray(c["matrix"], dtype=float)
         rows = m.sum(axis=1, keepdims=True)
         share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
-        text = [[f"{int(m[r, k])}<br>{share[r, k]:.0%}" for k in range(m.shape[1])]
-                for r in range(m.shape[0])]
-        fig.add_trace(go.Heatmap(
-            z=share, x=c["classes"], y=c["classes"], text=text, texttemplate="%{text}",
-            colorscale="Blues", zmin=0, zmax=1, showscale=i == n,
-            hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>",
-        ), row=1, col=i)
+        text = [
+            [f"{int(m[r, k])}<br>{share[r, k]:.0%}" for k in range(m.shape[1])]
+            for r in range(m.shape[0])
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=share,
+                x=c["classes"],
+                y=c["classes"],
+                text=text,
+                texttemplate="%{text}",
+                colorscale="Blues",
+                zmin=0,
+                zmax=1,
+                showscale=i == n,
+                hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>",
+            ),
+            row=1,
+            col=i,
+        )
         fig.update_xaxes(title_text="predicted", row=1, col=i)
-        fig.update_yaxes(autorange="reversed", row=1, col=i,
-                         title_text="true" if i == 1 else None)
+        fig.update_yaxes(autorange="reversed", row=1, col=i, title_text="true" if i == 1 else None)
     return _layout(fig, FIGURE_TITLES["confusion"] + " (summed over folds)", height=400)
 
 
@@ -277,20 +407,38 @@ def _roc(data: ReportData) -> go.Figure:
     for i, c in enumerate(items, start=1):
         for label, curve in c["curves"].items():
             auc = curve["auc"]
-            fig.add_trace(go.Scatter(
-                x=curve["fpr"], y=curve["tpr"], mode="lines", name=label, legendgroup=label,
-                showlegend=i == 1, line={"color": colours[label]},
-                hovertemplate=f"{label} (AUC {auc:.3f})<br>FPR %{{x:.3f}}, TPR %{{y:.3f}}"
-                "<extra></extra>",
-            ), row=1, col=i)
-        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", showlegend=False,
-                                 line={"dash": "dot", "color": "#aaa"}, hoverinfo="skip"),
-                      row=1, col=i)
+            fig.add_trace(
+                go.Scatter(
+                    x=curve["fpr"],
+                    y=curve["tpr"],
+                    mode="lines",
+                    name=label,
+                    legendgroup=label,
+                    showlegend=i == 1,
+                    line={"color": colours[label]},
+                    hovertemplate=f"{label} (AUC {auc:.3f})<br>FPR %{{x:.3f}}, TPR %{{y:.3f}}"
+                    "<extra></extra>",
+                ),
+                row=1,
+                col=i,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=[0, 1],
+                y=[0, 1],
+                mode="lines",
+                showlegend=False,
+                line={"dash": "dot", "color": "#aaa"},
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=i,
+        )
         fig.update_xaxes(title_text="false positive rate", range=[0, 1], row=1, col=i)
-        fig.update_yaxes(range=[0, 1.02], row=1, col=i,
-                         title_text="true positive rate" if i == 1 else None)
-    return _layout(fig, FIGURE_TITLES["roc"] + " (one vs rest, pooled out-of-fold)",
-                   height=400)
+        fig.update_yaxes(
+            range=[0, 1.02], row=1, col=i, title_text="true positive rate" if i == 1 else None
+        )
+    return _layout(fig, FIGURE_TITLES["roc"] + " (one vs rest, pooled out-of-fold)", height=400)
 
 
 def _curves(data: ReportData) -> go.Figure:
@@ -311,28 +459,47 @@ def _curves(data: ReportData) -> go.Figure:
                 ys.append(None)
                 texts.append("")
             prev_fold = fold
-            where = (f"fold {fold}, epoch {int(r.epoch)}" if fold is not None
-                     else f"step {r.step}")
+            where = f"fold {fold}, epoch {int(r.epoch)}" if fold is not None else f"step {r.step}"
             xs.append(int(r.step))
             ys.append(r.value)
             texts.append(f"{r.hover}<br>{where}: {r.value:.4f}")
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines+markers", connectgaps=False,
-            name=f"trial {number}" + ("" if state == "COMPLETE" else f" ({state.lower()})"),
-            line={"color": _PALETTE[i % len(_PALETTE)], "width": 2.5 if highlight else 1.2,
-                  "dash": "solid" if state == "COMPLETE" else "dot"},
-            marker={"size": 5, "symbol": "circle" if state == "COMPLETE" else "x"},
-            opacity=1.0 if highlight or state != "COMPLETE" else 0.6,
-            showlegend=bool(highlight) or len(lc["number"].unique()) <= 20,
-            hovertext=texts, hovertemplate=_HOVER,
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                connectgaps=False,
+                name=f"trial {number}" + ("" if state == "COMPLETE" else f" ({state.lower()})"),
+                line={
+                    "color": _PALETTE[i % len(_PALETTE)],
+                    "width": 2.5 if highlight else 1.2,
+                    "dash": "solid" if state == "COMPLETE" else "dot",
+                },
+                marker={"size": 5, "symbol": "circle" if state == "COMPLETE" else "x"},
+                opacity=1.0 if highlight or state != "COMPLETE" else 0.6,
+                showlegend=bool(highlight) or len(lc["number"].unique()) <= 20,
+                hovertext=texts,
+                hovertemplate=_HOVER,
+            )
+        )
     _integer_axis(fig, lc["step"].max() if len(lc) else 0)
     if lc.empty:
-        fig.add_annotation(text="no intermediate values recorded", showarrow=False,
-                           x=0.5, y=0.5, xref="paper", yref="paper")
-    _layout(fig, FIGURE_TITLES["curves"] + "<br><sup>step = fold × epochs + epoch, a gap between "
-            "folds; solid = complete (thick: top trials), dotted = pruned / running</sup>",
-            xaxis_title="step", yaxis_title=f"validation {data.metric}", height=460)
+        fig.add_annotation(
+            text="no intermediate values recorded",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+        )
+    _layout(
+        fig,
+        FIGURE_TITLES["curves"] + "<br><sup>step = fold × epochs + epoch, a gap between "
+        "folds; solid = complete (thick: top trials), dotted = pruned / running</sup>",
+        xaxis_title="step",
+        yaxis_title=f"validation {data.metric}",
+        height=460,
+    )
     return fig
 
 
@@ -342,18 +509,34 @@ def _compare(data: ReportData) -> go.Figure:
     names = (data.study_name, data.compare_name or "other")
     for tag, name, colour in (("a", names[0], _PALETTE[0]), ("b", names[1], _PALETTE[1])):
         v = c[f"{tag}_value"]
-        fig.add_trace(go.Bar(
-            x=c["backbone"], y=v, name=name, marker_color=colour,
-            error_y={"type": "data", "symmetric": False,
-                     "array": (c[f"{tag}_ci_high"] - v).clip(lower=0).fillna(0).tolist(),
-                     "arrayminus": (v - c[f"{tag}_ci_low"]).clip(lower=0).fillna(0).tolist()},
-            hovertext=[f"{name}<br>{b}: trial {t}, {data.metric} = {x:.4f}"
-                       if t is not None and not math.isnan(x) else f"{name}<br>{b}: no trial"
-                       for b, t, x in zip(c["backbone"], c[f"{tag}_trial"], v, strict=False)],
-            hovertemplate=_HOVER,
-        ))
-    _layout(fig, FIGURE_TITLES["compare"], barmode="group", yaxis_title=data.metric,
-            xaxis_title="backbone")
+        fig.add_trace(
+            go.Bar(
+                x=c["backbone"],
+                y=v,
+                name=name,
+                marker_color=colour,
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (c[f"{tag}_ci_high"] - v).clip(lower=0).fillna(0).tolist(),
+                    "arrayminus": (v - c[f"{tag}_ci_low"]).clip(lower=0).fillna(0).tolist(),
+                },
+                hovertext=[
+                    f"{name}<br>{b}: trial {t}, {data.metric} = {x:.4f}"
+                    if t is not None and not math.isnan(x)
+                    else f"{name}<br>{b}: no trial"
+                    for b, t, x in zip(c["backbone"], c[f"{tag}_trial"], v, strict=False)
+                ],
+                hovertemplate=_HOVER,
+            )
+        )
+    _layout(
+        fig,
+        FIGURE_TITLES["compare"],
+        barmode="group",
+        yaxis_title=data.metric,
+        xaxis_title="backbone",
+    )
     return fig
 
 

@@ -84,10 +84,16 @@ def _e(x: Any) -> str:
     return html.escape("-" if x is None else str(x), quote=True)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
-           numeric: Sequence[int] = (), row_class: Sequence[str] | None = None,
-           row_title: Sequence[str] | None = None, extra: Sequence[str] | None = None,
-           extra_header: str | None = None) -> str:
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    numeric: Sequence[int] = (),
+    row_class: Sequence[str] | None = None,
+    row_title: Sequence[str] | None = None,
+    extra: Sequence[str] | None = None,
+    extra_header: str | None = None,
+) -> str:
     num = set(numeric)
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     if extra is not None:
@@ -115,14 +121,28 @@ def _leaderboard_html(data: ReportData) -> str:
     titles = list(board["params_text"])
     numeric = (0, 2, 3, 4, 5, 9, 10, 11)
     k = data.top
-    main = _table(header, rows[:k], numeric=numeric, row_class=cls[:k], row_title=titles[:k],
-                  extra=titles[:k], extra_header="parameters")
+    main = _table(
+        header,
+        rows[:k],
+        numeric=numeric,
+        row_class=cls[:k],
+        row_title=titles[:k],
+        extra=titles[:k],
+        extra_header="parameters",
+    )
     out = [main]
     if len(rows) > k:
         out.append(
             f"<details><summary>all {len(rows)} ranked trials</summary>"
-            + _table(header, rows, numeric=numeric, row_class=cls, row_title=titles,
-                     extra=titles, extra_header="parameters")
+            + _table(
+                header,
+                rows,
+                numeric=numeric,
+                row_class=cls,
+                row_title=titles,
+                extra=titles,
+                extra_header="parameters",
+            )
             + "</details>"
         )
     out.append(f'<p class="note">{_e(mark_legend(data))}</p>')
@@ -146,11 +166,15 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
     title = f"automl-cxr report: {data.study_name}"
     counts = "".join(
         f'<span class="st-{s}">{data.counts.get(s, 0)} {s.lower()}</span>'
-        for s in STATES if s != "WAITING" or data.counts.get(s)
+        for s in STATES
+        if s != "WAITING" or data.counts.get(s)
     )
     sections: list[str] = []
-    toc = [("leaderboard", "Leaderboard"), ("groups", "Best per group"),
-           ("paper", "Beside the paper")]
+    toc = [
+        ("leaderboard", "Leaderboard"),
+        ("groups", "Best per group"),
+        ("paper", "Beside the paper"),
+    ]
     if data.compare is not None:
         toc.append(("compare-table", f"vs {data.compare_name}"))
     toc += [(f"fig-{k}", FIGURE_TITLES[k]) for k in figures]
@@ -164,27 +188,35 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
         )
     running = ""
     if data.counts.get("RUNNING"):
-        running = (f'<p class="note">The study is still running ({data.counts["RUNNING"]} '
-                   "trial(s)); this page is a snapshot. Build it again for newer results.</p>")
+        running = (
+            f'<p class="note">The study is still running ({data.counts["RUNNING"]} '
+            "trial(s)); this page is a snapshot. Build it again for newer results.</p>"
+        )
 
     sections.append(
         f'<section id="leaderboard"><h2>Leaderboard — ranked by {_e(data.metric)} '
         f"(mean over folds, 95 % CI)</h2>{_leaderboard_html(data)}</section>"
     )
     groups = []
-    for name, frame, by in (("backbone", data.by_backbone, "backbone"),
-                            ("frozen depth", data.by_frozen, "frozen_depth"),
-                            ("head design", data.by_head, "head")):
+    for name, frame, by in (
+        ("backbone", data.by_backbone, "backbone"),
+        ("frozen depth", data.by_frozen, "frozen_depth"),
+        ("head design", data.by_head, "head"),
+    ):
         h, r = group_rows(data, frame, by)
-        groups.append(f"<h3>Best per {_e(name)}</h3>"
-                      + _table(h, r, numeric=(1, 2, 3, 4, 5, 6, 7)))
+        groups.append(f"<h3>Best per {_e(name)}</h3>" + _table(h, r, numeric=(1, 2, 3, 4, 5, 6, 7)))
     sections.append(f'<section id="groups"><h2>Best per group</h2>{"".join(groups)}</section>')
     h, r = paper_rows(data)
     sections.append(
         '<section id="paper"><h2>Beside the seed paper</h2>'
-        + _table(h, r, numeric=(1, 3, 4, 5),
-                 row_class=["paper" if s == "paper" else "" for s in data.paper["source"]]
-                 if len(data.paper) else None)
+        + _table(
+            h,
+            r,
+            numeric=(1, 3, 4, 5),
+            row_class=["paper" if s == "paper" else "" for s in data.paper["source"]]
+            if len(data.paper)
+            else None,
+        )
         + '<p class="note">Ours: mean over patient-grouped folds with the 95 % t-interval over '
         f"folds. {_e(PAPER_CAVEAT)}</p></section>"
     )
@@ -193,11 +225,13 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
         sections.append(
             f'<section id="compare-table"><h2>Comparison: {_e(data.study_name)} vs '
             f"{_e(data.compare_name)} (best per backbone, {_e(data.metric)})</h2>"
-            + _table(h, r, numeric=(1, 2, 3, 4, 5)) + "</section>"
+            + _table(h, r, numeric=(1, 2, 3, 4, 5))
+            + "</section>"
         )
     for key in figures:
-        sections.append(f'<section id="fig-{key}"><div class="plot" id="plot-{key}"></div>'
-                        "</section>")
+        sections.append(
+            f'<section id="fig-{key}"><div class="plot" id="plot-{key}"></div></section>'
+        )
 
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
@@ -208,11 +242,11 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
     )
     nav = "".join(f'<a href="#{_e(i)}">{_e(t)}</a>' for i, t in toc)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style>"
         f"<script>{get_plotlyjs()}</script></head><body>"
-        f"<header><h1>{_e(title)}</h1><div class=\"meta\">{meta}</div></header><main>"
+        f'<header><h1>{_e(title)}</h1><div class="meta">{meta}</div></header><main>'
         f'<div class="counts" id="counts" title="{_e(counts_text(data.counts))}">{counts}</div>'
         f"{warning}{running}<nav>{nav}</nav>{''.join(sections)}</main>"
         f'<script type="application/json" id="figure-data">{_figure_json(figures)}</script>'

@@ -69,13 +69,16 @@ def _cell(x: Any) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
-                   align: Sequence[str] | None = None) -> str:
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None
+) -> str:
     """A GitHub-flavoured Markdown table (cells escaped for `|`)."""
     align = align or ["left"] * len(header)
     sep = {"left": ":--", "right": "--:", "center": ":-:"}
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "| " + " | ".join(sep[a] for a in align) + " |"]
+    lines = [
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "| " + " | ".join(sep[a] for a in align) + " |",
+    ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -83,62 +86,121 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
 def leaderboard_rows(data: ReportData, k: int | None = None) -> tuple[list[str], list[list]]:
     """Header and formatted rows of the leaderboard (top `k`, all when None)."""
     m = data.metric
-    header = ["rank", "", "trial", f"{m} [95% CI]", "COVID sensitivity", "COVID specificity",
-              "backbone", "frozen", "head", "lr", "latency ms", "params"]
+    header = [
+        "rank",
+        "",
+        "trial",
+        f"{m} [95% CI]",
+        "COVID sensitivity",
+        "COVID specificity",
+        "backbone",
+        "frozen",
+        "head",
+        "lr",
+        "latency ms",
+        "params",
+    ]
     board = data.board if k is None else data.board.head(k)
     rows = []
     for r in board.to_dict(orient="records"):
-        rows.append([
-            r["rank"], _MARK[r["not_worse"]], r["number"],
-            fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
-            fmt_ci(r["covid_sensitivity"], r["covid_sensitivity_ci_low"],
-                   r["covid_sensitivity_ci_high"], 3),
-            fmt_ci(r["covid_specificity"], r["covid_specificity_ci_low"],
-                   r["covid_specificity_ci_high"], 3),
-            r["backbone"], r["frozen_depth"] or "-", r["head"], _fmt_num(r["lr"], ".2e"),
-            _fmt_num(r["latency_ms"], ".2f"),
-            "-" if _isnan(r["params_total"]) else f"{int(r['params_total']):,}",
-        ])
+        rows.append(
+            [
+                r["rank"],
+                _MARK[r["not_worse"]],
+                r["number"],
+                fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
+                fmt_ci(
+                    r["covid_sensitivity"],
+                    r["covid_sensitivity_ci_low"],
+                    r["covid_sensitivity_ci_high"],
+                    3,
+                ),
+                fmt_ci(
+                    r["covid_specificity"],
+                    r["covid_specificity_ci_low"],
+                    r["covid_specificity_ci_high"],
+                    3,
+                ),
+                r["backbone"],
+                r["frozen_depth"] or "-",
+                r["head"],
+                _fmt_num(r["lr"], ".2e"),
+                _fmt_num(r["latency_ms"], ".2f"),
+                "-" if _isnan(r["params_total"]) else f"{int(r['params_total']):,}",
+            ]
+        )
     return header, rows
 
 
 def group_rows(data: ReportData, frame: pd.DataFrame, by: str) -> tuple[list[str], list[list]]:
-    header = [by.replace("_", " "), "trials", "best trial", "rank",
-              f"{data.metric} [95% CI]", "COVID sens.", "COVID spec.", "latency ms", ""]
-    rows = [[r[by], r["n_trials"], r["number"], r["rank"],
-             fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
-             _fmt_num(r["covid_sensitivity"], ".3f"), _fmt_num(r["covid_specificity"], ".3f"),
-             _fmt_num(r["latency_ms"], ".2f"), _MARK[r["not_worse"]]]
-            for r in frame.to_dict(orient="records")]
+    header = [
+        by.replace("_", " "),
+        "trials",
+        "best trial",
+        "rank",
+        f"{data.metric} [95% CI]",
+        "COVID sens.",
+        "COVID spec.",
+        "latency ms",
+        "",
+    ]
+    rows = [
+        [
+            r[by],
+            r["n_trials"],
+            r["number"],
+            r["rank"],
+            fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
+            _fmt_num(r["covid_sensitivity"], ".3f"),
+            _fmt_num(r["covid_specificity"], ".3f"),
+            _fmt_num(r["latency_ms"], ".2f"),
+            _MARK[r["not_worse"]],
+        ]
+        for r in frame.to_dict(orient="records")
+    ]
     return header, rows
 
 
 def paper_rows(data: ReportData) -> tuple[list[str], list[list]]:
-    header = ["", "trial", "backbone", "accuracy", "COVID-19 sensitivity",
-              "COVID-19 specificity"]
+    header = ["", "trial", "backbone", "accuracy", "COVID-19 sensitivity", "COVID-19 specificity"]
     rows = []
     for r in data.paper.to_dict(orient="records"):
-        rows.append([
-            r["row"], "-" if _isnan(r["trial"]) else int(r["trial"]), r["backbone"],
-            *(fmt_pct_ci(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"])
-              for k in ("accuracy", "covid_sensitivity", "covid_specificity")),
-        ])
+        rows.append(
+            [
+                r["row"],
+                "-" if _isnan(r["trial"]) else int(r["trial"]),
+                r["backbone"],
+                *(
+                    fmt_pct_ci(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"])
+                    for k in ("accuracy", "covid_sensitivity", "covid_specificity")
+                ),
+            ]
+        )
     return header, rows
 
 
 def compare_rows(data: ReportData) -> tuple[list[str], list[list]]:
     a, b = data.study_name, data.compare_name or "other"
-    header = ["backbone", f"{a}: trial", f"{a}: {data.metric} [95% CI]", f"{b}: trial",
-              f"{b}: {data.metric} [95% CI]", "difference"]
+    header = [
+        "backbone",
+        f"{a}: trial",
+        f"{a}: {data.metric} [95% CI]",
+        f"{b}: trial",
+        f"{b}: {data.metric} [95% CI]",
+        "difference",
+    ]
     rows = []
     for r in data.compare.to_dict(orient="records"):
-        rows.append([
-            r["backbone"], "-" if _isnan(r["a_trial"]) else int(r["a_trial"]),
-            fmt_ci(r["a_value"], r["a_ci_low"], r["a_ci_high"]),
-            "-" if _isnan(r["b_trial"]) else int(r["b_trial"]),
-            fmt_ci(r["b_value"], r["b_ci_low"], r["b_ci_high"]),
-            _fmt_num(r["difference"], "+.4f"),
-        ])
+        rows.append(
+            [
+                r["backbone"],
+                "-" if _isnan(r["a_trial"]) else int(r["a_trial"]),
+                fmt_ci(r["a_value"], r["a_ci_low"], r["a_ci_high"]),
+                "-" if _isnan(r["b_trial"]) else int(r["b_trial"]),
+                fmt_ci(r["b_value"], r["b_ci_low"], r["b_ci_high"]),
+                _fmt_num(r["difference"], "+.4f"),
+            ]
+        )
     return header, rows
 
 
@@ -164,7 +226,8 @@ def paper_table_markdown(data: ReportData) -> str:
         f"### Paper-style table ({data.study_name})\n\n"
         + markdown_table(header, rows, ["left", "right", "left", "right", "right", "right"])
         + "\nOurs: mean over patient-grouped folds (95 % t-interval over folds). "
-        + PAPER_CAVEAT + "\n"
+        + PAPER_CAVEAT
+        + "\n"
     )
 
 
@@ -172,8 +235,11 @@ def report_markdown(data: ReportData) -> str:
     """The whole report as Markdown: header, warning, counts, leaderboard (top K), best per
     backbone / frozen depth / head, the paper-style table and the notes."""
     a = data.attrs
-    profile = (a.get("profile") or {}).get("name") if isinstance(a.get("profile"), dict) \
+    profile = (
+        (a.get("profile") or {}).get("name")
+        if isinstance(a.get("profile"), dict)
         else a.get("profile")
+    )
     out = [f"# automl-cxr report: {data.study_name}\n"]
     out.append(
         f"- dataset: {a.get('dataset', '?')} (classes: {', '.join(a.get('classes') or [])})\n"
@@ -183,21 +249,44 @@ def report_markdown(data: ReportData) -> str:
         f"- trials: {counts_text(data.counts)}\n"
     )
     if data.warning:
-        out.append(f"\n> **⚠ Shortcut risk (source–label alignment, Cramér's V = "
-                   f"{data.cramers_v}):** {data.warning}\n")
+        out.append(
+            f"\n> **⚠ Shortcut risk (source–label alignment, Cramér's V = "
+            f"{data.cramers_v}):** {data.warning}\n"
+        )
     if data.counts.get("RUNNING"):
-        out.append(f"\n> The study is still running ({data.counts['RUNNING']} trial(s)): this "
-                   "report is a snapshot.\n")
+        out.append(
+            f"\n> The study is still running ({data.counts['RUNNING']} trial(s)): this "
+            "report is a snapshot.\n"
+        )
     k = min(data.top, len(data.board))
     header, rows = leaderboard_rows(data, data.top)
     out.append(f"\n## Leaderboard (top {k} of {len(data.board)} ranked)\n\n")
-    out.append(markdown_table(header, rows, ["right", "left", "right", "right", "right",
-                                             "right", "left", "left", "left", "right",
-                                             "right", "right"]))
+    out.append(
+        markdown_table(
+            header,
+            rows,
+            [
+                "right",
+                "left",
+                "right",
+                "right",
+                "right",
+                "right",
+                "left",
+                "left",
+                "left",
+                "right",
+                "right",
+                "right",
+            ],
+        )
+    )
     out.append(f"\n{mark_legend(data)}\n")
-    for title, frame, by in (("Best per backbone", data.by_backbone, "backbone"),
-                             ("Best per frozen depth", data.by_frozen, "frozen_depth"),
-                             ("Best per head design", data.by_head, "head")):
+    for title, frame, by in (
+        ("Best per backbone", data.by_backbone, "backbone"),
+        ("Best per frozen depth", data.by_frozen, "frozen_depth"),
+        ("Best per head design", data.by_head, "head"),
+    ):
         h, r = group_rows(data, frame, by)
         out.append(f"\n## {title}\n\n" + markdown_table(h, r))
     out.append("\n## Beside the seed paper\n\n" + paper_table_markdown(data).split("\n", 2)[2])
@@ -219,14 +308,26 @@ def leaderboard_csv(data: ReportData) -> str:
     cols = [c for c in LEADERBOARD_COLUMNS if c in data.board]
     frame = data.board[cols].copy()
     # Ranked by one of the columns shown anyway (accuracy, covid_*): keep one copy of it.
-    frame = frame.drop(columns=[c for c in (data.metric, f"{data.metric}_ci_low",
-                                            f"{data.metric}_ci_high") if c in frame])
+    frame = frame.drop(
+        columns=[
+            c
+            for c in (data.metric, f"{data.metric}_ci_low", f"{data.metric}_ci_high")
+            if c in frame
+        ]
+    )
     frame = frame.rename(columns={"number": "trial", "value": data.metric})
     return _frame_csv(frame)
 
 
-_INT_COLUMNS = ("params_total", "params_trainable", "frozen_stages", "num_stages", "trial",
-                "a_trial", "b_trial")
+_INT_COLUMNS = (
+    "params_total",
+    "params_trainable",
+    "frozen_stages",
+    "num_stages",
+    "trial",
+    "a_trial",
+    "b_trial",
+)
 
 
 def _frame_csv(frame: pd.DataFrame, drop: Sequence[str] = ()) -> str:
@@ -241,12 +342,22 @@ def _frame_csv(frame: pd.DataFrame, drop: Sequence[str] = ()) -> str:
 
 def report_files(data: ReportData, html: str | None) -> dict[str, str]:
     """File name → content of a report folder (everything rendered in memory first)."""
-    groups = pd.concat(
-        [f.assign(group_by=by).rename(columns={by: "group"})
-         for f, by in ((data.by_backbone, "backbone"), (data.by_frozen, "frozen_depth"),
-                       (data.by_head, "head")) if not f.empty],
-        ignore_index=True,
-    ) if len(data.board) else pd.DataFrame()
+    groups = (
+        pd.concat(
+            [
+                f.assign(group_by=by).rename(columns={by: "group"})
+                for f, by in (
+                    (data.by_backbone, "backbone"),
+                    (data.by_frozen, "frozen_depth"),
+                    (data.by_head, "head"),
+                )
+                if not f.empty
+            ],
+            ignore_index=True,
+        )
+        if len(data.board)
+        else pd.DataFrame()
+    )
     files = {
         "report.md": report_markdown(data),
         "leaderboard.csv": leaderboard_csv(data),
@@ -263,8 +374,17 @@ def report_files(data: ReportData, html: str | None) -> dict[str, str]:
     return files
 
 
-REPORT_FILES = ("index.html", "report.md", "leaderboard.csv", "leaderboard.json", "trials.csv",
-                "best_per_group.csv", "paper_table.csv", "paper_table.md", "compare.csv")
+REPORT_FILES = (
+    "index.html",
+    "report.md",
+    "leaderboard.csv",
+    "leaderboard.json",
+    "trials.csv",
+    "best_per_group.csv",
+    "paper_table.csv",
+    "paper_table.md",
+    "compare.csv",
+)
 """Every file a report folder can hold (a new report removes the ones it does not write)."""
 
 
@@ -281,8 +401,9 @@ def write_files(out: Path, files: Mapping[str, str]) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"cannot create the report folder {out}: {exc.strerror or exc}") \
-            from None
+        raise StorageError(
+            f"cannot create the report folder {out}: {exc.strerror or exc}"
+        ) from None
     if not out.is_dir():
         raise StorageError(f"cannot write the report to {out}: not a folder")
     tmp: list[tuple[Path, Path]] = []
@@ -298,8 +419,7 @@ def write_files(out: Path, files: Mapping[str, str]) -> list[Path]:
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()
-        raise StorageError(f"cannot write the report to {out}: {exc.strerror or exc}") \
-            from None
+        raise StorageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     for part, final in tmp:
         os.replace(part, final)
     for name in REPORT_FILES:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from automl_cxr._lazy import lazy_exports
 
 # Lazy: `automl-cxr report`/`dashboard` need only the light parts; torch loads on first use.
 _EXPORTS = {
@@ -28,6 +29,7 @@ _EXPORTS = {
     "ParamSpec": "automl_cxr.study._space",
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
+    "load_study": "automl_cxr.study._storage",
     "open_storage": "automl_cxr.study._storage",
     "storage_url": "automl_cxr.study._storage",
     "study_names": "automl_cxr.study._storage",
@@ -50,6 +52,7 @@ __all__ = [
     "json_safe",
     "list_profiles",
     "load_space",
+    "load_study",
     "make_pruner",
     "make_sampler",
     "open_storage",
@@ -61,17 +64,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,4 +88,4 @@ if TYPE_CHECKING:  # pragma: no cover
         run_search,
     )  # noqa: F401
     from automl_cxr.study._space import ParamSpec, SearchSpace, load_space  # noqa: F401
-    from automl_cxr.study._storage import open_storage, storage_url, study_names  # noqa: F401
+    from automl_cxr.study._storage import load_study, open_storage, storage_url, study_names  # noqa: F401

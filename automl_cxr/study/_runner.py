@@ -20,7 +20,7 @@ from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.study._objective import OBJECTIVE_KEYS, Objective, subsample
 from automl_cxr.study._profiles import Profile, default_profile, get_profile
 from automl_cxr.study._space import SearchSpace, load_space
-from automl_cxr.study._storage import open_storage, storage_url
+from automl_cxr.study._storage import close_storage, open_storage, storage_url
 
 __all__ = [
     "FINISHED",
@@ -422,6 +422,7 @@ def run_search(
             best = {"number": bt.number, "value": bt.value, "params": bt.params}
         except ValueError:
             best = None
+    close_storage(storage)
     return SearchSummary(
         study_name=name,
         storage=storage_url(storage_arg),
@@ -483,7 +484,7 @@ def _run_local_workers(settings: SearchSettings, storage_arg: str, name: str, n:
             **{
                 **settings.__dict__,
                 "workers": 1,
-                "seed": settings.seed + i,
+                "worker_index": i,
                 "storage": storage_arg,
                 "study_name": name,
             }

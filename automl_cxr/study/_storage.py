@@ -9,7 +9,14 @@ import optuna
 
 from automl_cxr.errors import StorageError
 
-__all__ = ["HEARTBEAT_INTERVAL", "open_storage", "storage_url", "study_names"]
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "close_storage",
+    "load_study",
+    "open_storage",
+    "storage_url",
+    "study_names",
+]
 
 HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 30
@@ -99,5 +106,49 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # pooled connections reconnect with the pragmas
 
 
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Fold a SQLite file's write-ahead log back into it and close the connections, so the
+    `.db` file alone holds the whole study (safe to copy) when a command ends."""
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "sqlite":
+        return
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    except Exception:  # another process holds the file: it checkpoints when it closes
+        pass
+    engine.dispose()
+
+
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
+    """An existing study from a SQLite path or storage URL.
+
+    With one study in the storage it is chosen automatically; with several, `study_name` must
+    name one, and the error lists them.
+    """
+    backend = open_storage(storage, create=False)
+    url = storage_url(storage)
+    try:
+        names = study_names(backend)
+    except Exception as exc:  # a file that is not an Optuna database, a broken URL, ...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot read studies from {url!r}: {msg}") from None
+    if not names:
+        raise StorageError(f"no study in {url!r}: run `automl-cxr search` first")
+    if study_name is None:
+        if len(names) > 1:
+            raise StorageError(
+                f"{len(names)} studies in {url!r}; choose one with --study-name: "
+                f"{', '.join(sorted(names))}"
+            )
+        study_name = names[0]
+    elif study_name not in names:
+        raise StorageError(
+            f"no study named {study_name!r} in {url!r}; the studies there: "
+            f"{', '.join(sorted(names))}"
+        )
+    return optuna.load_study(study_name=study_name, storage=backend)
