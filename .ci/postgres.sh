@@ -2,7 +2,8 @@
 # Start a throwaway PostgreSQL server on 127.0.0.1 for the tests and print its URL.
 # Usage: eval "$(bash .ci/postgres.sh)"   (sets AUTOML_CXR_TEST_POSTGRES)
 set -euo pipefail
-PORT=${PGPORT_TEST:-55432}
+# A free loopback port (a server left running by an earlier run must not break this one).
+PORT=${PGPORT_TEST:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 if [ -z "$BIN" ]; then
   echo "postgres.sh: PostgreSQL server binaries not found (apt-get install postgresql)" >&2

@@ -185,3 +185,56 @@ def test_search_bad_input_clear_error(
     assert rc == 2, err
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("space", "dataset"),
+    [
+        ("paper_three_class.yaml", "three_class"),
+        ("paper_four_class.yaml", "four_class"),
+        ("paper_binary.yaml", "binary"),
+    ],
+)
+def test_paper_studies_run_with_smoke_profile(
+    space: str, dataset: str, tmp_path: Path, prepared_dir: Path
+) -> None:
+    """The paper's experiment (its five CNNs, random init here) completes a short CPU run."""
+    root = Path(__file__).resolve().parent.parent / "studies"
+    paper = {"vgg19", "mobilenetv2_100", "inception_v3", "legacy_xception", "inception_resnet_v2"}
+    summary = run_search(
+        SearchSettings(
+            dataset=dataset,
+            trials=2,
+            data_dir=prepared_dir,
+            storage=str(tmp_path / "p.db"),
+            space=root / space,
+            profile="smoke",
+            pruner="none",
+        )
+    )
+    study = _study(tmp_path / "p.db")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2, summary
+    for t in done:
+        assert t.user_attrs["config"]["model"]["backbone"] in paper
+        assert t.user_attrs["config"]["model"]["head_kwargs"]["dropout"] == 0.5
+
+
+def test_multi_objective_keeps_a_pareto_front(tmp_path: Path, prepared_dir: Path) -> None:
+    run_search(
+        SearchSettings(
+            dataset="binary",
+            trials=3,
+            data_dir=prepared_dir,
+            storage=str(tmp_path / "m.db"),
+            profile="smoke",
+            objectives=["accuracy", "latency"],
+        )
+    )
+    study = _study(tmp_path / "m.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.user_attrs["sampler"] == "nsga2"  # the multi-objective default
+    assert study.best_trials
+    for t in study.best_trials:
+        assert t.values[0] == pytest.approx(t.user_attrs["accuracy"])
+        assert t.values[1] == pytest.approx(t.user_attrs["latency_ms"])

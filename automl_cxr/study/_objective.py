@@ -114,6 +114,9 @@ class Objective:
                 if prof.extra.get("native_resolution")
                 else prof.resolution
             )
+        # Some stems cannot shrink below a size (Inception's: 75 px); never let a small
+        # profile resolution make a trial fail.
+        resolution = max(int(resolution), _min_input(backbone))
         train = TrainConfig(
             resolution=int(resolution),
             epochs=int(t.pop("epochs", prof.epochs)),
@@ -261,6 +264,14 @@ class Objective:
         trial.set_user_attr("feature_cache", json_safe(result.feature_cache))
         trial.set_user_attr("weight_source", json_safe(result.weight_source))
         trial.set_user_attr("fail_reason", None)
+
+
+_MIN_INPUT_BY_FAMILY = {"inception": 75}
+
+
+def _min_input(backbone: str) -> int:
+    """The smallest input size a backbone accepts (its stem's reduction), 32 px at least."""
+    return max(32, _MIN_INPUT_BY_FAMILY.get(get_backbone(backbone).family, 32))
 
 
 def _is_oom(exc: BaseException) -> bool:
