@@ -213,6 +213,8 @@ def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
 def test_four_workers_on_postgresql(prepared_dir: Path) -> None:
     url = os.environ.get("AUTOML_CXR_TEST_POSTGRES")
     if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide AUTOML_CXR_TEST_POSTGRES (.ci/run starts the server)")
         pytest.skip("AUTOML_CXR_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)")
     name = f"pg-{os.getpid()}-{time.time_ns()}"
     res = _run(
