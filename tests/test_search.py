@@ -238,3 +238,15 @@ def test_multi_objective_keeps_a_pareto_front(tmp_path: Path, prepared_dir: Path
     for t in study.best_trials:
         assert t.values[0] == pytest.approx(t.user_attrs["accuracy"])
         assert t.values[1] == pytest.approx(t.user_attrs["latency_ms"])
+
+
+def test_cpu_profile_defaults_to_the_deep_freezing_space() -> None:
+    from automl_cxr.study import get_profile
+    from automl_cxr.study._runner import resolve_space
+
+    cpu = resolve_space(None, get_profile("cpu"))
+    assert cpu.source.endswith("cpu.yaml")
+    assert cpu.frozen_fraction.low == 0.7 and cpu.train["augment"].value == 0.0
+    assert resolve_space(None, get_profile("smoke")).source.endswith("default.yaml")
+    explicit = Path(__file__).resolve().parent.parent / "studies" / "paper_binary.yaml"
+    assert resolve_space(explicit, get_profile("cpu")).source == str(explicit)

@@ -332,9 +332,7 @@ def run_search(
 ) -> SearchSummary:
     """Run (or resume) the study until it holds `settings.trials` finished trials."""
     profile = get_profile(settings.profile) if settings.profile else default_profile()
-    space = (
-        settings.space if isinstance(settings.space, SearchSpace) else load_space(settings.space)
-    )
+    space = resolve_space(settings.space, profile)
     if profile.pretrained and not space.backbones:
         space.backbones = _backbones_with_weights(profile, log)
     full = load_dataset(settings.dataset, settings.data_dir)
@@ -432,6 +430,18 @@ def run_search(
         ran=len(study.trials) - before,
         warnings=notes,
     )
+
+
+def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> SearchSpace:
+    """The search space: as given, else the profile's default file (e.g. `studies/cpu.yaml`
+    for `cpu`), else `studies/default.yaml`."""
+    if isinstance(space, SearchSpace):
+        return space
+    if space is None and profile.space:
+        from automl_cxr.settings import project_root
+
+        return load_space(project_root() / "studies" / profile.space)
+    return load_space(space)
 
 
 def _backbones_with_weights(profile: Profile, log: Callable[[str], None] | None) -> tuple:
