@@ -143,47 +143,27 @@ def report(
 
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), but got {alpha}")
+    common = dict(
+        study_name=study_name,
+        metric=metric,
+        top=top,
+        alpha=alpha,
+        compare=compare,
+        compare_study_name=compare_study_name,
+    )
+    if as_json and out is None:  # --json alone writes nothing
+        data, files = load_report(study, **common), []
+    else:
+        data, files = make_report(study, out=out, html=html, **common)
     if as_json:
-        if out is not None:
-            data, files = make_report(
-                study,
-                study_name=study_name,
-                metric=metric,
-                out=out,
-                top=top,
-                alpha=alpha,
-                compare=compare,
-                compare_study_name=compare_study_name,
-                html=html,
-            )
+        if files:
             err_console.print(f"wrote {len(files)} files to {out}/", highlight=False)
-        else:
-            data = load_report(
-                study,
-                study_name=study_name,
-                metric=metric,
-                top=top,
-                alpha=alpha,
-                compare=compare,
-                compare_study_name=compare_study_name,
-            )
         if data.warning:
             err_console.print(
                 f"[bold yellow]warning (shortcut risk):[/] {data.warning}", highlight=False
             )
         print(json.dumps(data.summary(), indent=2))
         return
-    data, files = make_report(
-        study,
-        study_name=study_name,
-        metric=metric,
-        out=out,
-        top=top,
-        alpha=alpha,
-        compare=compare,
-        compare_study_name=compare_study_name,
-        html=html,
-    )
     _print_report(data, files)
 
 
