@@ -357,6 +357,26 @@ class _Session:
         )
 
 
+_SPLITS: dict[tuple, list] = {}
+
+
+def _dataset_splits(
+    dataset: PreparedDataset, n_folds: int, holdout: float | None, seed: int
+) -> list:
+    """The patient-grouped folds of a dataset, computed once per (content, K, holdout, seed):
+    every trial of a search evaluates on the same folds, and StratifiedGroupKFold takes ~1 s."""
+    key = (dataset.hash, n_folds, holdout, seed)
+    if key not in _SPLITS:
+        _SPLITS[key] = make_splits(
+            dataset.manifest["label"].to_numpy(),
+            dataset.groups,
+            n_folds=n_folds,
+            holdout=holdout,
+            seed=seed,
+        )
+    return _SPLITS[key]
+
+
 def fit_full(
     dataset: PreparedDataset,
     model_config: ModelConfig,
@@ -400,13 +420,7 @@ def run_trial(
     model, device = session.model, session.device
     total_params, trainable_params = model.param_counts()
     y_all = dataset.labels
-    splits = make_splits(
-        dataset.manifest["label"].to_numpy(),
-        dataset.groups,
-        n_folds=cfg.n_folds,
-        holdout=cfg.holdout,
-        seed=cfg.seed,
-    )
+    splits = _dataset_splits(dataset, cfg.n_folds, cfg.holdout, cfg.seed)
     if cfg.max_folds is not None:
         splits = splits[: cfg.max_folds]
     fold_metrics: list[dict] = []
