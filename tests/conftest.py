@@ -61,3 +61,12 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) ->
         )
     )
     return db
+
+
+@pytest.fixture
+def offline_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub access and no weight files configured by the environment."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key in list(os.environ):
+        if key.startswith("AUTOML_CXR_WEIGHTS"):
+            monkeypatch.delenv(key)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -19,13 +17,7 @@ from automl_cxr.models import (
     num_stages,
 )
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for key in list(os.environ):
-        if key.startswith("AUTOML_CXR_WEIGHTS"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("offline_weights")
 
 
 # The default run builds the paper's MobileNetV2, EfficientNet-Lite0 and the tiny test models;
