@@ -72,6 +72,7 @@ def test_hand_computed_three_class() -> None:
     # covid: TP=3 FN=1 FP=1 TN=5; normal and pneumonia: TP=2 FN=1 FP=1 TN=6.
     assert m["covid_sensitivity"] == pytest.approx(3 / 4)
     assert m["covid_specificity"] == pytest.approx(5 / 6)
+    assert m["covid_accuracy"] == pytest.approx((3 + 5) / 10)  # the paper's "2-class accuracy"
     pc = m["per_class"]
     assert pc["covid"] == pytest.approx(
         {

@@ -250,3 +250,21 @@ def test_cpu_profile_defaults_to_the_deep_freezing_space() -> None:
     assert resolve_space(None, get_profile("smoke")).source.endswith("default.yaml")
     explicit = Path(__file__).resolve().parent.parent / "studies" / "paper_binary.yaml"
     assert resolve_space(explicit, get_profile("cpu")).source == str(explicit)
+
+
+def test_paper_cpu_profile_swaps_in_backbones_with_offline_weights(offline_weights) -> None:
+    """The paper's study file names five CNNs; `paper-cpu` runs it with the ones whose ImageNet
+    weights install offline (MobileNet v2, EfficientNet-Lite0), keeping the paper's protocol."""
+    from automl_cxr.study import get_profile, resolve_space, search_backbones
+
+    paper_file = Path(__file__).resolve().parent.parent / "studies" / "paper_three_class.yaml"
+    space = resolve_space(paper_file, get_profile("paper-cpu"))
+    said: list[str] = []
+    got = search_backbones(space, get_profile("paper-cpu"), said.append)
+    assert got == ("mobilenetv2_100", "tf_efficientnet_lite0")
+    assert "vgg19" in said[0] and "in place of" in said[0]
+    assert search_backbones(space, get_profile("paper")) == space.backbones
+    assert len(space.backbones) == 5
+    cpu, gpu = get_profile("paper-cpu"), get_profile("paper")
+    assert (cpu.n_folds, cpu.epochs) == (gpu.n_folds, gpu.epochs) == (10, 10)
+    assert cpu.resolution < gpu.resolution

@@ -77,14 +77,8 @@ def _echo_json(payload: Any) -> None:
 def _metric_rows(boot: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     metrics = boot.get("metrics") or {}
-    order = [
-        "accuracy",
-        "balanced_accuracy",
-        "macro_f1",
-        "auc",
-        "covid_sensitivity",
-        "covid_specificity",
-    ]
+    from automl_cxr.engine import SCALAR_METRICS as order
+
     names = [m for m in order if m in metrics] + sorted(m for m in metrics if m not in order)
     for name in names:
         m = metrics[name]
@@ -208,11 +202,19 @@ def export(
     onnx_exporter: Annotated[
         str, typer.Option(help="ONNX exporter: auto (dynamo, else legacy) | dynamo | legacy.")
     ] = "auto",
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble/--retrain",
+            help="Keep the trial's K cross-validation fold models, averaged, instead of "
+            "retraining one model on all data.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Retrain the chosen trial on all its data; write TorchScript, ONNX, weights, config and
-    a model card (research only, not a medical device)."""
+    """Retrain the chosen trial on all its data (or keep its fold ensemble); write TorchScript,
+    ONNX, weights, config and a model card (research only, not a medical device)."""
     from automl_cxr.deploy import run_export
 
     res = run_export(
@@ -222,6 +224,7 @@ def export(
         trial=trial,
         data_dir=data_dir,
         onnx_exporter=onnx_exporter,
+        ensemble=ensemble,
         log=_log(quiet or as_json),
     )
     if as_json:
@@ -229,7 +232,13 @@ def export(
     else:
         s = res["study"]
         out_console.print(
-            f"[green]exported[/] study {s['study']} trial {s['trial']} → {res['out']}",
+            f"[green]exported[/] study {s['study']} trial {s['trial']}"
+            + (
+                f" (fold ensemble of {res['ensemble']['members']} models)"
+                if res.get("ensemble")
+                else ""
+            )
+            + f" → {res['out']}",
             highlight=False,
         )
         for f in res["files"]:

@@ -67,7 +67,21 @@ def _console_table(data) -> Table:
     return table
 
 
+def _paper_table(data) -> Table:
+    """Ours beside the seed paper's reported numbers (percent, 95 % CIs over folds)."""
+    from automl_cxr.report._tables import paper_rows
+
+    header, rows = paper_rows(data)
+    table = Table(title="Beside the seed paper", title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i in (0, 2) else "right")
+    for src, r in zip(data.paper["source"], rows, strict=True):
+        table.add_row(*(str(x) for x in r), style="cyan" if src == "paper" else None)
+    return table
+
+
 def _print_report(data, files: list[Path]) -> None:
+    from automl_cxr.report._data import PAPER_CAVEAT
     from automl_cxr.report._tables import counts_text, mark_legend
 
     c = out_console
@@ -88,6 +102,9 @@ def _print_report(data, files: list[Path]) -> None:
     c.print(
         mark_legend(data).replace("≈ best", "≈").replace("n/a:", "?:"), highlight=False, style="dim"
     )
+    if len(data.paper):
+        c.print(_paper_table(data))
+        c.print(PAPER_CAVEAT, highlight=False, style="dim")
     for note in data.notes:
         c.print(f"note: {note}", highlight=False, style="dim")
     if files:

@@ -90,7 +90,7 @@ def search(
     ] = None,
     profile: Annotated[
         str | None,
-        typer.Option(help="smoke|demo|cpu|gpu|paper (default: gpu with CUDA, else cpu)."),
+        typer.Option(help="smoke|demo|cpu|gpu|paper|paper-cpu (default: gpu with CUDA, else cpu)."),
     ] = None,
     metric: Annotated[
         str, typer.Option(help="Objective metric (maximised).")

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from automl_cxr.data import PreparedDataset
+from automl_cxr.engine import SCALAR_METRICS
 
 __all__ = ["CARD_METRICS", "INPUT_CONTRACT", "INTENDED_USE", "build_card", "render_card"]
 
@@ -31,18 +32,12 @@ INPUT_CONTRACT = {
     ),
 }
 
-CARD_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "auc",
-    "covid_sensitivity",
-    "covid_specificity",
-)
+CARD_METRICS = SCALAR_METRICS
 
 _LIMITATIONS = (
     "Metrics are patient-grouped cross-validation estimates of the *configuration* on the "
-    "study's data, not of this exact model (retrained on all of it), and not of performance "
+    "study's data, not of this exact model (retrained on all of it; or, for a fold ensemble, "
+    "whose members were each scored only on their own held-out fold), and not of performance "
     "on other hospitals, scanners or populations.",
     "Public COVID-19 X-ray collections mix sources: in the paper's recipes every COVID-19 image "
     "comes from one collection of adults and the other classes from a paediatric collection "
@@ -91,10 +86,12 @@ def build_card(
     diagnostics: dict[str, Any] | None = None,
     export: dict[str, Any] | None = None,
     model_info: dict[str, Any] | None = None,
+    ensemble_folds: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The model card as a plain dict (written as `model_card.json`, rendered by
     :func:`render_card`). `spec` is a :class:`~automl_cxr.deploy.TrialSpec`, `dataset` the
-    training data, `diagnostics` the output of `source_diagnostics`."""
+    training data, `diagnostics` the output of `source_diagnostics`; `ensemble_folds` (for a
+    fold ensemble) each member's metrics on its own validation fold."""
     metrics = spec.metrics
     summary = metrics.get("summary") or {}
     meta = dataset.meta
@@ -131,7 +128,25 @@ def build_card(
         },
         "training": {
             "config": spec.train.to_dict(),
-            "retrained_on": f"all {len(dataset)} images of the study's training data",
+            "retrained_on": (
+                f"all {len(dataset)} images of the study's training data"
+                if ensemble_folds is None
+                else f"a fold ensemble: {len(ensemble_folds)} models, each trained on the other "
+                f"folds of the trial's patient-grouped split of the {len(dataset)} images; "
+                "the output averages their probabilities"
+            ),
+            "ensemble": None
+            if ensemble_folds is None
+            else [
+                {
+                    "fold": i,
+                    "n_train": f.get("n_train"),
+                    "n_val": f.get("n_val"),
+                    "epochs_run": f.get("epochs_run"),
+                    **{k: _f(f.get(k)) for k in CARD_METRICS if k in f},
+                }
+                for i, f in enumerate(ensemble_folds)
+            ],
         },
         "data": {
             "dataset": spec.dataset,
@@ -236,6 +251,18 @@ def render_card(card: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in d["sources"].items())
     )
     lines.append(f"- {card['training']['retrained_on']}")
+    members = card["training"].get("ensemble") or []
+    if members:
+        lines += ["", "Fold members (each scored on its own validation fold):", ""]
+        lines += [
+            "| fold | train | val | epochs | balanced accuracy | accuracy |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {f['fold']} | {f['n_train']} | {f['n_val']} | {f['epochs_run']} | "
+            f"{_fmt(f.get('balanced_accuracy'))} | {_fmt(f.get('accuracy'))} |"
+            for f in members
+        ]
     s = card["study"]
     lines += [
         "",

@@ -17,6 +17,7 @@ from automl_cxr.errors import StorageError
 from automl_cxr.report._data import (
     LEADERBOARD_COLUMNS,
     PAPER_CAVEAT,
+    PAPER_KEYS,
     STATES,
     ReportData,
 )
@@ -162,7 +163,15 @@ def group_rows(data: ReportData, frame: pd.DataFrame, by: str) -> tuple[list[str
 
 
 def paper_rows(data: ReportData) -> tuple[list[str], list[list]]:
-    header = ["", "trial", "backbone", "accuracy", "COVID-19 sensitivity", "COVID-19 specificity"]
+    header = [
+        "",
+        "trial",
+        "backbone",
+        "accuracy (all classes)",
+        "COVID-19 vs rest accuracy",
+        "COVID-19 sensitivity",
+        "COVID-19 specificity",
+    ]
     rows = []
     for r in data.paper.to_dict(orient="records"):
         rows.append(
@@ -170,10 +179,7 @@ def paper_rows(data: ReportData) -> tuple[list[str], list[list]]:
                 r["row"],
                 "-" if _isnan(r["trial"]) else int(r["trial"]),
                 r["backbone"],
-                *(
-                    fmt_pct_ci(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"])
-                    for k in ("accuracy", "covid_sensitivity", "covid_specificity")
-                ),
+                *(fmt_pct_ci(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"]) for k in PAPER_KEYS),
             ]
         )
     return header, rows
@@ -224,7 +230,9 @@ def paper_table_markdown(data: ReportData) -> str:
     header, rows = paper_rows(data)
     return (
         f"### Paper-style table ({data.study_name})\n\n"
-        + markdown_table(header, rows, ["left", "right", "left", "right", "right", "right"])
+        + markdown_table(
+            header, rows, ["left", "right", "left", "right", "right", "right", "right"]
+        )
         + "\nOurs: mean over patient-grouped folds (95 % t-interval over folds). "
         + PAPER_CAVEAT
         + "\n"

@@ -26,6 +26,8 @@ _EXPORTS = {
     "make_sampler": "automl_cxr.study._runner",
     "reconcile_dead_trials": "automl_cxr.study._runner",
     "run_search": "automl_cxr.study._runner",
+    "resolve_space": "automl_cxr.study._runner",
+    "search_backbones": "automl_cxr.study._runner",
     "ParamSpec": "automl_cxr.study._space",
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
@@ -57,7 +59,9 @@ __all__ = [
     "make_sampler",
     "open_storage",
     "reconcile_dead_trials",
+    "resolve_space",
     "run_search",
+    "search_backbones",
     "storage_url",
     "study_names",
     "subsample",
@@ -85,7 +89,9 @@ if TYPE_CHECKING:  # pragma: no cover
         make_pruner,
         make_sampler,
         reconcile_dead_trials,
+        resolve_space,
         run_search,
+        search_backbones,
     )  # noqa: F401
     from automl_cxr.study._space import ParamSpec, SearchSpace, load_space  # noqa: F401
     from automl_cxr.study._storage import load_study, open_storage, storage_url, study_names  # noqa: F401

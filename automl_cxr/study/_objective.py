@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 
 from automl_cxr.data import PreparedDataset
-from automl_cxr.engine import FeatureCache, TrainConfig, run_trial
+from automl_cxr.engine import SCALAR_METRICS, FeatureCache, TrainConfig, run_trial
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
 from automl_cxr.study._profiles import Profile
@@ -225,14 +225,7 @@ class Objective:
     def record(trial: optuna.Trial, result: Any) -> None:
         """The stable user attributes (see README): fold means, the full record, costs."""
         means = {k: v["mean"] for k, v in result.summary["metrics"].items()}
-        for key in (
-            "accuracy",
-            "balanced_accuracy",
-            "covid_sensitivity",
-            "covid_specificity",
-            "macro_f1",
-            "auc",
-        ):
+        for key in SCALAR_METRICS:
             if key in means:
                 trial.set_user_attr(key, json_safe(means[key]))
         trial.set_user_attr(
