@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from PIL import Image
 
 from automl_cxr.cli import main
@@ -172,6 +173,47 @@ def test_predict_cli_probabilities_and_gradcam(
     for r in res["predictions"]:
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert r["predicted"] in res["classes"] and r["gradcam"] is None
+
+
+def test_export_fold_ensemble_round_trip(
+    smoke_study: Path, prepared_dir: Path, real_images: list[Path], tmp_path: Path, capsys
+) -> None:
+    """`export --ensemble` keeps the trial's fold models: the same folds as the search (each
+    member scores what the trial scored on its fold), one graph averaging their
+    probabilities, identical in PyTorch, TorchScript and ONNX; Grad-CAM works on it."""
+    out = tmp_path / "ens"
+    args = ["export", "--study", str(smoke_study), "--out", str(out), "--ensemble"]
+    assert main([*args, "--data-dir", str(prepared_dir), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    trial = load_study(smoke_study).best_trial
+    folds = trial.user_attrs["metrics"]["folds"]
+    assert res["ensemble"]["members"] == len(folds) == 2 and res["checks"]["ok"]
+    card = json.loads((out / "model_card.json").read_text())
+    members = card["training"]["ensemble"]
+    assert [m["n_val"] for m in members] == [
+        s["n_val"] for s in trial.user_attrs["metrics"]["splits"]
+    ]
+    for m, f in zip(members, folds, strict=True):
+        assert m["balanced_accuracy"] == pytest.approx(f["balanced_accuracy"], abs=0.05)
+    assert "fold ensemble: 2 models" in (out / "model_card.md").read_text()
+
+    models = {rt: ExportedModel(out, runtime=rt) for rt in ("pytorch", "torchscript", "onnx")}
+    x = np.stack([load_image(p, 64).tensor for p in real_images])
+    net = models["pytorch"].torch_model()
+    assert len(net.members) == 2
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(m(torch.from_numpy(x)), 1) for m in net.members]).mean(0)
+    probs = models["pytorch"].predict_proba(x)
+    np.testing.assert_allclose(probs, mean.numpy(), atol=1e-5)
+    assert not np.allclose(probs, torch.softmax(net.members[0](torch.from_numpy(x)), 1).detach())
+    for rt in ("torchscript", "onnx"):
+        np.testing.assert_allclose(models[rt].predict_proba(x), probs, atol=1e-4)
+
+    gc = tmp_path / "gc"
+    assert main(["predict", str(out), str(real_images[0]), "--explain", "--out", str(gc)]) == 0
+    png = gc / f"{real_images[0].stem}_gradcam.png"
+    orig = decode_gray(real_images[0]).pixels
+    assert Image.open(png).size == (orig.shape[1], orig.shape[0])
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -125,9 +125,11 @@ def run_export(
     data_dir: str | Path | None = None,
     onnx_exporter: str = "auto",
     probe: bool = True,
+    ensemble: bool = False,
     log: Log = None,
 ) -> dict[str, Any]:
-    """Retrain the chosen trial on all of its training data and export it with a model card."""
+    """Retrain the chosen trial on all of its training data (or, with `ensemble`, keep its K
+    fold models, averaged) and export it with a model card."""
     from automl_cxr.diagnostics import source_diagnostics
     from automl_cxr.settings import resolve_data_dir
 
@@ -138,11 +140,21 @@ def run_export(
         diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)
     if log:
         log(
-            f"retraining trial {spec.number} ({spec.model.backbone}) on all {len(dataset)} "
-            "training images"
+            f"retraining trial {spec.number} ({spec.model.backbone}) "
+            + (
+                f"on each of its {spec.train.n_folds} folds (fold ensemble)"
+                if ensemble
+                else f"on all {len(dataset)} training images"
+            )
         )
     config = export_trial(
-        spec, dataset, out_dir, diagnostics=diag, onnx_exporter=onnx_exporter, log=log
+        spec,
+        dataset,
+        out_dir,
+        diagnostics=diag,
+        onnx_exporter=onnx_exporter,
+        ensemble=ensemble,
+        log=log,
     )
     return json_safe(
         {
@@ -151,6 +163,7 @@ def run_export(
             "files": sorted(p.name for p in Path(out_dir).iterdir() if p.is_file()),
             "onnx": config["onnx"],
             "checks": config["checks"],
+            "ensemble": config.get("ensemble"),
             "warnings": (diag or {}).get("warnings")
             or [
                 w

@@ -22,7 +22,7 @@ import torch
 
 from automl_cxr.deploy._card import INPUT_CONTRACT, build_card, render_card
 from automl_cxr.errors import AutomlCxrError, ConfigError
-from automl_cxr.models import CxrModel
+from automl_cxr.models import CxrEnsemble, CxrModel
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -57,7 +57,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_torchscript(model: CxrModel, path: Path, resolution: int) -> None:
+def export_torchscript(model: CxrModel | CxrEnsemble, path: Path, resolution: int) -> None:
     """`torch.jit.trace` of the model (eval mode) on a (1, 1, R, R) input; the batch size
     stays free."""
     example = torch.rand(1, 1, resolution, resolution, generator=torch.Generator().manual_seed(0))
@@ -67,7 +67,9 @@ def export_torchscript(model: CxrModel, path: Path, resolution: int) -> None:
         traced.save(str(path))
 
 
-def export_onnx(model: CxrModel, path: Path, resolution: int, exporter: str = "auto") -> dict:
+def export_onnx(
+    model: CxrModel | CxrEnsemble, path: Path, resolution: int, exporter: str = "auto"
+) -> dict:
     """ONNX with a dynamic batch axis: input `image`, output `logits`.
 
     `exporter`: "dynamo" (torch.export based, needs onnxscript), "legacy" (TorchScript based),
@@ -145,7 +147,7 @@ def export_onnx(model: CxrModel, path: Path, resolution: int, exporter: str = "a
     raise AutomlCxrError("ONNX export failed: " + "; ".join(errors))
 
 
-def _check_runtimes(model: CxrModel, folder: Path, resolution: int) -> dict[str, Any]:
+def _check_runtimes(model: CxrModel | CxrEnsemble, folder: Path, resolution: int) -> dict[str, Any]:
     """Largest absolute logit difference of TorchScript and ONNX against PyTorch on a random
     batch of 3 (also checks that the batch axis is free)."""
     from automl_cxr.deploy._predict import onnx_session
@@ -172,7 +174,7 @@ def _check_runtimes(model: CxrModel, folder: Path, resolution: int) -> dict[str,
 
 
 def export_model(
-    model: CxrModel,
+    model: CxrModel | CxrEnsemble,
     out_dir: str | Path,
     *,
     classes: list[str],
@@ -188,6 +190,8 @@ def export_model(
 
     `card` is a card dict, or a function of the export info returning one (so the card can list
     the files and checks). Existing files of these names are replaced; others are left alone.
+    A `CxrEnsemble` is written the same way (one graph holding every member); its output is
+    the log of the members' mean probability, recorded as `ensemble` in `config.json`.
     """
     if len(classes) != model.config.num_classes:
         raise ConfigError(
@@ -214,6 +218,15 @@ def export_model(
             "input": {**INPUT_CONTRACT, "resolution": int(resolution), "name": "image"},
             "output": {"name": "logits", "shape": "(B, C)", "classes": list(classes)},
             "model": model.config.to_dict(),
+            "ensemble": (
+                {
+                    "members": len(model),
+                    "combine": "mean of the members' softmax probabilities; the output is its "
+                    "log, so softmax(output) is that mean",
+                }
+                if isinstance(model, CxrEnsemble)
+                else None
+            ),
             "train": dict(train_config or {}),
             "params_total": int(total),
             "onnx": onnx_info,
@@ -255,16 +268,24 @@ def export_trial(
     model: CxrModel | None = None,
     diagnostics: dict[str, Any] | None = None,
     onnx_exporter: str = "auto",
+    ensemble: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Retrain a study trial's configuration on all its training data (`fit_full`, unless a
-    trained `model` is given) and export it with its model card. Also writes
+    """Export a study trial's configuration with its model card: retrained on all its training
+    data (`fit_full`), or with `ensemble` its K cross-validation fold models (`fit_folds`: the
+    trial's own splits) averaged, unless a trained `model` is given. Also writes
     `training_images.sha256` (the training images' file hashes, for leakage checks of external
     sets; no pixels)."""
-    from automl_cxr.engine import fit_full
+    from automl_cxr.engine import fit_folds, fit_full
 
-    if model is None:
+    folds: list[dict] | None = None
+    if model is None and ensemble:
+        members, folds = fit_folds(dataset, spec.model, spec.train, log=log)
+        model = CxrEnsemble(members)
+    elif model is None:
         model = fit_full(dataset, spec.model, spec.train, log=log)
+    if isinstance(model, CxrEnsemble) and folds is None:
+        folds = []
     total, trainable = model.param_counts()
     roots = source_roots(dataset.manifest)
 
@@ -274,6 +295,7 @@ def export_trial(
             dataset,
             diagnostics=diagnostics,
             model_info={"params_total": int(total), "params_trainable": int(trainable)},
+            ensemble_folds=folds,
         )
 
     config = export_model(

@@ -78,9 +78,21 @@ def gradcam_map(
     model: nn.Module, pixels: np.ndarray, resolution: int, class_index: int | None = None
 ) -> np.ndarray:
     """Grad-CAM of `class_index` (None: the predicted class) for one 8-bit gray image `pixels`
-    (H, W) of any size; returns an (H, W) float32 map in [0, 1] at the ORIGINAL size."""
+    (H, W) of any size; returns an (H, W) float32 map in [0, 1] at the ORIGINAL size.
+
+    For a fold ensemble (`CxrEnsemble`), the mean of its members' maps for the ensemble's class.
+    """
     from automl_cxr.data import resize_square
     from automl_cxr.deploy._predict import require
+    from automl_cxr.models import CxrEnsemble
+
+    if isinstance(model, CxrEnsemble):
+        if class_index is None:
+            x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)
+            with torch.no_grad():
+                class_index = int(model.eval()(x[None, None]).argmax(dim=1)[0])
+        maps = [gradcam_map(m, pixels, resolution, class_index) for m in model.members]
+        return np.clip(np.mean(maps, axis=0), 0.0, 1.0).astype(np.float32)
 
     GradCAM = require("pytorch_grad_cam", "grad-cam", "Grad-CAM (--explain)").GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

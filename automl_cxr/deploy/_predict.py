@@ -99,18 +99,21 @@ class ExportedModel:
 
     # -- runtimes ------------------------------------------------------------------------
     def torch_model(self):
-        """The CxrModel rebuilt from config.json + model.pt (random init, then the saved
-        weights: no pretrained weights needed), in eval mode on the CPU."""
+        """The CxrModel (or CxrEnsemble) rebuilt from config.json + model.pt (random init, then
+        the saved weights: no pretrained weights needed), in eval mode on the CPU."""
         if self._torch is None:
             import torch
 
-            from automl_cxr.models import ModelConfig, build_model
+            from automl_cxr.models import CxrEnsemble, ModelConfig, build_model
 
             pt = self.dir / "model.pt"
             if not pt.is_file():
                 raise DataError(f"{self.dir} lacks model.pt (needed for PyTorch / Grad-CAM)")
-            cfg = {**self.config["model"], "pretrained": False, "weights_file": None}
-            model = build_model(ModelConfig.from_dict(cfg))
+            cfg = ModelConfig.from_dict(
+                {**self.config["model"], "pretrained": False, "weights_file": None}
+            )
+            members = (self.config.get("ensemble") or {}).get("members")
+            model = CxrEnsemble.from_config(cfg, int(members)) if members else build_model(cfg)
             state = torch.load(pt, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             self._torch = model.eval()

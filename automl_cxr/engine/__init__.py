@@ -26,6 +26,7 @@ _EXPORTS = {
     "split_summary": "automl_cxr.engine._splits",
     "Reporter": "automl_cxr.engine._trial",
     "TrialResult": "automl_cxr.engine._trial",
+    "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
     "resolve_device": "automl_cxr.engine._trial",
     "run_trial": "automl_cxr.engine._trial",
@@ -44,6 +45,7 @@ __all__ = [
     "bootstrap_metrics",
     "compute_metrics",
     "feature_key",
+    "fit_folds",
     "fit_full",
     "make_splits",
     "paired_comparison",
@@ -77,4 +79,11 @@ if TYPE_CHECKING:  # pragma: no cover
         make_splits,
         split_summary,
     )  # noqa: F401
-    from automl_cxr.engine._trial import Reporter, TrialResult, fit_full, resolve_device, run_trial  # noqa: F401
+    from automl_cxr.engine._trial import (  # noqa: F401
+        Reporter,
+        TrialResult,
+        fit_folds,
+        fit_full,
+        resolve_device,
+        run_trial,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from automl_cxr.engine._splits import make_splits
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
-__all__ = ["Reporter", "TrialResult", "fit_full", "resolve_device", "run_trial"]
+__all__ = ["Reporter", "TrialResult", "fit_folds", "fit_full", "resolve_device", "run_trial"]
 
 Reporter = Callable[[int, float], None]
 """`report(step, value)`: called after every epoch (step = fold * epochs + epoch) with the
@@ -390,6 +391,36 @@ def fit_full(
     session = _Session(dataset, model_config, train_config, feature_cache=feature_cache, log=log)
     session.fit(np.arange(len(dataset)), None)
     return session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+
+
+def fit_folds(
+    dataset: PreparedDataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    feature_cache: FeatureCache | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[CxrModel], list[dict]]:
+    """Train one configuration on each cross-validation fold exactly as `run_trial` does (same
+    patient-grouped splits, seed and early stopping) and keep the fold models; returns the
+    models (eval mode, CPU) and each one's metrics on its own validation fold."""
+    cfg = train_config
+    session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
+    splits = _dataset_splits(dataset, cfg.n_folds, cfg.holdout, cfg.seed)
+    if cfg.max_folds is not None:
+        splits = splits[: cfg.max_folds]
+    models: list[CxrModel] = []
+    fold_metrics: list[dict] = []
+    for fi, sp in enumerate(splits):
+        if log:
+            log(f"fold {fi + 1}/{len(splits)}: training on {len(sp.train)} images")
+        curve, _, m, _, _ = session.fit(sp.train, sp.val, fold=fi, n_folds=len(splits))
+        m["epochs_run"] = len(curve)
+        m["n_train"], m["n_val"] = len(sp.train), len(sp.val)
+        fold_metrics.append(m)
+        member = copy.deepcopy(session.model).eval().to("cpu")
+        models.append(member.to(memory_format=torch.contiguous_format))
+    return models, fold_metrics
 
 
 def run_trial(

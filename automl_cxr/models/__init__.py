@@ -22,6 +22,7 @@ from automl_cxr.models._catalogue import (
     list_backbones,
     register_backbone,
 )
+from automl_cxr.models._ensemble import CxrEnsemble
 from automl_cxr.models._freeze import (
     ArchInfo,
     analyse_arch,
@@ -57,6 +58,7 @@ __all__ = [
     "WEIGHT_KINDS",
     "ArchInfo",
     "BackboneSpec",
+    "CxrEnsemble",
     "CxrModel",
     "FeaturePool",
     "FrozenPrefix",
