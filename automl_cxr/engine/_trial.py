@@ -378,6 +378,12 @@ def _dataset_splits(
     return _SPLITS[key]
 
 
+def _trial_splits(dataset: PreparedDataset, cfg: TrainConfig) -> list:
+    """The folds a configuration trains on: the dataset's splits, the first `max_folds`."""
+    splits = _dataset_splits(dataset, cfg.n_folds, cfg.holdout, cfg.seed)
+    return splits if cfg.max_folds is None else splits[: cfg.max_folds]
+
+
 def fit_full(
     dataset: PreparedDataset,
     model_config: ModelConfig,
@@ -406,9 +412,7 @@ def fit_folds(
     models (eval mode, CPU) and each one's metrics on its own validation fold."""
     cfg = train_config
     session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
-    splits = _dataset_splits(dataset, cfg.n_folds, cfg.holdout, cfg.seed)
-    if cfg.max_folds is not None:
-        splits = splits[: cfg.max_folds]
+    splits = _trial_splits(dataset, cfg)
     models: list[CxrModel] = []
     fold_metrics: list[dict] = []
     for fi, sp in enumerate(splits):
@@ -451,9 +455,7 @@ def run_trial(
     model, device = session.model, session.device
     total_params, trainable_params = model.param_counts()
     y_all = dataset.labels
-    splits = _dataset_splits(dataset, cfg.n_folds, cfg.holdout, cfg.seed)
-    if cfg.max_folds is not None:
-        splits = splits[: cfg.max_folds]
+    splits = _trial_splits(dataset, cfg)
     fold_metrics: list[dict] = []
     curves: list[list[dict]] = []
     oof = np.full((len(dataset), len(classes)), np.nan, dtype=np.float64)
