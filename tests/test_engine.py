@@ -152,3 +152,31 @@ def test_metrics_stratified_by_source(small) -> None:
     # every Cohen image is covid in this recipe: its per-source confusion matrix has one row
     cm = np.array(res.by_source["cohen"]["confusion_matrix"])
     assert cm.sum() == cm[small.classes.index("covid")].sum()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_fit_folds_keeps_the_trials_fold_models(small, cached: bool) -> None:
+    """Each kept fold model, applied to its own validation fold, gives exactly the metrics the
+    trial recorded for that fold (also when training ran on cached frozen features)."""
+    import torch
+
+    from automl_cxr.engine import compute_metrics, fit_folds
+
+    mc = _model(small, frozen_stages=num_stages("test_efficientnet") - 1)
+    cfg = _cfg(feature_cache=cached)
+    trial = run_trial(small, mc, cfg)
+    models, folds = fit_folds(small, mc, cfg)
+    assert len(models) == len(folds) == len(trial.folds) == 2
+    assert trial.feature_cache["used"] is cached
+    splits = make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)
+    x = torch.from_numpy(np.array(small.images(48))).unsqueeze(1).float() / 255
+    for model, sp, fold, recorded in zip(models, splits, folds, trial.folds, strict=True):
+        assert not model.training and fold["n_val"] == len(sp.val)
+        with torch.no_grad():
+            probs = torch.softmax(model(x[sp.val]), dim=1).numpy()
+        m = compute_metrics(small.labels[sp.val], probs, small.classes)
+        assert m["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9)
+        assert m["auc"] == pytest.approx(recorded["auc"], abs=1e-6)
+        assert fold["balanced_accuracy"] == pytest.approx(recorded["balanced_accuracy"])
+    w0, w1 = (list(m.head.parameters())[-1] for m in models)
+    assert not torch.equal(w0, w1)  # two models, not one model twice
