@@ -255,16 +255,36 @@ def test_cpu_profile_defaults_to_the_deep_freezing_space() -> None:
 def test_paper_cpu_profile_swaps_in_backbones_with_offline_weights(offline_weights) -> None:
     """The paper's study file names five CNNs; `paper-cpu` runs it with the ones whose ImageNet
     weights install offline (MobileNet v2, EfficientNet-Lite0), keeping the paper's protocol."""
-    from automl_cxr.study import get_profile, resolve_space, search_backbones
+    from automl_cxr.study import adapt_space, get_profile, resolve_space
 
     paper_file = Path(__file__).resolve().parent.parent / "studies" / "paper_three_class.yaml"
     space = resolve_space(paper_file, get_profile("paper-cpu"))
     said: list[str] = []
-    got = search_backbones(space, get_profile("paper-cpu"), said.append)
-    assert got == ("mobilenetv2_100", "tf_efficientnet_lite0")
+    got = adapt_space(space, get_profile("paper-cpu"), said.append)
+    assert got.backbones == ("mobilenetv2_100", "tf_efficientnet_lite0")
     assert "vgg19" in said[0] and "in place of" in said[0]
-    assert search_backbones(space, get_profile("paper")) == space.backbones
-    assert len(space.backbones) == 5
+    # Only the frozen depths a CPU can afford over 10 folds x 10 epochs; the file is untouched.
+    assert (got.frozen_fraction.low, got.frozen_fraction.high) == (0.75, 1.0)
+    assert "searching [0.75, 1.0]" in said[1]
+    assert (space.frozen_fraction.low, len(space.backbones)) == (0.5, 5)
+    same = adapt_space(space, get_profile("paper"))
+    assert same.backbones == space.backbones and same.frozen_fraction.low == 0.5
     cpu, gpu = get_profile("paper-cpu"), get_profile("paper")
     assert (cpu.n_folds, cpu.epochs) == (gpu.n_folds, gpu.epochs) == (10, 10)
     assert cpu.resolution < gpu.resolution
+
+
+def test_frozen_floor_rejects_spaces_it_cannot_honour() -> None:
+    from dataclasses import replace
+
+    from automl_cxr.study import SearchSpace, adapt_space, get_profile
+    from automl_cxr.study._space import parse_param
+
+    prof = replace(get_profile("smoke"), min_frozen_fraction=0.75)
+    shallow = SearchSpace(frozen_fraction=parse_param("frozen_fraction", {"low": 0.0, "high": 0.5}))
+    with pytest.raises(ConfigError, match=r"needs frozen_fraction >= 0.75.*\[0.0, 0.5\]"):
+        adapt_space(shallow, prof)
+    picks = SearchSpace(frozen_fraction=parse_param("frozen_fraction", [0.25, 0.75, 1.0]))
+    assert adapt_space(picks, prof).frozen_fraction.choices == (0.75, 1.0)
+    with pytest.raises(ConfigError, match="fixes it at 0.5"):
+        adapt_space(SearchSpace(frozen_fraction=parse_param("frozen_fraction", 0.5)), prof)

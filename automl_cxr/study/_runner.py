@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import socket
 import time
@@ -29,6 +31,7 @@ __all__ = [
     "SearchSettings",
     "SearchSummary",
     "WorkerTaggingSampler",
+    "adapt_space",
     "make_pruner",
     "make_sampler",
     "search_backbones",
@@ -317,6 +320,11 @@ def _load_or_create(
                 f"study {name!r} optimises {attrs.get('objectives')}, not {settings.objectives}: "
                 "use another --study-name"
             )
+        if attrs.get("space") is not None and attrs["space"] != space.to_dict():
+            # The space may change between runs (Optuna allows it); keep what each run used.
+            history = [*attrs.get("space_history", []), attrs["space"]]
+            study.set_user_attr("space_history", history)
+            study.set_user_attr("space", space.to_dict())
     return study
 
 
@@ -339,8 +347,7 @@ def run_search(
 ) -> SearchSummary:
     """Run (or resume) the study until it holds `settings.trials` finished trials."""
     profile = get_profile(settings.profile) if settings.profile else default_profile()
-    space = resolve_space(settings.space, profile)
-    space.backbones = search_backbones(space, profile, log)
+    space = adapt_space(resolve_space(settings.space, profile), profile, log)
     full = load_dataset(settings.dataset, settings.data_dir)
     dataset = subsample(full, profile.max_per_class, settings.seed)
     storage_arg = settings.storage or str(Path("studies") / f"{settings.dataset}.db")
@@ -448,6 +455,37 @@ def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> S
 
         return load_space(project_root() / "studies" / profile.space)
     return load_space(space)
+
+
+def adapt_space(
+    space: SearchSpace, profile: Profile, log: Callable[[str], None] | None = None
+) -> SearchSpace:
+    """The space a study searches under `profile`: its backbones (`search_backbones`) and, for
+    a profile with `min_frozen_fraction`, its frozen_fraction clipped to at least that."""
+    out = copy.deepcopy(space)
+    out.backbones = search_backbones(space, profile, log)
+    floor = profile.min_frozen_fraction
+    ff = out.frozen_fraction
+    if floor is None:
+        return out
+    where = f"profile {profile.name!r} needs frozen_fraction >= {floor}, but the space"
+    if ff.kind == "fixed":
+        if float(ff.value) < floor:
+            raise ConfigError(f"{where} fixes it at {ff.value}")
+    elif ff.kind == "categorical":
+        kept = tuple(c for c in ff.choices if float(c) >= floor)
+        if not kept:
+            raise ConfigError(f"{where} offers only {list(ff.choices)}")
+        if kept != ff.choices and log:
+            log(f"{where} offers {list(ff.choices)}: searching {list(kept)}")
+        out.frozen_fraction = dataclasses.replace(ff, choices=kept)
+    elif ff.low < floor:
+        if ff.high < floor:
+            raise ConfigError(f"{where} ranges over [{ff.low}, {ff.high}]")
+        if log:
+            log(f"{where} ranges over [{ff.low}, {ff.high}]: searching [{floor}, {ff.high}]")
+        out.frozen_fraction = dataclasses.replace(ff, low=floor)
+    return out
 
 
 def search_backbones(
