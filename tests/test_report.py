@@ -536,6 +536,9 @@ def test_cli_report_writes_default_folder(
     assert "ranked by balanced_accuracy" in cap.out
     assert "1 running" in cap.out and "still running" in cap.out
     assert "shortcut risk" in cap.err.lower()
+    assert "Beside the seed paper" in cap.out  # ours next to the paper's headline numbers
+    assert "96.78%" in cap.out and "98.66%" in cap.out and "96.46%" in cap.out
+    assert "patient-grouped" in cap.out
     assert (tmp_path / "dashboards" / "three_class-smoke" / "index.html").is_file()
 
 
