@@ -77,6 +77,9 @@ def test_search_cli_runs_and_resumes(tmp_path: Path, prepared_dir: Path, capsys)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
     first = {t.number: t.params for t in study.trials if t.number < 4}
     assert {t.number: t.params for t in _study(db).trials if t.number < 4} == first
+    # The resumed run draws new configurations; it does not replay the first run's draws.
+    for t in study.trials[4:]:
+        assert t.params not in list(first.values()), t.number
 
 
 def test_same_seed_same_parameters_and_metrics(tmp_path: Path, prepared_dir: Path) -> None:

@@ -263,13 +263,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def sampler_seed(seed: int, worker_index: int = 0, n_existing: int = 0) -> int:
+    """The sampler's seed for a run that starts with `n_existing` trials in the study: `seed`
+    itself for a fresh single-process study (same seed, same parameters), otherwise a value
+    derived from all three, so that resumed runs and parallel workers draw new points."""
+    if worker_index == 0 and n_existing == 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), worker_index, n_existing]).generate_state(1)[0])
+
+
 def _load_or_create(
     settings: SearchSettings, storage, name: str, profile: Profile, space: SearchSpace, dataset
 ) -> optuna.Study:
     multi = len(settings.objectives) > 1
-    sampler = WorkerTaggingSampler(
-        make_sampler(settings.sampler, settings.seed + 1000 * settings.worker_index, multi=multi)
-    )
+
+    def sampler_for(n_existing: int) -> WorkerTaggingSampler:
+        return WorkerTaggingSampler(
+            make_sampler(
+                settings.sampler,
+                sampler_seed(settings.seed, settings.worker_index, n_existing),
+                multi=multi,
+            )
+        )
+
+    sampler = sampler_for(0)
     max_res = max(1, profile.epochs * (profile.max_folds or profile.n_folds))
     pruner = make_pruner(settings.pruner, max_res)
     try:
@@ -283,6 +302,10 @@ def _load_or_create(
         )
     except ValueError as exc:  # e.g. directions differ from the existing study
         raise StorageError(f"cannot use study {name!r}: {exc}") from None
+    n_existing = len(study.get_trials(deepcopy=False))
+    if n_existing:
+        # A resumed run (or a later worker) must not replay the draws of the first one.
+        study.sampler = sampler_for(n_existing)
     attrs = study.user_attrs
     if not attrs.get("dataset"):
         align = source_label_alignment(dataset.manifest)
