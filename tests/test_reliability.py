@@ -382,6 +382,14 @@ CASES = {
         ["search", "--dataset", "three_class", "--trials", "-2"],
         "trials must be at least 1, but got trials=-2",
     ),
+    "enqueue backbone not in the space": (
+        ["search", "--dataset", "three_class", "--trials", "1", "--enqueue", "backbone=vgg19"],
+        "backbone must be one of ['test_efficientnet', 'test_resnet'], but got 'vgg19'",
+    ),
+    "enqueue malformed": (
+        ["search", "--dataset", "three_class", "--trials", "1", "--enqueue", "lr"],
+        "--enqueue expects KEY=VALUE, but got 'lr'",
+    ),
     "report missing study file": (["report", "{root}/nope.db"], "not found"),
 }
 

@@ -10,6 +10,7 @@ import pytest
 
 from automl_cxr.cli import main
 from automl_cxr.errors import ConfigError
+from automl_cxr.models import num_stages
 from automl_cxr.study import SearchSettings, SearchSpace, load_space, run_search
 
 STABLE_KEYS = (
@@ -291,3 +292,36 @@ def test_frozen_floor_rejects_spaces_it_cannot_honour() -> None:
     assert adapt_space(picks, prof).frozen_fraction.choices == (0.75, 1.0)
     with pytest.raises(ConfigError, match="fixes it at 0.5"):
         adapt_space(SearchSpace(frozen_fraction=parse_param("frozen_fraction", 0.5)), prof)
+
+
+def test_enqueue_runs_given_configurations_first(tmp_path: Path, prepared_dir: Path) -> None:
+    """`--enqueue` puts known configurations (e.g. the paper's own) at the head of the study;
+    what it leaves out is sampled, and queuing the same one again adds nothing."""
+    db = tmp_path / "q.db"
+    args = ["search", "--dataset", "binary", "--profile", "smoke", "--storage", str(db)]
+    args += ["--data-dir", str(prepared_dir), "--quiet", "--pruner", "none"]
+    first = "backbone=test_resnet,frozen_fraction=1.0,head=mlp,mlp.hidden=128"
+    assert main([*args, "--trials", "2", "--enqueue", first]) == 0
+    trials = _study(db).trials
+    assert trials[0].params["backbone"] == "test_resnet"
+    assert trials[0].params["frozen_fraction"] == 1.0 and trials[0].params["mlp.hidden"] == 128
+    assert trials[0].user_attrs["config"]["model"]["frozen_stages"] == num_stages("test_resnet")
+    assert "lr" in trials[0].params  # sampled
+    assert main([*args, "--trials", "2", "--enqueue", first]) == 0
+    assert len(_study(db).trials) == 2
+
+
+def test_check_params_messages() -> None:
+    space = load_space(Path(__file__).resolve().parent.parent / "studies" / "cpu.yaml")
+    assert space.check_params({"mlp.hidden": "256", "mlp.batchnorm": "false"}) == {
+        "mlp.hidden": 256,
+        "mlp.batchnorm": False,
+    }
+    with pytest.raises(ConfigError, match=r"unknown parameter 'lrr'; this space has \["):
+        space.check_params({"lrr": "0.1"})
+    with pytest.raises(ConfigError, match=r"lr must lie in \[0.0001, 0.03\], but got '3'"):
+        space.check_params({"lr": "3"})
+    with pytest.raises(ConfigError, match=r"mlp.hidden must be one of \[128, 256, 512\]"):
+        space.check_params({"mlp.hidden": "100"})
+    with pytest.raises(ConfigError, match="do not belong to head 'linear'"):
+        space.check_params({"head": "linear", "mlp.hidden": "128"})

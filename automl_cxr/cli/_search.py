@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from automl_cxr.cli import app
-from automl_cxr.cli._common import err_console, out_console
+from automl_cxr.cli._common import err_console, out_console, parse_key_values
 from automl_cxr.settings import resolve_data_dir
 
 
@@ -120,6 +120,13 @@ def search(
     feature_cache_dir: Annotated[
         Path | None, typer.Option(help="Keep frozen features on disk here, across runs.")
     ] = None,
+    enqueue: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run this configuration first, e.g. backbone=mobilenetv2_100,head=linear "
+            "(repeatable; parameters left out are sampled; skipped if already in the study)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Search backbone, frozen depth, head and training options with Optuna."""
@@ -152,6 +159,7 @@ def search(
         timeout=timeout,
         seed=seed,
         feature_cache_dir=feature_cache_dir,
+        enqueue=[parse_key_values([e], option="--enqueue") for e in enqueue or []],
     )
     if cpus_per_trial:
         torch.set_num_threads(cpus_per_trial)

@@ -8,9 +8,10 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -79,6 +80,7 @@ class SearchSettings:
     feature_cache_dir: Path | None = None
     feature_cache_bytes: int = 4 << 30
     worker_index: int = 0  # local parallel workers: offsets the sampler's seed only
+    enqueue: Sequence[Mapping[str, Any]] = ()  # configurations to run first (partial is fine)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -377,6 +379,12 @@ def run_search(
     storage = open_storage(storage_arg)
     name = settings.study_name or f"{settings.dataset}-{profile.name}"
     study = _load_or_create(settings, storage, name, profile, space, dataset)
+    if settings.worker_index == 0:
+        for params in settings.enqueue:
+            fixed = space.check_params(params, profile.backbones)
+            study.enqueue_trial(fixed, skip_if_exists=True)
+            if log:
+                log(f"queued first: {fixed}")
     reconciled = reconcile_dead_trials(study)
     if reconciled and log:
         log(f"marked trial(s) {reconciled} FAILED: their worker died; they will be retried")

@@ -9,6 +9,7 @@ never produces an invalid depth whatever the backbone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,51 @@ class SearchSpace:
             out[head] = {k: parse_param(f"{head}.{k}", v) for k, v in params.items()}
         return out
 
+    def params(self, default_backbones: Sequence[str] | None = None) -> dict[str, ParamSpec]:
+        """Every parameter a trial may suggest, by its Optuna name (head parameters are
+        `<head>.<name>`); `backbone` chooses among the space's backbones, else (a space without
+        its own list) `default_backbones`, the profile's."""
+        out: dict[str, ParamSpec] = {}
+        bb = tuple(self.backbones or default_backbones or ())
+        if bb:
+            out["backbone"] = ParamSpec("backbone", "categorical", choices=bb)
+        out["frozen_fraction"] = self.frozen_fraction
+        out["head"] = ParamSpec("head", "categorical", choices=tuple(self.heads))
+        for ps in self.heads.values():
+            out.update({p.name: p for p in ps.values()})
+        out["gray_mode"] = self.gray_mode
+        out.update({p.name: p for p in self.train.values()})
+        return out
+
+    def check_params(
+        self, given: Mapping[str, Any], default_backbones: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Fixed values for some parameters (e.g. a configuration to run first), checked
+        against the space and converted to each parameter's type; errors name the bad value
+        and what is allowed."""
+        specs = self.params(default_backbones)
+        out: dict[str, Any] = {}
+        for name, raw in given.items():
+            if name not in specs:
+                raise ConfigError(f"unknown parameter {name!r}; this space has {sorted(specs)}")
+            p = specs[name]
+            value = _coerce(raw, p)
+            if p.kind == "categorical" and value not in p.choices:
+                raise ConfigError(f"{name} must be one of {list(p.choices)}, but got {raw!r}")
+            if p.kind in ("float", "int") and not (
+                isinstance(value, (int, float)) and p.low <= value <= p.high
+            ):
+                raise ConfigError(f"{name} must lie in [{p.low}, {p.high}], but got {raw!r}")
+            if p.kind == "fixed" and value != p.value:
+                raise ConfigError(f"{name} is fixed at {p.value!r} here, but got {raw!r}")
+            out[name] = value
+        head = out.get("head")
+        if head is not None:
+            stray = [k for k in out if "." in k and k.split(".", 1)[0] != head]
+            if stray:
+                raise ConfigError(f"{stray} do not belong to head {head!r}")
+        return out
+
     def to_dict(self) -> dict:
         return {
             "source": self.source,
@@ -233,3 +279,24 @@ def load_space(path: str | Path | None) -> SearchSpace:
     except yaml.YAMLError as exc:
         raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
     return SearchSpace.from_dict(raw, source=str(path))
+
+
+def _coerce(raw: Any, p: ParamSpec) -> Any:
+    """A command-line string as the type of `p`'s values (numbers, booleans, names)."""
+    if not isinstance(raw, str):
+        return raw
+    examples = (
+        list(p.choices) if p.kind == "categorical" else [p.value] if p.kind == "fixed" else [p.low]
+    )
+    for ex in examples:
+        try:
+            if isinstance(ex, bool):
+                if raw.lower() in ("true", "false"):
+                    return raw.lower() == "true"
+            elif p.kind == "int" or (p.kind != "float" and isinstance(ex, int)):
+                return int(raw)
+            elif isinstance(ex, float) or p.kind == "float":
+                return float(raw)
+        except ValueError:
+            continue
+    return raw
