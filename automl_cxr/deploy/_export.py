@@ -265,7 +265,7 @@ def export_trial(
     dataset: Any,
     out_dir: str | Path,
     *,
-    model: CxrModel | None = None,
+    model: CxrModel | CxrEnsemble | None = None,
     diagnostics: dict[str, Any] | None = None,
     onnx_exporter: str = "auto",
     ensemble: bool = False,
@@ -285,7 +285,7 @@ def export_trial(
     elif model is None:
         model = fit_full(dataset, spec.model, spec.train, log=log)
     if isinstance(model, CxrEnsemble) and folds is None:
-        folds = []
+        folds = [{} for _ in range(len(model))]  # a given ensemble: members' scores unknown
     total, trainable = model.param_counts()
     roots = source_roots(dataset.manifest)
 
