@@ -299,10 +299,13 @@ def test_enqueue_runs_given_configurations_first(tmp_path: Path, prepared_dir: P
     what it leaves out is sampled, and queuing the same one again adds nothing."""
     db = tmp_path / "q.db"
     args = ["search", "--dataset", "binary", "--profile", "smoke", "--storage", str(db)]
-    args += ["--data-dir", str(prepared_dir), "--quiet", "--pruner", "none"]
+    args += ["--data-dir", str(prepared_dir), "--quiet"]
     first = "backbone=test_resnet,frozen_fraction=1.0,head=mlp,mlp.hidden=128"
     assert main([*args, "--trials", "2", "--enqueue", first]) == 0
     trials = _study(db).trials
+    # A queued configuration is a reference: it runs every fold and epoch, never pruned.
+    assert trials[0].user_attrs["reference"] and trials[0].state.name == "COMPLETE"
+    assert len(trials[0].intermediate_values) == 2 * 2  # smoke: 2 folds x 2 epochs
     assert trials[0].params["backbone"] == "test_resnet"
     assert trials[0].params["frozen_fraction"] == 1.0 and trials[0].params["mlp.hidden"] == 128
     assert trials[0].user_attrs["config"]["model"]["frozen_stages"] == num_stages("test_resnet")
@@ -325,3 +328,28 @@ def test_check_params_messages() -> None:
         space.check_params({"mlp.hidden": "100"})
     with pytest.raises(ConfigError, match="do not belong to head 'linear'"):
         space.check_params({"head": "linear", "mlp.hidden": "128"})
+
+
+def test_requeue_only_what_has_no_full_result() -> None:
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from automl_cxr.study._runner import _queued_or_done
+
+    study = optuna.create_study()
+    dist = {"lr": FloatDistribution(1e-4, 1e-1), "x": FloatDistribution(0, 1)}
+
+    def add(state, lr):
+        value = 0.5 if state == TrialState.COMPLETE else None
+        study.add_trial(
+            create_trial(state=state, params={"lr": lr, "x": 0.3}, distributions=dist, value=value)
+        )
+
+    add(TrialState.PRUNED, 0.01)
+    add(TrialState.FAIL, 0.02)
+    assert not _queued_or_done(study, {"lr": 0.01}) and not _queued_or_done(study, {"lr": 0.02})
+    add(TrialState.COMPLETE, 0.01)
+    assert _queued_or_done(study, {"lr": 0.01})
+    assert not _queued_or_done(study, {"lr": 0.01, "x": 0.4})
+    study.enqueue_trial({"lr": 0.03})
+    assert _queued_or_done(study, {"lr": 0.03})

@@ -166,11 +166,14 @@ class Objective:
         trial.set_user_attr("dataset", self.dataset.name)
         trial.set_user_attr("dataset_hash", self.dataset.hash)
         multi = len(self.metrics) > 1
+        reference = bool(trial.user_attrs.get("reference"))
 
         def report(step: int, value: float) -> None:
             if multi:
                 return  # Optuna does not prune multi-objective studies
             trial.report(value if math.isfinite(value) else 0.0, step)
+            if reference:
+                return  # a queued reference configuration runs to the end
             if trial.should_prune():
                 trial.set_user_attr("fail_reason", None)
                 trial.set_user_attr("pruned_at_step", step)

@@ -265,6 +265,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _queued_or_done(study: optuna.Study, fixed: Mapping[str, Any]) -> bool:
+    """Whether a waiting, running or complete trial already has these parameter values (a
+    pruned or failed one does not count: a queued reference is meant to run to the end)."""
+    states = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    for t in study.get_trials(deepcopy=False, states=states):
+        have = {**t.params, **t.system_attrs.get("fixed_params", {})}
+        if all(k in have and have[k] == v for k, v in fixed.items()):
+            return True
+    return False
+
+
 def sampler_seed(seed: int, worker_index: int = 0, n_existing: int = 0) -> int:
     """The sampler's seed for a run that starts with `n_existing` trials in the study: `seed`
     itself for a fresh single-process study (same seed, same parameters), otherwise a value
@@ -382,9 +393,11 @@ def run_search(
     if settings.worker_index == 0:
         for params in settings.enqueue:
             fixed = space.check_params(params, profile.backbones)
-            study.enqueue_trial(fixed, skip_if_exists=True)
+            if _queued_or_done(study, fixed):
+                continue
+            study.enqueue_trial(fixed, user_attrs={"reference": True})
             if log:
-                log(f"queued first: {fixed}")
+                log(f"queued first (a reference: never pruned): {fixed}")
     reconciled = reconcile_dead_trials(study)
     if reconciled and log:
         log(f"marked trial(s) {reconciled} FAILED: their worker died; they will be retried")
