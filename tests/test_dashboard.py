@@ -88,7 +88,7 @@ def test_dashboard_serves_the_study(study_db: Path, tmp_path: Path) -> None:
         assert status == 200
         detail = json.loads(body)
         attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
-        assert json.loads(attrs["paper"])["accuracy"] == pytest.approx(0.9678)
+        assert json.loads(attrs["paper"])["covid_accuracy"] == pytest.approx(0.9678)
         complete = [t for t in stored.trials if t.state.name == "COMPLETE"]
         assert complete
         served = {t["number"]: t for t in detail["trials"]}
