@@ -86,11 +86,11 @@ def gradcam_map(
     from automl_cxr.deploy._predict import require
     from automl_cxr.models import CxrEnsemble
 
+    x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)[None, None]
     if isinstance(model, CxrEnsemble):
         if class_index is None:
-            x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)
             with torch.no_grad():
-                class_index = int(model.eval()(x[None, None]).argmax(dim=1)[0])
+                class_index = int(model.eval()(x).argmax(dim=1)[0])
         maps = [gradcam_map(m, pixels, resolution, class_index) for m in model.members]
         return np.clip(np.mean(maps, axis=0), 0.0, 1.0).astype(np.float32)
 
@@ -101,7 +101,6 @@ def gradcam_map(
     for p in net.parameters():  # frozen stages too: the target layer's output needs a grad
         p.requires_grad_(True)
     _, layer, channels_last = find_target_layer(net, resolution)
-    x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)[None, None]
     targets = None if class_index is None else [ClassifierOutputTarget(int(class_index))]
     with GradCAM(
         model=net,

@@ -28,7 +28,6 @@ _EXPORTS = {
     "reconcile_dead_trials": "automl_cxr.study._runner",
     "run_search": "automl_cxr.study._runner",
     "resolve_space": "automl_cxr.study._runner",
-    "search_backbones": "automl_cxr.study._runner",
     "ParamSpec": "automl_cxr.study._space",
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
@@ -63,7 +62,6 @@ __all__ = [
     "reconcile_dead_trials",
     "resolve_space",
     "run_search",
-    "search_backbones",
     "storage_url",
     "study_names",
     "subsample",
@@ -94,7 +92,6 @@ if TYPE_CHECKING:  # pragma: no cover
         reconcile_dead_trials,
         resolve_space,
         run_search,
-        search_backbones,
     )  # noqa: F401
     from automl_cxr.study._space import ParamSpec, SearchSpace, load_space  # noqa: F401
     from automl_cxr.study._storage import load_study, open_storage, storage_url, study_names  # noqa: F401

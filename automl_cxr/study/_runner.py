@@ -35,7 +35,6 @@ __all__ = [
     "adapt_space",
     "make_pruner",
     "make_sampler",
-    "search_backbones",
     "enqueue_retry",
     "reconcile_dead_trials",
     "run_search",
@@ -384,6 +383,8 @@ def run_search(
     """Run (or resume) the study until it holds `settings.trials` finished trials."""
     profile = get_profile(settings.profile) if settings.profile else default_profile()
     space = adapt_space(resolve_space(settings.space, profile), profile, log)
+    # Checked before any data is read or any study is created: a bad --enqueue changes nothing.
+    references = [space.check_params(p, profile.backbones) for p in settings.enqueue]
     full = load_dataset(settings.dataset, settings.data_dir)
     dataset = subsample(full, profile.max_per_class, settings.seed)
     storage_arg = settings.storage or str(Path("studies") / f"{settings.dataset}.db")
@@ -391,8 +392,7 @@ def run_search(
     name = settings.study_name or f"{settings.dataset}-{profile.name}"
     study = _load_or_create(settings, storage, name, profile, space, dataset)
     if settings.worker_index == 0:
-        for params in settings.enqueue:
-            fixed = space.check_params(params, profile.backbones)
+        for fixed in references:
             if _queued_or_done(study, fixed):
                 continue
             study.enqueue_trial(fixed, user_attrs={"reference": True})
@@ -504,10 +504,10 @@ def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> S
 def adapt_space(
     space: SearchSpace, profile: Profile, log: Callable[[str], None] | None = None
 ) -> SearchSpace:
-    """The space a study searches under `profile`: its backbones (`search_backbones`) and, for
+    """The space a study searches under `profile`: its backbones (`_search_backbones`) and, for
     a profile with `min_frozen_fraction`, its frozen_fraction clipped to at least that."""
     out = copy.deepcopy(space)
-    out.backbones = search_backbones(space, profile, log)
+    out.backbones = _search_backbones(space, profile, log)
     floor = profile.min_frozen_fraction
     ff = out.frozen_fraction
     if floor is None:
@@ -532,7 +532,7 @@ def adapt_space(
     return out
 
 
-def search_backbones(
+def _search_backbones(
     space: SearchSpace, profile: Profile, log: Callable[[str], None] | None = None
 ) -> tuple[str, ...] | None:
     """The backbones a study searches: the space's list; else (or, for a profile with

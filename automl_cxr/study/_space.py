@@ -282,21 +282,13 @@ def load_space(path: str | Path | None) -> SearchSpace:
 
 
 def _coerce(raw: Any, p: ParamSpec) -> Any:
-    """A command-line string as the type of `p`'s values (numbers, booleans, names)."""
-    if not isinstance(raw, str):
-        return raw
-    examples = (
-        list(p.choices) if p.kind == "categorical" else [p.value] if p.kind == "fixed" else [p.low]
-    )
-    for ex in examples:
+    """A command-line string typed as the space file types its values (YAML scalars: numbers,
+    booleans, names); a whole number for a float range becomes a float."""
+    if isinstance(raw, str):
         try:
-            if isinstance(ex, bool):
-                if raw.lower() in ("true", "false"):
-                    return raw.lower() == "true"
-            elif p.kind == "int" or (p.kind != "float" and isinstance(ex, int)):
-                return int(raw)
-            elif isinstance(ex, float) or p.kind == "float":
-                return float(raw)
-        except ValueError:
-            continue
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+    if p.kind == "float" and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
     return raw
