@@ -7,6 +7,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ImageDecodeError",
+    "MissingDependency",
+    "SearchAborted",
     "StorageError",
     "TrialFailed",
     "WeightsUnavailable",
@@ -49,3 +51,20 @@ class TrialFailed(AutomlCxrError):
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
+
+
+class SearchAborted(AutomlCxrError):
+    """A search stopped on purpose (e.g. every recent trial failed), with the last reason."""
+
+
+class MissingDependency(AutomlCxrError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, what: str = "") -> None:
+        need = f" for {what}" if what else ""
+        super().__init__(
+            f"the optional package {package!r} is needed{need} but is not installed; "
+            f"install it with `pip install 'automl-cxr[{extra}]'`"
+        )
+        self.package = package
+        self.extra = extra
