@@ -9,6 +9,7 @@ never produces an invalid depth whatever the backbone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,40 @@ import yaml
 
 from automl_cxr.errors import ConfigError
 
-__all__ = ["ParamSpec", "SearchSpace", "load_space"]
+__all__ = ["ParamSpec", "SearchSpace", "load_space", "yaml_load"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, but `1e-4`, `3E5` and `.5e-3` are numbers (YAML 1.2 reads them
+    so; PyYAML alone reads them as strings unless written `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML as the space files and `--enqueue` values are read (exponent floats are
+    numbers)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_FLOAT_KEYS = frozenset(
+    {"frozen_fraction", "lr", "weight_decay", "momentum", "augment", "label_smoothing", "dropout"}
+)
+"""Parameters that are real numbers whatever their bounds look like: `{low: 0, high: 1}` is
+the float range [0, 1], not the integers {0, 1}."""
 
 _TRAIN_KEYS = (
     "lr",
@@ -116,7 +150,10 @@ def parse_param(name: str, raw: Any) -> ParamSpec:
                 f"search space key {name!r}: step must be positive and not used with log, "
                 f"but got step={step}"
             )
-        kind = "int" if _is_int(low) and _is_int(high) else "float"
+        is_float = name.rsplit(".", 1)[-1] in _FLOAT_KEYS
+        kind = "int" if _is_int(low) and _is_int(high) and not is_float else "float"
+        if kind == "float":
+            low, high = float(low), float(high)
         return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
     return ParamSpec(name, "fixed", value=raw)
 
@@ -275,7 +312,7 @@ def load_space(path: str | Path | None) -> SearchSpace:
     if not path.is_file():
         raise ConfigError(f"search space file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
     return SearchSpace.from_dict(raw, source=str(path))
@@ -286,7 +323,7 @@ def _coerce(raw: Any, p: ParamSpec) -> Any:
     booleans, names); a whole number for a float range becomes a float."""
     if isinstance(raw, str):
         try:
-            raw = yaml.safe_load(raw)
+            raw = yaml_load(raw)
         except yaml.YAMLError:
             return raw
     if p.kind == "float" and isinstance(raw, int) and not isinstance(raw, bool):
