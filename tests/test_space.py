@@ -51,3 +51,68 @@ def test_yaml_load_keeps_strings_and_ints() -> None:
         "e": True,
         "f": "adamw",
     }
+
+
+def test_studies_folder_matches_the_shipped_spaces() -> None:
+    """`studies/` is the user-facing copy of the spaces the package ships: never let them drift."""
+    from importlib.resources import files
+
+    from automl_cxr.study._space import BUILTIN_SPACES
+
+    repo = Path(__file__).resolve().parent.parent
+    for name in BUILTIN_SPACES:
+        shipped = files("automl_cxr.study").joinpath("spaces", f"{name}.yaml").read_text()
+        assert (repo / "studies" / f"{name}.yaml").read_text() == shipped, name
+
+
+def test_installed_wheel_uses_the_same_spaces(tmp_path: Path) -> None:
+    """Installed from a wheel (not editable), `--profile cpu` and the default space are the
+    checkout's, not a bare SearchSpace() (issue 13, item 12)."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+
+    repo = Path(__file__).resolve().parent.parent
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(wheels), str(repo)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+    )  # fmt: skip
+    wheel = next(wheels.glob("automl_cxr-*.whl"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+         str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    # The dependencies (torch, timm, optuna, ...) come from this venv, appended after the
+    # fresh venv's own site-packages; the editable checkout's import hook is not loaded.
+    (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    code = (
+        "import json, automl_cxr\n"
+        "from automl_cxr.study import get_profile, load_space\n"
+        "from automl_cxr.study import resolve_space\n"
+        "print(json.dumps({'file': automl_cxr.__file__,\n"
+        "  'cpu': resolve_space(None, get_profile('cpu')).to_dict(),\n"
+        "  'default': load_space(None).to_dict()}))\n"
+    )
+    out = subprocess.run(
+        [py, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["file"].startswith(str(site)), got["file"]  # really the installed copy
+    from automl_cxr.study import get_profile, resolve_space
+
+    assert got["cpu"] == resolve_space(None, get_profile("cpu")).to_dict()
+    assert got["default"] == load_space(None).to_dict()
+    assert got["cpu"]["frozen_fraction"]["low"] == 0.7  # studies/cpu.yaml, not the bare default

@@ -22,7 +22,7 @@ from automl_cxr.engine import SCALAR_METRICS, FeatureCache
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.study._objective import OBJECTIVE_KEYS, Objective, subsample
 from automl_cxr.study._profiles import Profile, default_profile, get_profile
-from automl_cxr.study._space import SearchSpace, load_space
+from automl_cxr.study._space import SearchSpace, builtin_space, load_space
 from automl_cxr.study._storage import close_storage, open_storage, storage_url
 
 __all__ = [
@@ -495,9 +495,7 @@ def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> S
     if isinstance(space, SearchSpace):
         return space
     if space is None and profile.space:
-        from automl_cxr.settings import project_root
-
-        return load_space(project_root() / "studies" / profile.space)
+        return builtin_space(profile.space)
     return load_space(space)
 
 

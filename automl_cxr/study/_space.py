@@ -19,7 +19,7 @@ import yaml
 
 from automl_cxr.errors import ConfigError
 
-__all__ = ["ParamSpec", "SearchSpace", "load_space", "yaml_load"]
+__all__ = ["BUILTIN_SPACES", "ParamSpec", "SearchSpace", "builtin_space", "load_space", "yaml_load"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -299,23 +299,46 @@ class SearchSpace:
         }
 
 
-def load_space(path: str | Path | None) -> SearchSpace:
-    """Load a YAML search space (None → the documented default, `studies/default.yaml`)."""
-    if path is None:
-        from automl_cxr.settings import project_root
+BUILTIN_SPACES = ("default", "cpu", "paper_three_class", "paper_four_class", "paper_binary")
+"""Spaces shipped inside the package (`automl_cxr/study/spaces/*.yaml`); `studies/` in the
+checkout holds the same files as user-facing copies to read and edit."""
 
-        default = project_root() / "studies" / "default.yaml"
-        if not default.is_file():
-            return SearchSpace()
-        path = default
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space file not found: {path}")
+
+def builtin_space(name: str) -> SearchSpace:
+    """A space shipped with the package, by name (`default`, `cpu`, ...) or file name."""
+    from importlib.resources import files
+
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if stem not in BUILTIN_SPACES:
+        raise ConfigError(
+            f"unknown built-in search space {name!r}; allowed: {list(BUILTIN_SPACES)} "
+            "or a path to a YAML file"
+        )
+    res = files("automl_cxr.study").joinpath("spaces", f"{stem}.yaml")
+    return _parse_text(res.read_text(encoding="utf-8"), f"builtin:{stem}.yaml")
+
+
+def load_space(path: str | Path | None) -> SearchSpace:
+    """Load a YAML search space: a file, the name of a built-in space (`cpu`), or None for
+    the documented default (`default.yaml`, shipped with the package)."""
+    if path is None:
+        return builtin_space("default")
+    p = Path(path)
+    if not p.is_file():
+        if isinstance(path, str) and path in BUILTIN_SPACES:
+            return builtin_space(path)
+        raise ConfigError(
+            f"search space file not found: {p} (built-in spaces: {list(BUILTIN_SPACES)})"
+        )
+    return _parse_text(p.read_text(), str(p))
+
+
+def _parse_text(text: str, source: str) -> SearchSpace:
     try:
-        raw = yaml_load(path.read_text()) or {}
+        raw = yaml_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
-    return SearchSpace.from_dict(raw, source=str(path))
+        raise ConfigError(f"search space {source} is not valid YAML: {exc}") from None
+    return SearchSpace.from_dict(raw, source=source)
 
 
 def _coerce(raw: Any, p: ParamSpec) -> Any:
