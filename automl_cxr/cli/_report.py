@@ -81,7 +81,7 @@ def _paper_table(data) -> Table:
 
 
 def _print_report(data, files: list[Path]) -> None:
-    from automl_cxr.report._data import PAPER_CAVEAT
+    from automl_cxr.report._paper import PAPER_CAVEAT
     from automl_cxr.report._tables import counts_text, mark_legend
 
     c = out_console

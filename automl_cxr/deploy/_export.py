@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from automl_cxr.deploy._card import INPUT_CONTRACT, build_card, render_card
+from automl_cxr.deploy._runtime import onnx_session, require
 from automl_cxr.errors import AutomlCxrError, ConfigError
 from automl_cxr.models import CxrEnsemble, CxrModel
 
@@ -79,8 +80,6 @@ def export_onnx(
         raise ConfigError(
             f"ONNX exporter must be one of {', '.join(ONNX_EXPORTERS)}, but got {exporter!r}"
         )
-    from automl_cxr.deploy._predict import require
-
     require("onnx", "onnx", "ONNX export")
     if exporter in ("auto", "dynamo"):
         try:
@@ -150,8 +149,6 @@ def export_onnx(
 def _check_runtimes(model: CxrModel | CxrEnsemble, folder: Path, resolution: int) -> dict[str, Any]:
     """Largest absolute logit difference of TorchScript and ONNX against PyTorch on a random
     batch of 3 (also checks that the batch axis is free)."""
-    from automl_cxr.deploy._predict import onnx_session
-
     x = torch.rand(3, 1, resolution, resolution, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x).numpy()

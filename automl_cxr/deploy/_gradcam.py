@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from automl_cxr.deploy._runtime import require
 from automl_cxr.errors import ConfigError
 
 __all__ = ["find_target_layer", "gradcam_map", "gradcam_overlay", "save_gradcam"]
@@ -83,7 +84,6 @@ def gradcam_map(
     For a fold ensemble (`CxrEnsemble`), the mean of its members' maps for the ensemble's class.
     """
     from automl_cxr.data import resize_square
-    from automl_cxr.deploy._predict import require
     from automl_cxr.models import CxrEnsemble
 
     x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)[None, None]

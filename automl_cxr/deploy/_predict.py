@@ -11,14 +11,15 @@ from typing import Any
 import numpy as np
 
 from automl_cxr.data import decode_gray, resize_square
-from automl_cxr.errors import AutomlCxrError, ConfigError, DataError
+from automl_cxr.deploy._gradcam import save_gradcam
+from automl_cxr.deploy._runtime import onnx_session
+from automl_cxr.errors import ConfigError, DataError
 
 __all__ = [
     "RUNTIMES",
     "ExportedModel",
     "ImageInput",
     "load_image",
-    "onnx_session",
     "predict_images",
     "softmax",
 ]
@@ -32,27 +33,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def require(module: str, package: str, what: str):
-    """Import an optional dependency (the `export` extra), or say how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise AutomlCxrError(
-            f"{what} needs the Python package {package!r}, which is not installed: "
-            "pip install 'automl-cxr[export]'"
-        ) from None
-
-
-def onnx_session(path: str | Path):
-    ort = require("onnxruntime", "onnxruntime", "running the ONNX model")
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 class ExportedModel:
@@ -193,8 +173,6 @@ def predict_images(
             "gradcam": None,
         }
         if explain:
-            from automl_cxr.deploy._gradcam import save_gradcam
-
             stem = item.path.stem
             n = used.get(stem, 0)
             used[stem] = n + 1

@@ -1,8 +1,11 @@
 """`automl-cxr report`: what a person reads from a study.
 
-Three layers: :mod:`._data` computes the information as plain data (tested without drawing),
-:mod:`._figures` draws it with Plotly, :mod:`._html` and :mod:`._tables` render the page and the
-exports. :func:`make_report` does all of it for a storage path or URL.
+Two layers. The data side computes the information as plain data, tested without drawing:
+:mod:`._records` (the trials as one table), :mod:`._ranking` (leaderboard, paired test against
+the best, best per group), :mod:`._paper` (the paper-style table), :mod:`._plotdata` (what each
+figure shows), assembled into :class:`ReportData` by :mod:`._data`. The rendering side:
+:mod:`._figures` draws it with Plotly, :mod:`._html` and :mod:`._tables` render the page and
+the exports. :func:`make_report` does all of it for a storage path or URL.
 
 Files of a report folder: ``index.html`` (self-contained interactive page), ``report.md``,
 ``leaderboard.csv`` / ``leaderboard.json``, ``trials.csv`` (every trial, any state),
@@ -15,31 +18,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from automl_cxr.errors import AutomlCxrError
-from automl_cxr.report._data import (
-    DEFAULT_ALPHA,
-    LEADERBOARD_COLUMNS,
-    PAPER_CAVEAT,
-    STATES,
-    ReportData,
-    best_per_group,
-    build_report_data,
-    compare_best_per_backbone,
-    confusion_data,
-    history_frame,
-    leaderboard,
-    learning_curves,
-    load_study,
-    not_worse_than_best,
-    paper_table,
-    param_importances,
-    pareto_flags,
-    resolve_metric,
-    roc_data,
-    state_counts,
-    trial_records,
-)
+from automl_cxr.report._data import LEADERBOARD_COLUMNS, ReportData, build_report_data
 from automl_cxr.report._figures import FIGURE_TITLES, build_figures
 from automl_cxr.report._html import render_html
+from automl_cxr.report._paper import PAPER_CAVEAT, PAPER_KEYS, paper_table
+from automl_cxr.report._plotdata import (
+    confusion_data,
+    history_frame,
+    learning_curves,
+    param_importances,
+    pareto_flags,
+    roc_data,
+)
+from automl_cxr.report._ranking import (
+    DEFAULT_ALPHA,
+    best_per_group,
+    compare_best_per_backbone,
+    leaderboard,
+    not_worse_than_best,
+)
+from automl_cxr.report._records import STATES, resolve_metric, state_counts, trial_records
 from automl_cxr.report._tables import (
     markdown_table,
     paper_table_markdown,
@@ -47,13 +45,14 @@ from automl_cxr.report._tables import (
     report_markdown,
     write_files,
 )
-from automl_cxr.study import storage_url
+from automl_cxr.study import load_study, storage_url
 
 __all__ = [
     "DEFAULT_ALPHA",
     "FIGURE_TITLES",
     "LEADERBOARD_COLUMNS",
     "PAPER_CAVEAT",
+    "PAPER_KEYS",
     "STATES",
     "ReportData",
     "best_per_group",
@@ -117,7 +116,7 @@ def load_report(
         name = other.study_name
         if name == data.study_name:
             name = f"{name} ({storage_url(compare)})"
-        data.compare = compare_best_per_backbone(data, odata)
+        data.compare = compare_best_per_backbone(data.board, odata.board)
         data.compare_name = name
     return data
 

@@ -1,8 +1,9 @@
 """Plotly figures of the report, drawn from :class:`~automl_cxr.report.ReportData` only.
 
 Each builder maps columns of the data side onto traces and computes nothing of its own, so the
-numbers are tested in ``_data`` and this module only decides the look. Every trial marker
-carries the trial's hover text (number, score with CI, costs, every parameter).
+numbers are tested on the data side (:mod:`._data` and the modules it assembles) and this module
+only decides the look. Every trial marker carries the trial's hover text (number, score with CI,
+costs, every parameter).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from automl_cxr.report._data import ReportData, pareto_flags
+from automl_cxr.report._data import ReportData
+from automl_cxr.report._plotdata import pareto_flags
 
 __all__ = ["FIGURE_TITLES", "build_figures"]
 

@@ -17,8 +17,10 @@ import plotly
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from automl_cxr.report._data import PAPER_CAVEAT, STATES, ReportData
+from automl_cxr.report._data import ReportData
 from automl_cxr.report._figures import FIGURE_TITLES
+from automl_cxr.report._paper import PAPER_CAVEAT
+from automl_cxr.report._records import STATES
 from automl_cxr.report._tables import (
     compare_rows,
     counts_text,

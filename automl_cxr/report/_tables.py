@@ -14,13 +14,9 @@ from typing import Any
 import pandas as pd
 
 from automl_cxr.errors import StorageError
-from automl_cxr.report._data import (
-    LEADERBOARD_COLUMNS,
-    PAPER_CAVEAT,
-    PAPER_KEYS,
-    STATES,
-    ReportData,
-)
+from automl_cxr.report._data import LEADERBOARD_COLUMNS, ReportData
+from automl_cxr.report._paper import PAPER_CAVEAT, PAPER_KEYS
+from automl_cxr.report._records import STATES
 from automl_cxr.study import json_safe
 
 __all__ = [
