@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from automl_cxr.errors import ConfigError
-from automl_cxr.study import FINISHED, SearchSettings, run_search
+from automl_cxr.study import FINISHED, SearchSettings, _ray_driver, run_search
 from automl_cxr.study import _ray as ray_backend
 
 ray = pytest.importorskip("ray")
@@ -70,7 +70,7 @@ def test_driver_maps_tune_outcomes_to_optuna_states():
     nobody asked for (e.g. interrupted) → FAIL. No Ray needed."""
     study = optuna.create_study(direction="maximize")
     seen = []
-    driver = ray_backend._Driver(
+    driver = _ray_driver.Driver(
         study,
         None,
         target=9,
@@ -83,7 +83,7 @@ def test_driver_maps_tune_outcomes_to_optuna_states():
     for i in range(5):
         t = study.ask()
         t.report(0.5, 0)
-        driver.live[f"t{i}"] = ray_backend._Live(t._trial_id, t.number)
+        driver.live[f"t{i}"] = _ray_driver.Live(t._trial_id, t.number)
     driver.on_trial_complete(
         "t0", {"final": True, "optuna_state": "COMPLETE", "optuna_values": [0.75]}, False
     )

@@ -93,7 +93,7 @@ def _snapshot(study: optuna.Study) -> dict:
 def test_sigkill_mid_trial_then_resume(
     tmp_path: Path, prepared_dir: Path, slow_space: Path
 ) -> None:
-    from automl_cxr.study._runner import MAX_RETRIES
+    from automl_cxr.study._recovery import MAX_RETRIES
 
     db = tmp_path / "crash.db"
     args = [
@@ -316,10 +316,10 @@ def test_transient_fault_is_retried_with_same_params(
 
 
 def test_persistent_failures_stop_with_reason(tmp_path: Path, prepared_dir: Path, monkeypatch):
-    from automl_cxr.errors import StorageError
+    from automl_cxr.errors import SearchAborted
 
     _inject(monkeypatch, {i: ValueError("always broken") for i in range(10)})
-    with pytest.raises(StorageError, match="always broken"):
+    with pytest.raises(SearchAborted, match="always broken"):
         run_search(_settings(tmp_path, prepared_dir, 3))
 
 

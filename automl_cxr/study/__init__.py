@@ -1,4 +1,15 @@
-"""Studies: search spaces, profiles, the Optuna objective, and the runners (local / Ray Tune)."""
+"""Studies: search spaces, profiles, the Optuna objective, and the runners (local / Ray Tune).
+
+Layout (imports go one way, top to bottom; no cycles):
+  _record, _space, _profiles, _storage, _compat  plain pieces (Optuna's private API: _compat only)
+  _recovery   dead/failed trials: worker identity, FAIL + re-run, abort on repeated failures
+  _optuna     shared Optuna pieces: FINISHED, sampler/pruner factories, seeds, worker tagging
+  _settings   SearchSettings (validated) and SearchSummary
+  _objective  the objective (sample a configuration, run the engine, record the trial)
+  _setup      the space for a profile; the study created (settings stored) or resumed (checked)
+  _ray_worker, _ray_driver, _ray   `--backend ray`: a trial on a worker; ask/tell; the Tune run
+  _runner     run_search: the local backend (one process or N workers) and dispatch to Ray
+"""
 
 from __future__ import annotations
 
@@ -17,17 +28,17 @@ _EXPORTS = {
     "default_profile": "automl_cxr.study._profiles",
     "get_profile": "automl_cxr.study._profiles",
     "list_profiles": "automl_cxr.study._profiles",
-    "FINISHED": "automl_cxr.study._runner",
-    "adapt_space": "automl_cxr.study._runner",
-    "PRUNERS": "automl_cxr.study._runner",
-    "SAMPLERS": "automl_cxr.study._runner",
-    "SearchSettings": "automl_cxr.study._runner",
-    "SearchSummary": "automl_cxr.study._runner",
-    "make_pruner": "automl_cxr.study._runner",
-    "make_sampler": "automl_cxr.study._runner",
-    "reconcile_dead_trials": "automl_cxr.study._runner",
+    "FINISHED": "automl_cxr.study._optuna",
+    "adapt_space": "automl_cxr.study._setup",
+    "PRUNERS": "automl_cxr.study._optuna",
+    "SAMPLERS": "automl_cxr.study._optuna",
+    "SearchSettings": "automl_cxr.study._settings",
+    "SearchSummary": "automl_cxr.study._settings",
+    "make_pruner": "automl_cxr.study._optuna",
+    "make_sampler": "automl_cxr.study._optuna",
+    "reconcile_dead_trials": "automl_cxr.study._recovery",
     "run_search": "automl_cxr.study._runner",
-    "resolve_space": "automl_cxr.study._runner",
+    "resolve_space": "automl_cxr.study._setup",
     "ParamSpec": "automl_cxr.study._space",
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
@@ -79,19 +90,17 @@ if TYPE_CHECKING:  # pragma: no cover
         json_safe,
         subsample,
     )  # noqa: F401
-    from automl_cxr.study._profiles import Profile, default_profile, get_profile, list_profiles  # noqa: F401
-    from automl_cxr.study._runner import (
+    from automl_cxr.study._optuna import (  # noqa: F401
         FINISHED,
         PRUNERS,
         SAMPLERS,
-        SearchSettings,
-        SearchSummary,
-        adapt_space,
         make_pruner,
         make_sampler,
-        reconcile_dead_trials,
-        resolve_space,
-        run_search,
-    )  # noqa: F401
+    )
+    from automl_cxr.study._profiles import Profile, default_profile, get_profile, list_profiles  # noqa: F401
+    from automl_cxr.study._recovery import reconcile_dead_trials  # noqa: F401
+    from automl_cxr.study._runner import run_search  # noqa: F401
+    from automl_cxr.study._settings import SearchSettings, SearchSummary  # noqa: F401
+    from automl_cxr.study._setup import adapt_space, resolve_space  # noqa: F401
     from automl_cxr.study._space import ParamSpec, SearchSpace, load_space  # noqa: F401
     from automl_cxr.study._storage import load_study, open_storage, storage_url, study_names  # noqa: F401

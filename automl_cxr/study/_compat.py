@@ -1,0 +1,79 @@
+"""Every use of Optuna's private API, in one place (checked against the bound in pyproject).
+
+Each helper names what it reaches into. When Optuna changes one of these, only this module
+changes; the upper bound on `optuna` in `pyproject.toml` is raised after the tests pass here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import TypeVar
+
+import optuna
+
+__all__ = [
+    "attach_trial",
+    "fail_stale_trials",
+    "heartbeat_enabled",
+    "heartbeat_thread",
+    "record_heartbeat",
+    "storage_of",
+    "trial_id",
+]
+
+_T = TypeVar("_T", bound=optuna.trial.Trial)
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The study's storage. Private: `Study._storage` (no public accessor; needed to write a
+    trial's attributes or state by id from another process than the one that asked for it)."""
+    return study._storage
+
+
+def trial_id(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> int:
+    """The storage-wide trial id (not `trial.number`). Private: `Trial._trial_id` /
+    `FrozenTrial._trial_id` (the public API exposes only the per-study number)."""
+    return trial._trial_id
+
+
+def attach_trial(study: optuna.Study, tid: int, cls: type[_T] = optuna.trial.Trial) -> _T:
+    """A live, storage-backed trial object for an existing RUNNING trial (a Ray worker runs the
+    trial the driver asked for). Semi-private: Optuna documents `Trial(study, trial_id)` as not
+    meant for direct use (`study.ask()` is the public way to *create* one)."""
+    return cls(study, tid)
+
+
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    """Private: `optuna.storages._heartbeat.is_heartbeat_enabled`."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(storage)
+
+
+def heartbeat_thread(tid: int, storage: optuna.storages.BaseStorage):
+    """A context manager beating for `tid` while a trial runs outside `study.optimize`.
+    Private: `optuna.storages._heartbeat.get_heartbeat_thread` (what `optimize` uses)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(tid, storage)
+
+
+def record_heartbeat(storage: optuna.storages.BaseStorage, tid: int) -> None:
+    """One heartbeat for `tid` (a trial queued in Ray has no worker thread yet); no-op where
+    heartbeats are off. Private: `BaseHeartbeat.record_heartbeat` lives in
+    `optuna.storages._heartbeat`."""
+    if heartbeat_enabled(storage):
+        with contextlib.suppress(Exception):
+            storage.record_heartbeat(tid)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Trials whose heartbeat stopped → FAIL (and, through the storage's stale-trial
+    callback, re-queued). Public (`optuna.storages.fail_stale_trials`) but experimental, and
+    only meaningful where the private heartbeat check says heartbeats are on."""
+    if not heartbeat_enabled(storage_of(study)):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning
+        optuna.storages.fail_stale_trials(study)

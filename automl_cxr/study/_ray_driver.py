@@ -1,0 +1,264 @@
+"""`--backend ray`, the driver's side: the Tune searcher that asks the Optuna study for each
+trial (sampling in the driver, so one sampler sees every trial) and tells it the outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from automl_cxr.errors import AutomlCxrError, SearchAborted
+from automl_cxr.study._compat import (
+    fail_stale_trials,
+    heartbeat_enabled,
+    record_heartbeat,
+    storage_of,
+)
+from automl_cxr.study._compat import trial_id as _tid
+from automl_cxr.study._objective import Objective
+from automl_cxr.study._ray_worker import FINAL, METRIC, STEP
+from automl_cxr.study._recovery import MAX_FAILED_IN_A_ROW, last_fail_reason, worker_record
+from automl_cxr.study._storage import HEARTBEAT_INTERVAL
+
+__all__ = ["DRIVERS", "AskTellSearcher", "Driver", "Live"]
+
+try:  # subclasses Ray's Searcher; keep the import of this module cheap where ray is missing
+    from ray.tune.search import Searcher as _Searcher
+except ImportError:  # pragma: no cover - ray is a dependency
+    _Searcher = object  # type: ignore[assignment,misc]
+
+
+@dataclass
+class Live:
+    trial_id: int
+    number: int
+
+
+_FINISHED = "FINISHED"  # Searcher.FINISHED
+
+
+class Driver:
+    """The driver's side: asks the Optuna study for each trial and tells it the outcome."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        objective: Objective,
+        *,
+        target: int,
+        finished_states: tuple[TrialState, ...],
+        timeout: float | None,
+        on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
+        stopped: set[str],
+        scheduler_name: str | None,
+    ) -> None:
+        self.study = study
+        self.storage = storage_of(study)
+        self.objective = objective
+        self.target = target
+        self.finished_states = finished_states
+        self.deadline = None if timeout is None else time.time() + timeout
+        self.on_trial = on_trial
+        self.stopped = stopped
+        self.scheduler_name = scheduler_name or "the Tune scheduler"
+        self.live: dict[str, Live] = {}
+        self.failed_in_a_row = 0
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    # -- what Tune's Searcher API calls -----------------------------------------------------
+    def suggest(self, trial_id: str) -> dict | str | None:
+        try:
+            return self._suggest(trial_id)
+        except Exception as exc:  # a storage error, or on_trial raised: stop starting trials
+            if self.error is None:
+                self.error = exc
+            return _FINISHED if not self.live else None
+
+    def _suggest(self, trial_id: str) -> dict | str | None:
+        if self.error is not None or (self.deadline is not None and time.time() >= self.deadline):
+            return _FINISHED if not self.live else None
+        if self.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            self.error = SearchAborted(
+                "every recent trial failed; stopping instead of burning time. Last reason: "
+                + last_fail_reason(self.study)
+            )
+            return _FINISHED if not self.live else None
+        fail_stale_trials(self.study)
+        done = len(self.study.get_trials(deepcopy=False, states=self.finished_states))
+        if done + len(self.live) >= self.target:
+            return _FINISHED if not self.live else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
+            trial = self.study.ask()
+        record_heartbeat(self.storage, _tid(trial))
+        # until a Ray worker takes it over, the trial belongs to this (driver) process
+        trial.set_user_attr("worker", worker_record())
+        try:
+            self.objective.sample(trial)
+        except Exception as exc:  # as Objective.__call__ + study.optimize(catch=...) locally
+            reason = (
+                f"invalid configuration: {exc}"
+                if isinstance(exc, AutomlCxrError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            trial.set_user_attr("fail_reason", reason)
+            self._tell(trial.number, state=TrialState.FAIL)
+            self._after(_tid(trial))
+            return None  # Tune asks again at once
+        with self._lock:
+            self.live[trial_id] = Live(_tid(trial), trial.number)
+        return {
+            "optuna_trial_id": _tid(trial),
+            "optuna_number": trial.number,
+            "params": dict(trial.params),
+        }
+
+    def on_trial_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
+        with self._lock:
+            live = self.live.pop(trial_id, None)
+        if live is None:
+            return
+        try:
+            self._finish(trial_id, live, result or {}, error)
+        except Exception as exc:  # never let a storage hiccup kill the Tune loop
+            if self.error is None:
+                self.error = exc
+
+    # -- outcome --------------------------------------------------------------------------
+    def _finish(self, tune_id: str, live: Live, result: dict, error: bool) -> None:
+        storage = self.storage
+        frozen = storage.get_trial(live.trial_id)
+        if not frozen.state.is_finished():
+            if result.get(FINAL):
+                state = TrialState[str(result.get("optuna_state", "FAIL"))]
+                values = result.get("optuna_values")
+                if state == TrialState.COMPLETE:
+                    self._tell(live.number, values=list(values))
+                else:
+                    self._tell(live.number, state=state)
+            elif error:
+                if not frozen.user_attrs.get("fail_reason"):
+                    self._set_attr(
+                        live.trial_id,
+                        "fail_reason",
+                        "the Ray worker running this trial died (out of host memory, a crash, "
+                        "or a lost node); see the Ray logs",
+                    )
+                self._tell(live.number, state=TrialState.FAIL)
+            elif tune_id in self.stopped:
+                step = result.get(STEP, frozen.last_step)
+                self._set_attr(live.trial_id, "fail_reason", None)
+                self._set_attr(live.trial_id, "pruned_by", self.scheduler_name)
+                if step is not None:
+                    self._set_attr(live.trial_id, "pruned_at_step", int(step))
+                self._tell(live.number, state=TrialState.PRUNED)
+            else:
+                self._set_attr(
+                    live.trial_id, "fail_reason", "Ray Tune stopped this trial before it finished"
+                )
+                self._tell(live.number, state=TrialState.FAIL)
+        self._after(live.trial_id)
+
+    def _after(self, trial_id: int) -> None:
+        final = self.storage.get_trial(trial_id)
+        self.failed_in_a_row = self.failed_in_a_row + 1 if final.state == TrialState.FAIL else 0
+        if self.on_trial is not None:
+            self.on_trial(self.study, final)
+
+    def _tell(
+        self, number: int, *, values: list | None = None, state: TrialState | None = None
+    ) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. NaN values: Optuna records FAIL, as locally
+            self.study.tell(number, values, state=state, skip_if_finished=True)
+
+    def _set_attr(self, trial_id: int, key: str, value: Any) -> None:
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.storage.set_trial_user_attr(trial_id, key, value)
+
+    # -- around the Tune run --------------------------------------------------------------
+    @contextlib.contextmanager
+    def heartbeats(self) -> Iterator[None]:
+        """Heartbeats for this driver's live trials, queued ones included (a queued trial has
+        no worker yet, and another process's `fail_stale_trials` must not fail it)."""
+        storage = self.storage
+        if not heartbeat_enabled(storage):
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_INTERVAL / 2):
+                with self._lock:
+                    ids = [lv.trial_id for lv in self.live.values()]
+                for tid in ids:
+                    record_heartbeat(storage, tid)
+
+        thread = threading.Thread(target=beat, name="automl-cxr-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def close_unfinished(self) -> None:
+        """Trials still RUNNING after Tune returned (interrupted, Tune error) → FAIL."""
+        with self._lock:
+            live, self.live = list(self.live.values()), {}
+        for lv in live:
+            with contextlib.suppress(Exception):
+                t = self.storage.get_trial(lv.trial_id)
+                if not t.state.is_finished():
+                    self._set_attr(
+                        lv.trial_id,
+                        "fail_reason",
+                        "interrupted: the search stopped while this trial ran",
+                    )
+                    self._tell(lv.number, state=TrialState.FAIL)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+DRIVERS: dict[str, Driver] = {}
+"""Live drivers by key: Tune pickles (and may copy) its searcher; the study stays here."""
+
+
+class AskTellSearcher(_Searcher):
+    """Tune's view of a `_Driver`: a picklable handle (the driver holds a study, locks and
+    callbacks, none of which pickle)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(metric=METRIC, mode="max")
+        self.key = key
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        driver = DRIVERS.get(self.key)
+        return self.FINISHED if driver is None else driver.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        driver = DRIVERS.get(self.key)
+        if driver is not None:
+            driver.on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing to save: the Optuna study is the record, and it resumes by itself
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

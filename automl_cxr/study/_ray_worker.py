@@ -1,0 +1,208 @@
+"""`--backend ray`, the worker's side: one trial in a Ray worker process, through the same
+`Objective` code path as the local backend, writing to the study by its storage URL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+
+from automl_cxr.errors import StorageError
+from automl_cxr.study._compat import attach_trial, heartbeat_thread
+from automl_cxr.study._objective import Objective, subsample
+from automl_cxr.study._optuna import make_pruner
+from automl_cxr.study._profiles import Profile
+from automl_cxr.study._recovery import worker_record
+from automl_cxr.study._space import SearchSpace
+from automl_cxr.study._storage import open_storage
+
+__all__ = ["FINAL", "METRIC", "STEP", "Job", "trainable"]
+
+METRIC = "value"
+"""What trials report to Tune: the validation value of the study's (first) metric."""
+STEP = "step"
+"""Tune's time attribute for schedulers: Optuna's step (fold * epochs + epoch, from 0)."""
+FINAL = "final"
+"""Set on a trial's last Tune report, which carries its outcome."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass
+class Job:
+    """What a Ray worker needs besides the trial id (shipped once through the object store)."""
+
+    storage_url: str
+    study_name: str
+    dataset: str
+    dataset_hash: str
+    data_dir: str
+    max_per_class: int | None
+    seed: int
+    space: SearchSpace
+    profile: Profile
+    objectives: list[str]
+    pruner: str
+    max_resource: int
+    cpus: int
+    gpus: float
+    feature_cache_bytes: int
+    feature_cache_dir: str | None
+    cwd: str
+
+
+class _Abandoned(BaseException):
+    """The driver finished this trial (e.g. the Tune scheduler stopped it): unwind quietly.
+
+    A BaseException so that the Objective's `except Exception` writes nothing more."""
+
+
+class _TuneTrial(optuna.trial.Trial):
+    """The real, storage-backed Optuna trial; each intermediate value also goes to Tune."""
+
+    def report(self, value: float, step: int) -> None:
+        from ray import tune
+
+        try:
+            super().report(value, step)
+        except UpdateFinishedTrialError:
+            raise _Abandoned() from None
+        self.last_reported_step = int(step)
+        tune.report({METRIC: float(value), STEP: int(step), FINAL: False})
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        try:
+            super().set_user_attr(key, value)
+        except UpdateFinishedTrialError:
+            raise _Abandoned() from None
+
+
+_PROCESS: dict[str, Any] = {}
+"""Per worker process (actors are reused): the loaded dataset and the feature cache."""
+
+
+def _worker_dataset(job: Job):
+    from automl_cxr.data import load_dataset
+
+    key = f"{job.data_dir}|{job.dataset}|{job.max_per_class}|{job.seed}"
+    if _PROCESS.get("dataset_key") != key:
+        _PROCESS.pop("dataset", None)
+        full = load_dataset(job.dataset, Path(job.data_dir))
+        _PROCESS["dataset"] = subsample(full, job.max_per_class, job.seed)
+        _PROCESS["dataset_key"] = key
+    return _PROCESS["dataset"]
+
+
+def _worker_storage(url: str) -> optuna.storages.BaseStorage:
+    if _PROCESS.get("storage_url") != url:
+        _PROCESS["storage"] = open_storage(url, create=False)
+        _PROCESS["storage_url"] = url
+    return _PROCESS["storage"]
+
+
+def _worker_cache(job: Job):
+    from automl_cxr.engine import FeatureCache
+
+    key = f"{job.feature_cache_bytes}|{job.feature_cache_dir}"
+    if _PROCESS.get("cache_key") != key:
+        _PROCESS["cache"] = FeatureCache(job.feature_cache_bytes, job.feature_cache_dir)
+        _PROCESS["cache_key"] = key
+    return _PROCESS["cache"]
+
+
+def _placement(job: Job) -> dict:
+    import ray
+    from ray import tune
+
+    ctx = ray.get_runtime_context()
+    try:
+        requested = dict(tune.get_context().get_trial_resources().required_resources)
+    except Exception:
+        requested = {"CPU": job.cpus, "GPU": job.gpus}
+    try:
+        accel = {k: [str(i) for i in v] for k, v in ctx.get_accelerator_ids().items() if v}
+    except Exception:
+        accel = {}
+    return {
+        "cpus": requested.get("CPU", job.cpus),
+        "gpus": requested.get("GPU", job.gpus),
+        "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        "accelerator_ids": accel,
+        "node": ctx.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "tune_trial_id": tune.get_context().get_trial_id(),
+    }
+
+
+def trainable(config: dict, job: Job) -> None:
+    """One trial on a Ray worker: the same Objective code path as the local backend."""
+    import torch
+    from ray import tune
+
+    from automl_cxr.study._objective import _free_device_memory
+
+    if os.path.isdir(job.cwd):
+        os.chdir(job.cwd)  # Tune starts trials in their own folder; paths behave as locally
+    torch.set_num_threads(max(1, int(job.cpus)))
+    number = int(config["optuna_number"])
+    trial_id = int(config["optuna_trial_id"])
+    storage = _worker_storage(job.storage_url)
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=storage,
+        # the driver sampled every parameter already; this only answers a fixed-value re-ask
+        sampler=optuna.samplers.RandomSampler(seed=job.seed + number),
+        pruner=make_pruner(job.pruner, job.max_resource),
+    )
+    trial = attach_trial(study, trial_id, _TuneTrial)
+    outcome: dict[str, Any] = {"optuna_state": "FAIL", "optuna_values": None}
+    value = float("nan")
+    try:
+        with heartbeat_thread(trial_id, storage):
+            try:
+                trial.set_user_attr("worker", {**worker_record(), "started": _now()})
+                placement = _placement(job)
+                use_cuda = placement["gpus"] > 0 and torch.cuda.is_available()
+                placement["device"] = "cuda" if use_cuda else "cpu"
+                trial.set_user_attr("ray_resources", placement)
+                dataset = _worker_dataset(job)
+                if dataset.hash != job.dataset_hash:
+                    raise StorageError(
+                        f"the Ray worker on {socket.gethostname()} sees dataset {job.dataset!r} "
+                        f"with hash {dataset.hash[:12]}, the study has {job.dataset_hash[:12]}: "
+                        f"every node needs the same data under {job.data_dir}"
+                    )
+                objective = Objective(
+                    dataset,
+                    job.space,
+                    job.profile,
+                    metrics=job.objectives,
+                    seed=job.seed,
+                    device=placement["device"],
+                    feature_cache=_worker_cache(job),
+                )
+                plan = objective.sample(trial)  # the driver's values, read back from storage
+                values = objective.run_plan(trial, plan)
+                vals = list(values) if isinstance(values, tuple) else [values]
+                outcome = {"optuna_state": "COMPLETE", "optuna_values": [float(v) for v in vals]}
+                value = float(vals[0])
+            except optuna.TrialPruned:
+                outcome = {"optuna_state": "PRUNED", "optuna_values": None}
+            except Exception as exc:  # recorded on the trial; the driver tells FAIL
+                if not storage.get_trial(trial_id).user_attrs.get("fail_reason"):
+                    trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+                    trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+    except _Abandoned:
+        return
+    finally:
+        _free_device_memory()
+    tune.report({METRIC: value, FINAL: True, **outcome})

@@ -1,0 +1,116 @@
+"""What `automl-cxr search` takes (`SearchSettings`, validated on construction) and what it
+returns (`SearchSummary`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from automl_cxr.engine import SCALAR_METRICS
+from automl_cxr.errors import ConfigError
+from automl_cxr.study._optuna import PRUNERS, SAMPLERS
+from automl_cxr.study._record import OBJECTIVE_KEYS
+from automl_cxr.study._space import SearchSpace
+
+__all__ = ["BACKENDS", "SearchSettings", "SearchSummary"]
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SearchSettings:
+    """Everything `automl-cxr search` takes, validated."""
+
+    dataset: str
+    trials: int
+    data_dir: Path
+    storage: str | None = None
+    study_name: str | None = None
+    space: str | Path | SearchSpace | None = None
+    profile: str | None = None
+    metric: str = "balanced_accuracy"
+    objectives: Sequence[str] | None = None
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    backend: str = "local"
+    workers: int = 1
+    cpus_per_trial: int | None = None
+    gpus_per_trial: float | None = None
+    address: str | None = None
+    scheduler: str | None = None
+    timeout: float | None = None
+    seed: int = 0
+    feature_cache_dir: Path | None = None
+    feature_cache_bytes: int = 4 << 30
+    worker_index: int = 0  # local parallel workers: offsets the sampler's seed only
+    enqueue: Sequence[Mapping[str, Any]] = ()  # configurations to run first (partial is fine)
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"trials must be at least 1, but got trials={self.trials}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, but got workers={self.workers}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {self.sampler!r}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"pruner must be one of {PRUNERS}, but got {self.pruner!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, but got {self.backend!r}")
+        if self.backend == "local":
+            ray_only = {
+                "--scheduler": self.scheduler,
+                "--address": self.address,
+                "--gpus-per-trial": self.gpus_per_trial,
+            }
+            given = [k for k, v in ray_only.items() if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} only apply with --backend ray, but got backend='local'"
+                )
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"timeout must be positive, but got timeout={self.timeout}")
+        if self.cpus_per_trial is not None and self.cpus_per_trial < 1:
+            raise ConfigError(
+                f"cpus_per_trial must be at least 1, but got cpus_per_trial={self.cpus_per_trial}"
+            )
+        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
+            raise ConfigError(
+                f"gpus_per_trial must be at least 0, but got gpus_per_trial={self.gpus_per_trial}"
+            )
+        allowed = (*SCALAR_METRICS, "sensitivity_<class>", "specificity_<class>")
+        objectives = list(self.objectives or [self.metric])
+        for m in objectives:
+            if (
+                m in OBJECTIVE_KEYS
+                or m in SCALAR_METRICS
+                or m.startswith(("sensitivity_", "specificity_"))
+            ):
+                continue
+            raise ConfigError(
+                f"unknown metric {m!r}; allowed: {list(allowed)} and, as costs, "
+                f"{sorted(OBJECTIVE_KEYS)}"
+            )
+        if all(m in OBJECTIVE_KEYS for m in objectives):
+            raise ConfigError(
+                f"objectives need at least one metric besides costs, got {objectives}"
+            )
+        if len(objectives) > 1 and self.sampler == "tpe":
+            self.sampler = "nsga2"  # the multi-objective default
+        self.objectives = objectives
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize" if m in OBJECTIVE_KEYS else "maximize" for m in self.objectives]
+
+
+@dataclass
+class SearchSummary:
+    study_name: str
+    storage: str
+    counts: dict[str, int]
+    best: dict | None
+    seconds: float
+    ran: int
+    warnings: list[str] = field(default_factory=list)

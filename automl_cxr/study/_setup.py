@@ -1,0 +1,234 @@
+"""What a run searches, and the study it writes to: the space resolved and adapted to the
+profile, the study created (its settings stored on it) or resumed (checked against them), and
+the reference configurations queued first."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from automl_cxr.data import PreparedDataset
+from automl_cxr.data._diagnostics import source_label_alignment
+from automl_cxr.errors import ConfigError, StorageError
+from automl_cxr.study._optuna import WorkerTaggingSampler, make_pruner, make_sampler, sampler_seed
+from automl_cxr.study._profiles import Profile
+from automl_cxr.study._settings import SearchSettings
+from automl_cxr.study._space import SearchSpace, builtin_space, load_space
+
+__all__ = [
+    "PAPER_HEADLINE",
+    "adapt_space",
+    "load_or_create",
+    "queue_references",
+    "resolve_space",
+]
+
+
+def queue_references(
+    study: optuna.Study,
+    references: list[dict[str, Any]],
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Enqueue each reference configuration not already waiting, running or complete."""
+    for fixed in references:
+        if _queued_or_done(study, fixed):
+            continue
+        study.enqueue_trial(fixed, user_attrs={"reference": True})
+        if log:
+            log(f"queued first (a reference: never pruned): {fixed}")
+
+
+def _queued_or_done(study: optuna.Study, fixed: Mapping[str, Any]) -> bool:
+    """Whether a waiting, running or complete trial already has these parameter values (a
+    pruned or failed one does not count: a queued reference is meant to run to the end)."""
+    states = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    for t in study.get_trials(deepcopy=False, states=states):
+        have = {**t.params, **t.system_attrs.get("fixed_params", {})}
+        if all(k in have and have[k] == v for k, v in fixed.items()):
+            return True
+    return False
+
+
+def load_or_create(
+    settings: SearchSettings,
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    profile: Profile,
+    space: SearchSpace,
+    dataset: PreparedDataset,
+) -> optuna.Study:
+    """Create the study (storing what it searches, on what data) or resume it (refusing
+    other data or objectives; recording a changed space in `space_history`)."""
+    multi = len(settings.objectives) > 1
+
+    def sampler_for(n_existing: int) -> WorkerTaggingSampler:
+        return WorkerTaggingSampler(
+            make_sampler(
+                settings.sampler,
+                sampler_seed(settings.seed, settings.worker_index, n_existing),
+                multi=multi,
+            )
+        )
+
+    sampler = sampler_for(0)
+    max_res = max(1, profile.epochs * (profile.max_folds or profile.n_folds))
+    pruner = make_pruner(settings.pruner, max_res)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=settings.directions,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    except ValueError as exc:  # e.g. directions differ from the existing study
+        raise StorageError(f"cannot use study {name!r}: {exc}") from None
+    n_existing = len(study.get_trials(deepcopy=False))
+    if n_existing:
+        # A resumed run (or a later worker) must not replay the draws of the first one.
+        study.sampler = sampler_for(n_existing)
+    attrs = study.user_attrs
+    if not attrs.get("dataset"):
+        align = source_label_alignment(dataset.manifest)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(settings.objectives))
+        for k, v in {
+            "dataset": dataset.name,
+            "dataset_hash": dataset.hash,
+            "classes": dataset.classes,
+            "positive": dataset.positive,
+            "objectives": list(settings.objectives),
+            "metric": settings.objectives[0],
+            "profile": profile.to_dict(),
+            "space": space.to_dict(),
+            "sampler": settings.sampler,
+            "pruner": settings.pruner,
+            "seed": settings.seed,
+            "source_label_alignment": {
+                "cramers_v": align["cramers_v"],
+                "warning": align["warning"],
+            },
+            "paper": PAPER_HEADLINE,
+        }.items():
+            study.set_user_attr(k, v)
+    else:
+        if attrs.get("dataset_hash") != dataset.hash:
+            raise StorageError(
+                f"study {name!r} was run on dataset {attrs.get('dataset')!r} with content hash "
+                f"{str(attrs.get('dataset_hash'))[:12]}, but the data now has hash "
+                f"{dataset.hash[:12]}: use another --study-name, or prepare the same data"
+            )
+        if list(attrs.get("objectives") or []) != list(settings.objectives):
+            raise StorageError(
+                f"study {name!r} optimises {attrs.get('objectives')}, not {settings.objectives}: "
+                "use another --study-name"
+            )
+        if attrs.get("space") is not None and attrs["space"] != space.to_dict():
+            # The space may change between runs (Optuna allows it); keep what each run used.
+            history = [*attrs.get("space_history", []), attrs["space"]]
+            study.set_user_attr("space_history", history)
+            study.set_user_attr("space", space.to_dict())
+    return study
+
+
+PAPER_HEADLINE = {
+    "covid_accuracy": 0.9678,
+    "covid_sensitivity": 0.9866,
+    "covid_specificity": 0.9646,
+    "backbone": "MobileNet v2",
+    "reference": "Apostolopoulos & Mpesiana 2020, dataset 2",
+}
+"""The seed paper's best result (MobileNet v2 on its dataset 2, COVID-19 vs rest, 10-fold CV),
+stored on every study so its report can print ours beside it."""
+
+
+def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> SearchSpace:
+    """The search space: as given, else the profile's default space (e.g. `cpu.yaml` for
+    `cpu`), else `default.yaml`; both ship with the package (`studies/` holds copies)."""
+    if isinstance(space, SearchSpace):
+        return space
+    if space is None and profile.space:
+        return builtin_space(profile.space)
+    return load_space(space)
+
+
+def adapt_space(
+    space: SearchSpace, profile: Profile, log: Callable[[str], None] | None = None
+) -> SearchSpace:
+    """The space a study searches under `profile`: its backbones (`_search_backbones`) and, for
+    a profile with `min_frozen_fraction`, its frozen_fraction clipped to at least that."""
+    out = copy.deepcopy(space)
+    out.backbones = _search_backbones(space, profile, log)
+    floor = profile.min_frozen_fraction
+    ff = out.frozen_fraction
+    if floor is None:
+        return out
+    where = f"profile {profile.name!r} needs frozen_fraction >= {floor}, but the space"
+    if ff.kind == "fixed":
+        if float(ff.value) < floor:
+            raise ConfigError(f"{where} fixes it at {ff.value}")
+    elif ff.kind == "categorical":
+        kept = tuple(c for c in ff.choices if float(c) >= floor)
+        if not kept:
+            raise ConfigError(f"{where} offers only {list(ff.choices)}")
+        if kept != ff.choices and log:
+            log(f"{where} offers {list(ff.choices)}: searching {list(kept)}")
+        out.frozen_fraction = dataclasses.replace(ff, choices=kept)
+    elif ff.low < floor:
+        if ff.high < floor:
+            raise ConfigError(f"{where} ranges over [{ff.low}, {ff.high}]")
+        if log:
+            log(f"{where} ranges over [{ff.low}, {ff.high}]: searching [{floor}, {ff.high}]")
+        out.frozen_fraction = dataclasses.replace(ff, low=floor)
+    return out
+
+
+def _search_backbones(
+    space: SearchSpace, profile: Profile, log: Callable[[str], None] | None = None
+) -> tuple[str, ...] | None:
+    """The backbones a study searches: the space's list; else (or, for a profile with
+    `backbones_from_profile`, always) the profile's, keeping only those whose pretrained
+    weights can be had here when the profile is pretrained. None: the profile's, untested."""
+    if profile.backbones_from_profile:
+        if space.backbones and log:
+            log(
+                f"profile {profile.name!r} searches its own backbones "
+                f"{list(profile.backbones)} in place of the space's {list(space.backbones)}"
+            )
+    elif space.backbones:
+        return tuple(space.backbones)
+    if profile.pretrained:
+        return _backbones_with_weights(profile, log)
+    return None
+
+
+def _backbones_with_weights(profile: Profile, log: Callable[[str], None] | None) -> tuple:
+    """The profile's backbones whose pretrained weights can be had on this machine now."""
+    from automl_cxr.errors import WeightsUnavailable
+    from automl_cxr.models import resolve_weights
+
+    ok, missing = [], []
+    for name in profile.backbones:
+        try:
+            resolve_weights(name, checksum=False)
+            ok.append(name)
+        except WeightsUnavailable:
+            missing.append(name)
+    if missing and log:
+        log(f"profile {profile.name!r}: no pretrained weights here for {missing}; searching {ok}")
+    if not ok:
+        raise WeightsUnavailable(
+            f"none of profile {profile.name!r}'s backbones {list(profile.backbones)} has "
+            "pretrained weights on this machine; see `automl-cxr models list` for how to supply "
+            "them, or pass --space with backbones you have weights for"
+        )
+    return tuple(ok)
