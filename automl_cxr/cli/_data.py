@@ -26,6 +26,18 @@ DataDirOpt = Annotated[
 ]
 
 
+def _parse_counts(items: list[str] | None) -> dict[str, int]:
+    counts = {}
+    for k, v in parse_key_values(items, option="--count").items():
+        try:
+            counts[k] = int(v)
+        except ValueError:
+            raise ConfigError(
+                f"--count {k} must be a whole number of images, but got {k}={v}"
+            ) from None
+    return counts
+
+
 def _check_writable(path: Path) -> None:
     """Fail before any work when `path` cannot be created or written."""
     import os
@@ -117,7 +129,7 @@ def prepare(
                     f"{src} holds neither cohen/ nor kermany/ (nih/ is optional); run "
                     "`automl-cxr data fetch` or point --sources at the folder holding them"
                 )
-        counts = {k: int(v) for k, v in parse_key_values(count, option="--count").items()}
+        counts = _parse_counts(count)
         with progress_bar("decoding images", enabled=not quiet) as cb:
             paths = prepare_recipes(
                 cohen=cohen,
