@@ -141,13 +141,25 @@ def test_count_keys_qualified_and_ambiguous() -> None:
     four = get_recipe("four_class").with_counts({"viral": 100})
     assert four.classes["viral"] == {"kermany:viral": 100}
     mixed = get_recipe("four_class_mixed")
-    with pytest.raises(ConfigError, match="'viral' is ambiguous.*cohen:viral.*kermany:viral"):
-        mixed.with_counts({"viral": 100})
+    # a label drawn from two sources: its total, Kermany tops up what Cohen leaves
+    assert mixed.with_counts({"viral": 100}).classes["viral"] == {
+        "cohen:viral": 21,
+        "kermany:viral": 79,
+    }
+    assert mixed.with_counts({"cohen:viral": 5, "viral": 100}).classes["viral"] == {
+        "cohen:viral": 5,
+        "kermany:viral": 95,
+    }
+    with pytest.raises(ConfigError, match="viral=21 must be more than the 21 viral images"):
+        mixed.with_counts({"viral": 21})
     assert mixed.with_counts({"kermany:viral": 100}).targets["viral"] == 121
     with pytest.raises(ConfigError, match="at least 1, but got kermany:viral=0"):
         mixed.with_counts({"kermany:viral": 0})
-    assert get_recipe("binary_adult").min_age == 18.0
-    assert mixed.notes == get_recipe("four_class_mixed").with_counts({"covid": 5}).notes
+    adult = get_recipe("binary_adult")
+    with pytest.raises(ConfigError, match="'normal' is ambiguous.*nih:normal.*cohen:normal"):
+        adult.with_counts({"normal": 50})
+    assert adult.min_age == 18.0
+    assert mixed.with_counts({"covid": 5}).notes == mixed.notes  # notes survive an override
 
 
 def test_recipe_needing_nih_without_it(tmp_path: Path, shared_data: Path) -> None:
@@ -207,7 +219,8 @@ def test_info_text_shows_table_v_and_ages(prepared_dir: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--count", "viral=400", "--recipe", "four_class_mixed"], "'viral' is ambiguous"),
+        (["--count", "normal=50", "--recipe", "binary_adult"], "'normal' is ambiguous"),
+        (["--count", "viral=10"], "viral=10 must be more than the 21 viral images"),
         (["--count", "kermany:viral=lots"], "whole number of images, but got kermany:viral=lots"),
         (["--count", "fungal=3"], "count key(s) ['fungal'] name no pool"),
         (["--count", "kermany:viral=0"], "at least 1, but got kermany:viral=0"),
@@ -230,3 +243,16 @@ def test_cli_prepare_nih_folder_wrong(tmp_path: Path, shared_data: Path, capsys)
     argv = ["data", "prepare", "--cohen", str(shared_data / "cohen"), "--recipe", "binary_adult"]
     assert main(argv + ["--data-dir", str(tmp_path / "d"), "-q"]) == 2
     assert "needs the source(s) ['nih']" in capsys.readouterr().err
+
+
+def test_cli_count_by_label_applies_to_every_recipe(
+    tmp_path: Path, shared_data: Path, capsys
+) -> None:
+    argv = ["data", "prepare", "--sources", str(shared_data), "--data-dir", str(tmp_path)]
+    assert main(argv + ["--count", "viral=400", "-q"]) == 0
+    assert "shortfall cohen:viral: target 400, only 21 available" in capsys.readouterr().out
+    assert load_dataset("four_class", tmp_path).meta["classes"]["viral"] == 400
+    mixed = load_dataset("four_class_mixed", tmp_path).meta
+    assert mixed["classes"]["viral"] == 400
+    assert mixed["recipe"]["drawn"]["kermany:viral"] == 379
+    assert load_dataset("three_class", tmp_path).hash == PAPER["three_class"][0]

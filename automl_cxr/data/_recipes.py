@@ -41,7 +41,9 @@ class Recipe:
     `bacterial` from Kermany only, although Cohen holds bacterial pneumonia too) or a bare label
     (any source). Where the pool has fewer, everything is taken and the shortfall is reported.
     `min_age` leaves out images whose known age is below it (unknown ages are kept and
-    counted); `requires` names the sources the recipe cannot be built without.
+    counted); `requires` names the sources the recipe cannot be built without; `fill` names,
+    for a label drawn from several sources, the pool key that tops it up when `--count LABEL=N`
+    sets the label's total.
     """
 
     name: str
@@ -52,14 +54,16 @@ class Recipe:
     notes: tuple[str, ...] = field(default_factory=tuple)
     min_age: float | None = None
     requires: tuple[str, ...] = ()
+    fill: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def pool_keys(self) -> list[str]:
         return [k for parts in self.classes.values() for k in parts]
 
     def count_key(self, key: str) -> str | None:
-        """The pool key a `--count` key names in this recipe: the key itself, or a bare label
-        naming exactly one pool key (`viral` → `kermany:viral`); None if it names none."""
+        """The pool key a `--count` key sets in this recipe: the key itself, a bare label
+        naming one pool key (`viral` → `kermany:viral`), or the label's `fill` key; None if
+        it names none."""
         known = self.pool_keys
         if key in known:
             return key
@@ -67,6 +71,8 @@ class Recipe:
             return None
         matches = [k for k in known if _key_label(k) == key]
         if len(matches) > 1:
+            if key in self.fill:
+                return self.fill[key]
             raise ConfigError(
                 f"count {key!r} is ambiguous in recipe {self.name!r}, which draws {key!r} from "
                 f"{matches}: name one, e.g. --count {matches[0]}=N (or choose the recipe "
@@ -75,9 +81,11 @@ class Recipe:
         return matches[0] if matches else None
 
     def with_counts(self, counts: Mapping[str, int]) -> Recipe:
-        """Override target counts by pool key or unambiguous label (e.g. {"viral": 400});
-        unknown keys are errors."""
+        """Override target counts by pool key or label (e.g. {"viral": 400}); unknown keys are
+        errors. A label drawn from several sources sets the label's total: its `fill` key
+        takes what the other sources' targets leave."""
         resolved: dict[str, int] = {}
+        totals: dict[str, tuple[str, int]] = {}
         for k, v in counts.items():
             key = self.count_key(k)
             if key is None:
@@ -87,7 +95,22 @@ class Recipe:
                 )
             if int(v) < 1:
                 raise ConfigError(f"count for {k!r} must be at least 1, but got {k}={v}")
-            resolved[key] = int(v)
+            if k not in self.pool_keys and self.fill.get(k) == key:
+                totals[k] = (key, int(v))
+            else:
+                resolved[key] = int(v)
+        current = {p: n for parts in self.classes.values() for p, n in parts.items()}
+        current.update(resolved)
+        for label, (key, total) in totals.items():
+            others = {p: n for p, n in current.items() if _key_label(p) == label and p != key}
+            rest = total - sum(others.values())
+            if rest < 1:
+                raise ConfigError(
+                    f"count {label}={total} must be more than the {sum(others.values())} "
+                    f"{label} images recipe {self.name!r} draws from {sorted(others)}, which "
+                    f"{key} tops up; set {key} directly instead"
+                )
+            resolved[key] = rest
         classes = {
             label: {p: int(resolved.get(p, n)) for p, n in parts.items()}
             for label, parts in self.classes.items()
@@ -279,5 +302,10 @@ register_recipe(
             "hospital (Kermany 91 %, 94 %, 78 %); NIH holds only normals.",
         ),
         requires=("cohen", "kermany", "nih"),
+        fill={
+            "bacterial": "kermany:bacterial",
+            "viral": "kermany:viral",
+            "normal": "kermany:normal",
+        },
     )
 )
