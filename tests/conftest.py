@@ -34,11 +34,17 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """The paper's three recipes prepared from the shared data (once per test process)."""
+    """Every recipe prepared from the shared data (once per test process): the paper's three
+    (unchanged by NIH's presence), binary_adult and four_class_mixed."""
     from automl_cxr.data import prepare_recipes
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare_recipes(cohen=shared_data / "cohen", kermany=shared_data / "kermany", data_dir=out)
+    prepare_recipes(
+        cohen=shared_data / "cohen",
+        kermany=shared_data / "kermany",
+        nih=shared_data / "nih",
+        data_dir=out,
+    )
     return out
 
 

@@ -26,6 +26,18 @@ DataDirOpt = Annotated[
 ]
 
 
+def _parse_counts(items: list[str] | None) -> dict[str, int]:
+    counts = {}
+    for k, v in parse_key_values(items, option="--count").items():
+        try:
+            counts[k] = int(v)
+        except ValueError:
+            raise ConfigError(
+                f"--count {k} must be a whole number of images, but got {k}={v}"
+            ) from None
+    return counts
+
+
 def _check_writable(path: Path) -> None:
     """Fail before any work when `path` cannot be created or written."""
     import os
@@ -43,13 +55,19 @@ def _check_writable(path: Path) -> None:
 def prepare(
     sources: Annotated[
         Path | None,
-        typer.Option(help="Folder holding cohen/ and kermany/ (default: auto-detected)."),
+        typer.Option(
+            help="Folder holding cohen/, kermany/ and optionally nih/ (default: auto-detected)."
+        ),
     ] = None,
     cohen: Annotated[
         Path | None, typer.Option(help="Cohen covid-chestxray-dataset folder.")
     ] = None,
     kermany: Annotated[
         Path | None, typer.Option(help="Kermany folder (holding chest_xray/).")
+    ] = None,
+    nih: Annotated[
+        Path | None,
+        typer.Option(help="NIH ChestX-ray14 folder (Data_Entry_2017_v2020.csv + images*/)."),
     ] = None,
     folder: Annotated[Path | None, typer.Option(help="Your own folder-per-class data.")] = None,
     csv: Annotated[
@@ -61,10 +79,14 @@ def prepare(
     name: Annotated[str | None, typer.Option(help="Dataset name for --folder/--csv.")] = None,
     recipe: Annotated[
         list[str] | None,
-        typer.Option(help="Recipe(s) to build (default: three_class, four_class, binary)."),
+        typer.Option(
+            help="Recipe(s) to build (default: three_class, four_class, binary, and with nih/ "
+            "also binary_adult, four_class_mixed)."
+        ),
     ] = None,
     count: Annotated[
-        list[str] | None, typer.Option(help="Override target counts, e.g. viral=400.")
+        list[str] | None,
+        typer.Option(help="Override target counts, e.g. viral=400 or kermany:normal=300."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the patient sampling.")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Leave unreadable images out (listed).")] = False,
@@ -95,24 +117,26 @@ def prepare(
                 )
             ]
     else:
-        if cohen is None and kermany is None:
+        if cohen is None and kermany is None and nih is None:
             src = sources or default_sources_dir()
             if not src.is_dir():
                 raise DataError(f"sources folder {src} does not exist")
             cohen = src / "cohen" if (src / "cohen").is_dir() else None
             kermany = src / "kermany" if (src / "kermany").is_dir() else None
+            nih = src / "nih" if (src / "nih").is_dir() else None
             if cohen is None and kermany is None:
                 raise DataError(
-                    f"{src} holds neither cohen/ nor kermany/; run `automl-cxr data fetch` or "
-                    "point --sources at the folder holding them"
+                    f"{src} holds neither cohen/ nor kermany/ (nih/ is optional); run "
+                    "`automl-cxr data fetch` or point --sources at the folder holding them"
                 )
-        counts = {k: int(v) for k, v in parse_key_values(count, option="--count").items()}
+        counts = _parse_counts(count)
         with progress_bar("decoding images", enabled=not quiet) as cb:
             paths = prepare_recipes(
                 cohen=cohen,
                 kermany=kermany,
+                nih=nih,
                 data_dir=out,
-                recipes=recipe or ("three_class", "four_class", "binary"),
+                recipes=recipe or None,
                 counts=counts,
                 seed=seed,
                 skip_bad=skip_bad,
@@ -151,17 +175,13 @@ def _info_rows(info: dict) -> list[tuple[str, str]]:
     ]
 
 
-@data_app.command("info")
-def info(
-    dataset: Annotated[str, typer.Argument(help="Prepared dataset name, e.g. three_class.")],
-    data_dir: DataDirOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Counts per class and source, patients, duplicates, rejects and shortcut warnings."""
-    from automl_cxr.data import load_dataset
-    from automl_cxr.data._diagnostics import source_label_alignment
+def _info_payload(ds) -> dict:
+    from automl_cxr.data._diagnostics import (
+        age_by_class,
+        site_label_table,
+        source_label_alignment,
+    )
 
-    ds = load_dataset(dataset, resolve_data_dir(data_dir))
     meta = ds.meta
     align = source_label_alignment(ds.manifest)
     keys = (
@@ -184,42 +204,153 @@ def info(
         "manifest_hash",
         "kind",
         "positive",
+        "recipe",
+        "age_filter",
+        "pool_labels",
+        "cohen_findings",
     )
     payload = {"dataset": ds.name, "images": len(ds), **{k: meta.get(k) for k in keys}}
+    # Recomputed from the manifest, so datasets prepared by older versions show them too.
+    payload["sources"] = {
+        k: int(v) for k, v in ds.manifest["source"].value_counts().sort_index().items()
+    }
+    payload["source_label_table"] = align["contingency"]
+    payload["cramers_v"] = align["cramers_v"]
+    payload["age_by_class"] = age_by_class(ds.manifest, ds.classes)
+    payload["sites"] = site_label_table(ds.manifest)
+    payload["patients_at_several_sites"] = meta.get("patients_at_several_sites")
     payload["source_label_alignment"] = align
-    if as_json:
-        typer.echo(json.dumps(payload, indent=2, default=str))
-        return
-    t = Table(title=f"dataset {ds.name} ({meta.get('kind')})")
+    return payload
+
+
+def _fmt_age(a: dict) -> tuple[str, ...]:
+    if a["age_known"]:
+        age = f"{a['median']:g} [{a['q1']:g}-{a['q3']:g}], {a['min']:g}-{a['max']:g}"
+    else:
+        age = "-"
+    share = "-" if a["share_children"] is None else f"{100 * a['share_children']:.0f} %"
+    return (f"{a['age_known']}/{a['images']}", age, str(a["children"]), share)
+
+
+def _print_info(payload: dict, classes: list[str]) -> None:
+    meta = payload
+    t = Table(title=f"dataset {payload['dataset']} ({meta.get('kind')})")
     t.add_column("class")
     t.add_column("images", justify="right")
     t.add_column("patients", justify="right")
-    for lab in ds.classes:
+    for lab in classes:
         t.add_row(lab, str(meta["classes"].get(lab, 0)), str(meta["patients"].get(lab, 0)))
     out_console.print(t)
+    st = Table(title=f"source x class (Cramér's V {payload['cramers_v']:.2f})")
+    st.add_column("source")
+    for lab in classes:
+        st.add_column(lab, justify="right")
+    for src, row in payload["source_label_table"].items():
+        st.add_row(src, *(str(row.get(lab, 0)) for lab in classes))
+    out_console.print(st)
+    at = Table(title="age per class (years)")
+    for col in ("class", "age known", "median [IQR], range", "children", "share children"):
+        at.add_column(col, justify="left" if col == "class" else "right")
+    for lab in classes:
+        at.add_row(lab, *_fmt_age(payload["age_by_class"][lab]))
+    out_console.print(at)
     s = Table(show_header=False, box=None)
     for k, v in [
         ("sources", ", ".join(f"{a} {b}" for a, b in meta["sources"].items())),
+        ("sites", str(len(payload["sites"]))),
         *_info_rows(meta),
     ]:
         s.add_row(k, v)
+    several = payload.get("patients_at_several_sites") or {}
+    if several.get("count"):
+        s.add_row("patients at several sites", str(several["count"]))
     out_console.print(s)
+    recipe = meta.get("recipe") or {}
+    for note in recipe.get("notes") or []:
+        out_console.print(f"note: {note}")
+    for src, labels in (meta.get("pool_labels") or {}).items():
+        unused = {k: v for k, v in labels.items() if k in ("other", "uncertain")}
+        if unused:
+            txt = ", ".join(f"{k} {v}" for k, v in unused.items())
+            out_console.print(
+                f"{src} images outside the four classes: {txt} (other: a non-COVID finding, "
+                "used by binary_adult; uncertain: never used)"
+            )
     for src, reasons in (meta.get("excluded") or {}).items():
         for why, n in reasons.items():
             out_console.print(f"excluded from {src}: {n} ({why})")
+    for key, f in ((meta.get("age_filter") or {}).get("per_pool_key") or {}).items():
+        if f["left_out_younger"] or f["kept_age_unknown"]:
+            out_console.print(
+                f"age filter {key}: {f['left_out_younger']} younger than "
+                f"{meta['age_filter']['min_age']:g} left out, {f['kept_age_unknown']} of "
+                "unknown age kept"
+            )
     for lab, sf in (meta.get("shortfalls") or {}).items():
         out_console.print(
             f"[yellow]shortfall[/] {lab}: target {sf['target']}, available {sf['available']}"
         )
     for r in meta["rejected"][:20]:
         out_console.print(f"[yellow]rejected[/] {r['path']}: {r['reason']}")
-    if align["warning"]:
-        err_console.print(f"[bold yellow]warning:[/] {align['warning']}")
+    if payload["source_label_alignment"]["warning"]:
+        err_console.print(
+            f"[bold yellow]warning:[/] {payload['source_label_alignment']['warning']}"
+        )
+
+
+@data_app.command("info")
+def info(
+    dataset: Annotated[
+        str | None,
+        typer.Argument(help="Prepared dataset name, e.g. three_class (default: all of them)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Counts per class, source and site, Cramér's V, ages, patients, duplicates, rejects."""
+    from automl_cxr.data import list_datasets, load_dataset
+
+    root = resolve_data_dir(data_dir)
+    if dataset is None:
+        names = list_datasets(root)
+        if not names:
+            raise DataError(
+                f"{root} holds no prepared datasets; run `automl-cxr data prepare --sources DIR`"
+            )
+        payloads = [_info_payload(load_dataset(n, root)) for n in names]
+        if as_json:
+            typer.echo(json.dumps(payloads, indent=2, default=str))
+            return
+        t = Table(title=f"prepared datasets in {root}")
+        for col in ("dataset", "images", "classes", "sources", "Cramér's V", "share children"):
+            t.add_column(col)
+        for p in payloads:
+            ages = p["age_by_class"].values()
+            kids = sum(a["children"] for a in ages)
+            known = kids + sum(a["adults"] for a in ages)
+            t.add_row(
+                p["dataset"],
+                str(p["images"]),
+                ", ".join(f"{k} {v}" for k, v in p["classes"].items()),
+                ", ".join(f"{k} {v}" for k, v in p["sources"].items()),
+                f"{p['cramers_v']:.2f}",
+                f"{100 * kids / known:.0f} %" if known else "-",
+            )
+        out_console.print(t)
+        return
+    ds = load_dataset(dataset, root)
+    payload = _info_payload(ds)
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2, default=str))
+        return
+    _print_info(payload, ds.classes)
 
 
 @data_app.command("fetch")
 def fetch(
-    dest: Annotated[Path, typer.Option(help="Where to put cohen/ and kermany/.")] = Path("sources"),
+    dest: Annotated[
+        Path, typer.Option(help="Where to put cohen/ and kermany/ (and where nih/ goes).")
+    ] = Path("sources"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the network.")] = 10.0,
 ) -> None:
     """Download the public sources (needs internet; offline it says where to put them)."""

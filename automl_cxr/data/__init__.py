@@ -2,45 +2,64 @@
 
 from __future__ import annotations
 
-from automl_cxr.data._dataset import CACHE_VERSION, PreparedDataset, list_datasets, load_dataset
+from automl_cxr.data._dataset import (
+    CACHE_VERSION,
+    PreparedDataset,
+    canonical_order,
+    list_datasets,
+    load_dataset,
+    row_order_digest,
+)
 from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
+    default_recipes,
     manifest_hash,
+    patients_at_several_sites,
     prepare_recipes,
     prepare_table,
     scan_images,
 )
 from automl_cxr.data._recipes import Recipe, get_recipe, list_recipes, register_recipe
 from automl_cxr.data._sources import (
+    COHEN_FINDINGS,
     SourceTable,
+    cohen_label,
     read_cohen,
     read_csv_manifest,
     read_folder,
     read_kermany,
+    read_nih,
 )
 
 __all__ = [
     "CACHE_VERSION",
+    "COHEN_FINDINGS",
     "MANIFEST_COLUMNS",
     "MIN_SIDE",
     "DecodedImage",
     "PreparedDataset",
     "Recipe",
     "SourceTable",
+    "canonical_order",
+    "cohen_label",
     "decode_gray",
+    "default_recipes",
     "get_recipe",
     "list_datasets",
     "list_recipes",
     "load_dataset",
     "manifest_hash",
+    "patients_at_several_sites",
     "prepare_recipes",
     "prepare_table",
     "read_cohen",
     "read_csv_manifest",
     "read_folder",
     "read_kermany",
+    "read_nih",
     "register_recipe",
     "resize_square",
+    "row_order_digest",
     "scan_images",
 ]

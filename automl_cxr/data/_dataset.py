@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,9 +17,43 @@ import pandas as pd
 from automl_cxr.data._image import decode_gray, resize_square
 from automl_cxr.errors import DataError
 
-__all__ = ["CACHE_VERSION", "PreparedDataset", "list_datasets", "load_dataset"]
+__all__ = [
+    "CACHE_VERSION",
+    "PreparedDataset",
+    "canonical_order",
+    "list_datasets",
+    "load_dataset",
+    "row_order_digest",
+]
 
-CACHE_VERSION = 1  # bump when decoding or resizing changes: old cache files are then ignored
+CACHE_VERSION = 2
+"""Bump when decoding, resizing or the cache layout changes: old cache files are then ignored.
+2: files are keyed by the row order too (version 1 caches, keyed by the order-free content
+hash only, could hand back another row's pixels after the rows were reordered)."""
+
+
+def canonical_order(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's rows in the one order every dataset is written and loaded in: by image
+    bytes (`sha256`), then `path`."""
+    return manifest.sort_values(["sha256", "path"], kind="stable").reset_index(drop=True)
+
+
+def row_order_digest(manifest: pd.DataFrame) -> str:
+    """A hash of the row order (the sha256 column in order): the image cache's second key."""
+    return hashlib.sha256("\n".join(manifest["sha256"].astype(str)).encode()).hexdigest()
+
+
+def _with_demographics(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Typed age/sex/age_group/site columns; a manifest written before they existed gets
+    unknown ages and sexes, Kermany's rows `child`, and its source as each row's site."""
+    from automl_cxr.data._sources import fill_demographics
+
+    legacy_group = "age_group" not in manifest
+    m = fill_demographics(manifest)
+    if legacy_group:
+        m.loc[m["source"] == "kermany", "age_group"] = "child"
+    return m
+
 
 _PREPARE_HINT = (
     "Prepare it with `automl-cxr data prepare --sources DIR` (the paper's datasets from the "
@@ -66,9 +101,10 @@ class PreparedDataset:
         return len(self.manifest)
 
     def subset(self, indices, *, tag: str) -> PreparedDataset:
-        """A view on some rows (e.g. a quick-run sample) sharing this dataset's image cache."""
-        import hashlib
+        """A view on some rows (e.g. a quick-run sample) sharing this dataset's image cache.
 
+        Its hash covers the parent's hash and the row positions in their order, so two subsets
+        are the same dataset exactly when they hold the same rows in the same order."""
         idx = np.asarray(indices, dtype=np.int64)
         manifest = self.manifest.iloc[idx].reset_index(drop=True)
         sub_hash = hashlib.sha256(f"{self.hash}:{tag}:{idx.tolist()}".encode()).hexdigest()
@@ -84,14 +120,22 @@ class PreparedDataset:
 
         return _Subset(self.root, manifest, meta)
 
+    @cached_property
+    def row_digest(self) -> str:
+        """Hash of this manifest's row order (see `row_order_digest`)."""
+        return row_order_digest(self.manifest)
+
     def cache_path(self, size: int) -> Path:
-        return self.root / "cache" / f"{self.hash[:16]}_v{CACHE_VERSION}_{size}px.npy"
+        """`cache/<content hash>_<row order>_v<CACHE_VERSION>_<size>px.npy`."""
+        name = f"{self.hash[:16]}_{self.row_digest[:16]}_v{CACHE_VERSION}_{size}px.npy"
+        return self.root / "cache" / name
 
     def images(self, size: int, *, progress=None) -> np.ndarray:
         """All images as a (N, size, size) uint8 array, decoded once and cached on disk.
 
-        The cache is keyed by the manifest's content hash, the size and CACHE_VERSION; the
-        file is memory-mapped read-only, so several trial processes share the page cache.
+        The cache is keyed by the manifest's content hash, its row order, the size and
+        CACHE_VERSION, so a cache written for the same images in another order is never read
+        back; the file is memory-mapped read-only, so trial processes share the page cache.
         """
         if size < 16:
             raise DataError(f"image size must be at least 16 px, but got size={size}")
@@ -134,6 +178,26 @@ class PreparedDataset:
         return out
 
 
+_TEXT_COLUMNS = {
+    c: str
+    for c in (
+        "path",
+        "label",
+        "patient_id",
+        "group_id",
+        "source",
+        "view",
+        "license",
+        "sha256",
+        "split",
+        "finding",
+        "sex",
+        "age_group",
+        "site",
+    )
+}
+
+
 def list_datasets(data_dir: str | Path) -> list[str]:
     d = Path(data_dir)
     if not d.is_dir():
@@ -151,13 +215,15 @@ def load_dataset(name: str, data_dir: str | Path) -> PreparedDataset:
         raise DataError(f"unknown dataset {name!r} ({where}). {_PREPARE_HINT}.")
     try:
         meta = json.loads((root / "dataset.json").read_text())
-        manifest = pd.read_csv(
-            root / "manifest.csv", dtype={"patient_id": str, "group_id": str}, keep_default_na=False
-        )
+        manifest = pd.read_csv(root / "manifest.csv", dtype=_TEXT_COLUMNS, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise DataError(
             f"dataset {name!r} at {root} is damaged ({exc}); prepare it again"
         ) from None
     if manifest.empty:
         raise DataError(f"dataset {name!r} at {root} has no images. {_PREPARE_HINT}.")
-    return PreparedDataset(root, manifest, meta)
+    if "sha256" in manifest:
+        # Written by an older version in another order (or edited by hand): the canonical
+        # order makes one manifest hash mean one row order for every cache keyed by it.
+        manifest = canonical_order(manifest)
+    return PreparedDataset(root, _with_demographics(manifest), meta)

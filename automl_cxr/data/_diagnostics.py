@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats.contingency import association
 
-__all__ = ["ALIGNMENT_WARN_AT", "source_label_alignment"]
+__all__ = ["ALIGNMENT_WARN_AT", "age_by_class", "site_label_table", "source_label_alignment"]
 
 ALIGNMENT_WARN_AT = 0.5
 """Cramér's V between source and label at or above which a warning is raised."""
@@ -64,3 +64,47 @@ def source_label_alignment(manifest: pd.DataFrame) -> dict:
             np.max(table.max(axis=0) / table.sum(axis=0)) if table.size else 0.0
         ),
     }
+
+
+def _r(x: float) -> float | None:
+    return None if pd.isna(x) else round(float(x), 1)
+
+
+def age_by_class(manifest: pd.DataFrame, classes: list[str] | None = None) -> dict:
+    """Per class: how many ages are known, their median, quartiles and range, and how many
+    images are of children and adults (`age_group`: Kermany's children count as children
+    although their ages are not published). `share_children` is over images whose group is
+    known."""
+    age = pd.to_numeric(manifest.get("age", pd.Series(np.nan, index=manifest.index)), "coerce")
+    group = manifest.get("age_group", pd.Series("", index=manifest.index)).fillna("")
+    sex = manifest.get("sex", pd.Series("", index=manifest.index)).fillna("")
+    out: dict[str, dict] = {}
+    for label in classes or sorted(manifest["label"].unique()):
+        m = manifest["label"] == label
+        a = age[m].dropna()
+        children = int((group[m] == "child").sum())
+        adults = int((group[m] == "adult").sum())
+        out[label] = {
+            "images": int(m.sum()),
+            "age_known": len(a),
+            "median": _r(a.median()) if len(a) else None,
+            "q1": _r(a.quantile(0.25)) if len(a) else None,
+            "q3": _r(a.quantile(0.75)) if len(a) else None,
+            "min": _r(a.min()) if len(a) else None,
+            "max": _r(a.max()) if len(a) else None,
+            "children": children,
+            "adults": adults,
+            "age_group_unknown": int(m.sum()) - children - adults,
+            "share_children": round(children / (children + adults), 3)
+            if children + adults
+            else None,
+            "sex": {"M": int((sex[m] == "M").sum()), "F": int((sex[m] == "F").sum())},
+        }
+    return out
+
+
+def site_label_table(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Images per acquisition site and class (`site` column; the source where it is absent)."""
+    site = manifest["site"] if "site" in manifest else manifest["source"]
+    table = pd.crosstab(site, manifest["label"])
+    return {str(s): {k: int(v) for k, v in row.items() if v} for s, row in table.iterrows()}

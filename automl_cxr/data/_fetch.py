@@ -12,7 +12,7 @@ from pathlib import Path
 
 from automl_cxr.errors import DataError
 
-__all__ = ["SOURCES", "fetch_sources"]
+__all__ = ["NIH_URL", "SOURCES", "fetch_sources"]
 
 SOURCES = {
     "cohen": {
@@ -31,11 +31,21 @@ SOURCES = {
     },
 }
 
+NIH_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+NIH_HOST = "nihcc.app.box.com"
+
+_NIH_MANUAL = (
+    "NIH ChestX-ray14 (optional; the third source of binary_adult and four_class_mixed) lives "
+    f"at {NIH_URL} (12 archives, about 45 GB, download them in a browser): unpack them into "
+    "{dest}/nih/ next to Data_Entry_2017_v2020.csv, so that it holds images_001/ ... "
+    "images_012/ (any images*/ folders)."
+)
 _MANUAL = (
     "Put the sources there by hand instead: {dest}/cohen/ (metadata.csv + images/ from "
     "github.com/ieee8023/covid-chestxray-dataset) and {dest}/kermany/chest_xray/{{train,test}}/"
-    "{{NORMAL,PNEUMONIA}}/ (ZhangLabData.zip, CellData/chest_xray, from doi:10.17632/rscbjbr9sj.2),"
-    " then run `automl-cxr data prepare --sources {dest}`."
+    "{{NORMAL,PNEUMONIA}}/ (ZhangLabData.zip, CellData/chest_xray, from doi:10.17632/rscbjbr9sj.2)"
+    ", and optionally {dest}/nih/ (" + NIH_URL + ": Data_Entry_2017_v2020.csv + images*/), "
+    "then run `automl-cxr data prepare --sources {dest}`."
 )
 
 
@@ -48,7 +58,11 @@ def _reachable(host: str, timeout: float) -> bool:
 
 
 def fetch_sources(dest: str | Path, *, timeout: float = 10.0) -> Iterator[str]:
-    """Download and unpack Cohen and Kermany into `dest`; yields progress lines."""
+    """Download and unpack Cohen and Kermany into `dest`; yields progress lines.
+
+    NIH ChestX-ray14 is not downloaded (its release is a 45 GB Box folder): the last line
+    says where it lives and where to unpack it. Offline, every source fails fast with the
+    same instructions."""
     dest = Path(dest)
     for name, src in SOURCES.items():
         target = dest / name
@@ -81,3 +95,13 @@ def fetch_sources(dest: str | Path, *, timeout: float = 10.0) -> Iterator[str]:
             for part in src["keep"]:
                 shutil.move(str(inner / part), out / part)
         yield f"{name}: ready at {target}"
+    nih = dest / "nih"
+    if nih.is_dir() and any(nih.iterdir()):
+        yield f"nih: already present at {nih}"
+    elif not _reachable(NIH_HOST, timeout):
+        raise DataError(
+            f"cannot reach {NIH_HOST} (no network?) to show where NIH ChestX-ray14 is. "
+            + _NIH_MANUAL.format(dest=dest)
+        )
+    else:
+        yield "nih: not downloaded automatically. " + _NIH_MANUAL.format(dest=dest)

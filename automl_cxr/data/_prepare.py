@@ -16,16 +16,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from automl_cxr.data._dataset import canonical_order, row_order_digest
 from automl_cxr.data._image import MIN_SIDE, decode_gray, thumbnail
-from automl_cxr.data._recipes import Recipe, get_recipe
-from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany
+from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
+from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
 from automl_cxr.errors import DataError, ImageDecodeError
 
 __all__ = [
     "MANIFEST_COLUMNS",
+    "NEW_RECIPES",
     "NEAR_DUPLICATE_THRESHOLD",
     "ScanResult",
+    "default_recipes",
     "manifest_hash",
+    "patients_at_several_sites",
     "prepare_recipes",
     "prepare_table",
     "scan_images",
@@ -44,7 +48,14 @@ MANIFEST_COLUMNS = [
     "height",
     "split",
     "finding",
+    "age",
+    "sex",
+    "age_group",
+    "site",
 ]
+"""Manifest columns. `age` is in years (blank: unknown), `sex` M/F/blank, `age_group`
+adult/child/blank (Kermany's children have no age per image, but are children), `site` the
+acquisition site (distinct across sources: `nih`, `kermany`, `cohen:<location>`)."""
 NEAR_DUPLICATE_THRESHOLD = 0.985
 """Thumbnail (32x32) correlation above which two images of different patients are the same
 radiograph: their patients are merged into one split group."""
@@ -192,7 +203,10 @@ def _merge_near_duplicates(
 
 
 def manifest_hash(manifest: pd.DataFrame) -> str:
-    """Content hash of a manifest: image bytes, label and split group of every row, order-free."""
+    """Content hash of a manifest: image bytes, label and split group of every row.
+
+    The hash itself is order-free; every manifest is written (and loaded) in one canonical row
+    order (`canonical_order`: by sha256, then path), so one hash means one row order."""
     lines = sorted(
         f"{s}\t{lab}\t{g}"
         for s, lab, g in zip(
@@ -224,14 +238,33 @@ def _summary(manifest: pd.DataFrame) -> dict:
             "examples": sorted(multi.index)[:10],
         },
         "unlicensed_images": int((manifest["license"].fillna("").str.strip() == "").sum()),
+        "sites": {k: int(v) for k, v in manifest["site"].value_counts().sort_index().items()},
+        "patients_at_several_sites": patients_at_several_sites(manifest),
+    }
+
+
+def patients_at_several_sites(manifest: pd.DataFrame) -> dict:
+    """Split groups (patients) whose images carry more than one `site`.
+
+    `site` is per row; a site-held-out split must keep such a group's sites together (merge
+    them), or the patient straddles training and validation."""
+    per_group = manifest.groupby("group_id")["site"].unique()
+    multi = per_group[per_group.map(len) > 1]
+    return {
+        "count": len(multi),
+        "groups": {str(g): sorted(map(str, s)) for g, s in sorted(multi.items())[:20]},
     }
 
 
 def _write_dataset(
     data_dir: Path, name: str, manifest: pd.DataFrame, meta: dict, classes: Sequence[str]
 ) -> Path:
-    """Write `<data_dir>/<name>/{manifest.csv,dataset.json}` atomically (old one kept on error)."""
-    manifest = manifest[MANIFEST_COLUMNS].reset_index(drop=True)
+    """Write `<data_dir>/<name>/{manifest.csv,dataset.json}` atomically (old one kept on error).
+
+    Rows are written in canonical order, so the same content always has the same row order;
+    the image cache kept from an earlier version is keyed by that order (see
+    `PreparedDataset.cache_path`), files of other contents or orders are removed."""
+    manifest = canonical_order(manifest[MANIFEST_COLUMNS])
     meta = {
         **meta,
         "name": name,
@@ -246,8 +279,12 @@ def _write_dataset(
     try:
         manifest.to_csv(tmp / "manifest.csv", index=False)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
-        if (final / "cache").is_dir():  # keep the image cache: it is keyed by content hash
+        if (final / "cache").is_dir():  # keep the image cache: keyed by content and row order
             shutil.move(str(final / "cache"), tmp / "cache")
+            keep = f"{meta['manifest_hash'][:16]}_{row_order_digest(manifest)[:16]}_"
+            for old in (tmp / "cache").iterdir():
+                if old.name.endswith("px.npy") and not old.name.startswith(keep):
+                    old.unlink()
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -282,34 +319,87 @@ def _finish_pool(
     return table, info
 
 
+NEW_RECIPES = ("binary_adult", "four_class_mixed")
+
+
+def default_recipes(have_nih: bool) -> tuple[str, ...]:
+    """The paper's three recipes, and the two de-confounded ones when NIH is given."""
+    return PAPER_RECIPES + NEW_RECIPES if have_nih else PAPER_RECIPES
+
+
+def _pool_info(pool: pd.DataFrame) -> dict:
+    """What the whole pool holds: source x label counts, and Cohen's findings with the label
+    each was mapped to (COHEN_FINDINGS)."""
+    labels = pd.crosstab(pool["source"], pool["label"])
+    cohen = pool[pool["source"] == "cohen"]
+    findings = {
+        f: {"label": str(g["label"].iloc[0]), "images": len(g)}
+        for f, g in sorted(cohen.groupby("finding"), key=lambda kv: (-len(kv[1]), kv[0]))
+    }
+    return {
+        "pool_labels": {s: {k: int(v) for k, v in r.items() if v} for s, r in labels.iterrows()},
+        "cohen_findings": findings,
+    }
+
+
+def _resolve_counts(recipes: Sequence[Recipe], counts: Mapping[str, int]) -> list[Recipe]:
+    """Apply `--count` overrides to each recipe that draws the key; a key no recipe draws is
+    an error."""
+    used: set[str] = set()
+    out = []
+    for recipe in recipes:
+        relevant = {k: v for k, v in counts.items() if recipe.count_key(k) is not None}
+        used |= set(relevant)
+        out.append(recipe.with_counts(relevant) if relevant else recipe)
+    unused = sorted(set(counts) - used)
+    if unused:
+        allowed = sorted({k for r in recipes for k in r.pool_keys})
+        raise DataError(
+            f"count key(s) {unused} name no pool of the recipes {[r.name for r in recipes]}; "
+            f"allowed: {allowed} (or their labels, where one source holds them)"
+        )
+    return out
+
+
 def prepare_recipes(
     *,
     cohen: str | Path | None,
     kermany: str | Path | None,
     data_dir: str | Path,
-    recipes: Sequence[str] = ("three_class", "four_class", "binary"),
+    nih: str | Path | None = None,
+    recipes: Sequence[str] | None = None,
     counts: Mapping[str, int] | None = None,
     seed: int = 0,
     skip_bad: bool = False,
     progress: Progress | None = None,
 ) -> list[Path]:
-    """Build the paper's datasets from the public sources; returns the dataset folders."""
-    tables = []
-    if cohen is not None:
-        tables.append(read_cohen(cohen))
-    if kermany is not None:
-        tables.append(read_kermany(kermany))
+    """Build the recipes from the public sources; returns the dataset folders.
+
+    Without `recipes`: the paper's three, plus `binary_adult` and `four_class_mixed` when the
+    NIH folder is given. Adding sources never changes what the paper's recipes draw (their
+    pool keys name the source), so their manifests and hashes stay the same.
+    """
+    given = {"cohen": cohen, "kermany": kermany, "nih": nih}
+    readers = {"cohen": read_cohen, "kermany": read_kermany, "nih": read_nih}
+    tables = [readers[k](v) for k, v in given.items() if v is not None]
     if not tables:
-        raise DataError("no sources given: pass the Cohen and/or Kermany folders")
-    resolved: list[Recipe] = [get_recipe(r) for r in recipes]
+        raise DataError("no sources given: pass the Cohen, Kermany and/or NIH folders")
+    resolved: list[Recipe] = [
+        get_recipe(r) for r in (recipes if recipes else default_recipes(nih is not None))
+    ]
+    for recipe in resolved:
+        lacking = [s for s in recipe.requires if given.get(s) is None]
+        if lacking:
+            raise DataError(
+                f"recipe {recipe.name!r} needs the source(s) {lacking}, which were not given: "
+                f"pass --sources DIR holding {'/, '.join(lacking)}/ (or --{lacking[0]} DIR)"
+            )
+    if counts:
+        resolved = _resolve_counts(resolved, counts)
     pool, info = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
+    info.update(_pool_info(pool))
     out = []
     for recipe in resolved:
-        if counts:
-            relevant = {
-                k: v for k, v in counts.items() if any(k in p for p in recipe.classes.values())
-            }
-            recipe = recipe.with_counts(relevant)
         selected, shortfalls = recipe.select(pool, seed=seed)
         empty = [lab for lab in recipe.classes if not (selected["label"] == lab).any()]
         if empty:
@@ -325,11 +415,14 @@ def prepare_recipes(
                 "reference": recipe.reference,
                 "targets": recipe.targets,
                 "classes": {k: dict(v) for k, v in recipe.classes.items()},
+                "notes": list(recipe.notes),
+                "drawn": {k: int((selected["pool_key"] == k).sum()) for k in recipe.pool_keys},
             },
+            "age_filter": recipe.age_filter(pool),
             "positive": recipe.positive,
             "seed": seed,
             "shortfalls": shortfalls,
-            "sources_used": {t: str(p) for t, p in (("cohen", cohen), ("kermany", kermany)) if p},
+            "sources_used": {k: str(v) for k, v in given.items() if v is not None},
             **info,
         }
         out.append(
