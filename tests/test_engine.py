@@ -132,6 +132,49 @@ def test_config_validation_messages() -> None:
         TrainConfig(holdout=0.9)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": "10"}, "epochs must be an integer, but got epochs='10'"),
+        ({"batch_size": 2.5}, "batch_size must be an integer, but got batch_size=2.5"),
+        ({"batch_size": True}, "batch_size must be an integer, but got batch_size=True"),
+        ({"lr": -1}, "lr must be greater than 0, but got lr=-1"),
+        ({"lr": "1e-3"}, "lr must be a number, but got lr='1e-3'"),
+        ({"lr": float("nan")}, "lr must be a number, but got lr=nan"),
+        ({"weight_decay": -0.1}, "weight_decay must be at least 0, but got weight_decay=-0.1"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\), but got momentum=1.5"),
+        ({"augment": "strong"}, "augment must be a number, but got augment='strong'"),
+        ({"early_stopping": 2.0}, "early_stopping must be an integer or None, but got"),
+        ({"early_stopping": 0}, "early_stopping must be at least 1, but got early_stopping=0"),
+        ({"class_weighting": 1}, "class_weighting must be true or false, but got"),
+        ({"amp": "yes"}, "amp must be true or false, but got amp='yes'"),
+        ({"n_folds": 5.0}, "n_folds must be an integer, but got n_folds=5.0"),
+        ({"max_folds": 0}, "max_folds must be at least 1, but got max_folds=0"),
+        ({"seed": -1}, "seed must be at least 0, but got seed=-1"),
+        ({"cv": "image"}, "cv must be one of \\('patient', 'site'\\), but got cv='image'"),
+        ({"inner_holdout": 0.9}, r"inner_holdout must be in \(0, 0.5\], but got"),
+        ({"device": 0}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', but got 0"),
+    ],
+)
+def test_train_config_checks_types_and_ranges(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_accepts_numpy_numbers_as_plain_python() -> None:
+    cfg = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), batch_size=np.int32(8))
+    assert type(cfg.epochs) is int and cfg.epochs == 3
+    assert type(cfg.lr) is float and type(cfg.batch_size) is int
+    assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+
+
+def test_feature_cache_bad_budget_is_a_project_error() -> None:
+    from automl_cxr.errors import AutomlCxrError
+
+    with pytest.raises(AutomlCxrError, match="max_bytes must be at least 0, but got"):
+        FeatureCache(max_bytes=-1)
+
+
 def test_fit_full_trains_on_every_image(small) -> None:
     import torch
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from automl_cxr.errors import ConfigError
+
 __all__ = ["FEATURE_CACHE_VERSION", "FeatureCache", "feature_key"]
 
 FEATURE_CACHE_VERSION = 1
@@ -41,7 +43,7 @@ class FeatureCache:
 
     def __init__(self, max_bytes: int = 4 << 30, directory: str | Path | None = None) -> None:
         if max_bytes < 0:
-            raise ValueError(f"max_bytes must be at least 0, but got max_bytes={max_bytes}")
+            raise ConfigError(f"max_bytes must be at least 0, but got max_bytes={max_bytes}")
         self.max_bytes = int(max_bytes)
         self.directory = Path(directory) if directory is not None else None
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
