@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, run_trial
@@ -223,3 +224,84 @@ def test_fit_folds_keeps_the_trials_fold_models(small, cached: bool) -> None:
         assert fold["balanced_accuracy"] == pytest.approx(recorded["balanced_accuracy"])
     w0, w1 = (list(m.head.parameters())[-1] for m in models)
     assert not torch.equal(w0, w1)  # two models, not one model twice
+
+
+def test_mlp_batchnorm_head_trains_when_last_batch_has_one_image(small) -> None:
+    """len(train) % batch_size == 1 used to crash BatchNorm1d in training mode."""
+    from automl_cxr.engine import fit_full
+
+    n_train = len(small) - len(
+        make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)[0].val
+    )
+    mc = _model(small, head="mlp", head_kwargs={"hidden": 8, "batchnorm": True})
+    cfg = _cfg(batch_size=n_train - 1, epochs=1, max_folds=1)
+    res = run_trial(small, mc, cfg)
+    assert res.splits[0]["n_train"] % cfg.batch_size == 1
+    assert np.isfinite(res.curves[0][0]["train_loss"])
+    model = fit_full(small, mc, _cfg(batch_size=len(small) - 1, epochs=1))
+    assert not model.training
+
+
+def test_optimizer_keeps_batchnorm_and_bias_free_of_weight_decay(small) -> None:
+    from automl_cxr.engine._trial import _optimizer
+    from automl_cxr.models import build_model
+
+    model = build_model(
+        _model(small, backbone="test_resnet", head="mlp", head_kwargs={"batchnorm": True})
+    )
+    for name in ("sgd", "adam", "adamw"):
+        opt = _optimizer(model, _cfg(optimizer=name, weight_decay=0.05))
+        decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        for pname, p in model.named_parameters():
+            is_norm_or_bias = p.ndim <= 1 or pname.endswith(".bias")
+            assert decay_of[id(p)] == (0.0 if is_norm_or_bias else 0.05), pname
+        bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bn and all(decay_of[id(m.weight)] == 0.0 for m in bn)
+        assert decay_of[id(model.head.classifier[-1].bias)] == 0.0
+    sgd = _optimizer(model, _cfg(optimizer="sgd", momentum=0.8))
+    assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.8
+
+
+def test_frozen_parameters_are_not_optimised(small) -> None:
+    from automl_cxr.engine._trial import _optimizer
+    from automl_cxr.models import build_model
+
+    model = build_model(_model(small, frozen_stages=num_stages("test_efficientnet") - 1))
+    opt = _optimizer(model, _cfg())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # 4 epochs x 2 updates, 1 warmup epoch; lr after each update (lr=1)
+        ("cosine", [0.75, 1.0, 0.933, 0.75, 0.5, 0.25, 0.067, 0.0]),
+        ("none", [0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_timm_schedule_warmup_then_decay(schedule: str, expected: list[float]) -> None:
+    from automl_cxr.engine._trial import _optimizer, _scheduler
+
+    cfg = TrainConfig(epochs=4, lr=1.0, warmup_epochs=1, schedule=schedule)
+    opt = _optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = _scheduler(opt, cfg, 2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warmup starts at lr / 2 updates
+    got = []
+    for u in range(1, 9):
+        sched.step_update(num_updates=u)
+        got.append(opt.param_groups[0]["lr"])
+    assert got == pytest.approx(expected, abs=1e-3)
+
+
+def test_step_schedule_divides_by_ten_twice() -> None:
+    from automl_cxr.engine._trial import _optimizer, _scheduler
+
+    cfg = TrainConfig(epochs=8, lr=1.0, schedule="step")
+    opt = _optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = _scheduler(opt, cfg, 1)
+    got = []
+    for u in range(1, 9):
+        sched.step_update(num_updates=u)
+        got.append(round(opt.param_groups[0]["lr"], 6))
+    assert sorted(set(got), reverse=True) == [1.0, 0.1, 0.01]

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine._augment import augment_batch
@@ -89,31 +91,50 @@ def _predict(net: nn.Module, x: torch.Tensor, prep, batch: int, autocast) -> np.
     return torch.cat(out).cpu().numpy()
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    total = cfg.epochs * steps_per_epoch
-    warm = cfg.warmup_epochs * steps_per_epoch
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "cosine":
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-        if cfg.schedule == "step":
-            e = step / steps_per_epoch
-            return 0.1 ** (int(e >= 0.5 * cfg.epochs) + int(e >= 0.75 * cfg.epochs))
-        return 1.0
-
-    return f
+def _optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on biases, norm layers and 1-d parameters
+    (`filter_bias_and_bn`); frozen parameters are left out. "sgd" is Nesterov SGD."""
+    return create_optimizer_v2(
+        net,
+        opt=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        filter_bias_and_bn=True,
+    )
 
 
-def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-        )
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+_TIMM_SCHEDULE = {"cosine": "cosine", "step": "multistep", "none": "constant"}
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """timm's scheduler factory, stepped per update: linear warmup for `warmup_epochs`, then
+    cosine to 0, steps of x0.1 at 50 % and 75 % of the epochs, or constant."""
+    warm = min(cfg.warmup_epochs, cfg.epochs)
+    decay = max(cfg.epochs - warm, 1)
+    sched, _ = create_scheduler_v2(
+        opt,
+        sched=_TIMM_SCHEDULE[cfg.schedule],
+        num_epochs=decay,
+        decay_milestones=[0.5 * cfg.epochs - warm, 0.75 * cfg.epochs - warm],
+        decay_rate=0.1,
+        min_lr=0.0,
+        warmup_epochs=warm,
+        warmup_lr=cfg.lr / max(1, warm * steps_per_epoch),
+        warmup_prefix=True,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return sched
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each training batch; a last batch of one image is merged into the
+    one before it (BatchNorm cannot train on a single sample)."""
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _latency_ms(model: nn.Module, resolution: int, device: torch.device, autocast) -> float:
@@ -269,12 +290,12 @@ class _Session:
         weight = None
         if cfg.class_weighting:
             weight = (counts.sum() / (len(classes) * counts.clamp(min=1))).to(device)
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in net.parameters()):
             raise ConfigError("the configuration leaves no trainable parameter")
-        opt = _optimizer(params, cfg)
-        steps = max(1, math.ceil(len(tr) / cfg.batch_size))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+        opt = _optimizer(net, cfg)
+        batches = _batches(len(tr), cfg.batch_size)
+        sched = _scheduler(opt, cfg, len(batches))
+        updates = 0
         curve: list[dict] = []
         best_val, bad_epochs = math.inf, 0
         probs, m = None, None
@@ -284,8 +305,8 @@ class _Session:
             t0 = time.perf_counter()
             perm = tr[torch.randperm(len(tr), generator=self.gen).to(device)]
             loss_sum = torch.zeros((), device=device)
-            for s in range(steps):
-                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            for s, (start, stop) in enumerate(batches):
+                idx = perm[start:stop]
                 xb = prep(x_source[idx], True)
                 with self.autocast():
                     loss = F.cross_entropy(
@@ -304,7 +325,8 @@ class _Session:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(opt)
                 self.scaler.update()
-                sched.step()
+                updates += 1
+                sched.step_update(num_updates=updates)
                 loss_sum += loss.detach() * len(idx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -313,7 +335,7 @@ class _Session:
             point = {
                 "epoch": epoch,
                 "train_loss": float(loss_sum) / len(tr),
-                "lr": float(sched.get_last_lr()[0]),
+                "lr": float(opt.param_groups[0]["lr"]),
             }
             if va is not None:
                 probs = _predict(net, x_source[va], prep, cfg.eval_batch_size, self.autocast)

@@ -237,6 +237,12 @@ class CxrModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return total, trainable
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the backbone asks to keep free of weight decay (timm's convention,
+        e.g. a ViT's position embedding); biases and norm layers are excluded anyway."""
+        names = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{n}" for n in names()} if callable(names) else set()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map (or tokens) for gray images (B, 1, H, W) in [0, 1]."""
         return self.backbone.forward_features(self.input_norm(x))
