@@ -60,6 +60,11 @@ def test_trial_end_to_end_metrics_and_no_leakage(small) -> None:
     assert res.params_trainable == res.params_total > 0
     assert res.latency_ms > 0 and res.images_per_second > 0
     assert res.value == summary["balanced_accuracy"]["mean"]
+    # intervals use the corrected resampled t with the trial's own fold sizes
+    assert res.summary["ci_method"] == "corrected_t"
+    ratio = np.mean([s["n_val"] / s["n_train"] for s in res.splits])
+    assert res.summary["test_train_ratio"] == pytest.approx(ratio)
+    assert [f["n_val"] for f in res.folds] == [s["n_val"] for s in res.splits]
 
 
 def test_same_seed_same_result(small) -> None:

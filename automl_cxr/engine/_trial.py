@@ -496,6 +496,7 @@ def run_trial(
         n_trained += n
         oof[sp.val] = probs
         m["epochs_run"] = len(curve)
+        m["n_train"], m["n_val"] = len(sp.train), len(sp.val)
         fold_metrics.append(m)
         curves.append(curve)
         if ext_images is not None:
