@@ -310,3 +310,46 @@ def test_step_schedule_divides_by_ten_twice() -> None:
         sched.step_update(num_updates=u)
         got.append(round(opt.param_groups[0]["lr"], 6))
     assert sorted(set(got), reverse=True) == [1.0, 0.1, 0.01]
+
+
+@pytest.mark.parametrize("change", ["initial_state", "normalisation", "image_cache", "timm"])
+def test_feature_cache_key_covers_every_determinant(
+    small, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A change to anything that alters the frozen prefix's output must miss the cache: the
+    prefix's initial state (same weight source and seed), mean/std, the image cache version,
+    the timm version."""
+    import timm
+
+    import automl_cxr.data
+    import automl_cxr.engine._trial as trial_mod
+
+    mc = _model(small, frozen_stages=num_stages("test_efficientnet"))
+    cfg = _cfg(epochs=1, max_folds=1)
+    cache = FeatureCache()
+    first = run_trial(small, mc, cfg, feature_cache=cache)
+    again = run_trial(small, mc, cfg, feature_cache=cache)
+    assert not first.feature_cache["hit"] and again.feature_cache["hit"]
+    assert first.feature_cache["key_parts"]["weights"].startswith("state:")
+
+    build = trial_mod.build_model
+
+    def perturbed(config):
+        model = build(config)
+        with torch.no_grad():
+            if change == "initial_state":
+                next(model.backbone.parameters()).mul_(1.5)
+            else:
+                model.input_norm.mean.add_(0.1)
+        return model
+
+    if change in ("initial_state", "normalisation"):
+        monkeypatch.setattr(trial_mod, "build_model", perturbed)
+    elif change == "image_cache":
+        monkeypatch.setattr(automl_cxr.data, "CACHE_VERSION", automl_cxr.data.CACHE_VERSION + 1)
+    else:
+        monkeypatch.setattr(timm, "__version__", timm.__version__ + ".other")
+    changed = run_trial(small, mc, cfg, feature_cache=cache)
+    assert changed.weight_source == first.weight_source
+    assert not changed.feature_cache["hit"]
+    assert changed.feature_cache["key"] != first.feature_cache["key"]

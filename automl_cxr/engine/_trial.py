@@ -18,7 +18,7 @@ from timm.scheduler import create_scheduler_v2
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
-from automl_cxr.engine._features import FeatureCache, feature_key
+from automl_cxr.engine._features import FeatureCache, feature_key, state_hash
 from automl_cxr.engine._metrics import (
     bootstrap_metrics,
     compute_metrics,
@@ -208,17 +208,34 @@ class _Session:
             device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
         )
 
+    def feature_key_parts(self, prefix: nn.Module, mc: ModelConfig) -> dict:
+        """Everything that changes the frozen prefix's output on this dataset's images."""
+        import timm
+
+        from automl_cxr.data import CACHE_VERSION
+
+        norm = self.model.input_norm
+        sha = self.weight_info.get("sha256")
+        return {
+            "backbone": mc.backbone,
+            "frozen": self.model.frozen_stages,
+            "weights": f"sha256:{sha}" if sha else f"state:{state_hash(prefix)}",
+            "gray": mc.gray_mode,
+            "mean": [round(float(v), 8) for v in norm.mean.flatten()],
+            "std": [round(float(v), 8) for v in norm.std.flatten()],
+            "resolution": self.cfg.resolution,
+            "dtype": str(self.amp_dtype) if self.use_amp else "fp32",
+            "device": self.device.type,
+            "image_cache": CACHE_VERSION,
+            "timm": timm.__version__,
+            "torch": torch.__version__,
+            "dataset": self.dataset.hash,
+        }
+
     def _load_features(self, prefix: nn.Module, mc: ModelConfig, cache: FeatureCache | None):
         cfg, device = self.cfg, self.device
-        key = feature_key(
-            backbone=mc.backbone,
-            weights=self.weight_info.get("sha256") or f"{self.weight_info.get('kind')}:{cfg.seed}",
-            frozen=self.model.frozen_stages,
-            resolution=cfg.resolution,
-            gray=mc.gray_mode,
-            dataset=self.dataset.hash,
-            amp=str(self.amp_dtype) if self.use_amp else "fp32",
-        )
+        parts = self.feature_key_parts(prefix, mc)
+        key = feature_key(**parts)
         cache = cache if cache is not None else FeatureCache()
 
         def compute() -> torch.Tensor:
@@ -240,6 +257,7 @@ class _Session:
             "used": True,
             "hit": hit,
             "key": key,
+            "key_parts": {k: v for k, v in parts.items() if k not in ("mean", "std")},
             "bytes": int(feats_cpu.numel() * feats_cpu.element_size()),
             "seconds": round(time.perf_counter() - t0, 3),
         }
