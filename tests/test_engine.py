@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from automl_cxr.data import load_dataset
-from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, run_trial
-from automl_cxr.errors import ConfigError, TrialFailed
+from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, members_hash, run_trial
+from automl_cxr.engine._trial import row_identities
+from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import ModelConfig, num_stages
 from automl_cxr.study import subsample
 
@@ -51,11 +54,20 @@ def test_trial_end_to_end_metrics_and_no_leakage(small) -> None:
     for f in res.folds:
         cm = np.array(f["confusion_matrix"])
         assert f["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
-    # every image evaluated exactly once, out of fold, and no patient on both sides
-    assert sum(s["n_val"] for s in res.splits) == len(small)
-    splits = make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)
-    for sp in splits:
-        assert not set(small.groups[sp.train]) & set(small.groups[sp.val])
+    # every image evaluated exactly once, out of fold, and no patient on both sides: checked on
+    # the folds the trial recorded, not on folds recomputed here
+    val = np.concatenate([np.array(r["val_indices"]) for r in res.splits])
+    assert np.array_equal(np.sort(val), np.arange(len(small)))
+    ids = row_identities(small)
+    for r in res.splits:
+        v = np.array(r["val_indices"])
+        tr = np.setdiff1d(np.arange(len(small)), v)
+        assert not set(small.groups[tr]) & set(small.groups[v])
+        assert r["val_hash"] == members_hash(ids, v) and r["train_hash"] == members_hash(ids, tr)
+        assert r["trained_hash"] == r["train_hash"] and r["n_trained_images"] == len(tr)
+        assert r["inner_val_indices"] is None and r["cv"] == "patient"
+        assert r["epochs_run"] == 2 and r["best_epoch"] == 1
+    assert res.splits[0]["val_hash"] != res.splits[1]["val_hash"]
     assert res.pooled["n"] == len(small)
     assert res.params_trainable == res.params_total > 0
     assert res.latency_ms > 0 and res.images_per_second > 0
@@ -182,13 +194,19 @@ def test_feature_cache_bad_budget_is_a_project_error() -> None:
 
 
 def test_fit_full_trains_on_every_image(small) -> None:
-    import torch
-
     from automl_cxr.engine import fit_full
 
-    model = fit_full(small, _model(small), _cfg(epochs=1))
+    model = fit_full(small, _model(small), _cfg(epochs=1, batch_size=7))
     assert not model.training
-    x = torch.from_numpy(np.asarray(small.images(48))[:4]).unsqueeze(1).float() / 255
+    info = model.training_info
+    # the rows that went through training batches are every row of the dataset
+    assert info["n_trained_images"] == len(small)
+    assert info["trained_hash"] == members_hash(row_identities(small))
+    assert info["epochs"] == 1 and info["epochs_from"] == "config"
+    # and that is not what a fold's training sees
+    trial = run_trial(small, _model(small), _cfg(epochs=1, batch_size=7))
+    assert all(r["trained_hash"] != info["trained_hash"] for r in trial.splits)
+    x = torch.from_numpy(np.array(small.images(48))[:4]).unsqueeze(1).float() / 255
     probs = torch.softmax(model(x), dim=1)
     assert probs.shape == (4, 3)
     assert torch.allclose(probs.sum(1), torch.ones(4))
@@ -217,13 +235,13 @@ def test_fit_folds_keeps_the_trials_fold_models(small, cached: bool) -> None:
     models, folds = fit_folds(small, mc, cfg)
     assert len(models) == len(folds) == len(trial.folds) == 2
     assert trial.feature_cache["used"] is cached
-    splits = make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)
     x = torch.from_numpy(np.array(small.images(48))).unsqueeze(1).float() / 255
-    for model, sp, fold, recorded in zip(models, splits, folds, trial.folds, strict=True):
-        assert not model.training and fold["n_val"] == len(sp.val)
+    for model, sp, fold, recorded in zip(models, trial.splits, folds, trial.folds, strict=True):
+        val = np.array(sp["val_indices"])
+        assert not model.training and fold["n_val"] == len(val)
         with torch.no_grad():
-            probs = torch.softmax(model(x[sp.val]), dim=1).numpy()
-        m = compute_metrics(small.labels[sp.val], probs, small.classes)
+            probs = torch.softmax(model(x[val]), dim=1).numpy()
+        m = compute_metrics(small.labels[val], probs, small.classes)
         assert m["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9)
         assert m["auc"] == pytest.approx(recorded["auc"], abs=1e-6)
         assert fold["balanced_accuracy"] == pytest.approx(recorded["balanced_accuracy"])
@@ -353,3 +371,161 @@ def test_feature_cache_key_covers_every_determinant(
     assert changed.weight_source == first.weight_source
     assert not changed.feature_cache["hit"]
     assert changed.feature_cache["key"] != first.feature_cache["key"]
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_chooses_on_an_inner_split_and_reports_the_outer_fold(small) -> None:
+    """Early stopping watches an inner split of the training patients, never the fold it
+    reports; the fold reports its outer metrics at the epoch with the best inner loss."""
+    from automl_cxr.engine import fit_folds, fit_full
+
+    cfg = _cfg(epochs=6, early_stopping=1, lr=3e-2)
+    steps: list[tuple[int, float]] = []
+    res = run_trial(small, _model(small), cfg, report=lambda s, v: steps.append((s, v)))
+    ids = row_identities(small)
+    for rec, fold, curve in zip(res.splits, res.folds, res.curves, strict=True):
+        val = np.array(rec["val_indices"])
+        inner = np.array(rec["inner_val_indices"])
+        train = np.setdiff1d(np.arange(len(small)), val)
+        fit_rows = np.setdiff1d(train, inner)
+        # the inner split is carved from the training patients only, grouped by patient
+        assert inner.size and np.isin(inner, train).all() and not np.isin(inner, val).any()
+        assert not set(small.groups[inner]) & set(small.groups[fit_rows])
+        assert 0.05 < inner.size / train.size < 0.35
+        # the model trained on the rest only
+        assert rec["trained_hash"] == members_hash(ids, fit_rows)
+        # the chosen epoch is the best inner loss, and the fold reports the outer value there
+        inner_losses = [p["inner_val_loss"] for p in curve]
+        assert rec["best_epoch"] == int(np.argmin(inner_losses)) == fold["best_epoch"]
+        assert fold["epochs_run"] == len(curve) == rec["epochs_run"] <= 6
+        assert fold["balanced_accuracy"] == pytest.approx(curve[rec["best_epoch"]]["value"])
+        # stopping: patience 1 after the best inner epoch (or all epochs)
+        assert len(curve) in (rec["best_epoch"] + 2, 6)
+    # the pruner still sees every epoch's outer fold value
+    assert [v for _, v in steps] == [p["value"] for c in res.curves for p in c]
+    chosen = [r["best_epoch"] + 1 for r in res.splits]
+    assert res.full_fit_epochs == int(np.floor(np.median(chosen) + 0.5))
+    # the fold models are those of the chosen epoch
+    models, folds = fit_folds(small, _model(small), cfg)
+    assert [f["balanced_accuracy"] for f in folds] == pytest.approx(
+        [f["balanced_accuracy"] for f in res.folds]
+    )
+    # fit_full trains on everything for the epochs the CV chose (not cfg.epochs)
+    full = fit_full(small, _model(small), cfg)
+    assert full.training_info["epochs_from"] == "cv_early_stopping"
+    assert full.training_info["fold_epochs"] == chosen
+    assert full.training_info["epochs"] == res.full_fit_epochs
+    assert full.training_info["n_trained_images"] == len(small)
+    given = fit_full(small, _model(small), cfg, epochs=2)
+    assert given.training_info == {**given.training_info, "epochs": 2, "epochs_from": "argument"}
+
+
+def test_without_early_stopping_full_fit_uses_the_configured_epochs(small) -> None:
+    res = run_trial(small, _model(small), _cfg(epochs=2))
+    assert res.full_fit_epochs == 2
+    assert all("inner_val_loss" not in p for c in res.curves for p in c)
+
+
+# ----------------------------------------------------------------------------- site-held-out
+
+
+@pytest.fixture(scope="module")
+def cohen_sites(tmp_path_factory, shared_data):
+    """Cohen's frontal X-rays as covid / other, with `site` = the metadata's `location`
+    (set here until prepared manifests carry it), 40 images per class by patient."""
+    import pandas as pd
+
+    from automl_cxr.data import prepare_table, read_cohen
+
+    out = tmp_path_factory.mktemp("cohen-sites")
+    prepare_table(
+        read_cohen(shared_data / "cohen"),
+        name="cohen_sites",
+        data_dir=out,
+        kind="csv",
+        origin="test",
+    )
+    ds = load_dataset("cohen_sites", out)
+    meta = pd.read_csv(shared_data / "cohen" / "metadata.csv", dtype=str, keep_default_na=False)
+    where = dict(zip(meta["filename"], meta["location"].str.strip(), strict=True))
+    ds.manifest["site"] = [where.get(Path(p).name, "") for p in ds.manifest["path"]]
+    return subsample(ds, 40, seed=0)
+
+
+def test_site_cv_trial_holds_out_sites_on_the_folds_it_used(cohen_sites) -> None:
+    ds = cohen_sites
+    res = run_trial(ds, _model(ds, num_classes=2), _cfg(cv="site", epochs=1))
+    sites = ds.manifest["site"].replace("", "cohen:unknown").to_numpy()
+    val = np.concatenate([np.array(r["val_indices"]) for r in res.splits])
+    assert np.array_equal(np.sort(val), np.arange(len(ds)))
+    for r in res.splits:
+        v = np.array(r["val_indices"])
+        tr = np.setdiff1d(np.arange(len(ds)), v)
+        assert not set(sites[tr]) & set(sites[v]), "a site in both train and val"
+        assert not set(ds.groups[tr]) & set(ds.groups[v]), "a patient in both train and val"
+        assert r["cv"] == "site" and r["val_sites"] == sorted(set(sites[v]))
+    assert res.train_config["cv"] == "site"
+    patient = run_trial(ds, _model(ds, num_classes=2), _cfg(epochs=1))
+    assert [r["val_hash"] for r in patient.splits] != [r["val_hash"] for r in res.splits]
+
+
+def test_site_cv_falls_back_with_a_warning_in_the_result(cohen_sites) -> None:
+    ds = cohen_sites
+    k = int(pd_nunique_sites(ds))
+    res = run_trial(ds, _model(ds, num_classes=2), _cfg(cv="site", epochs=1, n_folds=k + 3))
+    assert res.warnings and "not feasible" in res.warnings[0]
+    assert len(res.splits) < k + 3
+
+
+def pd_nunique_sites(ds) -> int:
+    from automl_cxr.engine import site_groups
+
+    sites = ds.manifest["site"].replace("", "cohen:unknown").to_numpy()
+    return min(np.unique(site_groups(ds.groups, sites)[ds.labels == c]).size for c in (0, 1))
+
+
+def test_site_cv_refuses_a_recipe_whose_classes_come_from_one_site(small) -> None:
+    small.manifest["site"] = np.where(small.manifest["source"] == "kermany", "kermany", "x")
+    try:
+        with pytest.raises(ConfigError, match="site-held-out validation is not possible"):
+            run_trial(small, _model(small), _cfg(cv="site"))
+    finally:
+        del small.manifest["site"]
+    with pytest.raises(ConfigError, match="cv='site' needs a 'site' column"):
+        run_trial(small, _model(small), _cfg(cv="site"))
+
+
+# ----------------------------------------------------------------------------- external sets
+
+
+def test_several_external_sets_and_a_subset_of_the_classes(prepared_dir, small) -> None:
+    full = load_dataset("three_class", prepared_dir)
+    ext1 = subsample(full, 8, seed=5)
+    pick = np.flatnonzero(ext1.manifest["label"].isin(["covid", "normal"]).to_numpy())
+    ext2 = ext1.subset(pick, tag="covid-normal")
+    ext2.meta["labels"], ext2.meta["name"] = ["covid", "normal"], "two_class_ext"
+    res = run_trial(small, _model(small), _cfg(epochs=1), externals=[ext1, ext2])
+    assert set(res.externals) == {"three_class", "two_class_ext"} and res.external is None
+    e1, e2 = res.externals["three_class"], res.externals["two_class_ext"]
+    assert e1["n"] == e1["metrics"]["n"] == len(ext1) and e2["n"] == len(ext2)
+    assert e2["classes"] == ["covid", "normal"] and e2["dataset_hash"] == ext2.hash
+    # the two-class set is scored in the study's classes: its rows are the same images as
+    # ext1's covid/normal rows, and get the same predictions, so their counts agree
+    cm1, cm2 = (
+        np.array(e1["metrics"]["confusion_matrix"]),
+        np.array(e2["metrics"]["confusion_matrix"]),
+    )
+    assert cm2.shape == (3, 3)
+    for c in ("covid", "normal"):
+        k = small.classes.index(c)
+        assert (cm2[k] == cm1[k]).all()
+    assert cm2[small.classes.index("bacterial")].sum() == 0
+    for e in (e1, e2):
+        ci = e["bootstrap"]["metrics"]["accuracy"]
+        assert ci["ci_low"] <= ci["estimate"] <= ci["ci_high"]
+    bad = ext1.subset(np.arange(4), tag="bad")
+    bad.meta["labels"] = ["covid", "tuberculosis"]
+    with pytest.raises(DataError, match="'tuberculosis'\\] are not among the study's"):
+        run_trial(small, _model(small), _cfg(epochs=1), externals=[bad])
