@@ -1,4 +1,4 @@
-"""Trial engine: patient-grouped folds, training, the paper's metrics, frozen-feature cache."""
+"""Trial engine: patient- or site-grouped folds, training, metrics, frozen-feature cache."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from automl_cxr._lazy import lazy_exports
 
 # Lazy: `automl-cxr report`/`dashboard` need only the light parts; torch loads on first use.
 _EXPORTS = {
+    "CV_MODES": "automl_cxr.engine._config",
     "OPTIMIZERS": "automl_cxr.engine._config",
     "SCHEDULES": "automl_cxr.engine._config",
     "TrainConfig": "automl_cxr.engine._config",
@@ -31,13 +32,16 @@ _EXPORTS = {
     "split_summary": "automl_cxr.engine._splits",
     "Reporter": "automl_cxr.engine._trial",
     "TrialResult": "automl_cxr.engine._trial",
+    "dataset_sites": "automl_cxr.engine._trial",
     "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
     "resolve_device": "automl_cxr.engine._trial",
+    "row_identities": "automl_cxr.engine._trial",
     "run_trial": "automl_cxr.engine._trial",
 }
 
 __all__ = [
+    "CV_MODES",
     "OPTIMIZERS",
     "SCALAR_METRICS",
     "SCHEDULES",
@@ -51,6 +55,7 @@ __all__ = [
     "bootstrap_metrics",
     "compute_metrics",
     "corrected_paired_ttest",
+    "dataset_sites",
     "feature_key",
     "fit_folds",
     "fit_full",
@@ -60,6 +65,7 @@ __all__ = [
     "paired_comparison",
     "resolve_device",
     "roc_curves",
+    "row_identities",
     "run_trial",
     "scalar_metrics",
     "site_groups",
@@ -72,7 +78,12 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from automl_cxr.engine._config import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401
+    from automl_cxr.engine._config import (  # noqa: F401
+        CV_MODES,
+        OPTIMIZERS,
+        SCHEDULES,
+        TrainConfig,
+    )
     from automl_cxr.engine._features import FeatureCache, feature_key  # noqa: F401
     from automl_cxr.engine._metrics import (
         SCALAR_METRICS,
@@ -97,8 +108,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr.engine._trial import (  # noqa: F401
         Reporter,
         TrialResult,
+        dataset_sites,
         fit_folds,
         fit_full,
         resolve_device,
+        row_identities,
         run_trial,
     )

@@ -31,7 +31,16 @@ from automl_cxr.engine._splits import make_site_splits, make_splits, members_has
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
-__all__ = ["Reporter", "TrialResult", "fit_folds", "fit_full", "resolve_device", "run_trial"]
+__all__ = [
+    "Reporter",
+    "TrialResult",
+    "dataset_sites",
+    "fit_folds",
+    "fit_full",
+    "resolve_device",
+    "row_identities",
+    "run_trial",
+]
 
 Reporter = Callable[[int, float], None]
 """`report(step, value)`: called after every epoch (step = fold * epochs + epoch) with the
