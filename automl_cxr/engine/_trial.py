@@ -415,6 +415,8 @@ class _Session:
                 break
         if best_state is not None:
             net.load_state_dict(best_state)  # the model of the chosen epoch
+        elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
+            out.probs, out.metrics, out.best_epoch = probs, m, len(out.curve) - 1
         out.trained = np.flatnonzero(seen.cpu().numpy())
         return out
 
@@ -591,8 +593,9 @@ def fit_full(
     It trains for the number of epochs cross-validation scored: `epochs` if given (e.g. a
     trial's `TrialResult.full_fit_epochs`), else `cfg.epochs` without early stopping, else
     (early stopping) the folds are trained as in `run_trial` first and the median of their
-    chosen epoch counts is used. The model's `training_info` says which: `{"epochs",
-    "epochs_from": "argument" | "config" | "cv_early_stopping", "fold_epochs",
+    chosen epoch counts is used. The learning-rate schedule spans `cfg.epochs` and is cut
+    there, as it was in the folds that stopped early. The model's `training_info` says which:
+    `{"epochs", "epochs_from": "argument" | "config" | "cv_early_stopping", "fold_epochs",
     "n_trained_images", "trained_hash"}`.
     """
     cfg = train_config
