@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from automl_cxr.data import load_dataset
-from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, run_trial
-from automl_cxr.errors import ConfigError, TrialFailed
+from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, members_hash, run_trial
+from automl_cxr.engine._trial import row_identities
+from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import ModelConfig, num_stages
 from automl_cxr.study import subsample
 
@@ -50,15 +54,29 @@ def test_trial_end_to_end_metrics_and_no_leakage(small) -> None:
     for f in res.folds:
         cm = np.array(f["confusion_matrix"])
         assert f["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
-    # every image evaluated exactly once, out of fold, and no patient on both sides
-    assert sum(s["n_val"] for s in res.splits) == len(small)
-    splits = make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)
-    for sp in splits:
-        assert not set(small.groups[sp.train]) & set(small.groups[sp.val])
+    # every image evaluated exactly once, out of fold, and no patient on both sides: checked on
+    # the folds the trial recorded, not on folds recomputed here
+    val = np.concatenate([np.array(r["val_indices"]) for r in res.splits])
+    assert np.array_equal(np.sort(val), np.arange(len(small)))
+    ids = row_identities(small)
+    for r in res.splits:
+        v = np.array(r["val_indices"])
+        tr = np.setdiff1d(np.arange(len(small)), v)
+        assert not set(small.groups[tr]) & set(small.groups[v])
+        assert r["val_hash"] == members_hash(ids, v) and r["train_hash"] == members_hash(ids, tr)
+        assert r["trained_hash"] == r["train_hash"] and r["n_trained_images"] == len(tr)
+        assert r["inner_val_indices"] is None and r["cv"] == "patient"
+        assert r["epochs_run"] == 2 and r["best_epoch"] == 1
+    assert res.splits[0]["val_hash"] != res.splits[1]["val_hash"]
     assert res.pooled["n"] == len(small)
     assert res.params_trainable == res.params_total > 0
     assert res.latency_ms > 0 and res.images_per_second > 0
     assert res.value == summary["balanced_accuracy"]["mean"]
+    # intervals use the corrected resampled t with the trial's own fold sizes
+    assert res.summary["ci_method"] == "corrected_t"
+    ratio = np.mean([s["n_val"] / s["n_train"] for s in res.splits])
+    assert res.summary["test_train_ratio"] == pytest.approx(ratio)
+    assert [f["n_val"] for f in res.folds] == [s["n_val"] for s in res.splits]
 
 
 def test_same_seed_same_result(small) -> None:
@@ -132,14 +150,63 @@ def test_config_validation_messages() -> None:
         TrainConfig(holdout=0.9)
 
 
-def test_fit_full_trains_on_every_image(small) -> None:
-    import torch
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": "10"}, "epochs must be an integer, but got epochs='10'"),
+        ({"batch_size": 2.5}, "batch_size must be an integer, but got batch_size=2.5"),
+        ({"batch_size": True}, "batch_size must be an integer, but got batch_size=True"),
+        ({"lr": -1}, "lr must be greater than 0, but got lr=-1"),
+        ({"lr": "1e-3"}, "lr must be a number, but got lr='1e-3'"),
+        ({"lr": float("nan")}, "lr must be a number, but got lr=nan"),
+        ({"weight_decay": -0.1}, "weight_decay must be at least 0, but got weight_decay=-0.1"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\), but got momentum=1.5"),
+        ({"augment": "strong"}, "augment must be a number, but got augment='strong'"),
+        ({"early_stopping": 2.0}, "early_stopping must be an integer or None, but got"),
+        ({"early_stopping": 0}, "early_stopping must be at least 1, but got early_stopping=0"),
+        ({"class_weighting": 1}, "class_weighting must be true or false, but got"),
+        ({"amp": "yes"}, "amp must be true or false, but got amp='yes'"),
+        ({"n_folds": 5.0}, "n_folds must be an integer, but got n_folds=5.0"),
+        ({"max_folds": 0}, "max_folds must be at least 1, but got max_folds=0"),
+        ({"seed": -1}, "seed must be at least 0, but got seed=-1"),
+        ({"cv": "image"}, "cv must be one of \\('patient', 'site'\\), but got cv='image'"),
+        ({"inner_holdout": 0.9}, r"inner_holdout must be in \(0, 0.5\], but got"),
+        ({"device": 0}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', but got 0"),
+    ],
+)
+def test_train_config_checks_types_and_ranges(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
 
+
+def test_train_config_accepts_numpy_numbers_as_plain_python() -> None:
+    cfg = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), batch_size=np.int32(8))
+    assert type(cfg.epochs) is int and cfg.epochs == 3
+    assert type(cfg.lr) is float and type(cfg.batch_size) is int
+    assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+
+
+def test_feature_cache_bad_budget_is_a_project_error() -> None:
+    from automl_cxr.errors import AutomlCxrError
+
+    with pytest.raises(AutomlCxrError, match="max_bytes must be at least 0, but got"):
+        FeatureCache(max_bytes=-1)
+
+
+def test_fit_full_trains_on_every_image(small) -> None:
     from automl_cxr.engine import fit_full
 
-    model = fit_full(small, _model(small), _cfg(epochs=1))
+    model = fit_full(small, _model(small), _cfg(epochs=1, batch_size=7))
     assert not model.training
-    x = torch.from_numpy(np.asarray(small.images(48))[:4]).unsqueeze(1).float() / 255
+    info = model.training_info
+    # the rows that went through training batches are every row of the dataset
+    assert info["n_trained_images"] == len(small)
+    assert info["trained_hash"] == members_hash(row_identities(small))
+    assert info["epochs"] == 1 and info["epochs_from"] == "config"
+    # and that is not what a fold's training sees
+    trial = run_trial(small, _model(small), _cfg(epochs=1, batch_size=7))
+    assert all(r["trained_hash"] != info["trained_hash"] for r in trial.splits)
+    x = torch.from_numpy(np.array(small.images(48))[:4]).unsqueeze(1).float() / 255
     probs = torch.softmax(model(x), dim=1)
     assert probs.shape == (4, 3)
     assert torch.allclose(probs.sum(1), torch.ones(4))
@@ -168,15 +235,297 @@ def test_fit_folds_keeps_the_trials_fold_models(small, cached: bool) -> None:
     models, folds = fit_folds(small, mc, cfg)
     assert len(models) == len(folds) == len(trial.folds) == 2
     assert trial.feature_cache["used"] is cached
-    splits = make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)
     x = torch.from_numpy(np.array(small.images(48))).unsqueeze(1).float() / 255
-    for model, sp, fold, recorded in zip(models, splits, folds, trial.folds, strict=True):
-        assert not model.training and fold["n_val"] == len(sp.val)
+    for model, sp, fold, recorded in zip(models, trial.splits, folds, trial.folds, strict=True):
+        val = np.array(sp["val_indices"])
+        assert not model.training and fold["n_val"] == len(val)
         with torch.no_grad():
-            probs = torch.softmax(model(x[sp.val]), dim=1).numpy()
-        m = compute_metrics(small.labels[sp.val], probs, small.classes)
+            probs = torch.softmax(model(x[val]), dim=1).numpy()
+        m = compute_metrics(small.labels[val], probs, small.classes)
         assert m["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9)
         assert m["auc"] == pytest.approx(recorded["auc"], abs=1e-6)
         assert fold["balanced_accuracy"] == pytest.approx(recorded["balanced_accuracy"])
     w0, w1 = (list(m.head.parameters())[-1] for m in models)
     assert not torch.equal(w0, w1)  # two models, not one model twice
+
+
+def test_mlp_batchnorm_head_trains_when_last_batch_has_one_image(small) -> None:
+    """len(train) % batch_size == 1 used to crash BatchNorm1d in training mode."""
+    from automl_cxr.engine import fit_full
+
+    n_train = len(small) - len(
+        make_splits(small.manifest["label"].to_numpy(), small.groups, n_folds=2, seed=0)[0].val
+    )
+    mc = _model(small, head="mlp", head_kwargs={"hidden": 8, "batchnorm": True})
+    cfg = _cfg(batch_size=n_train - 1, epochs=1, max_folds=1)
+    res = run_trial(small, mc, cfg)
+    assert res.splits[0]["n_train"] % cfg.batch_size == 1
+    assert np.isfinite(res.curves[0][0]["train_loss"])
+    model = fit_full(small, mc, _cfg(batch_size=len(small) - 1, epochs=1))
+    assert not model.training
+
+
+def test_optimizer_keeps_batchnorm_and_bias_free_of_weight_decay(small) -> None:
+    from automl_cxr.engine._trial import _optimizer
+    from automl_cxr.models import build_model
+
+    model = build_model(
+        _model(small, backbone="test_resnet", head="mlp", head_kwargs={"batchnorm": True})
+    )
+    for name in ("sgd", "adam", "adamw"):
+        opt = _optimizer(model, _cfg(optimizer=name, weight_decay=0.05))
+        decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        for pname, p in model.named_parameters():
+            is_norm_or_bias = p.ndim <= 1 or pname.endswith(".bias")
+            assert decay_of[id(p)] == (0.0 if is_norm_or_bias else 0.05), pname
+        bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bn and all(decay_of[id(m.weight)] == 0.0 for m in bn)
+        assert decay_of[id(model.head.classifier[-1].bias)] == 0.0
+    sgd = _optimizer(model, _cfg(optimizer="sgd", momentum=0.8))
+    assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.8
+
+
+def test_frozen_parameters_are_not_optimised(small) -> None:
+    from automl_cxr.engine._trial import _optimizer
+    from automl_cxr.models import build_model
+
+    model = build_model(_model(small, frozen_stages=num_stages("test_efficientnet") - 1))
+    opt = _optimizer(model, _cfg())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # 4 epochs x 2 updates, 1 warmup epoch; lr after each update (lr=1)
+        ("cosine", [0.75, 1.0, 0.933, 0.75, 0.5, 0.25, 0.067, 0.0]),
+        ("none", [0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_timm_schedule_warmup_then_decay(schedule: str, expected: list[float]) -> None:
+    from automl_cxr.engine._trial import _optimizer, _scheduler
+
+    cfg = TrainConfig(epochs=4, lr=1.0, warmup_epochs=1, schedule=schedule)
+    opt = _optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = _scheduler(opt, cfg, 2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warmup starts at lr / 2 updates
+    got = []
+    for u in range(1, 9):
+        sched.step_update(num_updates=u)
+        got.append(opt.param_groups[0]["lr"])
+    assert got == pytest.approx(expected, abs=1e-3)
+
+
+def test_step_schedule_divides_by_ten_twice() -> None:
+    from automl_cxr.engine._trial import _optimizer, _scheduler
+
+    cfg = TrainConfig(epochs=8, lr=1.0, schedule="step")
+    opt = _optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = _scheduler(opt, cfg, 1)
+    got = []
+    for u in range(1, 9):
+        sched.step_update(num_updates=u)
+        got.append(round(opt.param_groups[0]["lr"], 6))
+    assert sorted(set(got), reverse=True) == [1.0, 0.1, 0.01]
+
+
+@pytest.mark.parametrize("change", ["initial_state", "normalisation", "image_cache", "timm"])
+def test_feature_cache_key_covers_every_determinant(
+    small, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A change to anything that alters the frozen prefix's output must miss the cache: the
+    prefix's initial state (same weight source and seed), mean/std, the image cache version,
+    the timm version."""
+    import timm
+
+    import automl_cxr.data
+    import automl_cxr.engine._trial as trial_mod
+
+    mc = _model(small, frozen_stages=num_stages("test_efficientnet"))
+    cfg = _cfg(epochs=1, max_folds=1)
+    cache = FeatureCache()
+    first = run_trial(small, mc, cfg, feature_cache=cache)
+    again = run_trial(small, mc, cfg, feature_cache=cache)
+    assert not first.feature_cache["hit"] and again.feature_cache["hit"]
+    assert first.feature_cache["key_parts"]["weights"].startswith("state:")
+
+    build = trial_mod.build_model
+
+    def perturbed(config):
+        model = build(config)
+        with torch.no_grad():
+            if change == "initial_state":
+                next(model.backbone.parameters()).mul_(1.5)
+            else:
+                model.input_norm.mean.add_(0.1)
+        return model
+
+    if change in ("initial_state", "normalisation"):
+        monkeypatch.setattr(trial_mod, "build_model", perturbed)
+    elif change == "image_cache":
+        monkeypatch.setattr(automl_cxr.data, "CACHE_VERSION", automl_cxr.data.CACHE_VERSION + 1)
+    else:
+        monkeypatch.setattr(timm, "__version__", timm.__version__ + ".other")
+    changed = run_trial(small, mc, cfg, feature_cache=cache)
+    assert changed.weight_source == first.weight_source
+    assert not changed.feature_cache["hit"]
+    assert changed.feature_cache["key"] != first.feature_cache["key"]
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_chooses_on_an_inner_split_and_reports_the_outer_fold(small) -> None:
+    """Early stopping watches an inner split of the training patients, never the fold it
+    reports; the fold reports its outer metrics at the epoch with the best inner loss."""
+    from automl_cxr.engine import fit_folds, fit_full
+
+    cfg = _cfg(epochs=6, early_stopping=1, lr=3e-2)
+    steps: list[tuple[int, float]] = []
+    res = run_trial(small, _model(small), cfg, report=lambda s, v: steps.append((s, v)))
+    ids = row_identities(small)
+    for rec, fold, curve in zip(res.splits, res.folds, res.curves, strict=True):
+        val = np.array(rec["val_indices"])
+        inner = np.array(rec["inner_val_indices"])
+        train = np.setdiff1d(np.arange(len(small)), val)
+        fit_rows = np.setdiff1d(train, inner)
+        # the inner split is carved from the training patients only, grouped by patient
+        assert inner.size and np.isin(inner, train).all() and not np.isin(inner, val).any()
+        assert not set(small.groups[inner]) & set(small.groups[fit_rows])
+        assert 0.05 < inner.size / train.size < 0.35
+        # the model trained on the rest only
+        assert rec["trained_hash"] == members_hash(ids, fit_rows)
+        # the chosen epoch is the best inner loss, and the fold reports the outer value there
+        inner_losses = [p["inner_val_loss"] for p in curve]
+        assert rec["best_epoch"] == int(np.argmin(inner_losses)) == fold["best_epoch"]
+        assert fold["epochs_run"] == len(curve) == rec["epochs_run"] <= 6
+        assert fold["balanced_accuracy"] == pytest.approx(curve[rec["best_epoch"]]["value"])
+        # stopping: patience 1 after the best inner epoch (or all epochs)
+        assert len(curve) in (rec["best_epoch"] + 2, 6)
+    # the pruner still sees every epoch's outer fold value
+    assert [v for _, v in steps] == [p["value"] for c in res.curves for p in c]
+    chosen = [r["best_epoch"] + 1 for r in res.splits]
+    assert res.full_fit_epochs == int(np.floor(np.median(chosen) + 0.5))
+    # the fold models are those of the chosen epoch
+    models, folds = fit_folds(small, _model(small), cfg)
+    assert [f["balanced_accuracy"] for f in folds] == pytest.approx(
+        [f["balanced_accuracy"] for f in res.folds]
+    )
+    # fit_full trains on everything for the epochs the CV chose (not cfg.epochs)
+    full = fit_full(small, _model(small), cfg)
+    assert full.training_info["epochs_from"] == "cv_early_stopping"
+    assert full.training_info["fold_epochs"] == chosen
+    assert full.training_info["epochs"] == res.full_fit_epochs
+    assert full.training_info["n_trained_images"] == len(small)
+    given = fit_full(small, _model(small), cfg, epochs=2)
+    assert given.training_info == {**given.training_info, "epochs": 2, "epochs_from": "argument"}
+
+
+def test_without_early_stopping_full_fit_uses_the_configured_epochs(small) -> None:
+    res = run_trial(small, _model(small), _cfg(epochs=2))
+    assert res.full_fit_epochs == 2
+    assert all("inner_val_loss" not in p for c in res.curves for p in c)
+
+
+# ----------------------------------------------------------------------------- site-held-out
+
+
+@pytest.fixture(scope="module")
+def cohen_sites(tmp_path_factory, shared_data):
+    """Cohen's frontal X-rays as covid / other, with `site` = the metadata's `location`
+    (set here until prepared manifests carry it), 40 images per class by patient."""
+    import pandas as pd
+
+    from automl_cxr.data import prepare_table, read_cohen
+
+    out = tmp_path_factory.mktemp("cohen-sites")
+    prepare_table(
+        read_cohen(shared_data / "cohen"),
+        name="cohen_sites",
+        data_dir=out,
+        kind="csv",
+        origin="test",
+    )
+    ds = load_dataset("cohen_sites", out)
+    meta = pd.read_csv(shared_data / "cohen" / "metadata.csv", dtype=str, keep_default_na=False)
+    where = dict(zip(meta["filename"], meta["location"].str.strip(), strict=True))
+    ds.manifest["site"] = [where.get(Path(p).name, "") for p in ds.manifest["path"]]
+    return subsample(ds, 40, seed=0)
+
+
+def test_site_cv_trial_holds_out_sites_on_the_folds_it_used(cohen_sites) -> None:
+    ds = cohen_sites
+    res = run_trial(ds, _model(ds, num_classes=2), _cfg(cv="site", epochs=1))
+    sites = ds.manifest["site"].replace("", "cohen:unknown").to_numpy()
+    val = np.concatenate([np.array(r["val_indices"]) for r in res.splits])
+    assert np.array_equal(np.sort(val), np.arange(len(ds)))
+    for r in res.splits:
+        v = np.array(r["val_indices"])
+        tr = np.setdiff1d(np.arange(len(ds)), v)
+        assert not set(sites[tr]) & set(sites[v]), "a site in both train and val"
+        assert not set(ds.groups[tr]) & set(ds.groups[v]), "a patient in both train and val"
+        assert r["cv"] == "site" and r["val_sites"] == sorted(set(sites[v]))
+    assert res.train_config["cv"] == "site"
+    patient = run_trial(ds, _model(ds, num_classes=2), _cfg(epochs=1))
+    assert [r["val_hash"] for r in patient.splits] != [r["val_hash"] for r in res.splits]
+
+
+def test_site_cv_falls_back_with_a_warning_in_the_result(cohen_sites) -> None:
+    ds = cohen_sites
+    k = int(pd_nunique_sites(ds))
+    res = run_trial(ds, _model(ds, num_classes=2), _cfg(cv="site", epochs=1, n_folds=k + 3))
+    assert res.warnings and "not feasible" in res.warnings[0]
+    assert len(res.splits) < k + 3
+
+
+def pd_nunique_sites(ds) -> int:
+    from automl_cxr.engine import site_groups
+
+    sites = ds.manifest["site"].replace("", "cohen:unknown").to_numpy()
+    return min(np.unique(site_groups(ds.groups, sites)[ds.labels == c]).size for c in (0, 1))
+
+
+def test_site_cv_refuses_a_recipe_whose_classes_come_from_one_site(small) -> None:
+    small.manifest["site"] = np.where(small.manifest["source"] == "kermany", "kermany", "x")
+    try:
+        with pytest.raises(ConfigError, match="site-held-out validation is not possible"):
+            run_trial(small, _model(small), _cfg(cv="site"))
+    finally:
+        del small.manifest["site"]
+    with pytest.raises(ConfigError, match="cv='site' needs a 'site' column"):
+        run_trial(small, _model(small), _cfg(cv="site"))
+
+
+# ----------------------------------------------------------------------------- external sets
+
+
+def test_several_external_sets_and_a_subset_of_the_classes(prepared_dir, small) -> None:
+    full = load_dataset("three_class", prepared_dir)
+    ext1 = subsample(full, 8, seed=5)
+    pick = np.flatnonzero(ext1.manifest["label"].isin(["covid", "normal"]).to_numpy())
+    ext2 = ext1.subset(pick, tag="covid-normal")
+    ext2.meta["labels"], ext2.meta["name"] = ["covid", "normal"], "two_class_ext"
+    res = run_trial(small, _model(small), _cfg(epochs=1), externals=[ext1, ext2])
+    assert set(res.externals) == {"three_class", "two_class_ext"} and res.external is None
+    e1, e2 = res.externals["three_class"], res.externals["two_class_ext"]
+    assert e1["n"] == e1["metrics"]["n"] == len(ext1) and e2["n"] == len(ext2)
+    assert e2["classes"] == ["covid", "normal"] and e2["dataset_hash"] == ext2.hash
+    # the two-class set is scored in the study's classes: its rows are the same images as
+    # ext1's covid/normal rows, and get the same predictions, so their counts agree
+    cm1, cm2 = (
+        np.array(e1["metrics"]["confusion_matrix"]),
+        np.array(e2["metrics"]["confusion_matrix"]),
+    )
+    assert cm2.shape == (3, 3)
+    for c in ("covid", "normal"):
+        k = small.classes.index(c)
+        assert (cm2[k] == cm1[k]).all()
+    assert cm2[small.classes.index("bacterial")].sum() == 0
+    for e in (e1, e2):
+        ci = e["bootstrap"]["metrics"]["accuracy"]
+        assert ci["ci_low"] <= ci["estimate"] <= ci["ci_high"]
+    bad = ext1.subset(np.arange(4), tag="bad")
+    bad.meta["labels"] = ["covid", "tuberculosis"]
+    with pytest.raises(DataError, match="'tuberculosis'\\] are not among the study's"):
+        run_trial(small, _model(small), _cfg(epochs=1), externals=[bad])

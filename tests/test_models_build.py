@@ -79,6 +79,38 @@ def test_forward_takes_gray_images_only():
         model(torch.rand(2, 3, 64, 64))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backbone": 3}, "backbone must be a name \\(str\\), but got backbone=3"),
+        ({"num_classes": 2.0}, "num_classes must be an integer, but got num_classes=2.0"),
+        ({"num_classes": True}, "num_classes must be an integer, but got num_classes=True"),
+        ({"frozen_stages": "1"}, "frozen_stages must be an integer, but got frozen_stages='1'"),
+        ({"head": None}, "head must be a name \\(str\\), but got head=None"),
+        ({"head_kwargs": [1]}, "head_kwargs must be a mapping, but got head_kwargs=\\[1\\]"),
+        ({"head_kwargs": {"dropout": 1.5}}, "dropout must be in \\[0, 1\\), but got dropout=1.5"),
+        ({"head": "mlp", "head_kwargs": {"hidden": 2.5}}, "hidden must be an integer of at least"),
+        ({"pretrained": "no"}, "pretrained must be true or false, but got pretrained='no'"),
+        ({"weights_file": 5}, "weights_file must be a path or None, but got weights_file=5"),
+        ({"gray_mode": "rgb"}, "gray_mode must be one of replicate, sum, but got gray_mode='rgb'"),
+        ({"drop_path_rate": -0.1}, "drop_path_rate must be in \\[0, 1\\), but got"),
+    ],
+)
+def test_model_config_checks_types_and_ranges(kwargs: dict, message: str):
+    base = {"backbone": "test_resnet", "num_classes": 3, "pretrained": False}
+    if "weights_file" in kwargs:
+        base["pretrained"] = True
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**{**base, **kwargs})
+
+
+def test_head_pooling_error_is_a_project_error():
+    from automl_cxr.models import FeaturePool
+
+    with pytest.raises(ConfigError, match="cannot pool features of shape"):
+        FeaturePool("avgmax")(torch.zeros(2, 5))
+
+
 def test_frozen_stages_out_of_range_names_backbone_and_range():
     with pytest.raises(ConfigError) as exc:
         ModelConfig("mobilenetv2_100", 3, frozen_stages=12, pretrained=False)

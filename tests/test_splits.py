@@ -228,3 +228,73 @@ def test_split_is_frozen_and_read_only() -> None:
         s.fold = 2  # type: ignore[misc]
     assert s == Split(fold=0, train=[1, 3], val=[2])
     assert s != Split(fold=1, train=[1, 3], val=[2])
+
+
+# ----------------------------------------------------------------------------- site-held-out
+
+
+def _cohen_sites() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cohen's frontal X-rays: covid / other (its non-COVID findings), patient, `location`."""
+    labels, patients, sites = [], [], []
+    with open(_shared_data() / "cohen" / "metadata.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["modality"] != "X-ray" or row["view"] not in ("PA", "AP", "AP Supine"):
+                continue
+            labels.append("covid" if row["finding"].startswith("COVID-19") else "other")
+            patients.append(f"cohen:{row['patientid']}")
+            sites.append(row["location"].strip() or "cohen:unknown")
+    return np.array(labels), np.array(patients), np.array(sites)
+
+
+def test_site_groups_merge_sites_that_share_a_patient() -> None:
+    patients = ["p1", "p1", "p2", "p3", "p3", "p4"]
+    sites = ["A", "B", "C", "C", "D", "E"]
+    g = _splits.site_groups(patients, sites)
+    assert g.tolist() == ["A+B", "A+B", "C+D", "C+D", "C+D", "E"]
+
+
+def test_site_splits_on_real_cohen_locations_hold_out_sites_and_patients() -> None:
+    y, p, s = _cohen_sites()
+    splits, warnings = _splits.make_site_splits(y, p, s, n_folds=3, seed=0)
+    assert len(splits) == 3 and warnings == []
+    groups = _splits.site_groups(p, s)
+    covered = np.concatenate([sp.val for sp in splits])
+    assert np.array_equal(np.sort(covered), np.arange(y.size))
+    for sp in splits:
+        assert not set(s[sp.train]) & set(s[sp.val]), "a site on both sides"
+        assert not set(groups[sp.train]) & set(groups[sp.val])
+        assert not set(p[sp.train]) & set(p[sp.val]), "a patient on both sides"
+        assert set(y[sp.train]) == {"covid", "other"}
+    # a patient seen at two locations exists in the real data, and joins them
+    multi = [pi for pi in np.unique(p) if np.unique(s[p == pi]).size > 1]
+    assert multi and all(np.unique(groups[p == pi]).size == 1 for pi in multi)
+
+
+def test_site_splits_fall_back_to_the_largest_feasible_k_with_a_warning() -> None:
+    y, p, s = _cohen_sites()
+    other_sites = _splits.site_groups(p, s)[y == "other"]
+    k_max = np.unique(other_sites).size
+    splits, warnings = _splits.make_site_splits(y, p, s, n_folds=k_max + 5, seed=0)
+    assert len(splits) <= k_max and warnings
+    assert f"n_folds={k_max + 5} site-held-out folds are not feasible" in warnings[0]
+    assert "'other'" in warnings[0]
+    for sp in splits:
+        assert not set(s[sp.train]) & set(s[sp.val])
+
+
+def test_site_splits_refuse_a_class_seen_at_one_site(real) -> None:
+    y, g = real
+    sites = np.where(np.char.startswith(g.astype(str), "cohen:"), g, "kermany")  # Kermany: 1 site
+    with pytest.raises(ConfigError, match="class 'bacterial' is seen only at \\['kermany'\\]"):
+        _splits.make_site_splits(y, g, sites, n_folds=5)
+
+
+def test_site_holdout_and_members_hash() -> None:
+    y, p, s = _cohen_sites()
+    (sp,), warnings = _splits.make_site_splits(y, p, s, holdout=0.2, seed=1)
+    assert not set(s[sp.train]) & set(s[sp.val]) and warnings == []
+    ids = np.array([f"img{i}" for i in range(y.size)])
+    h = _splits.members_hash(ids, sp.val)
+    assert h == _splits.members_hash(ids[::-1], (y.size - 1 - sp.val)[::-1])  # order-free
+    assert h != _splits.members_hash(ids, sp.train)
+    assert len(h) == 64

@@ -1,4 +1,4 @@
-"""Trial engine: patient-grouped folds, training, the paper's metrics, frozen-feature cache."""
+"""Trial engine: patient- or site-grouped folds, training, metrics, frozen-feature cache."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from automl_cxr._lazy import lazy_exports
 
 # Lazy: `automl-cxr report`/`dashboard` need only the light parts; torch loads on first use.
 _EXPORTS = {
+    "CV_MODES": "automl_cxr.engine._config",
     "OPTIMIZERS": "automl_cxr.engine._config",
     "SCHEDULES": "automl_cxr.engine._config",
     "TrainConfig": "automl_cxr.engine._config",
@@ -16,23 +17,31 @@ _EXPORTS = {
     "SCALAR_METRICS": "automl_cxr.engine._metrics",
     "bootstrap_metrics": "automl_cxr.engine._metrics",
     "compute_metrics": "automl_cxr.engine._metrics",
+    "corrected_paired_ttest": "automl_cxr.engine._metrics",
     "paired_comparison": "automl_cxr.engine._metrics",
     "roc_curves": "automl_cxr.engine._metrics",
     "scalar_metrics": "automl_cxr.engine._metrics",
     "summarize_folds": "automl_cxr.engine._metrics",
     "Split": "automl_cxr.engine._splits",
     "assert_no_patient_leakage": "automl_cxr.engine._splits",
+    "assert_no_site_leakage": "automl_cxr.engine._splits",
+    "make_site_splits": "automl_cxr.engine._splits",
     "make_splits": "automl_cxr.engine._splits",
+    "members_hash": "automl_cxr.engine._splits",
+    "site_groups": "automl_cxr.engine._splits",
     "split_summary": "automl_cxr.engine._splits",
     "Reporter": "automl_cxr.engine._trial",
     "TrialResult": "automl_cxr.engine._trial",
+    "dataset_sites": "automl_cxr.engine._trial",
     "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
     "resolve_device": "automl_cxr.engine._trial",
+    "row_identities": "automl_cxr.engine._trial",
     "run_trial": "automl_cxr.engine._trial",
 }
 
 __all__ = [
+    "CV_MODES",
     "OPTIMIZERS",
     "SCALAR_METRICS",
     "SCHEDULES",
@@ -42,17 +51,24 @@ __all__ = [
     "TrainConfig",
     "TrialResult",
     "assert_no_patient_leakage",
+    "assert_no_site_leakage",
     "bootstrap_metrics",
     "compute_metrics",
+    "corrected_paired_ttest",
+    "dataset_sites",
     "feature_key",
     "fit_folds",
     "fit_full",
+    "make_site_splits",
     "make_splits",
+    "members_hash",
     "paired_comparison",
     "resolve_device",
     "roc_curves",
+    "row_identities",
     "run_trial",
     "scalar_metrics",
+    "site_groups",
     "split_summary",
     "summarize_folds",
 ]
@@ -62,12 +78,18 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from automl_cxr.engine._config import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401
+    from automl_cxr.engine._config import (  # noqa: F401
+        CV_MODES,
+        OPTIMIZERS,
+        SCHEDULES,
+        TrainConfig,
+    )
     from automl_cxr.engine._features import FeatureCache, feature_key  # noqa: F401
     from automl_cxr.engine._metrics import (
         SCALAR_METRICS,
         bootstrap_metrics,
         compute_metrics,
+        corrected_paired_ttest,
         paired_comparison,
         roc_curves,
         scalar_metrics,
@@ -76,14 +98,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr.engine._splits import (
         Split,
         assert_no_patient_leakage,
+        assert_no_site_leakage,
+        make_site_splits,
         make_splits,
+        members_hash,
+        site_groups,
         split_summary,
     )  # noqa: F401
     from automl_cxr.engine._trial import (  # noqa: F401
         Reporter,
         TrialResult,
+        dataset_sites,
         fit_folds,
         fit_full,
         resolve_device,
+        row_identities,
         run_trial,
     )

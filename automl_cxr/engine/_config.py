@@ -2,26 +2,92 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from automl_cxr.errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
+__all__ = ["CV_MODES", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
+CV_MODES = ("patient", "site")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
+    """`value` is an integer >= `low` (or None when `optional`); ConfigError otherwise."""
+    if optional and value is None:
+        return
+    kind = "an integer" + (" or None" if optional else "")
+    if not _is_int(value):
+        raise ConfigError(f"{name} must be {kind}, but got {name}={value!r}")
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, but got {name}={value!r}")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """`value` is a finite number in the interval; ConfigError naming it otherwise."""
+    if optional and value is None:
+        return
+    if not _is_number(value) or value != value:
+        kind = "a number" + (" or None" if optional else "")
+        raise ConfigError(f"{name} must be {kind}, but got {name}={value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        if high == math.inf:
+            what = f"greater than {low:g}" if low_open else f"at least {low:g}"
+        else:
+            what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be {what}, but got {name}={value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, but got {name}={value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, but got {name}={value!r}")
 
 
 @dataclass
 class TrainConfig:
     """How one configuration is trained and evaluated.
 
-    `n_folds` is the K of patient-grouped stratified K-fold; `holdout` (e.g. 0.2) replaces it by
-    one grouped train/validation split for quick searches. `max_folds` evaluates only the first
-    folds of the K (a cheaper, noisier estimate). `augment` is the strength (0..1) of X-ray-safe
+    `n_folds` is the K of stratified grouped K-fold; `cv` says what a group is: "patient"
+    (default) or "site" (acquisition site, so every validation fold holds only unseen sites;
+    patients still never straddle). `holdout` (e.g. 0.2) replaces the K folds by one grouped
+    train/validation split for quick searches. `max_folds` evaluates only the first folds of
+    the K (a cheaper, noisier estimate). `augment` is the strength (0..1) of X-ray-safe
     augmentation (rotation, shift, scale, brightness/contrast; no flips); with `augment == 0`
     and frozen stages, the frozen stages' output is cached and reused (`feature_cache`).
-    `early_stopping` is a patience in epochs on the validation loss (None = fixed epochs).
+
+    `early_stopping` is a patience in epochs (None = fixed epochs). It never looks at the
+    fold it reports: each fold's training patients are split again (`inner_holdout`, a
+    patient-grouped stratified fraction), the model trains on the rest, stops when the inner
+    validation loss has not improved for `early_stopping` epochs, and the fold reports its
+    outer validation metrics at the epoch with the best inner loss.
     """
 
     resolution: int = 224
@@ -37,9 +103,11 @@ class TrainConfig:
     class_weighting: bool = True
     augment: float = 0.0
     early_stopping: int | None = None
+    inner_holdout: float = 0.15
     n_folds: int = 5
     holdout: float | None = None
     max_folds: int | None = None
+    cv: str = "patient"
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -47,43 +115,47 @@ class TrainConfig:
     eval_batch_size: int = 128
 
     def __post_init__(self) -> None:
-        def at_least(name: str, lo: float) -> None:
-            v = getattr(self, name)
-            if v < lo:
-                raise ConfigError(f"{name} must be at least {lo}, but got {name}={v!r}")
-
-        at_least("resolution", 32)
-        at_least("epochs", 1)
-        at_least("batch_size", 1)
-        at_least("eval_batch_size", 1)
-        at_least("weight_decay", 0.0)
-        at_least("warmup_epochs", 0)
-        if not self.lr > 0 or self.lr != self.lr:
-            raise ConfigError(f"lr must be positive, but got lr={self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, but got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, but got {self.schedule!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(
-                f"label_smoothing must be in [0, 1), but got label_smoothing={self.label_smoothing}"
-            )
-        if not 0.0 <= self.augment <= 1.0:
-            raise ConfigError(f"augment must be in [0, 1], but got augment={self.augment}")
-        if self.early_stopping is not None and self.early_stopping < 1:
-            raise ConfigError(
-                f"early_stopping must be at least 1 or None, but got {self.early_stopping}"
-            )
+        check_int("resolution", self.resolution, 32)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("warmup_epochs", self.warmup_epochs, 0)
+        check_int("seed", self.seed, 0)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_number("augment", self.augment, 0.0, 1.0)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("cv", self.cv, CV_MODES)
+        for name in ("class_weighting", "amp", "feature_cache"):
+            check_bool(name, getattr(self, name))
+        check_int("early_stopping", self.early_stopping, 1, optional=True)
+        check_number("inner_holdout", self.inner_holdout, 0.0, 0.5, low_open=True)
         if self.holdout is None:
-            at_least("n_folds", 2)
-        elif not 0.0 < self.holdout <= 0.5:
-            raise ConfigError(f"holdout must be in (0, 0.5], but got holdout={self.holdout}")
-        if self.max_folds is not None and self.max_folds < 1:
-            raise ConfigError(f"max_folds must be at least 1, but got max_folds={self.max_folds}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            check_int("n_folds", self.n_folds, 2)
+        else:
+            check_number("holdout", self.holdout, 0.0, 0.5, low_open=True)
+        check_int("max_folds", self.max_folds, 1, optional=True)
+        if not isinstance(self.device, str) or (
+            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
+        ):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', but got {self.device!r}"
             )
+        for f in fields(self):  # numpy scalars (Ray, Optuna) become plain Python numbers
+            v = getattr(self, f.name)
+            if _is_int(v) and not isinstance(v, int):
+                setattr(self, f.name, int(v))
+        self.lr = float(self.lr)
+        self.weight_decay = float(self.weight_decay)
+        self.momentum = float(self.momentum)
+        self.label_smoothing = float(self.label_smoothing)
+        self.augment = float(self.augment)
+        self.inner_holdout = float(self.inner_holdout)
+        if self.holdout is not None:
+            self.holdout = float(self.holdout)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,8 +2,11 @@
 
 When the first N stages of a backbone are frozen (eval mode, BatchNorm included) and no
 augmentation comes before them, their output on an image is the same in every epoch, fold
-and trial. It is keyed by everything that determines it: backbone, weights checksum, N,
-resolution, gray mode, dataset content hash, dtype.
+and trial. It is keyed by everything that determines it (`feature_key` of the parts
+`_trial._Session` gives): backbone, N, the weights (the checkpoint's sha256, or a hash of
+the frozen prefix's initial state when there is no checksum), the input normalisation (gray
+mode, mean, std), resolution, compute dtype and device type, the image cache version, the
+timm and torch versions and the dataset's content hash.
 """
 
 from __future__ import annotations
@@ -19,15 +22,27 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FEATURE_CACHE_VERSION", "FeatureCache", "feature_key"]
+from automl_cxr.errors import ConfigError
 
-FEATURE_CACHE_VERSION = 1
+__all__ = ["FEATURE_CACHE_VERSION", "FeatureCache", "feature_key", "state_hash"]
+
+FEATURE_CACHE_VERSION = 2
 
 
 def feature_key(**parts: object) -> str:
     """A stable short hash of the parts that determine the cached features."""
     blob = json.dumps({"v": FEATURE_CACHE_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over a module's state_dict: every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class FeatureCache:
@@ -41,7 +56,7 @@ class FeatureCache:
 
     def __init__(self, max_bytes: int = 4 << 30, directory: str | Path | None = None) -> None:
         if max_bytes < 0:
-            raise ValueError(f"max_bytes must be at least 0, but got max_bytes={max_bytes}")
+            raise ConfigError(f"max_bytes must be at least 0, but got max_bytes={max_bytes}")
         self.max_bytes = int(max_bytes)
         self.directory = Path(directory) if directory is not None else None
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -47,10 +47,16 @@ values and AUC are ``NaN`` and it is left out of ``balanced_accuracy`` and ``auc
 plain Python ``float``/``int``/``list``/``dict`` values; ``NaN`` is kept as ``float("nan")``
 (``json.dumps`` writes it as ``NaN``).
 
-:func:`summarize_folds` gives mean, ``std`` (``ddof=1``) and a Student-t confidence interval of
-each scalar metric over cross-validation folds; :func:`bootstrap_metrics` gives percentile
-bootstrap intervals over images or patients; :func:`paired_comparison` is a paired t-test on
-per-fold scores.
+:func:`summarize_folds` gives mean, ``std`` (``ddof=1``) and a confidence interval of each scalar
+metric over cross-validation folds. K-fold training sets overlap (by 1 - 1/(K-1) of their
+images), so fold scores are not independent and the plain t interval is too narrow: when the
+fold sizes are known the interval uses the corrected resampled t of Nadeau & Bengio (2003,
+"Inference for the generalization error"), whose variance is ``std**2 * (1/J + n_val/n_train)``
+for ``J`` folds instead of ``std**2 / J`` (``ci_method`` in the summary says which was used).
+:func:`corrected_paired_ttest` is the same correction for comparing two configurations on the
+same folds; :func:`paired_comparison` is the plain paired t-test (independent folds).
+:func:`bootstrap_metrics` gives percentile bootstrap intervals over images or patients (for
+external sets, which are one sample evaluated once).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ __all__ = [
     "SCALAR_METRICS",
     "bootstrap_metrics",
     "compute_metrics",
+    "corrected_paired_ttest",
     "flatten_per_class",
     "paired_comparison",
     "roc_curves",
@@ -236,25 +243,34 @@ def roc_curves(
 
 
 def summarize_folds(
-    fold_metrics: Sequence[Mapping[str, Any]], confidence: float = 0.95
+    fold_metrics: Sequence[Mapping[str, Any]],
+    confidence: float = 0.95,
+    *,
+    test_train_ratio: float | None = None,
 ) -> dict[str, Any]:
     """Mean, spread and Student-t confidence interval of each scalar metric over folds.
 
     Each element of ``fold_metrics`` is a :func:`compute_metrics` result (or a flat dict of
     scalars). ``NaN`` folds are ignored for a metric and counted in ``n_nan``. With ``n`` valid
-    folds the interval is ``mean +- t_{(1+confidence)/2, n-1} * std / sqrt(n)``
-    (``scipy.stats.t.interval``). With a single valid fold ``std`` is 0 and the interval is
-    ``[value, value]`` (no spread can be estimated from one fold); with none, everything is NaN.
+    folds the interval is ``mean +- t_{(1+confidence)/2, n-1} * se``: with the corrected
+    resampled t (``ci_method="corrected_t"``, Nadeau & Bengio 2003) ``se = std * sqrt(1/n +
+    n_val/n_train)``, where ``n_val/n_train`` is ``test_train_ratio`` or, when every fold carries
+    ``n_train`` and ``n_val`` (as :func:`automl_cxr.engine.run_trial`'s folds do), the mean of
+    their ratios; without fold sizes it is the plain ``std / sqrt(n)`` (``ci_method="t"``, which
+    assumes independent folds and is too narrow for cross-validation). With a single valid fold
+    ``std`` is 0 and the interval is ``[value, value]`` (no spread can be estimated from one
+    fold); with none, everything is NaN.
 
     Returns:
-        ``{"n_folds": int, "confidence": float, "metrics": {name: {"mean", "std", "ci_low",
-        "ci_high", "n", "n_nan", "folds": [float]}}, "confusion_matrix": [[int]] | None,
-        "classes": [str] | None}``; ``confusion_matrix`` is the sum over folds (``None`` unless
-        every fold has one).
+        ``{"n_folds": int, "confidence": float, "ci_method": "corrected_t" | "t",
+        "test_train_ratio": float | None, "metrics": {name: {"mean", "std", "ci_low", "ci_high",
+        "n", "n_nan", "folds": [float]}}, "confusion_matrix": [[int]] | None, "classes": [str] |
+        None}``; ``confusion_matrix`` is the sum over folds (``None`` unless every fold has one).
     """
     if len(fold_metrics) == 0:
         raise ConfigError("fold_metrics must hold at least one fold, but got 0")
     _check_confidence(confidence)
+    ratio = _test_train_ratio(fold_metrics, test_train_ratio)
     flat = [scalar_metrics(m) for m in fold_metrics]
     names: list[str] = [k for k in SCALAR_METRICS if any(k in f for f in flat)]
     for f in flat:
@@ -262,7 +278,7 @@ def summarize_folds(
     summary: dict[str, dict[str, Any]] = {}
     for name in names:
         values = np.array([f.get(name, _NAN) for f in flat], dtype=float)
-        summary[name] = _t_summary(values, confidence)
+        summary[name] = _t_summary(values, confidence, ratio)
 
     cms = [m.get("confusion_matrix") for m in fold_metrics]
     total_cm: list[list[int]] | None = None
@@ -279,6 +295,8 @@ def summarize_folds(
     return {
         "n_folds": len(fold_metrics),
         "confidence": float(confidence),
+        "ci_method": "t" if ratio is None else "corrected_t",
+        "test_train_ratio": ratio,
         "metrics": summary,
         "confusion_matrix": total_cm,
         "classes": classes,
@@ -304,11 +322,7 @@ def paired_comparison(
         raise ConfigError(
             f"a_folds and b_folds must have the same length, but got {a.size} and {b.size}"
         )
-    if alternative not in ("two-sided", "less", "greater"):
-        raise ConfigError(
-            "alternative must be one of 'two-sided', 'less', 'greater', but got "
-            f"alternative={alternative!r}"
-        )
+    _check_alternative(alternative)
     ok = ~(np.isnan(a) | np.isnan(b))
     a, b = a[ok], b[ok]
     n = int(a.size)
@@ -324,6 +338,70 @@ def paired_comparison(
             res = stats.ttest_rel(a, b, alternative=alternative)
         t, p = float(res.statistic), float(res.pvalue)
     return {"mean_diff": mean_diff, "t": t, "p_value": p, "n": n}
+
+
+def corrected_paired_ttest(
+    a_folds: Sequence[float] | np.ndarray,
+    b_folds: Sequence[float] | np.ndarray,
+    n_train: float | Sequence[float],
+    n_val: float | Sequence[float],
+    *,
+    alternative: str = "two-sided",
+) -> dict[str, float | int | str]:
+    """Corrected resampled paired t-test (Nadeau & Bengio 2003) of per-fold scores a against b.
+
+    ``a`` and ``b`` must come from the same folds (the same training/validation members).
+    With ``d = a - b`` over the ``J`` folds where neither is NaN, ``t = mean(d) / sqrt((1/J +
+    n_val/n_train) * var(d))`` (``var`` with ``ddof=1``) on ``J - 1`` degrees of freedom:
+    the ``n_val/n_train`` term accounts for the overlap of the folds' training sets that the
+    plain paired t-test (:func:`paired_comparison`) ignores. ``n_train``/``n_val`` are the
+    training/validation sizes, one number or one per fold (their mean ratio is used).
+
+    Returns ``{"mean_diff", "t", "p_value", "n", "test_train_ratio", "method":
+    "corrected_t"}``; NaN ``t``/``p_value`` with fewer than 2 pairs, ``t = 0, p = 1`` when every
+    difference is 0.
+    """
+    a = np.asarray(a_folds, dtype=float).ravel()
+    b = np.asarray(b_folds, dtype=float).ravel()
+    if a.size != b.size:
+        raise ConfigError(
+            f"a_folds and b_folds must have the same length, but got {a.size} and {b.size}"
+        )
+    _check_alternative(alternative)
+    ntr = np.asarray(n_train, dtype=float).ravel()
+    nva = np.asarray(n_val, dtype=float).ravel()
+    for name, arr in (("n_train", ntr), ("n_val", nva)):
+        if arr.size not in (1, a.size) or not np.all(arr > 0) or not np.all(np.isfinite(arr)):
+            raise ConfigError(
+                f"{name} must be a positive size or one per fold ({a.size}), but got "
+                f"{name}={arr.tolist()}"
+            )
+    ratio = float(np.mean(np.broadcast_to(nva, a.shape) / np.broadcast_to(ntr, a.shape)))
+    ok = ~(np.isnan(a) | np.isnan(b))
+    diff = a[ok] - b[ok]
+    n = int(diff.size)
+    mean_diff = float(diff.mean()) if n else _NAN
+    if n < 2:
+        t, p = _NAN, _NAN
+    elif np.all(diff == 0):
+        t, p = 0.0, 1.0
+    else:
+        se = math.sqrt((1.0 / n + ratio) * float(diff.var(ddof=1)))
+        t = mean_diff / se if se > 0 else math.copysign(math.inf, mean_diff)
+        if alternative == "two-sided":
+            p = float(2 * stats.t.sf(abs(t), n - 1))
+        elif alternative == "greater":
+            p = float(stats.t.sf(t, n - 1))
+        else:
+            p = float(stats.t.cdf(t, n - 1))
+    return {
+        "mean_diff": mean_diff,
+        "t": float(t),
+        "p_value": p,
+        "n": n,
+        "test_train_ratio": ratio,
+        "method": "corrected_t",
+    }
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -549,7 +627,31 @@ def _check_confidence(confidence: Any) -> None:
         raise ConfigError(f"confidence must be in (0, 1), but got confidence={confidence!r}")
 
 
-def _t_summary(values: np.ndarray, confidence: float) -> dict[str, Any]:
+def _check_alternative(alternative: Any) -> None:
+    if alternative not in ("two-sided", "less", "greater"):
+        raise ConfigError(
+            "alternative must be one of 'two-sided', 'less', 'greater', but got "
+            f"alternative={alternative!r}"
+        )
+
+
+def _test_train_ratio(
+    fold_metrics: Sequence[Mapping[str, Any]], given: float | None
+) -> float | None:
+    """n_val / n_train for the corrected t: as given, else from the folds' sizes, else None."""
+    if given is not None:
+        if not _is_number(given) or not 0 < given < math.inf:
+            raise ConfigError(
+                f"test_train_ratio must be a positive number, but got test_train_ratio={given!r}"
+            )
+        return float(given)
+    sizes = [(m.get("n_val"), m.get("n_train")) for m in fold_metrics]
+    if all(_is_number(v) and _is_number(t) and v > 0 and t > 0 for v, t in sizes):
+        return float(np.mean([v / t for v, t in sizes]))
+    return None
+
+
+def _t_summary(values: np.ndarray, confidence: float, ratio: float | None) -> dict[str, Any]:
     valid = values[~np.isnan(values)]
     n = int(valid.size)
     folds = [float(v) for v in values]
@@ -563,7 +665,8 @@ def _t_summary(values: np.ndarray, confidence: float) -> dict[str, Any]:
         if std == 0.0:
             lo = hi = mean
         else:
-            lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=std / math.sqrt(n))
+            factor = 1.0 / n + (ratio if ratio is not None else 0.0)
+            lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=std * math.sqrt(factor))
             lo, hi = float(lo), float(hi)
     return {
         "mean": mean,

@@ -11,10 +11,19 @@ Kermany), so splitting by image would leak and inflate the validation scores.
 
 ``make_splits`` always checks its result with :func:`assert_no_patient_leakage`, so a split that
 puts one patient on both sides is never returned.
+
+* ``make_site_splits(labels, patients, sites, n_folds=k)`` holds out acquisition sites: sites that
+  share a patient are merged into one group (union-find), folds are ``StratifiedGroupKFold`` over
+  those groups, so no site and no patient is on both sides. When a class is seen at too few site
+  groups for ``k`` folds, it falls back to the largest feasible ``k`` and says so in its warnings;
+  when no ``k >= 2`` is feasible it raises :class:`ConfigError`.
+* :func:`members_hash` is a sha256 over the identities of a set of rows, so another process can
+  check that two trials trained and validated on the same members.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +34,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from automl_cxr.errors import ConfigError, DataError
 
-__all__ = ["Split", "assert_no_patient_leakage", "make_splits", "split_summary"]
+__all__ = [
+    "Split",
+    "assert_no_patient_leakage",
+    "assert_no_site_leakage",
+    "make_site_splits",
+    "make_splits",
+    "members_hash",
+    "site_groups",
+    "split_summary",
+]
 
 _MAX_LISTED = 10
 
@@ -118,6 +136,157 @@ def make_splits(
             raise DataError(f"fold {s.fold} has an empty train or validation set")
     assert_no_patient_leakage(splits, g)
     return splits
+
+
+def site_groups(
+    patients: Sequence[str] | np.ndarray, sites: Sequence[str] | np.ndarray
+) -> np.ndarray:
+    """One group id per image: its site, with sites that share a patient merged (union-find).
+
+    A patient seen at two sites joins them, so a group can never be split without splitting a
+    patient. Group ids are the sorted, ``+``-joined site names of each merged set.
+    """
+    p = np.asarray(patients).astype(str)
+    s = np.asarray(sites).astype(str)
+    parent: dict[str, str] = {x: x for x in np.unique(s).tolist()}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_site: dict[str, str] = {}
+    for pi, si in zip(p.tolist(), s.tolist(), strict=True):
+        other = first_site.setdefault(pi, si)
+        a, b = find(other), find(si)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members: dict[str, list[str]] = {}
+    for x in parent:
+        members.setdefault(find(x), []).append(x)
+    name = {root: "+".join(sorted(xs)) for root, xs in members.items()}
+    return np.array([name[find(x)] for x in s.tolist()], dtype=object)
+
+
+def make_site_splits(
+    labels: Sequence[str] | np.ndarray,
+    patients: Sequence[str] | np.ndarray,
+    sites: Sequence[str] | np.ndarray,
+    *,
+    n_folds: int = 5,
+    holdout: float | None = None,
+    seed: int = 0,
+) -> tuple[list[Split], list[str]]:
+    """Stratified splits that hold out whole acquisition sites (patients never straddle either).
+
+    Sites sharing a patient are merged (:func:`site_groups`); the merged groups are split like
+    patients in :func:`make_splits`. A class seen at only ``m`` groups allows at most ``m``
+    folds (every fold must train on every class): a larger ``n_folds`` falls back to the
+    largest feasible number, down to 2, with a warning; a fold without some class in training
+    lowers it further, also with a warning.
+
+    Returns:
+        ``(splits, warnings)``: the splits as :func:`make_splits` gives them, and the reasons
+        for any fallback (empty when ``n_folds`` folds were made as asked).
+
+    Raises:
+        ConfigError: a class is seen at a single site group (no site-held-out validation is
+            possible), or the inputs are bad (as in :func:`make_splits`).
+    """
+    y, p = _validate_inputs(labels, patients)
+    _, s = _validate_inputs(labels, sites)
+    g = site_groups(p, s).astype(str)
+    groups_per_class = {cls: np.unique(g[y == cls]) for cls in np.unique(y)}
+    few_cls, few = min(groups_per_class.items(), key=lambda kv: (kv[1].size, str(kv[0])))
+    if few.size < 2:
+        raise ConfigError(
+            f"site-held-out validation is not possible: class {str(few_cls)!r} is seen only at "
+            f"{_listing(few.tolist())} (sites sharing a patient are merged); every class needs "
+            "images from at least 2 sites. Use cv='patient' or add data from other sites"
+        )
+    warnings: list[str] = []
+    if holdout is not None:
+        _check_holdout(holdout)
+        splits = [_holdout_split(y, g, float(holdout), seed)]
+        _require_all_classes(splits, y, "a site holdout")
+    else:
+        _check_n_folds(n_folds)
+        k = n_folds
+        if k > few.size:
+            k = int(few.size)
+            warnings.append(
+                f"n_folds={n_folds} site-held-out folds are not feasible: class "
+                f"{str(few_cls)!r} is seen at only {few.size} site groups "
+                f"{_listing(few.tolist())}; using n_folds={k}"
+            )
+        while True:
+            cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            splits = [
+                Split(fold=i, train=tr, val=va)
+                for i, (tr, va) in enumerate(cv.split(np.zeros(y.size), y, g))
+            ]
+            missing = _classes_missing_from_training(splits, y)
+            if not missing:
+                break
+            if k == 2:
+                fold, cls = missing[0]
+                raise ConfigError(
+                    f"site-held-out validation is not possible: even with 2 folds, fold {fold} "
+                    f"would train without any image of class {str(cls)!r} (its sites are "
+                    f"{_listing(groups_per_class[cls].tolist())}). Use cv='patient'"
+                )
+            fold, cls = missing[0]
+            warnings.append(
+                f"with n_folds={k}, fold {fold} would train without class {str(cls)!r}; "
+                f"using n_folds={k - 1}"
+            )
+            k -= 1
+    assert_no_patient_leakage(splits, p)
+    assert_no_site_leakage(splits, g)
+    return splits, warnings
+
+
+def _classes_missing_from_training(splits: Sequence[Split], y: np.ndarray) -> list[tuple]:
+    classes = set(np.unique(y).tolist())
+    out = []
+    for sp in splits:
+        for cls in sorted(classes - set(np.unique(y[sp.train]).tolist()), key=str):
+            out.append((sp.fold, cls))
+    return out
+
+
+def _require_all_classes(splits: Sequence[Split], y: np.ndarray, what: str) -> None:
+    missing = _classes_missing_from_training(splits, y)
+    if missing:
+        raise ConfigError(
+            f"{what} would train without any image of class {str(missing[0][1])!r}; "
+            "use cv='patient' or another seed"
+        )
+
+
+def assert_no_site_leakage(splits: Sequence[Split], sites: Sequence[str] | np.ndarray) -> None:
+    """Raise :class:`DataError` if a site (or merged site group) is on both sides of a split."""
+    s = np.asarray(sites).astype(str)
+    for sp in splits:
+        both = np.intersect1d(s[sp.train], s[sp.val])
+        if both.size:
+            raise DataError(
+                f"site leakage in fold {sp.fold}: {both.size} sites have images in both train "
+                f"and val: {_listing(both.tolist())}"
+            )
+
+
+def members_hash(identities: Sequence[str] | np.ndarray, indices: np.ndarray | None = None) -> str:
+    """sha256 over the sorted identities of some rows (all rows, or those at ``indices``).
+
+    Identities are per-row strings that do not depend on the process (e.g. each image's sha256);
+    the hash does not depend on the order of the rows.
+    """
+    ids = np.asarray(identities).astype(str)
+    if indices is not None:
+        ids = ids[np.asarray(indices, dtype=np.intp)]
+    return hashlib.sha256("\n".join(sorted(ids.tolist())).encode()).hexdigest()
 
 
 def assert_no_patient_leakage(splits: Sequence[Split], groups: Sequence[str] | np.ndarray) -> None:

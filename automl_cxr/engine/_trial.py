@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
-from automl_cxr.engine._features import FeatureCache, feature_key
+from automl_cxr.engine._features import FeatureCache, feature_key, state_hash
 from automl_cxr.engine._metrics import (
     bootstrap_metrics,
     compute_metrics,
@@ -24,11 +27,20 @@ from automl_cxr.engine._metrics import (
     scalar_metrics,
     summarize_folds,
 )
-from automl_cxr.engine._splits import make_splits
+from automl_cxr.engine._splits import make_site_splits, make_splits, members_hash
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
-__all__ = ["Reporter", "TrialResult", "fit_folds", "fit_full", "resolve_device", "run_trial"]
+__all__ = [
+    "Reporter",
+    "TrialResult",
+    "dataset_sites",
+    "fit_folds",
+    "fit_full",
+    "resolve_device",
+    "row_identities",
+    "run_trial",
+]
 
 Reporter = Callable[[int, float], None]
 """`report(step, value)`: called after every epoch (step = fold * epochs + epoch) with the
@@ -46,11 +58,11 @@ class TrialResult:
     model_config: dict
     train_config: dict
     summary: dict  # summarize_folds(): metrics.<name>.{mean, std, ci_low, ci_high, folds}
-    folds: list[dict]  # compute_metrics() of each fold, plus epochs_run
+    folds: list[dict]  # compute_metrics() of each fold, plus epochs_run, best_epoch, n_train/n_val
     pooled: dict  # compute_metrics() of all out-of-fold predictions together
     by_source: dict  # the same, per image source (a shortcut shows up as a gap between them)
     roc: dict  # one-vs-rest ROC curves of the pooled out-of-fold predictions
-    curves: list[list[dict]]  # per fold, per epoch: train_loss, val_loss, value
+    curves: list[list[dict]]  # per fold, per epoch: train_loss, val_loss, value[, inner_val_loss]
     params_total: int
     params_trainable: int
     latency_ms: float
@@ -59,8 +71,11 @@ class TrialResult:
     device: str
     feature_cache: dict
     weight_source: dict
-    external: dict | None = None
-    splits: list[dict] = field(default_factory=list)
+    external: dict | None = None  # the first of `externals` (the old single `external=`)
+    splits: list[dict] = field(default_factory=list)  # per fold: members used (see run_trial)
+    externals: dict[str, dict] = field(default_factory=dict)  # name -> metrics, bootstrap, n, ...
+    full_fit_epochs: int | None = None  # epochs fit_full trains for (what the CV used)
+    warnings: list[str] = field(default_factory=list)  # e.g. a site-CV fold-count fallback
 
     @property
     def value(self) -> float:
@@ -89,31 +104,50 @@ def _predict(net: nn.Module, x: torch.Tensor, prep, batch: int, autocast) -> np.
     return torch.cat(out).cpu().numpy()
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    total = cfg.epochs * steps_per_epoch
-    warm = cfg.warmup_epochs * steps_per_epoch
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "cosine":
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-        if cfg.schedule == "step":
-            e = step / steps_per_epoch
-            return 0.1 ** (int(e >= 0.5 * cfg.epochs) + int(e >= 0.75 * cfg.epochs))
-        return 1.0
-
-    return f
+def _optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on biases, norm layers and 1-d parameters
+    (`filter_bias_and_bn`); frozen parameters are left out. "sgd" is Nesterov SGD."""
+    return create_optimizer_v2(
+        net,
+        opt=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        filter_bias_and_bn=True,
+    )
 
 
-def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-        )
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+_TIMM_SCHEDULE = {"cosine": "cosine", "step": "multistep", "none": "constant"}
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """timm's scheduler factory, stepped per update: linear warmup for `warmup_epochs`, then
+    cosine to 0, steps of x0.1 at 50 % and 75 % of the epochs, or constant."""
+    warm = min(cfg.warmup_epochs, cfg.epochs)
+    decay = max(cfg.epochs - warm, 1)
+    sched, _ = create_scheduler_v2(
+        opt,
+        sched=_TIMM_SCHEDULE[cfg.schedule],
+        num_epochs=decay,
+        decay_milestones=[0.5 * cfg.epochs - warm, 0.75 * cfg.epochs - warm],
+        decay_rate=0.1,
+        min_lr=0.0,
+        warmup_epochs=warm,
+        warmup_lr=cfg.lr / max(1, warm * steps_per_epoch),
+        warmup_prefix=True,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return sched
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each training batch; a last batch of one image is merged into the
+    one before it (BatchNorm cannot train on a single sample)."""
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _latency_ms(model: nn.Module, resolution: int, device: torch.device, autocast) -> float:
@@ -187,17 +221,34 @@ class _Session:
             device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
         )
 
+    def feature_key_parts(self, prefix: nn.Module, mc: ModelConfig) -> dict:
+        """Everything that changes the frozen prefix's output on this dataset's images."""
+        import timm
+
+        from automl_cxr.data import CACHE_VERSION
+
+        norm = self.model.input_norm
+        sha = self.weight_info.get("sha256")
+        return {
+            "backbone": mc.backbone,
+            "frozen": self.model.frozen_stages,
+            "weights": f"sha256:{sha}" if sha else f"state:{state_hash(prefix)}",
+            "gray": mc.gray_mode,
+            "mean": [round(float(v), 8) for v in norm.mean.flatten()],
+            "std": [round(float(v), 8) for v in norm.std.flatten()],
+            "resolution": self.cfg.resolution,
+            "dtype": str(self.amp_dtype) if self.use_amp else "fp32",
+            "device": self.device.type,
+            "image_cache": CACHE_VERSION,
+            "timm": timm.__version__,
+            "torch": torch.__version__,
+            "dataset": self.dataset.hash,
+        }
+
     def _load_features(self, prefix: nn.Module, mc: ModelConfig, cache: FeatureCache | None):
         cfg, device = self.cfg, self.device
-        key = feature_key(
-            backbone=mc.backbone,
-            weights=self.weight_info.get("sha256") or f"{self.weight_info.get('kind')}:{cfg.seed}",
-            frozen=self.model.frozen_stages,
-            resolution=cfg.resolution,
-            gray=mc.gray_mode,
-            dataset=self.dataset.hash,
-            amp=str(self.amp_dtype) if self.use_amp else "fp32",
-        )
+        parts = self.feature_key_parts(prefix, mc)
+        key = feature_key(**parts)
         cache = cache if cache is not None else FeatureCache()
 
         def compute() -> torch.Tensor:
@@ -219,6 +270,7 @@ class _Session:
             "used": True,
             "hit": hit,
             "key": key,
+            "key_parts": {k: v for k, v in parts.items() if k not in ("mean", "std")},
             "bytes": int(feats_cpu.numel() * feats_cpu.element_size()),
             "seconds": round(time.perf_counter() - t0, 3),
         }
@@ -249,43 +301,53 @@ class _Session:
         n_folds: int = 1,
         metric: str = "balanced_accuracy",
         report: Reporter | None = None,
-    ) -> tuple[list[dict], np.ndarray | None, dict | None, float, int]:
+        epochs: int | None = None,
+    ) -> _Fit:
         """Train from the initial weights on `train_idx`; evaluate on `val_idx` every epoch.
 
-        Returns (curve, last validation probabilities, last validation metrics, training
-        seconds, images trained on).
+        With `cfg.early_stopping` and a validation fold, the training patients are split again
+        (`_inner_split`): the model trains on the inner training part, stops once the inner
+        validation loss has not improved for `early_stopping` epochs, and is restored to the
+        epoch with the best inner loss; the returned probabilities and metrics on `val_idx` are
+        those of that epoch. Without early stopping, it trains for `epochs` (default
+        `cfg.epochs`) and returns the last epoch's. `report` gets the outer fold value of
+        every epoch.
         """
         cfg, device, model = self.cfg, self.device, self.model
         classes = self.dataset.classes
+        n_epochs = cfg.epochs if epochs is None else epochs
         model.load_state_dict(self.init_state)
         if self.feats is not None:
             _, net = model.split_frozen()
             x_source, prep = self.feats, self.prep_feats
         else:
             net, x_source, prep = model, self.images, self.prep_images
-        tr = torch.tensor(train_idx, dtype=torch.long, device=device)
-        va = torch.tensor(val_idx, dtype=torch.long, device=device) if val_idx is not None else None
+        inner_val: np.ndarray | None = None
+        fit_idx = np.asarray(train_idx)
+        if cfg.early_stopping is not None and val_idx is not None:
+            fit_idx, inner_val = _inner_split(self.dataset, fit_idx, cfg, fold)
+        tr = torch.tensor(fit_idx, dtype=torch.long, device=device)
         counts = torch.bincount(self.labels[tr], minlength=len(classes)).float()
         weight = None
         if cfg.class_weighting:
             weight = (counts.sum() / (len(classes) * counts.clamp(min=1))).to(device)
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in net.parameters()):
             raise ConfigError("the configuration leaves no trainable parameter")
-        opt = _optimizer(params, cfg)
-        steps = max(1, math.ceil(len(tr) / cfg.batch_size))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-        curve: list[dict] = []
-        best_val, bad_epochs = math.inf, 0
-        probs, m = None, None
-        train_time, n_trained = 0.0, 0
-        for epoch in range(cfg.epochs):
+        opt = _optimizer(net, cfg)
+        batches = _batches(len(tr), cfg.batch_size)
+        sched = _scheduler(opt, cfg, len(batches))
+        updates = 0
+        seen = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
+        out = _Fit(train_idx=fit_idx, inner_val_idx=inner_val)
+        best_loss, best_state, bad_epochs = math.inf, None, 0
+        for epoch in range(n_epochs):
             net.train()
             t0 = time.perf_counter()
             perm = tr[torch.randperm(len(tr), generator=self.gen).to(device)]
             loss_sum = torch.zeros((), device=device)
-            for s in range(steps):
-                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            for s, (start, stop) in enumerate(batches):
+                idx = perm[start:stop]
+                seen[idx] = True
                 xb = prep(x_source[idx], True)
                 with self.autocast():
                     loss = F.cross_entropy(
@@ -304,52 +366,71 @@ class _Session:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(opt)
                 self.scaler.update()
-                sched.step()
+                updates += 1
+                sched.step_update(num_updates=updates)
                 loss_sum += loss.detach() * len(idx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - t0
-            n_trained += len(tr)
+            out.seconds += time.perf_counter() - t0
+            out.n_trained += len(tr)
             point = {
                 "epoch": epoch,
                 "train_loss": float(loss_sum) / len(tr),
-                "lr": float(sched.get_last_lr()[0]),
+                "lr": float(opt.param_groups[0]["lr"]),
             }
-            if va is not None:
-                probs = _predict(net, x_source[va], prep, cfg.eval_batch_size, self.autocast)
-                y_va = self.dataset.labels[val_idx]
-                val_loss = float(
-                    F.nll_loss(
-                        torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                        torch.from_numpy(np.asarray(y_va)),
-                    )
+            probs = m = None
+            if val_idx is not None:
+                probs, val_loss = self._evaluate(net, x_source, prep, val_idx)
+                m = compute_metrics(
+                    self.dataset.labels[val_idx], probs, classes, positive=self.dataset.positive
                 )
-                m = compute_metrics(y_va, probs, classes, positive=self.dataset.positive)
                 value = float(scalar_metrics(m).get(metric, float("nan")))
                 point.update(val_loss=val_loss, value=value)
-            curve.append(point)
+            if inner_val is not None:
+                point["inner_val_loss"] = self._evaluate(net, x_source, prep, inner_val)[1]
+            out.curve.append(point)
             if self.log:
                 extra = (
                     f", val loss {point['val_loss']:.4f}, {metric} {point['value']:.4f}"
-                    if va is not None
+                    if val_idx is not None
                     else ""
                 )
+                if inner_val is not None:
+                    extra += f", inner val loss {point['inner_val_loss']:.4f}"
                 self.log(
-                    f"fold {fold + 1}/{n_folds} epoch {epoch + 1}/{cfg.epochs}: "
+                    f"fold {fold + 1}/{n_folds} epoch {epoch + 1}/{n_epochs}: "
                     f"train loss {point['train_loss']:.4f}{extra}"
                 )
-            if va is None:
-                continue
-            if report is not None:
+            if inner_val is None:  # no early stopping: the last epoch is the fold's result
+                out.probs, out.metrics, out.best_epoch = probs, m, epoch
+            elif point["inner_val_loss"] < best_loss - 1e-4:
+                best_loss, bad_epochs = point["inner_val_loss"], 0
+                out.probs, out.metrics, out.best_epoch = probs, m, epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                bad_epochs += 1
+            if report is not None and val_idx is not None:
                 report(fold * cfg.epochs + epoch, point["value"])
-            if cfg.early_stopping is not None:
-                if point["val_loss"] < best_val - 1e-4:
-                    best_val, bad_epochs = point["val_loss"], 0
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.early_stopping:
-                        break
-        return curve, probs, m, train_time, n_trained
+            if inner_val is not None and bad_epochs >= cfg.early_stopping:
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)  # the model of the chosen epoch
+        elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
+            out.probs, out.metrics, out.best_epoch = probs, m, len(out.curve) - 1
+        out.trained = np.flatnonzero(seen.cpu().numpy())
+        return out
+
+    def _evaluate(
+        self, net: nn.Module, x_source: torch.Tensor, prep, idx: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """(probabilities, mean cross-entropy) of `net` on rows `idx`."""
+        ti = torch.tensor(idx, dtype=torch.long, device=self.device)
+        probs = _predict(net, x_source[ti], prep, self.cfg.eval_batch_size, self.autocast)
+        loss = F.nll_loss(
+            torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+            torch.from_numpy(np.asarray(self.dataset.labels[idx])),
+        )
+        return probs, float(loss)
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities of the current model on (N, 1, R, R) uint8 images."""
@@ -358,30 +439,143 @@ class _Session:
         )
 
 
-_SPLITS: dict[tuple, list] = {}
+@dataclass
+class _Fit:
+    """What one `_Session.fit` returns: the curve, the chosen epoch's outer-fold probabilities
+    and metrics, the rows it trained on, time and images seen."""
+
+    train_idx: np.ndarray
+    inner_val_idx: np.ndarray | None
+    curve: list[dict] = field(default_factory=list)
+    probs: np.ndarray | None = None
+    metrics: dict | None = None
+    best_epoch: int = -1
+    seconds: float = 0.0
+    n_trained: int = 0
+    trained: np.ndarray | None = None  # rows that were in at least one training batch
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.curve)
+
+
+def _inner_split(
+    dataset: PreparedDataset, train_idx: np.ndarray, cfg: TrainConfig, fold: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Early-stopping split of a fold's training rows: patient-grouped, stratified, about
+    `cfg.inner_holdout` of each class's training images. Returns absolute (fit, inner_val)."""
+    labels = dataset.manifest["label"].to_numpy()[train_idx]
+    try:
+        (sp,) = make_splits(
+            labels, dataset.groups[train_idx], holdout=cfg.inner_holdout, seed=cfg.seed + fold
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"early stopping needs an inner validation split of fold {fold}'s training "
+            f"patients, but {exc}; use early_stopping=None or more data"
+        ) from None
+    return train_idx[sp.train], train_idx[sp.val]
+
+
+_SPLITS: dict[tuple, tuple[list, list[str]]] = {}
+
+
+def dataset_sites(dataset: PreparedDataset) -> tuple[np.ndarray, list[str]]:
+    """The manifest's `site` of each image (missing ones as `<source>:unknown`, one site per
+    source, with a warning) for site-held-out folds."""
+    m = dataset.manifest
+    if "site" not in m.columns:
+        raise ConfigError(
+            f"cv='site' needs a 'site' column in dataset {dataset.name!r}'s manifest, but it has "
+            f"{sorted(m.columns)}; prepare it again with a version that records sites, or use "
+            "cv='patient'"
+        )
+    site = m["site"].astype("string").fillna("").str.strip()
+    missing = (site == "").to_numpy()
+    warnings: list[str] = []
+    if missing.any():
+        fill = m["source"].astype(str).to_numpy()[missing]
+        site = site.to_numpy(dtype=object)
+        site[missing] = [f"{src}:unknown" for src in fill]
+        warnings.append(
+            f"{int(missing.sum())} images have no site; each source's are treated as one site "
+            "(<source>:unknown)"
+        )
+    return np.asarray(site, dtype=object).astype(str), warnings
 
 
 def _dataset_splits(
-    dataset: PreparedDataset, n_folds: int, holdout: float | None, seed: int
-) -> list:
-    """The patient-grouped folds of a dataset, computed once per (content, K, holdout, seed):
-    every trial of a search evaluates on the same folds, and StratifiedGroupKFold takes ~1 s."""
-    key = (dataset.hash, n_folds, holdout, seed)
+    dataset: PreparedDataset, cv: str, n_folds: int, holdout: float | None, seed: int
+) -> tuple[list, list[str]]:
+    """The grouped folds of a dataset and any warnings, computed once per (content, cv, K,
+    holdout, seed): every trial of a search evaluates on the same folds, and
+    StratifiedGroupKFold takes ~1 s."""
+    sites, warnings = dataset_sites(dataset) if cv == "site" else (None, [])
+    # the content hash does not cover the site column (row by row): the folds' key does
+    site_key = None if sites is None else hashlib.sha256("\n".join(sites).encode()).hexdigest()
+    key = (dataset.hash, cv, site_key, n_folds, holdout, seed)
     if key not in _SPLITS:
-        _SPLITS[key] = make_splits(
-            dataset.manifest["label"].to_numpy(),
-            dataset.groups,
-            n_folds=n_folds,
-            holdout=holdout,
-            seed=seed,
-        )
+        labels = dataset.manifest["label"].to_numpy()
+        if sites is not None:
+            splits, more = make_site_splits(
+                labels, dataset.groups, sites, n_folds=n_folds, holdout=holdout, seed=seed
+            )
+            _SPLITS[key] = (splits, warnings + more)
+        else:
+            splits = make_splits(
+                labels, dataset.groups, n_folds=n_folds, holdout=holdout, seed=seed
+            )
+            _SPLITS[key] = (splits, [])
     return _SPLITS[key]
 
 
-def _trial_splits(dataset: PreparedDataset, cfg: TrainConfig) -> list:
+def _trial_splits(dataset: PreparedDataset, cfg: TrainConfig) -> tuple[list, list[str]]:
     """The folds a configuration trains on: the dataset's splits, the first `max_folds`."""
-    splits = _dataset_splits(dataset, cfg.n_folds, cfg.holdout, cfg.seed)
-    return splits if cfg.max_folds is None else splits[: cfg.max_folds]
+    splits, warnings = _dataset_splits(dataset, cfg.cv, cfg.n_folds, cfg.holdout, cfg.seed)
+    return (splits if cfg.max_folds is None else splits[: cfg.max_folds]), list(warnings)
+
+
+def row_identities(dataset: PreparedDataset) -> np.ndarray:
+    """A process-independent identity per row: the image's sha256 (its path when the
+    manifest has none), with `#k` appended to the k-th repeat of an identity."""
+    m = dataset.manifest
+    ids = (m["sha256"] if "sha256" in m.columns else m["path"]).astype(str)
+    k = ids.groupby(ids).cumcount().to_numpy()
+    base = ids.to_numpy(dtype=object)
+    return np.array([b if j == 0 else f"{b}#{j}" for b, j in zip(base, k, strict=True)])
+
+
+def _fold_record(
+    dataset: PreparedDataset, ids: np.ndarray, sp, fit: _Fit, cfg: TrainConfig, sites
+) -> dict:
+    """What a fold used, comparable across processes: sizes, hashes of its members, indices."""
+    rec = {
+        "fold": int(sp.fold),
+        "n_train": int(len(sp.train)),
+        "n_val": int(len(sp.val)),
+        "train_hash": members_hash(ids, sp.train),
+        "val_hash": members_hash(ids, sp.val),
+        "val_indices": [int(i) for i in sp.val],
+        "inner_val_indices": (
+            None if fit.inner_val_idx is None else [int(i) for i in fit.inner_val_idx]
+        ),
+        "trained_hash": members_hash(ids, fit.trained),
+        "n_trained_images": int(len(fit.trained)),
+        "epochs_run": fit.epochs_run,
+        "best_epoch": int(fit.best_epoch),
+        "cv": cfg.cv,
+    }
+    if sites is not None:
+        rec["val_sites"] = sorted(set(sites[sp.val].tolist()))
+    return rec
+
+
+def _full_fit_epochs(cfg: TrainConfig, fits: list[_Fit]) -> int:
+    """Epochs for a model trained on all data: `cfg.epochs`, or with early stopping the median
+    over folds of the chosen epoch count (best_epoch + 1), rounded half up."""
+    if cfg.early_stopping is None or not fits:
+        return cfg.epochs
+    return max(1, int(math.floor(float(np.median([f.best_epoch + 1 for f in fits])) + 0.5)))
 
 
 def fit_full(
@@ -389,14 +583,50 @@ def fit_full(
     model_config: ModelConfig,
     train_config: TrainConfig,
     *,
+    epochs: int | None = None,
     feature_cache: FeatureCache | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CxrModel:
     """Train one configuration on every image of `dataset` (for export); returns the model
-    in eval mode on the CPU. Validation-based early stopping does not apply."""
-    session = _Session(dataset, model_config, train_config, feature_cache=feature_cache, log=log)
-    session.fit(np.arange(len(dataset)), None)
-    return session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+    in eval mode on the CPU.
+
+    It trains for the number of epochs cross-validation scored: `epochs` if given (e.g. a
+    trial's `TrialResult.full_fit_epochs`), else `cfg.epochs` without early stopping, else
+    (early stopping) the folds are trained as in `run_trial` first and the median of their
+    chosen epoch counts is used. The learning-rate schedule spans `cfg.epochs` and is cut
+    there, as it was in the folds that stopped early. The model's `training_info` says which:
+    `{"epochs", "epochs_from": "argument" | "config" | "cv_early_stopping", "fold_epochs",
+    "n_trained_images", "trained_hash"}`.
+    """
+    cfg = train_config
+    session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
+    fold_epochs: list[int] | None = None
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer of at least 1, but got epochs={epochs!r}")
+        n, source = epochs, "argument"
+    elif cfg.early_stopping is None:
+        n, source = cfg.epochs, "config"
+    else:
+        splits, _ = _trial_splits(dataset, cfg)
+        fits = [
+            session.fit(sp.train, sp.val, fold=fi, n_folds=len(splits))
+            for fi, sp in enumerate(splits)
+        ]
+        fold_epochs = [f.best_epoch + 1 for f in fits]
+        n, source = _full_fit_epochs(cfg, fits), "cv_early_stopping"
+    if log:
+        log(f"training on all {len(dataset)} images for {n} epochs ({source})")
+    fit = session.fit(np.arange(len(dataset)), None, epochs=n)
+    model = session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+    model.training_info = {
+        "epochs": int(n),
+        "epochs_from": source,
+        "fold_epochs": fold_epochs,
+        "n_trained_images": int(len(fit.trained)),
+        "trained_hash": members_hash(row_identities(dataset), fit.trained),
+    }
+    return model
 
 
 def fit_folds(
@@ -408,23 +638,38 @@ def fit_folds(
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[CxrModel], list[dict]]:
     """Train one configuration on each cross-validation fold exactly as `run_trial` does (same
-    patient-grouped splits, seed and early stopping) and keep the fold models; returns the
-    models (eval mode, CPU) and each one's metrics on its own validation fold."""
+    grouped splits, seed and early stopping) and keep the fold models (each at its chosen
+    epoch); returns the models (eval mode, CPU) and each one's metrics on its own validation
+    fold."""
     cfg = train_config
     session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
-    splits = _trial_splits(dataset, cfg)
+    splits, _ = _trial_splits(dataset, cfg)
     models: list[CxrModel] = []
     fold_metrics: list[dict] = []
     for fi, sp in enumerate(splits):
         if log:
             log(f"fold {fi + 1}/{len(splits)}: training on {len(sp.train)} images")
-        curve, _, m, _, _ = session.fit(sp.train, sp.val, fold=fi, n_folds=len(splits))
-        m["epochs_run"] = len(curve)
+        fit = session.fit(sp.train, sp.val, fold=fi, n_folds=len(splits))
+        m = fit.metrics
+        m["epochs_run"], m["best_epoch"] = fit.epochs_run, fit.best_epoch
         m["n_train"], m["n_val"] = len(sp.train), len(sp.val)
         fold_metrics.append(m)
         member = copy.deepcopy(session.model).eval().to("cpu")
         models.append(member.to(memory_format=torch.contiguous_format))
     return models, fold_metrics
+
+
+def _external_labels(external: PreparedDataset, classes: list[str]) -> np.ndarray:
+    """The external set's labels as indices into the study's `classes` (a subset is fine)."""
+    extra = [c for c in external.classes if c not in classes]
+    if extra:
+        raise DataError(
+            f"external set {external.name!r} has classes {external.classes}, the study has "
+            f"{classes}: {extra} are not among the study's; map its labels first "
+            "(e.g. --label-map normal=non_covid)"
+        )
+    to_study = np.array([classes.index(c) for c in external.classes], dtype=np.int64)
+    return to_study[np.asarray(external.labels, dtype=np.int64)]
 
 
 def run_trial(
@@ -436,48 +681,63 @@ def run_trial(
     report: Reporter | None = None,
     feature_cache: FeatureCache | None = None,
     external: PreparedDataset | None = None,
+    externals: Sequence[PreparedDataset] = (),
     log: Callable[[str], None] | None = None,
 ) -> TrialResult:
-    """Train and evaluate one configuration with patient-grouped cross-validation.
+    """Train and evaluate one configuration with grouped cross-validation (`cfg.cv`: by patient,
+    or by acquisition site).
 
-    Metrics are computed per validation fold and summarised as mean, std and a t-based 95 %
-    CI over folds. `external`, if given, is evaluated once at the end with the ensemble of the
-    fold models (average of their probabilities) and is never used for any choice.
+    Metrics are computed per validation fold (at the epoch early stopping chose on an inner
+    split of the training patients, or the last one) and summarised as mean, std and a
+    corrected resampled t 95 % CI over folds. `externals` (and the older single `external`)
+    are each evaluated once at the end with the ensemble of the fold models (average of their
+    probabilities) and never used for any choice; an external's classes may be a subset of the
+    study's. `splits` records per fold: `fold`, `n_train`, `n_val`, `train_hash`, `val_hash`
+    (sha256 over the members' image hashes, see `row_identities`), `val_indices`,
+    `inner_val_indices` (None without early stopping), `trained_hash` / `n_trained_images`
+    (the rows actually fed to training), `epochs_run`, `best_epoch`, `cv` and, with
+    `cv="site"`, `val_sites`.
     """
     cfg = train_config
     classes = dataset.classes
-    if external is not None and external.classes != classes:
-        raise DataError(
-            f"external set {external.name!r} has classes {external.classes}, the study has "
-            f"{classes}; map its labels first (e.g. --label-map normal=non_covid)"
-        )
+    ext_sets = ([external] if external is not None else []) + list(externals)
+    ext_y = [_external_labels(e, classes) for e in ext_sets]
+    splits, warnings = _trial_splits(dataset, cfg)
+    sites = dataset_sites(dataset)[0] if cfg.cv == "site" else None
     session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
     model, device = session.model, session.device
     total_params, trainable_params = model.param_counts()
     y_all = dataset.labels
-    splits = _trial_splits(dataset, cfg)
+    ids = row_identities(dataset)
     fold_metrics: list[dict] = []
     curves: list[list[dict]] = []
+    records: list[dict] = []
+    fits: list[_Fit] = []
     oof = np.full((len(dataset), len(classes)), np.nan, dtype=np.float64)
-    ext_probs: list[np.ndarray] = []
-    ext_images = None
-    if external is not None:
-        ext_images = torch.from_numpy(np.array(external.images(cfg.resolution)))
-        ext_images = ext_images.unsqueeze(1).to(device)
-    train_time = 0.0
-    n_trained = 0
+    ext_images = [
+        torch.from_numpy(np.array(e.images(cfg.resolution))).unsqueeze(1).to(device)
+        for e in ext_sets
+    ]
+    ext_probs: list[list[np.ndarray]] = [[] for _ in ext_sets]
+    for w in warnings:
+        if log:
+            log(f"warning: {w}")
     for fi, sp in enumerate(splits):
-        curve, probs, m, seconds, n = session.fit(
+        fit = session.fit(
             sp.train, sp.val, fold=fi, n_folds=len(splits), metric=metric, report=report
         )
-        train_time += seconds
-        n_trained += n
-        oof[sp.val] = probs
-        m["epochs_run"] = len(curve)
+        oof[sp.val] = fit.probs
+        m = fit.metrics
+        m["epochs_run"], m["best_epoch"] = fit.epochs_run, fit.best_epoch
+        m["n_train"], m["n_val"] = len(sp.train), len(sp.val)
         fold_metrics.append(m)
-        curves.append(curve)
-        if ext_images is not None:
-            ext_probs.append(session.predict(ext_images))  # this fold's model
+        curves.append(fit.curve)
+        fits.append(fit)
+        records.append(_fold_record(dataset, ids, sp, fit, cfg, sites))
+        for k, imgs in enumerate(ext_images):
+            ext_probs[k].append(session.predict(imgs))  # this fold's model (chosen epoch)
+    train_time = sum(f.seconds for f in fits)
+    n_trained = sum(f.n_trained for f in fits)
 
     seen = ~np.isnan(oof).any(axis=1)
     pooled = compute_metrics(y_all[seen], oof[seen], classes, positive=dataset.positive)
@@ -491,14 +751,21 @@ def run_trial(
         )
         for src in sorted(set(sources[seen]))
     }
-    ext = None
-    if external is not None and ext_probs:
-        p = np.mean(ext_probs, axis=0)
-        ext = {
-            "dataset": external.name,
-            "dataset_hash": external.hash,
-            "metrics": compute_metrics(external.labels, p, classes, positive=external.positive),
-            "bootstrap": bootstrap_metrics(external.labels, p, classes, positive=external.positive),
+    ext_results: dict[str, dict] = {}
+    for e, y_e, probs_e in zip(ext_sets, ext_y, ext_probs, strict=True):
+        p = np.mean(probs_e, axis=0)
+        name, k = e.name, 2
+        while name in ext_results:
+            name, k = f"{e.name}_{k}", k + 1
+        ext_results[name] = {
+            "dataset": e.name,
+            "dataset_hash": e.hash,
+            "n": int(len(e)),
+            "classes": list(e.classes),
+            "metrics": compute_metrics(y_e, p, classes, positive=dataset.positive),
+            "bootstrap": bootstrap_metrics(
+                y_e, p, classes, positive=dataset.positive, groups=e.groups
+            ),
         }
     latency = _latency_ms(model, cfg.resolution, device, session.autocast)
     result = TrialResult(
@@ -522,8 +789,11 @@ def run_trial(
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         feature_cache=session.cache_info,
         weight_source=session.weight_info,
-        external=ext,
-        splits=[{"fold": s.fold, "n_train": len(s.train), "n_val": len(s.val)} for s in splits],
+        external=next(iter(ext_results.values())) if external is not None else None,
+        splits=records,
+        externals=ext_results,
+        full_fit_epochs=_full_fit_epochs(cfg, fits),
+        warnings=warnings,
     )
     if metric not in result.summary["metrics"]:
         raise ConfigError(

@@ -53,6 +53,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str):
+            raise ConfigError(f"backbone must be a name (str), but got backbone={self.backbone!r}")
         get_backbone(self.backbone)  # unknown names fail here, with close matches
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
             raise ConfigError(
@@ -71,16 +73,29 @@ class ModelConfig:
                 f"frozen_stages must be at least 0, but got frozen_stages={self.frozen_stages}"
             )
         check_frozen_stages(self.backbone, self.frozen_stages)  # ≤ the backbone's stages
+        if not isinstance(self.head, str):
+            raise ConfigError(f"head must be a name (str), but got head={self.head!r}")
         if self.head not in list_heads():
             build_head(self.head, 8, self.num_classes)  # raises, listing the allowed heads
         if not isinstance(self.head_kwargs, dict):
-            raise ConfigError(f"head_kwargs must be a mapping, but got {self.head_kwargs!r}")
+            raise ConfigError(
+                f"head_kwargs must be a mapping, but got head_kwargs={self.head_kwargs!r}"
+            )
+        bad_keys = [k for k in self.head_kwargs if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"head_kwargs keys must be option names (str), but got {bad_keys!r}")
         self.head_kwargs = dict(self.head_kwargs)
         build_head(self.head, 8, self.num_classes, **self.head_kwargs)  # validates the options
         if not isinstance(self.pretrained, bool):
-            raise ConfigError(f"pretrained must be true or false, but got {self.pretrained!r}")
+            raise ConfigError(
+                f"pretrained must be true or false, but got pretrained={self.pretrained!r}"
+            )
         if isinstance(self.weights_file, Path):
             self.weights_file = str(self.weights_file)
+        if self.weights_file is not None and not isinstance(self.weights_file, str):
+            raise ConfigError(
+                f"weights_file must be a path or None, but got weights_file={self.weights_file!r}"
+            )
         if self.weights_file is not None and not self.pretrained:
             raise ConfigError(
                 f"weights_file={self.weights_file!r} is given but pretrained=False; "
@@ -133,7 +148,7 @@ class GrayNormalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != 1):
-            raise ValueError(f"expected gray images of shape (B, 1, H, W), got {tuple(x.shape)}")
+            raise ConfigError(f"expected gray images of shape (B, 1, H, W), got {tuple(x.shape)}")
         return (x - self.mean) / self.std
 
 
@@ -221,6 +236,12 @@ class CxrModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return total, trainable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the backbone asks to keep free of weight decay (timm's convention,
+        e.g. a ViT's position embedding); biases and norm layers are excluded anyway."""
+        names = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{n}" for n in names()} if callable(names) else set()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map (or tokens) for gray images (B, 1, H, W) in [0, 1]."""

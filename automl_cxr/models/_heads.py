@@ -130,7 +130,7 @@ class FeaturePool(nn.Module):
             return torch.cat([x.mean(1), x.amax(1)], dim=1)
         if x.ndim == 2 and self.pool_type != "avgmax":
             return x
-        raise ValueError(f"cannot pool features of shape {tuple(x.shape)} with {self.pool_type}")
+        raise ConfigError(f"cannot pool features of shape {tuple(x.shape)} with {self.pool_type}")
 
 
 class PooledHead(nn.Module):
