@@ -7,11 +7,14 @@ Conventions
 * Ties on the score are broken by cost: lower latency, then fewer parameters, then the earlier
   trial.
 * "Not significantly worse than the best" (:func:`not_worse_than_best`): a one-sided paired
-  t-test of the trial's fold scores against the best trial's on the same folds
-  (:func:`automl_cxr.engine.paired_comparison`, ``alternative="less"``); the trial is marked when
-  ``p >= alpha``. No multiple-comparison correction is applied (marking more trials as equally
-  good is the conservative side here). With fewer than two paired folds, or folds that do not
-  match, the test cannot be run and the mark is ``None``.
+  test of the trial's fold scores against the best trial's on the same folds — the corrected
+  resampled t-test of Nadeau & Bengio (2003) (:func:`automl_cxr.engine.corrected_paired_ttest`,
+  ``alternative="less"``), whose variance term ``1/K + n_val/n_train`` accounts for the
+  overlapping training sets of K-fold CV (the plain paired t-test treats the folds as
+  independent and so marks too few trials as tied); the trial is marked when ``p >= alpha``.
+  No multiple-comparison correction is applied. Two trials are compared only when they used
+  the same folds (the same recorded fold members, by hash); otherwise, or with fewer than two
+  paired folds, the mark is ``None``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from automl_cxr.engine import paired_comparison
+from automl_cxr.engine import corrected_paired_ttest
 from automl_cxr.errors import ConfigError
 from automl_cxr.study import json_safe
 
@@ -57,7 +60,7 @@ def not_worse_than_best(
 
     Returns:
         per trial ``{"p_value", "mean_diff", "n", "not_worse"}``: ``not_worse`` is True when
-        the one-sided paired t-test (H1: trial < best) gives ``p >= alpha``, False when
+        the one-sided corrected paired t-test (H1: trial < best) gives ``p >= alpha``, False when
         ``p < alpha``, and None when it cannot be run (fewer than two paired folds, or other
         folds). The best trial itself is True with ``p_value = 1``.
     """
@@ -77,11 +80,14 @@ def not_worse_than_best(
                 "not_worse": True,
             }
             continue
-        same_folds = a.size == ref.size and (splits is None or splits.get(key) == splits.get(best))
+        same_folds = a.size == ref.size and (
+            splits is None or _fold_members(splits.get(key)) == _fold_members(splits.get(best))
+        )
         if not same_folds:
             out[key] = {"p_value": _NAN, "mean_diff": _NAN, "n": 0, "not_worse": None}
             continue
-        res = paired_comparison(a, ref, alternative="less")
+        n_train, n_val = _fold_sizes(splits.get(best) if splits else None, a.size)
+        res = corrected_paired_ttest(a, ref, n_train, n_val, alternative="less")
         p = float(res["p_value"])
         out[key] = {
             "p_value": p,
@@ -90,6 +96,30 @@ def not_worse_than_best(
             "not_worse": None if math.isnan(p) else bool(p >= alpha),
         }
     return out
+
+
+def _fold_members(splits: Any) -> Any:
+    """What identifies a trial's folds: the recorded member hashes where the engine stored
+    them (per fold: fold, train_hash, val_hash), else the record as it is (older studies)."""
+    if not isinstance(splits, list):
+        return splits
+    if all(isinstance(s, Mapping) and "val_hash" in s for s in splits):
+        return [(s.get("fold"), s.get("train_hash"), s.get("val_hash")) for s in splits]
+    return splits
+
+
+def _fold_sizes(splits: Any, k: int) -> tuple[list[float] | float, list[float] | float]:
+    """Per-fold training and validation sizes for the correction; without a record, the
+    K-fold ratio (K-1):1."""
+    if isinstance(splits, list) and len(splits) == k and k:
+        try:
+            return (
+                [float(s["n_train"]) for s in splits],
+                [float(s["n_val"]) for s in splits],
+            )
+        except (KeyError, TypeError, ValueError):
+            pass
+    return float(max(k - 1, 1)), 1.0
 
 
 def leaderboard(records: pd.DataFrame, *, alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
