@@ -127,6 +127,24 @@ def search(
             "(repeatable; parameters left out are sampled; skipped if already in the study)."
         ),
     ] = None,
+    cv: Annotated[
+        str,
+        typer.Option(
+            help="What a validation fold holds out: patient (default) or site (whole "
+            "acquisition sites the model never trained on)."
+        ),
+    ] = "patient",
+    external: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="External set (folder per class or CSV manifest) scored by each COMPLETE "
+            "trial's fold models; repeatable; never used to choose anything."
+        ),
+    ] = None,
+    external_label_map: Annotated[
+        str | None,
+        typer.Option(help="Map external labels onto the study's, e.g. NORMAL=normal,a=b."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Search backbone, frozen depth, head and training options with Optuna."""
@@ -160,6 +178,13 @@ def search(
         seed=seed,
         feature_cache_dir=feature_cache_dir,
         enqueue=[parse_key_values([e], option="--enqueue") for e in enqueue or []],
+        cv=cv,
+        externals=[str(e) for e in external or []],
+        external_label_map=(
+            parse_key_values([external_label_map], option="--external-label-map")
+            if external_label_map
+            else None
+        ),
     )
     if cpus_per_trial:
         torch.set_num_threads(cpus_per_trial)

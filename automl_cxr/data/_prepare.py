@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -441,15 +442,19 @@ def prepare_table(
     positive: str | None = "covid",
     skip_bad: bool = False,
     progress: Progress | None = None,
+    min_classes: int = 2,
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A user's own data (folder per class or CSV manifest) as a prepared dataset."""
+    """A user's own data (folder per class or CSV manifest) as a prepared dataset
+    (`min_classes=1` for an evaluation-only set, e.g. external normals)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"dataset name must be letters, digits, '_' or '-', but got name={name!r}")
     pool, info = _finish_pool([table], skip_bad=skip_bad, progress=progress)
     classes = sorted(pool["label"].unique())
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(
-            f"dataset {name!r} needs at least 2 classes, but found {classes} in {origin}"
+            f"dataset {name!r} needs at least {min_classes} classes, but found {classes} in "
+            f"{origin}"
         )
     meta = {
         "kind": kind,
@@ -458,5 +463,6 @@ def prepare_table(
         "seed": None,
         "shortfalls": {},
         **info,
+        **dict(extra_meta or {}),
     }
     return _write_dataset(Path(data_dir), name, pool, meta, classes)

@@ -81,6 +81,7 @@ from automl_cxr.errors import ConfigError
 __all__ = [
     "PER_CLASS_SCALARS",
     "SCALAR_METRICS",
+    "available_metrics",
     "bootstrap_metrics",
     "compute_metrics",
     "corrected_paired_ttest",
@@ -104,6 +105,19 @@ SCALAR_METRICS: tuple[str, ...] = (
 
 PER_CLASS_SCALARS: tuple[str, ...] = ("sensitivity", "specificity")
 """Per-class values flattened into ``<name>_<label>`` keys by :func:`flatten_per_class`."""
+
+
+
+def available_metrics(classes: Sequence[str], positive: str | None) -> list[str]:
+    """Every scalar metric a dataset with these classes gets (what `--metric` may name): the
+    class-free ones, the ``covid_*`` ones when the positive class is among the classes, and
+    ``sensitivity_<class>`` / ``specificity_<class>`` for each class."""
+    names = [m for m in SCALAR_METRICS if not m.startswith("covid_")]
+    if positive is not None and positive in classes:
+        names += [m for m in SCALAR_METRICS if m.startswith("covid_")]
+    names += [f"{p}_{c}" for p in PER_CLASS_SCALARS for c in classes]
+    return names
+
 
 _NAN = float("nan")
 _BOOT_CHUNK_CELLS = 4_000_000  # resamples x images per vectorised chunk (~32 MB of float64)

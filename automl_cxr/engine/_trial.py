@@ -32,6 +32,7 @@ from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
 __all__ = [
+    "dataset_splits",
     "Reporter",
     "TrialResult",
     "dataset_sites",
@@ -504,7 +505,7 @@ def dataset_sites(dataset: PreparedDataset) -> tuple[np.ndarray, list[str]]:
     return np.asarray(site, dtype=object).astype(str), warnings
 
 
-def _dataset_splits(
+def dataset_splits(
     dataset: PreparedDataset, cv: str, n_folds: int, holdout: float | None, seed: int
 ) -> tuple[list, list[str]]:
     """The grouped folds of a dataset and any warnings, computed once per (content, cv, K,
@@ -531,7 +532,7 @@ def _dataset_splits(
 
 def _trial_splits(dataset: PreparedDataset, cfg: TrainConfig) -> tuple[list, list[str]]:
     """The folds a configuration trains on: the dataset's splits, the first `max_folds`."""
-    splits, warnings = _dataset_splits(dataset, cfg.cv, cfg.n_folds, cfg.holdout, cfg.seed)
+    splits, warnings = dataset_splits(dataset, cfg.cv, cfg.n_folds, cfg.holdout, cfg.seed)
     return (splits if cfg.max_folds is None else splits[: cfg.max_folds]), list(warnings)
 
 

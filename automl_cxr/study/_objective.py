@@ -15,9 +15,10 @@ import numpy as np
 import optuna
 
 from automl_cxr.data import PreparedDataset
-from automl_cxr.engine import SCALAR_METRICS, FeatureCache, TrainConfig, run_trial
+from automl_cxr.engine import SCALAR_METRICS, FeatureCache, TrainConfig, run_trial, scalar_metrics
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
+from automl_cxr.study._external import external_attr_key
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._record import OBJECTIVE_KEYS, json_safe
 from automl_cxr.study._space import SearchSpace
@@ -76,8 +77,12 @@ class Objective:
         device: str = "auto",
         feature_cache: FeatureCache | None = None,
         log: Callable[[str], None] | None = None,
+        cv: str = "patient",
+        externals: Sequence[PreparedDataset] = (),
     ) -> None:
         self.dataset = dataset
+        self.cv = cv
+        self.externals = list(externals)
         self.space = space
         self.profile = profile
         self.metrics = list(metrics)
@@ -125,6 +130,7 @@ class Objective:
             holdout=prof.holdout,
             max_folds=prof.max_folds,
             early_stopping=prof.early_stopping,
+            cv=self.cv,
             seed=self.seed,
             device=self.device,
             **t,
@@ -187,6 +193,7 @@ class Objective:
                 metric=self.primary,
                 report=report,
                 feature_cache=self.feature_cache,
+                externals=self.externals,
                 log=self.log,
             )
         except TrialFailed as exc:
@@ -244,9 +251,17 @@ class Objective:
                     "splits": result.splits,
                     "classes": result.classes,
                     "external": result.external,
+                    "warnings": result.warnings,
                 }
             ),
         )
+        # External sets: recorded for the report, never an objective, a pruning value or a rank.
+        for name, ext in (result.externals or {}).items():
+            for key, value in scalar_metrics(ext["metrics"]).items():
+                trial.set_user_attr(external_attr_key(name, key), json_safe(value))
+        if result.externals:
+            trial.set_user_attr("externals", json_safe(result.externals))
+        trial.set_user_attr("full_fit_epochs", int(result.full_fit_epochs))
         trial.set_user_attr("confusion_matrix", result.summary.get("confusion_matrix"))
         for key in (
             "params_total",

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.engine import FeatureCache
 from automl_cxr.errors import SearchAborted, StorageError
+from automl_cxr.study._external import external_summary, prepare_externals
 from automl_cxr.study._objective import Objective, subsample
 from automl_cxr.study._optuna import (  # noqa: F401  (re-exported for older imports)
     FINISHED,
@@ -25,6 +26,7 @@ from automl_cxr.study._optuna import (  # noqa: F401  (re-exported for older imp
     make_sampler,
 )
 from automl_cxr.study._profiles import Profile, default_profile, get_profile
+from automl_cxr.study._protocol import check_metrics, study_protocol
 from automl_cxr.study._recovery import (  # noqa: F401  (re-exported for older imports)
     MAX_RETRIES,
     enqueue_retry,
@@ -61,12 +63,38 @@ def run_search(
     space = adapt_space(resolve_space(settings.space, profile), profile, log)
     # Checked before any data is read or any study is created: a bad --enqueue changes nothing.
     references = [space.check_params(p, profile.backbones) for p in settings.enqueue]
-    full = load_dataset(settings.dataset, settings.data_dir)
+    full = load_dataset(settings.dataset, settings.data_dir)  # the manifest: nothing decoded
+    check_metrics(settings.objectives, full.classes, full.positive, dataset=full.name)
     dataset = subsample(full, profile.max_per_class, settings.seed)
+    # The folds (and whether the data allows --cv site) before any study row is written.
+    protocol = study_protocol(dataset, profile, seed=settings.seed, cv=settings.cv)
+    if log:
+        for w in protocol["fold_warnings"]:
+            log(f"warning: {w}")
+    externals = (
+        prepare_externals(
+            settings.externals,
+            dataset=full,
+            data_dir=settings.data_dir,
+            label_map=settings.external_label_map,
+            log=log,
+        )
+        if settings.externals
+        else []
+    )
     storage_arg = settings.storage or str(Path("studies") / f"{settings.dataset}.db")
     storage = open_storage(storage_arg)
     name = settings.study_name or f"{settings.dataset}-{profile.name}"
-    study = load_or_create(settings, storage, name, profile, space, dataset)
+    study = load_or_create(
+        settings,
+        storage,
+        name,
+        profile,
+        space,
+        dataset,
+        protocol=protocol,
+        external_sets=external_summary(externals) if externals else None,
+    )
     if settings.worker_index == 0:
         queue_references(study, references, log)
     reconciled = reconcile_dead_trials(study)
@@ -93,7 +121,7 @@ def run_search(
                     log(note)
             _run_local_workers(settings, storage_arg, name, settings.workers)
         else:
-            _run_here(settings, study, dataset, space, profile, before, on_trial)
+            _run_here(settings, study, dataset, space, profile, before, on_trial, externals)
     close_storage(storage)
     return _summary(settings, study, name, storage_arg, start, before, notes)
 
@@ -106,6 +134,7 @@ def _run_here(
     profile: Profile,
     before: int,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
+    externals: list[PreparedDataset],
 ) -> None:
     """Trials one after another in this process (`study.optimize`), failed ones retried."""
     start = time.time()
@@ -116,6 +145,8 @@ def _run_here(
         metrics=settings.objectives,
         seed=settings.seed,
         feature_cache=FeatureCache(settings.feature_cache_bytes, settings.feature_cache_dir),
+        cv=settings.cv,
+        externals=externals,
     )
     callbacks = [
         optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automl_cxr.engine import SCALAR_METRICS
+from automl_cxr.engine import CV_MODES, SCALAR_METRICS
 from automl_cxr.errors import ConfigError
 from automl_cxr.study._optuna import PRUNERS, SAMPLERS
 from automl_cxr.study._record import OBJECTIVE_KEYS
@@ -46,6 +46,9 @@ class SearchSettings:
     feature_cache_bytes: int = 4 << 30
     worker_index: int = 0  # local parallel workers: offsets the sampler's seed only
     enqueue: Sequence[Mapping[str, Any]] = ()  # configurations to run first (partial is fine)
+    cv: str = "patient"  # what a fold holds out: patients, or whole acquisition sites
+    externals: Sequence[str | Path] = ()  # external sets scored after each COMPLETE trial
+    external_label_map: Mapping[str, str] | None = None  # their labels onto the study's
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -69,6 +72,14 @@ class SearchSettings:
                 raise ConfigError(
                     f"{', '.join(given)} only apply with --backend ray, but got backend='local'"
                 )
+        if self.cv not in CV_MODES:
+            raise ConfigError(f"cv must be one of {list(CV_MODES)}, but got cv={self.cv!r}")
+        self.externals = [str(e) for e in self.externals]
+        dupes = sorted({e for e in self.externals if self.externals.count(e) > 1})
+        if dupes:
+            raise ConfigError(f"--external names the same set twice: {dupes}")
+        if self.external_label_map and not self.externals:
+            raise ConfigError("--external-label-map needs at least one --external DIR")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, but got timeout={self.timeout}")
         if self.cpus_per_trial is not None and self.cpus_per_trial < 1:

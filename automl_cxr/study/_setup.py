@@ -19,6 +19,7 @@ from automl_cxr.data._diagnostics import source_label_alignment
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.study._optuna import WorkerTaggingSampler, make_pruner, make_sampler, sampler_seed
 from automl_cxr.study._profiles import Profile
+from automl_cxr.study._protocol import check_protocol, legacy_protocol
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace, builtin_space, load_space
 
@@ -26,6 +27,7 @@ __all__ = [
     "PAPER_HEADLINE",
     "adapt_space",
     "load_or_create",
+    "pruning_budget",
     "queue_references",
     "resolve_space",
 ]
@@ -63,9 +65,13 @@ def load_or_create(
     profile: Profile,
     space: SearchSpace,
     dataset: PreparedDataset,
+    *,
+    protocol: dict[str, Any] | None = None,
+    external_sets: dict[str, Any] | None = None,
 ) -> optuna.Study:
-    """Create the study (storing what it searches, on what data) or resume it (refusing
-    other data or objectives; recording a changed space in `space_history`)."""
+    """Create the study (storing what it searches, on what data, under which protocol) or
+    resume it (refusing other data, objectives or protocol — seed, cv, profile, folds; see
+    `_protocol` —, recording a changed space in `space_history`)."""
     multi = len(settings.objectives) > 1
 
     def sampler_for(n_existing: int) -> WorkerTaggingSampler:
@@ -78,8 +84,8 @@ def load_or_create(
         )
 
     sampler = sampler_for(0)
-    max_res = max(1, profile.epochs * (profile.max_folds or profile.n_folds))
-    pruner = make_pruner(settings.pruner, max_res)
+    n_folds = len(protocol["folds"]) if protocol else None
+    pruner = make_pruner(settings.pruner, pruning_budget(profile, space, n_folds))
     try:
         study = optuna.create_study(
             storage=storage,
@@ -118,6 +124,8 @@ def load_or_create(
                 "warning": align["warning"],
             },
             "paper": PAPER_HEADLINE,
+            "cv": settings.cv,
+            **({"protocol": protocol} if protocol else {}),
         }.items():
             study.set_user_attr(k, v)
     else:
@@ -132,12 +140,36 @@ def load_or_create(
                 f"study {name!r} optimises {attrs.get('objectives')}, not {settings.objectives}: "
                 "use another --study-name"
             )
+        if protocol:
+            check_protocol(attrs.get("protocol") or legacy_protocol(attrs), protocol, name)
+            if not attrs.get("protocol"):
+                study.set_user_attr("protocol", protocol)
         if attrs.get("space") is not None and attrs["space"] != space.to_dict():
             # The space may change between runs (Optuna allows it); keep what each run used.
             history = [*attrs.get("space_history", []), attrs["space"]]
             study.set_user_attr("space_history", history)
             study.set_user_attr("space", space.to_dict())
+    if external_sets is not None and attrs.get("external_sets") != external_sets:
+        study.set_user_attr("external_sets", external_sets)
     return study
+
+
+def pruning_budget(profile: Profile, space: SearchSpace, n_folds: int | None = None) -> int:
+    """The pruner's max_resource: the last step a trial reports, i.e. folds × epochs, with the
+    largest epochs the space can draw and one fold under a holdout split (as ASHA's
+    `max_t` does)."""
+    epochs = profile.epochs
+    spec = space.train.get("epochs")
+    if spec is not None:
+        if spec.kind in ("int", "float"):
+            epochs = int(spec.high)
+        elif spec.kind == "categorical":
+            epochs = int(max(spec.choices))
+        elif spec.value is not None:
+            epochs = int(spec.value)
+    if n_folds is None:
+        n_folds = 1 if profile.holdout is not None else (profile.max_folds or profile.n_folds)
+    return max(1, epochs * n_folds)
 
 
 PAPER_HEADLINE = {
