@@ -19,6 +19,7 @@ from automl_cxr.data._prepare import (
     prepare_recipes,
     prepare_table,
     scan_images,
+    site_groups,
 )
 from automl_cxr.data._recipes import Recipe, get_recipe, list_recipes, register_recipe
 from automl_cxr.data._sources import (
@@ -62,4 +63,5 @@ __all__ = [
     "resize_square",
     "row_order_digest",
     "scan_images",
+    "site_groups",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "prepare_recipes",
     "prepare_table",
     "scan_images",
+    "site_groups",
 ]
 
 MANIFEST_COLUMNS = [
@@ -244,11 +245,30 @@ def _summary(manifest: pd.DataFrame) -> dict:
     }
 
 
+def site_groups(manifest: pd.DataFrame) -> pd.Series:
+    """Each row's site, with sites that share a split group (a patient imaged at both) merged
+    into one: the smallest site name of the merged set. Grouping a site-held-out split by this
+    keeps every patient on one side."""
+    parent: dict[str, str] = {s: s for s in manifest["site"].unique()}
+
+    def find(s: str) -> str:
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    for sites in manifest.groupby("group_id")["site"].unique():
+        roots = sorted({find(s) for s in sites})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    return manifest["site"].map(find).rename("site_group")
+
+
 def patients_at_several_sites(manifest: pd.DataFrame) -> dict:
     """Split groups (patients) whose images carry more than one `site`.
 
     `site` is per row; a site-held-out split must keep such a group's sites together (merge
-    them), or the patient straddles training and validation."""
+    them: `site_groups`), or the patient straddles training and validation."""
     per_group = manifest.groupby("group_id")["site"].unique()
     multi = per_group[per_group.map(len) > 1]
     return {

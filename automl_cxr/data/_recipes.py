@@ -1,4 +1,5 @@
-"""The paper's datasets as named recipes: which labels, how many images, sampled by patient."""
+"""Dataset recipes (the paper's, and de-confounded ones): which labels from which sources, how
+many images, sampled by patient."""
 
 from __future__ import annotations
 
