@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from automl_cxr.cli import main
-from automl_cxr.engine import paired_comparison
+from automl_cxr.engine import corrected_paired_ttest
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.report import (
     PAPER_CAVEAT,
@@ -199,7 +199,10 @@ def test_not_worse_marks_follow_the_paired_test(data) -> None:
     best = board.iloc[0]
     assert best["not_worse"] is True and best["p_vs_best"] == 1.0
     for r in board.iloc[1:].itertuples():
-        res = paired_comparison(r.folds, best["folds"], alternative="less")
+        # The corrected resampled t-test, with the folds' own training/validation sizes.
+        n_train = [s["n_train"] for s in best["splits"]]
+        n_val = [s["n_val"] for s in best["splits"]]
+        res = corrected_paired_ttest(r.folds, best["folds"], n_train, n_val, alternative="less")
         assert r.p_vs_best == pytest.approx(res["p_value"], nan_ok=True)
         expected = None if math.isnan(res["p_value"]) else res["p_value"] >= 0.05
         assert r.not_worse is expected

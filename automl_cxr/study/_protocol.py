@@ -111,12 +111,21 @@ def protocol_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) 
             continue
         a, b = stored[key], current[key]
         if key == "folds":
-            if _fold_members(a) != _fold_members(b):
+            # The folds follow from the data, seed, cv and fold count: report them only when
+            # those agree (then the data's rows or the splitter itself changed).
+            if not lines and _fold_members(a) != _fold_members(b):
                 lines.append(
                     "folds: this run's fold members differ from the study's (same seed and "
                     "cv, so the data or the splitter changed)"
                 )
         elif a != b:
+            if key == "dataset_hash":
+                a, b = str(a)[:12], str(b)[:12]
+                lines.append(
+                    f"data: the study's dataset has content hash {a}, this run's {b} (another "
+                    "--seed subsamples other patients; otherwise prepare the same data)"
+                )
+                continue
             flag = _HOW_TO_MATCH.get(key)
             hint = f" (pass {flag} {a})" if flag and a is not None else ""
             lines.append(f"{key}: the study has {a!r}, this run {b!r}{hint}")

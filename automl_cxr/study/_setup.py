@@ -129,6 +129,10 @@ def load_or_create(
         }.items():
             study.set_user_attr(k, v)
     else:
+        if protocol:  # every differing field at once (a subsample's hash follows the seed)
+            check_protocol(attrs.get("protocol") or legacy_protocol(attrs), protocol, name)
+            if not attrs.get("protocol"):
+                study.set_user_attr("protocol", protocol)
         if attrs.get("dataset_hash") != dataset.hash:
             raise StorageError(
                 f"study {name!r} was run on dataset {attrs.get('dataset')!r} with content hash "
@@ -140,10 +144,6 @@ def load_or_create(
                 f"study {name!r} optimises {attrs.get('objectives')}, not {settings.objectives}: "
                 "use another --study-name"
             )
-        if protocol:
-            check_protocol(attrs.get("protocol") or legacy_protocol(attrs), protocol, name)
-            if not attrs.get("protocol"):
-                study.set_user_attr("protocol", protocol)
         if attrs.get("space") is not None and attrs["space"] != space.to_dict():
             # The space may change between runs (Optuna allows it); keep what each run used.
             history = [*attrs.get("space_history", []), attrs["space"]]
