@@ -91,6 +91,13 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the patient sampling.")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Leave unreadable images out (listed).")] = False,
     data_dir: DataDirOpt = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Keep these images (a folder per class or CSV manifest), and every other "
+            "image of their patients, out of every recipe — e.g. an external test set."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Decode, check and de-duplicate images once, and write dataset manifests."""
@@ -103,6 +110,8 @@ def prepare(
             raise ConfigError("pass either --folder or --csv, not both")
         if not name:
             raise ConfigError("--name is required with --folder/--csv (the new dataset's name)")
+        if exclude:
+            raise ConfigError("--exclude applies to the recipes (--sources), not --folder/--csv")
         table = read_folder(folder) if folder is not None else read_csv_manifest(csv)
         with progress_bar("decoding images", enabled=not quiet) as cb:
             paths = [
@@ -141,6 +150,7 @@ def prepare(
                 seed=seed,
                 skip_bad=skip_bad,
                 progress=cb,
+                exclude=exclude or (),
             )
     for p in paths:
         meta = json.loads((p / "dataset.json").read_text())
@@ -152,6 +162,12 @@ def prepare(
             out_console.print(
                 f"  [yellow]shortfall[/] {lab}: target {s['target']}, "
                 f"only {s['available']} available"
+            )
+        ex = meta.get("excluded_sets")
+        if ex:
+            out_console.print(
+                f"  [yellow]excluded[/] {ex['images_removed']} image(s) of "
+                f"{ex['patients_removed']} patient(s) ({ex['images_matched']} matched by --exclude)"
             )
         if meta["rejected"]:
             out_console.print(

@@ -393,12 +393,18 @@ def prepare_recipes(
     seed: int = 0,
     skip_bad: bool = False,
     progress: Progress | None = None,
+    exclude: Sequence[str | Path] = (),
 ) -> list[Path]:
     """Build the recipes from the public sources; returns the dataset folders.
 
     Without `recipes`: the paper's three, plus `binary_adult` and `four_class_mixed` when the
     NIH folder is given. Adding sources never changes what the paper's recipes draw (their
     pool keys name the source), so their manifests and hashes stay the same.
+
+    `exclude`: folders (one sub-folder per class) or CSV manifests of images kept out of every
+    recipe, e.g. a test or external set built from the same sources; an image matches by its
+    bytes (sha256), and every other image of a matched patient (split group) goes too, so no
+    patient is on both sides.
     """
     given = {"cohen": cohen, "kermany": kermany, "nih": nih}
     readers = {"cohen": read_cohen, "kermany": read_kermany, "nih": read_nih}
@@ -418,6 +424,8 @@ def prepare_recipes(
     if counts:
         resolved = _resolve_counts(resolved, counts)
     pool, info = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
+    if exclude:
+        pool, info["excluded_sets"] = _exclude(pool, exclude)
     info.update(_pool_info(pool))
     out = []
     for recipe in resolved:
@@ -450,6 +458,41 @@ def prepare_recipes(
             _write_dataset(Path(data_dir), recipe.name, selected, meta, list(recipe.classes))
         )
     return out
+
+
+def _exclude(pool: pd.DataFrame, sets: Sequence[str | Path]) -> tuple[pd.DataFrame, dict]:
+    """Drop the images of `sets` (by bytes) and every image of their patients' split groups."""
+    from automl_cxr.data._sources import read_csv_manifest, read_folder
+
+    shas: set[str] = set()
+    listed = 0
+    for s in sets:
+        p = Path(s)
+        if p.is_dir():
+            table = read_folder(p).table
+        elif p.is_file() and p.suffix.lower() == ".csv":
+            table = read_csv_manifest(p).table
+        else:
+            raise DataError(
+                f"--exclude {p} is neither a folder (one sub-folder per class) nor a CSV manifest"
+            )
+        listed += len(table)
+        for path in table["path"]:
+            try:
+                shas.add(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            except OSError as exc:
+                raise DataError(f"--exclude {p}: cannot read {path}: {exc.strerror}") from None
+    hit = pool["sha256"].isin(shas)
+    groups = set(pool.loc[hit, "group_id"])
+    drop = pool["group_id"].isin(groups)
+    summary = {
+        "sets": [str(Path(s).resolve()) for s in sets],
+        "images_listed": listed,
+        "images_matched": int(hit.sum()),
+        "images_removed": int(drop.sum()),
+        "patients_removed": len(groups),
+    }
+    return pool[~drop].reset_index(drop=True), summary
 
 
 def prepare_table(
