@@ -128,6 +128,9 @@ def search(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Ray's own messages (default: a log file).")
+    ] = False,
 ) -> None:
     """Search backbone, frozen depth, head and training options with Optuna."""
     import optuna
@@ -136,7 +139,7 @@ def search(
     from automl_cxr.study import SearchSettings, run_search
 
     # Our live view reports every trial; failed trials keep their traceback in user attrs.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
 
     settings = SearchSettings(
         dataset=dataset,
@@ -160,6 +163,7 @@ def search(
         seed=seed,
         feature_cache_dir=feature_cache_dir,
         enqueue=[parse_key_values([e], option="--enqueue") for e in enqueue or []],
+        verbose=verbose,
     )
     if cpus_per_trial:
         torch.set_num_threads(cpus_per_trial)

@@ -30,6 +30,7 @@ Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -52,7 +53,15 @@ from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace
 from automl_cxr.study._storage import storage_url
 
-__all__ = ["METRIC", "SCHEDULERS", "STEP", "make_scheduler", "max_steps", "run_ray"]
+__all__ = [
+    "METRIC",
+    "SCHEDULERS",
+    "STEP",
+    "make_scheduler",
+    "max_steps",
+    "ray_log_path",
+    "run_ray",
+]
 
 SCHEDULERS = ("asha", "fifo")
 """`--scheduler` values: `asha` stops weak trials early; `fifo` (or none) never stops one."""
@@ -77,12 +86,14 @@ def run_ray(
     import ray
     from ray import tune
 
-    scheduler = make_scheduler(settings.scheduler, settings, profile, space)
-    started = _init_ray(settings.address)
+    scheduler = make_scheduler(settings.scheduler, settings, profile, space) or _RecordingFIFO()
+    started = _init_ray(settings.address, verbose=settings.verbose)
     tmp = tempfile.mkdtemp(prefix="automl-cxr-tune-")
+    ray_log = None if settings.verbose else ray_log_path(study.study_name)
     driver: Driver | None = None
     key = f"{os.getpid()}-{id(study)}-{time.time_ns()}"
     try:
+        _check_reach(storage_url(storage_arg))
         cpus, gpus = _trial_resources(
             settings, own_instance=started and not settings.address, log=log
         )
@@ -120,15 +131,16 @@ def run_ray(
             finished_states=FINISHED,
             timeout=settings.timeout,
             on_trial=on_trial,
-            stopped=scheduler.stopped if scheduler is not None else set(),
+            stopped=scheduler.stopped,
             scheduler_name=settings.scheduler,
         )
+        driver.errors = scheduler.errors
         if log:
             res = ray.cluster_resources()
             log(
                 f"Ray: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; each trial gets "
                 f"{cpus} CPU, {gpus:g} GPU; up to {settings.workers} at once"
-                + (f"; scheduler {settings.scheduler}" if scheduler is not None else "")
+                + (f"; scheduler {settings.scheduler}" if settings.scheduler else "")
             )
         runnable = tune.with_resources(
             tune.with_parameters(trainable, job=job), {"cpu": cpus, "gpu": gpus}
@@ -144,7 +156,7 @@ def run_ray(
                 # scheduler: a stopped function trainable's thread runs on to its next report,
                 # Tune's reset then times out and errors the *next* trial without telling the
                 # searcher (Ray 2.x), which would leave a slot taken forever.
-                reuse_actors=scheduler is None,
+                reuse_actors=settings.scheduler in (None, "fifo"),
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
@@ -155,7 +167,9 @@ def run_ray(
             ),
         )
         DRIVERS[key] = driver
-        with driver.heartbeats(), _tune_env():
+        if log and ray_log is not None:
+            log(f"Ray's own messages go to {ray_log} (--verbose shows them here)")
+        with driver.heartbeats(), _tune_env(), _ray_logs_to(ray_log):
             tuner.fit()
     finally:
         DRIVERS.pop(key, None)
@@ -208,10 +222,8 @@ def max_steps(profile: Profile, space: SearchSpace) -> int:
     return max(1, epochs * folds)
 
 
-def _init_ray(address: str | None) -> bool:
+def _init_ray(address: str | None, *, verbose: bool = False) -> bool:
     """Initialise Ray unless the caller did; True when this call started/connected it."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -222,14 +234,70 @@ def _init_ray(address: str | None) -> bool:
             address=address or None,
             include_dashboard=False,
             ignore_reinit_error=True,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
+            log_to_driver=verbose,  # the workers' output: in Ray's log files unless --verbose
+            logging_level=logging.INFO if verbose else logging.ERROR,
         )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"cannot start or reach {where}: {msg}") from None
+        hint = ""
+        if address and "auth" in str(exc).lower():
+            hint = (
+                " (a cluster started with token authentication needs RAY_AUTH_MODE=token and "
+                "its token here: RAY_AUTH_TOKEN_PATH=FILE or ~/.ray/auth_token; see the "
+                "README's 'Running on a cluster')"
+            )
+        raise ConfigError(f"cannot start or reach {where}: {msg}{hint}") from None
     return True
+
+
+def ray_log_path(study_name: str) -> Path:
+    """Where a search's Ray and Tune messages go unless `--verbose`."""
+    folder = Path(tempfile.gettempdir()) / "automl-cxr"
+    return folder / f"ray-{_safe_name(study_name)}-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def _ray_logs_to(path: Path | None) -> Iterator[None]:
+    """Ray's and Tune's Python log records (a trial's traceback when its worker dies, "Trials
+    did not complete", ...) go to `path` instead of the console; None leaves them there."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    saved = {}
+    for name in names:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate, logger.level)
+        logger.handlers = [handler] if name == "ray" else []
+        logger.propagate = name != "ray"
+    logging.getLogger("ray").setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for name, (handlers, propagate, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+def _check_reach(url: str) -> None:
+    """Refuse, before any trial starts, a storage the other nodes of the cluster cannot reach
+    (a SQLite or journal file on this machine)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and url.startswith(("sqlite:", "journal:")):
+        raise ConfigError(
+            f"the study's storage {url!r} is a file on this machine, which trials on the other "
+            f"{len(nodes) - 1} node(s) of the Ray cluster cannot reach: use a database server "
+            "every node can reach, e.g. --storage postgresql://USER@HOST/DB (pip install "
+            "'automl-cxr[postgres]') or mysql://USER@HOST/DB"
+        )
 
 
 def _trial_resources(
@@ -297,18 +365,55 @@ def _tune_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-try:  # the class below subclasses Ray's; keep `import automl_cxr.study._ray` cheap otherwise
+try:  # the classes below subclass Ray's; keep `import automl_cxr.study._ray` cheap otherwise
     from ray.tune.schedulers import AsyncHyperBandScheduler as _ASHA
+    from ray.tune.schedulers import FIFOScheduler as _FIFO
 except ImportError:  # pragma: no cover - ray is a dependency
-    _ASHA = object  # type: ignore[assignment,misc]
+    _ASHA = _FIFO = object  # type: ignore[assignment,misc]
 
 
-class _RecordingASHA(_ASHA):
+class _NotingErrors:
+    """Keeps each errored trial's Ray error for the driver: Tune tells the scheduler, with the
+    trial, just before it tells the searcher, with only the trial's id."""
+
+    errors: dict[str, BaseException | None]
+    stopped: set[str]
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.errors[trial.trial_id] = _trial_error(trial)
+        super().on_trial_error(tune_controller, trial)  # type: ignore[misc]
+
+
+def _trial_error(trial: Any) -> BaseException | None:
+    """The exception Tune saved for an errored trial (None when it saved none)."""
+    try:
+        import cloudpickle
+
+        path = trial.pickled_error_file
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                return cloudpickle.load(f)
+    except Exception:  # an error that does not unpickle here: report the death
+        pass
+    return None
+
+
+class _RecordingFIFO(_NotingErrors, _FIFO):
+    """First in, first out (Tune's default), noting errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: set[str] = set()
+        self.errors = {}
+
+
+class _RecordingASHA(_NotingErrors, _ASHA):
     """ASHA that remembers which trials it stopped (so they become PRUNED, not COMPLETE)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.stopped: set[str] = set()
+        self.errors = {}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)

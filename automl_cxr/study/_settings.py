@@ -46,6 +46,7 @@ class SearchSettings:
     feature_cache_bytes: int = 4 << 30
     worker_index: int = 0  # local parallel workers: offsets the sampler's seed only
     enqueue: Sequence[Mapping[str, Any]] = ()  # configurations to run first (partial is fine)
+    verbose: bool = False  # Ray's own messages on the console (else in a log file)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
