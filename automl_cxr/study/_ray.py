@@ -4,7 +4,7 @@ Design (why not Ray's `OptunaSearch`: it wants a storage object rather than a UR
 trials stopped by a Tune scheduler as COMPLETE, writes no user attributes and has no heartbeat):
 
 Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask and tell);
-`_ray_worker` (one trial in a Ray worker).
+`_ray_worker` (one trial in a Ray worker); `_ray_scheduler` (`--scheduler`).
 
 * The driver owns the Optuna study. `AskTellSearcher.suggest()` (called by Tune whenever a
   slot frees up) does `study.ask()` and samples the configuration in the driver with the same
@@ -18,10 +18,16 @@ Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask 
   The worker never changes the trial's state: its last Tune report carries the outcome.
 * `AskTellSearcher.on_trial_complete()` tells Optuna the state: the worker's outcome
   (COMPLETE with values, PRUNED by Optuna's pruner, FAIL with `fail_reason`); a trial stopped
-  by the Tune scheduler → PRUNED (`pruned_by` = the scheduler); a Ray worker that died → FAIL.
+  by the Tune scheduler → PRUNED (`pruned_by` = the scheduler); a Ray worker that died (or its
+  node) → FAIL. As locally, dead-worker and transient failures are re-run with the same
+  parameters (`_recovery.enqueue_retry`, at most twice): the driver's next ask takes them.
+  A worker's setup fault (data missing on its node, the study out of its reach, an import
+  error there) is reported as that (`fail_kind` "setup"), not as a dead worker.
 * Heartbeats: the driver records one for each of its live trials (also those queued for
-  resources) and each worker runs Optuna's heartbeat thread while it trains; `worker` is
-  recorded like the local backend's, so `reconcile_dead_trials` applies.
+  resources) and each worker runs Optuna's heartbeat thread while it trains; `worker` and
+  `process` are recorded like the local backend's, so `reconcile_dead_trials` applies.
+* Storage: a SQLite or journal file is refused on a multi-node cluster before any trial.
+* Logs: Ray's and Tune's own messages go to a log file (`ray_log_path`) unless `--verbose`.
 * Placement: `--cpus-per-trial` / `--gpus-per-trial` (fractions share a GPU) become Tune
   resources; the worker records them, its GPU ids and node in `ray_resources`, and trains on
   the GPU Ray assigned, or on the CPU when CUDA is not available (logical GPUs).
@@ -48,7 +54,14 @@ from automl_cxr.study._objective import Objective
 from automl_cxr.study._optuna import FINISHED
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._ray_driver import DRIVERS, AskTellSearcher, Driver
-from automl_cxr.study._ray_worker import FINAL, METRIC, STEP, Job, trainable
+from automl_cxr.study._ray_scheduler import (  # noqa: F401  (re-exported)
+    SCHEDULERS,
+    _RecordingASHA,
+    _RecordingFIFO,
+    make_scheduler,
+    max_steps,
+)
+from automl_cxr.study._ray_worker import METRIC, STEP, Job, trainable
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace
 from automl_cxr.study._storage import storage_url
@@ -62,9 +75,6 @@ __all__ = [
     "ray_log_path",
     "run_ray",
 ]
-
-SCHEDULERS = ("asha", "fifo")
-"""`--scheduler` values: `asha` stops weak trials early; `fifo` (or none) never stops one."""
 
 
 def run_ray(
@@ -180,46 +190,6 @@ def run_ray(
             ray.shutdown()
     if driver is not None:
         driver.raise_if_failed()
-
-
-def make_scheduler(
-    name: str | None, settings: SearchSettings, profile: Profile, space: SearchSpace
-):
-    """The Tune scheduler for `--scheduler` (None for FIFO), validated before Ray starts."""
-    if name is None or name == "fifo":
-        return None
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
-    if len(settings.objectives) > 1:
-        raise ConfigError(
-            f"scheduler {name!r} needs a single objective (trials report no intermediate "
-            f"values in multi-objective studies), but got objectives={settings.objectives}"
-        )
-    return _RecordingASHA(
-        time_attr=STEP,
-        metric=METRIC,
-        mode="max",
-        max_t=max_steps(profile, space),
-        grace_period=1,
-    )
-
-
-def max_steps(profile: Profile, space: SearchSpace) -> int:
-    """Most intermediate values a trial can report: epochs (the space's largest) × folds."""
-    epochs = profile.epochs
-    spec = space.train.get("epochs")
-    if spec is not None:
-        vals = (
-            [spec.high]
-            if spec.kind in ("int", "float")
-            else list(spec.choices)
-            if spec.kind == "categorical"
-            else [spec.value]
-        )
-        nums = [int(v) for v in vals if v is not None]
-        epochs = max(nums) if nums else epochs
-    folds = 1 if profile.holdout else min(profile.n_folds, profile.max_folds or profile.n_folds)
-    return max(1, epochs * folds)
 
 
 def _init_ray(address: str | None, *, verbose: bool = False) -> bool:
@@ -363,60 +333,3 @@ def _tune_env() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-try:  # the classes below subclass Ray's; keep `import automl_cxr.study._ray` cheap otherwise
-    from ray.tune.schedulers import AsyncHyperBandScheduler as _ASHA
-    from ray.tune.schedulers import FIFOScheduler as _FIFO
-except ImportError:  # pragma: no cover - ray is a dependency
-    _ASHA = _FIFO = object  # type: ignore[assignment,misc]
-
-
-class _NotingErrors:
-    """Keeps each errored trial's Ray error for the driver: Tune tells the scheduler, with the
-    trial, just before it tells the searcher, with only the trial's id."""
-
-    errors: dict[str, BaseException | None]
-    stopped: set[str]
-
-    def on_trial_error(self, tune_controller, trial) -> None:
-        self.errors[trial.trial_id] = _trial_error(trial)
-        super().on_trial_error(tune_controller, trial)  # type: ignore[misc]
-
-
-def _trial_error(trial: Any) -> BaseException | None:
-    """The exception Tune saved for an errored trial (None when it saved none)."""
-    try:
-        import cloudpickle
-
-        path = trial.pickled_error_file
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                return cloudpickle.load(f)
-    except Exception:  # an error that does not unpickle here: report the death
-        pass
-    return None
-
-
-class _RecordingFIFO(_NotingErrors, _FIFO):
-    """First in, first out (Tune's default), noting errors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stopped: set[str] = set()
-        self.errors = {}
-
-
-class _RecordingASHA(_NotingErrors, _ASHA):
-    """ASHA that remembers which trials it stopped (so they become PRUNED, not COMPLETE)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stopped: set[str] = set()
-        self.errors = {}
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == self.STOP and not result.get(FINAL):
-            self.stopped.add(trial.trial_id)
-        return decision
