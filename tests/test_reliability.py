@@ -207,6 +207,8 @@ def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
     assert len(finished) >= 4
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
     assert len(pids) == 2  # two processes shared the study
+    configs = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(configs)) == len(configs), "two workers drew the same configuration"
 
 
 @pytest.mark.postgres
@@ -426,3 +428,146 @@ def test_skip_bad_keeps_going_and_lists_rejects(bad_input_env: dict) -> None:
     assert "rejected" in res.stdout
     info = _run("data", "info", "mine", "--data-dir", str(d), "--json")
     assert '"broken.jpeg' in info.stdout or "broken.jpeg" in info.stdout
+
+
+# -- parallel sampling: one seed, many workers, no duplicate configurations -------------------
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_parallel_workers_with_one_seed_draw_distinct_configurations(tmp_path: Path) -> None:
+    """N processes started with the same seed on one study (N machines running the same
+    command, or `--workers N`): while the others' trials run, each draws its next trial. TPE
+    (constant liar, per-trial seeds) must never hand two of them the same configuration, past
+    its random start-up trials too; and a fresh study with that seed draws the same again."""
+    from automl_cxr.study import Objective, get_profile, load_space, open_storage
+    from automl_cxr.study._optuna import study_sampler
+    from automl_cxr.study._setup import adapt_space
+
+    profile = get_profile("smoke")
+    space = adapt_space(load_space(None), profile)
+    sample = Objective(_FakeDataset(), space, profile).sample
+
+    def run(db: Path, workers: int, rounds: int) -> list[dict]:
+        storage = open_storage(db)
+        studies = [
+            optuna.create_study(
+                storage=storage,
+                study_name="s",
+                direction="maximize",
+                sampler=study_sampler("tpe", 0, multi=False),
+                load_if_exists=True,
+            )
+            for _ in range(workers)
+        ]
+        drawn = []
+        for r in range(rounds):
+            running = []
+            for study in studies:  # all N ask while the others' trials still run
+                trial = study.ask()
+                sample(trial)
+                running.append((study, trial))
+                drawn.append(dict(trial.params))
+            for i, (study, trial) in enumerate(running):
+                study.tell(trial, 0.5 + 0.01 * ((r * workers + i) % 7))
+        return drawn
+
+    drawn = run(tmp_path / "a.db", workers=3, rounds=4)  # 12 trials: TPE after 5
+    keys = [tuple(sorted(p.items())) for p in drawn]
+    assert len(set(keys)) == len(keys), "two parallel workers drew the same configuration"
+    assert run(tmp_path / "b.db", workers=3, rounds=4) == drawn  # same seed, same draws
+
+
+class _FakeDataset:
+    """What `Objective.sample` reads of a dataset (its classes), without loading one."""
+
+    classes = ("covid", "normal", "pneumonia")
+
+
+# -- worker identity: a per-process id, PID namespaces, heartbeats ----------------------------
+
+
+def _running_trial(study: optuna.Study, record: dict) -> optuna.trial.FrozenTrial:
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    trial.set_user_attr("process", record)
+    return study.trials[trial.number]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_dead_trials_are_recognised_by_process_not_by_host_and_pid(tmp_path: Path) -> None:
+    """Containers may share a host name but not a PID namespace: a pid there means nothing
+    here. Only a process known to be gone makes its trial FAIL (and re-run); one in another
+    namespace is left to the heartbeats."""
+    from automl_cxr.study import open_storage, reconcile_dead_trials
+    from automl_cxr.study._recovery import _pid_start, process_record, process_state
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        me = process_record()
+        other = {**me, "id": "another-process"}
+        alive = {**other, "pid": sleeper.pid, "pid_start": _pid_start(sleeper.pid)}
+        cases = {
+            "live here": (alive, "alive", "RUNNING"),
+            "dead here": ({**other, "pid": gone.pid}, "dead", "FAIL"),
+            "pid reused": ({**alive, "pid_start": alive["pid_start"] - 1}, "dead", "FAIL"),
+            "other container, pid free here": (
+                {**other, "pid": gone.pid, "pid_namespace": 1},
+                "unknown",
+                "RUNNING",
+            ),
+            "other container, pid taken here": (
+                {**alive, "pid_namespace": 1},
+                "unknown",
+                "RUNNING",
+            ),
+            "other host": ({**other, "host": "elsewhere", "pid": gone.pid}, "unknown", "RUNNING"),
+            "rebooted since": ({**other, "pid": sleeper.pid, "boot_id": "old"}, "dead", "FAIL"),
+            "this very process, earlier": (me, "dead", "FAIL"),
+        }
+        storage = open_storage(tmp_path / "w.db")
+        study = optuna.create_study(storage=storage, study_name="w", direction="maximize")
+        numbers = {}
+        for case, (record, state, _) in cases.items():
+            assert process_state(record) == state, case
+            numbers[case] = _running_trial(study, record).number
+        failed = reconcile_dead_trials(study)
+        trials = study.get_trials()
+        for case, (_, _, expected) in cases.items():
+            t = trials[numbers[case]]
+            assert t.state.name == expected, case
+            if expected == "FAIL":
+                assert "worker process died" in t.user_attrs["fail_reason"]
+                assert numbers[case] in failed
+        reruns = [t for t in trials if t.state.name == "WAITING"]
+        assert sorted(t.user_attrs["retry_of"] for t in reruns) == sorted(failed)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_heartbeats_fail_trials_of_other_hosts(tmp_path: Path) -> None:
+    """A trial of another host (or container) whose heartbeat stopped: FAIL, re-queued."""
+    import warnings
+
+    from automl_cxr.study import reconcile_dead_trials
+    from automl_cxr.study._recovery import process_record
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{tmp_path / 'h.db'}",
+            heartbeat_interval=1,
+            grace_period=1,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
+    study = optuna.create_study(storage=storage, study_name="h", direction="maximize")
+    record = {**process_record(), "id": "x", "host": "elsewhere"}
+    t = _running_trial(study, record)
+    storage.record_heartbeat(t._trial_id)
+    assert reconcile_dead_trials(study) == [] and study.trials[0].state.name == "RUNNING"
+    time.sleep(2.5)  # past the grace period: that host stopped beating
+    reconcile_dead_trials(study)
+    states = [x.state.name for x in study.get_trials()]
+    assert states == ["FAIL", "WAITING"], states

@@ -146,6 +146,9 @@ def search(
         typer.Option(help="Map external labels onto the study's, e.g. NORMAL=normal,a=b."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Ray's own messages (default: a log file).")
+    ] = False,
 ) -> None:
     """Search backbone, frozen depth, head and training options with Optuna."""
     import optuna
@@ -154,7 +157,7 @@ def search(
     from automl_cxr.study import SearchSettings, run_search
 
     # Our live view reports every trial; failed trials keep their traceback in user attrs.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
 
     settings = SearchSettings(
         dataset=dataset,
@@ -185,6 +188,7 @@ def search(
             if external_label_map
             else None
         ),
+        verbose=verbose,
     )
     if cpus_per_trial:
         torch.set_num_threads(cpus_per_trial)

@@ -7,7 +7,8 @@ Layout (imports go one way, top to bottom; no cycles):
   _settings   SearchSettings (validated) and SearchSummary
   _objective  the objective (sample a configuration, run the engine, record the trial)
   _setup      the space for a profile; the study created (settings stored) or resumed (checked)
-  _ray_worker, _ray_driver, _ray   `--backend ray`: a trial on a worker; ask/tell; the Tune run
+  _ray_worker, _ray_scheduler, _ray_driver, _ray   `--backend ray`: one trial on a worker;
+              the Tune schedulers; the ask/tell searcher; the Tune run
   _runner     run_search: the local backend (one process or N workers) and dispatch to Ray
 """
 

@@ -1,15 +1,16 @@
 """The Optuna pieces both backends share: finished states, sampler and pruner factories, the
-sampler's seed, and the sampler wrapper that tags each trial with its worker."""
+per-trial seeds, and the sampler wrapper that tags each trial with its worker."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
 
 from automl_cxr.study._compat import storage_of, trial_id
-from automl_cxr.study._recovery import worker_record
+from automl_cxr.study._recovery import process_record, worker_record
 
 __all__ = [
     "FINISHED",
@@ -19,7 +20,8 @@ __all__ = [
     "finished_count",
     "make_pruner",
     "make_sampler",
-    "sampler_seed",
+    "study_sampler",
+    "trial_seed",
 ]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -35,29 +37,61 @@ def finished_count(study: optuna.Study) -> int:
 
 class WorkerTaggingSampler(optuna.samplers.BaseSampler):
     """Wraps a sampler and records the worker (see `worker_record`) on each trial as it is
-    created, so a trial whose process is killed can be recognised at once by the next run."""
+    created, so a trial whose process is killed can be recognised at once by the next run.
 
-    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+    With `factory`, each trial gets its own inner sampler, `factory(trial.number)`: seeded by
+    the trial's number, so that parallel workers, resumed runs and separate machines started
+    with one seed never draw the same configuration for two trials (and a fresh study with the
+    same seed draws the same parameters).
+    """
+
+    def __init__(
+        self,
+        inner: optuna.samplers.BaseSampler,
+        factory: Callable[[int], optuna.samplers.BaseSampler] | None = None,
+    ) -> None:
         self.inner = inner
+        self.factory = factory
+        self._by_number: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+        if self.factory is None:
+            return self.inner
+        sampler = self._by_number.get(trial.number)
+        if sampler is None:
+            sampler = self._by_number[trial.number] = self.factory(trial.number)
+        return sampler
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        storage_of(study).set_trial_user_attr(trial_id(trial), "worker", worker_record())
-        self.inner.before_trial(study, trial)
+        storage = storage_of(study)
+        storage.set_trial_user_attr(trial_id(trial), "worker", worker_record())
+        storage.set_trial_user_attr(trial_id(trial), "process", process_record())
+        self._for(trial).before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(study, trial)
+        return self._for(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.inner.sample_relative(study, trial, search_space)
+        return self._for(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
-        self.inner.after_trial(study, trial, state, values)
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_number.pop(trial.number, None)
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
+
+
+def study_sampler(name: str, seed: int, *, multi: bool) -> WorkerTaggingSampler:
+    """The sampler a study runs with: `--sampler`, seeded per trial (`trial_seed`), tagging
+    each trial with its worker."""
+    return WorkerTaggingSampler(
+        make_sampler(name, seed, multi=multi),
+        lambda number: make_sampler(name, trial_seed(seed, number), multi=multi),
+    )
 
 
 def make_sampler(name: str, seed: int, *, multi: bool) -> optuna.samplers.BaseSampler:
@@ -68,11 +102,14 @@ def make_sampler(name: str, seed: int, *, multi: bool) -> optuna.samplers.BaseSa
         return optuna.samplers.NSGAIISampler(seed=seed)
     if multi:
         return optuna.samplers.NSGAIISampler(seed=seed)
-    # multivariate + group: the head's conditional parameters are modelled together
+    # multivariate + group: the head's conditional parameters are modelled together.
+    # constant_liar: a trial still running counts as a poor result, so trials sampled while
+    # others run (parallel workers, Ray) spread out instead of piling onto one optimum; with one
+    # trial at a time nothing else is running and it changes nothing.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, n_startup_trials=5
+            seed=seed, multivariate=True, group=True, n_startup_trials=5, constant_liar=True
         )
 
 
@@ -85,12 +122,8 @@ def make_pruner(name: str, max_resource: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_resource))
 
 
-def sampler_seed(seed: int, worker_index: int = 0, n_existing: int = 0) -> int:
-    """The sampler's seed for a run that starts with `n_existing` trials in the study: `seed`
-    itself for a fresh single-process study (same seed, same parameters), otherwise a value
-    derived from all three, so that resumed runs and parallel workers draw new points."""
-    if worker_index == 0 and n_existing == 0:
-        return int(seed)
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial `number` of a study searched with `seed`."""
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed), worker_index, n_existing]).generate_state(1)[0])
+    return int(np.random.SeedSequence([int(seed), int(number)]).generate_state(1)[0])

@@ -4,7 +4,7 @@ Design (why not Ray's `OptunaSearch`: it wants a storage object rather than a UR
 trials stopped by a Tune scheduler as COMPLETE, writes no user attributes and has no heartbeat):
 
 Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask and tell);
-`_ray_worker` (one trial in a Ray worker).
+`_ray_worker` (one trial in a Ray worker); `_ray_scheduler` (`--scheduler`).
 
 * The driver owns the Optuna study. `AskTellSearcher.suggest()` (called by Tune whenever a
   slot frees up) does `study.ask()` and samples the configuration in the driver with the same
@@ -18,10 +18,16 @@ Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask 
   The worker never changes the trial's state: its last Tune report carries the outcome.
 * `AskTellSearcher.on_trial_complete()` tells Optuna the state: the worker's outcome
   (COMPLETE with values, PRUNED by Optuna's pruner, FAIL with `fail_reason`); a trial stopped
-  by the Tune scheduler → PRUNED (`pruned_by` = the scheduler); a Ray worker that died → FAIL.
+  by the Tune scheduler → PRUNED (`pruned_by` = the scheduler); a Ray worker that died (or its
+  node) → FAIL. As locally, dead-worker and transient failures are re-run with the same
+  parameters (`_recovery.enqueue_retry`, at most twice): the driver's next ask takes them.
+  A worker's setup fault (data missing on its node, the study out of its reach, an import
+  error there) is reported as that (`fail_kind` "setup"), not as a dead worker.
 * Heartbeats: the driver records one for each of its live trials (also those queued for
-  resources) and each worker runs Optuna's heartbeat thread while it trains; `worker` is
-  recorded like the local backend's, so `reconcile_dead_trials` applies.
+  resources) and each worker runs Optuna's heartbeat thread while it trains; `worker` and
+  `process` are recorded like the local backend's, so `reconcile_dead_trials` applies.
+* Storage: a SQLite or journal file is refused on a multi-node cluster before any trial.
+* Logs: Ray's and Tune's own messages go to a log file (`ray_log_path`) unless `--verbose`.
 * Placement: `--cpus-per-trial` / `--gpus-per-trial` (fractions share a GPU) become Tune
   resources; the worker records them, its GPU ids and node in `ray_resources`, and trains on
   the GPU Ray assigned, or on the CPU when CUDA is not available (logical GPUs).
@@ -30,12 +36,13 @@ Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +54,27 @@ from automl_cxr.study._objective import Objective
 from automl_cxr.study._optuna import FINISHED
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._ray_driver import DRIVERS, AskTellSearcher, Driver
-from automl_cxr.study._ray_worker import FINAL, METRIC, STEP, Job, trainable
+from automl_cxr.study._ray_scheduler import (  # noqa: F401  (re-exported)
+    SCHEDULERS,
+    _RecordingASHA,
+    _RecordingFIFO,
+    make_scheduler,
+    max_steps,
+)
+from automl_cxr.study._ray_worker import METRIC, STEP, Job, trainable
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace
 from automl_cxr.study._storage import storage_url
 
-__all__ = ["METRIC", "SCHEDULERS", "STEP", "make_scheduler", "max_steps", "run_ray"]
-
-SCHEDULERS = ("asha", "fifo")
-"""`--scheduler` values: `asha` stops weak trials early; `fifo` (or none) never stops one."""
+__all__ = [
+    "METRIC",
+    "SCHEDULERS",
+    "STEP",
+    "make_scheduler",
+    "max_steps",
+    "ray_log_path",
+    "run_ray",
+]
 
 
 def run_ray(
@@ -68,6 +87,7 @@ def run_ray(
     *,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     log: Callable[[str], None] | None = None,
+    externals: Sequence[PreparedDataset] = (),
 ) -> None:
     """Run trials through Ray Tune until `study` holds `settings.trials` finished trials.
 
@@ -77,12 +97,14 @@ def run_ray(
     import ray
     from ray import tune
 
-    scheduler = make_scheduler(settings.scheduler, settings, profile, space)
-    started = _init_ray(settings.address)
+    scheduler = make_scheduler(settings.scheduler, settings, profile, space) or _RecordingFIFO()
+    started = _init_ray(settings.address, verbose=settings.verbose)
     tmp = tempfile.mkdtemp(prefix="automl-cxr-tune-")
+    ray_log = None if settings.verbose else ray_log_path(study.study_name)
     driver: Driver | None = None
     key = f"{os.getpid()}-{id(study)}-{time.time_ns()}"
     try:
+        _check_reach(storage_url(storage_arg))
         cpus, gpus = _trial_resources(
             settings, own_instance=started and not settings.address, log=log
         )
@@ -98,7 +120,7 @@ def run_ray(
             profile=profile,
             objectives=list(settings.objectives),
             pruner=settings.pruner,
-            max_resource=max(1, profile.epochs * (profile.max_folds or profile.n_folds)),
+            max_resource=max_steps(profile, space),
             cpus=cpus,
             gpus=gpus,
             feature_cache_bytes=max(0, settings.feature_cache_bytes // settings.workers),
@@ -108,10 +130,13 @@ def run_ray(
                 else None
             ),
             cwd=os.getcwd(),
+            cv=settings.cv,
+            externals=tuple((e.name, str(e.root.parent.resolve())) for e in externals),
         )
         objective = Objective(
-            dataset, space, profile, metrics=settings.objectives, seed=settings.seed
-        )
+            dataset, space, profile, metrics=settings.objectives, seed=settings.seed,
+            cv=settings.cv, externals=externals,
+        )  # fmt: skip
         target = settings.trials
         driver = Driver(
             study,
@@ -120,15 +145,16 @@ def run_ray(
             finished_states=FINISHED,
             timeout=settings.timeout,
             on_trial=on_trial,
-            stopped=scheduler.stopped if scheduler is not None else set(),
+            stopped=scheduler.stopped,
             scheduler_name=settings.scheduler,
         )
+        driver.errors = scheduler.errors
         if log:
             res = ray.cluster_resources()
             log(
                 f"Ray: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; each trial gets "
                 f"{cpus} CPU, {gpus:g} GPU; up to {settings.workers} at once"
-                + (f"; scheduler {settings.scheduler}" if scheduler is not None else "")
+                + (f"; scheduler {settings.scheduler}" if settings.scheduler else "")
             )
         runnable = tune.with_resources(
             tune.with_parameters(trainable, job=job), {"cpu": cpus, "gpu": gpus}
@@ -144,7 +170,7 @@ def run_ray(
                 # scheduler: a stopped function trainable's thread runs on to its next report,
                 # Tune's reset then times out and errors the *next* trial without telling the
                 # searcher (Ray 2.x), which would leave a slot taken forever.
-                reuse_actors=scheduler is None,
+                reuse_actors=settings.scheduler in (None, "fifo"),
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
@@ -155,7 +181,9 @@ def run_ray(
             ),
         )
         DRIVERS[key] = driver
-        with driver.heartbeats(), _tune_env():
+        if log and ray_log is not None:
+            log(f"Ray's own messages go to {ray_log} (--verbose shows them here)")
+        with driver.heartbeats(), _tune_env(), _ray_logs_to(ray_log):
             tuner.fit()
     finally:
         DRIVERS.pop(key, None)
@@ -168,50 +196,8 @@ def run_ray(
         driver.raise_if_failed()
 
 
-def make_scheduler(
-    name: str | None, settings: SearchSettings, profile: Profile, space: SearchSpace
-):
-    """The Tune scheduler for `--scheduler` (None for FIFO), validated before Ray starts."""
-    if name is None or name == "fifo":
-        return None
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
-    if len(settings.objectives) > 1:
-        raise ConfigError(
-            f"scheduler {name!r} needs a single objective (trials report no intermediate "
-            f"values in multi-objective studies), but got objectives={settings.objectives}"
-        )
-    return _RecordingASHA(
-        time_attr=STEP,
-        metric=METRIC,
-        mode="max",
-        max_t=max_steps(profile, space),
-        grace_period=1,
-    )
-
-
-def max_steps(profile: Profile, space: SearchSpace) -> int:
-    """Most intermediate values a trial can report: epochs (the space's largest) × folds."""
-    epochs = profile.epochs
-    spec = space.train.get("epochs")
-    if spec is not None:
-        vals = (
-            [spec.high]
-            if spec.kind in ("int", "float")
-            else list(spec.choices)
-            if spec.kind == "categorical"
-            else [spec.value]
-        )
-        nums = [int(v) for v in vals if v is not None]
-        epochs = max(nums) if nums else epochs
-    folds = 1 if profile.holdout else min(profile.n_folds, profile.max_folds or profile.n_folds)
-    return max(1, epochs * folds)
-
-
-def _init_ray(address: str | None) -> bool:
+def _init_ray(address: str | None, *, verbose: bool = False) -> bool:
     """Initialise Ray unless the caller did; True when this call started/connected it."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -222,14 +208,70 @@ def _init_ray(address: str | None) -> bool:
             address=address or None,
             include_dashboard=False,
             ignore_reinit_error=True,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
+            log_to_driver=verbose,  # the workers' output: in Ray's log files unless --verbose
+            logging_level=logging.INFO if verbose else logging.ERROR,
         )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"cannot start or reach {where}: {msg}") from None
+        hint = ""
+        if address and "auth" in str(exc).lower():
+            hint = (
+                " (a cluster started with token authentication needs RAY_AUTH_MODE=token and "
+                "its token here: RAY_AUTH_TOKEN_PATH=FILE or ~/.ray/auth_token; see the "
+                "README's 'Running on a cluster')"
+            )
+        raise ConfigError(f"cannot start or reach {where}: {msg}{hint}") from None
     return True
+
+
+def ray_log_path(study_name: str) -> Path:
+    """Where a search's Ray and Tune messages go unless `--verbose`."""
+    folder = Path(tempfile.gettempdir()) / "automl-cxr"
+    return folder / f"ray-{_safe_name(study_name)}-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def _ray_logs_to(path: Path | None) -> Iterator[None]:
+    """Ray's and Tune's Python log records (a trial's traceback when its worker dies, "Trials
+    did not complete", ...) go to `path` instead of the console; None leaves them there."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    saved = {}
+    for name in names:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate, logger.level)
+        logger.handlers = [handler] if name == "ray" else []
+        logger.propagate = name != "ray"
+    logging.getLogger("ray").setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for name, (handlers, propagate, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+def _check_reach(url: str) -> None:
+    """Refuse, before any trial starts, a storage the other nodes of the cluster cannot reach
+    (a SQLite or journal file on this machine)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and url.startswith(("sqlite:", "journal:")):
+        raise ConfigError(
+            f"the study's storage {url!r} is a file on this machine, which trials on the other "
+            f"{len(nodes) - 1} node(s) of the Ray cluster cannot reach: use a database server "
+            "every node can reach, e.g. --storage postgresql://USER@HOST/DB (pip install "
+            "'automl-cxr[postgres]') or mysql://USER@HOST/DB"
+        )
 
 
 def _trial_resources(
@@ -295,23 +337,3 @@ def _tune_env() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-try:  # the class below subclasses Ray's; keep `import automl_cxr.study._ray` cheap otherwise
-    from ray.tune.schedulers import AsyncHyperBandScheduler as _ASHA
-except ImportError:  # pragma: no cover - ray is a dependency
-    _ASHA = object  # type: ignore[assignment,misc]
-
-
-class _RecordingASHA(_ASHA):
-    """ASHA that remembers which trials it stopped (so they become PRUNED, not COMPLETE)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stopped: set[str] = set()
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == self.STOP and not result.get(FINAL):
-            self.stopped.add(trial.trial_id)
-        return decision

@@ -25,10 +25,39 @@ from automl_cxr.study._compat import (
 from automl_cxr.study._compat import trial_id as _tid
 from automl_cxr.study._objective import Objective
 from automl_cxr.study._ray_worker import FINAL, METRIC, STEP
-from automl_cxr.study._recovery import MAX_FAILED_IN_A_ROW, last_fail_reason, worker_record
+from automl_cxr.study._recovery import (
+    MAX_FAILED_IN_A_ROW,
+    enqueue_retry,
+    last_fail_reason,
+    worker_record,
+)
 from automl_cxr.study._storage import HEARTBEAT_INTERVAL
 
-__all__ = ["DRIVERS", "AskTellSearcher", "Driver", "Live"]
+__all__ = ["DRIVERS", "RETRIED", "AskTellSearcher", "Driver", "Live", "describe_tune_error"]
+
+RETRIED = ("transient", "died")
+"""`fail_kind`s whose trial is re-run with the same parameters (at most `MAX_RETRIES` times)."""
+DIED = (
+    "the Ray worker running this trial died (out of host memory, a crash, or a lost node); "
+    "see the Ray logs"
+)
+
+
+def describe_tune_error(exc: BaseException | None) -> tuple[str, str]:
+    """`fail_reason` and `fail_kind` for a Tune trial that errored: a dead worker or node
+    ("died", re-run), or an exception raised in the worker outside the trial's own code, such
+    as an import error on that node ("setup", reported as it is)."""
+    try:
+        from ray.exceptions import RayActorError, RayTaskError
+    except ImportError:  # pragma: no cover
+        return DIED, "died"
+    if exc is None or isinstance(exc, RayActorError):
+        detail = str(exc).strip().splitlines()[0] if exc is not None and str(exc) else ""
+        return (DIED + (f" ({detail[:300]})" if detail else "")), "died"
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+    return f"setup failed on the Ray worker: {type(cause).__name__}: {msg}", "setup"
+
 
 try:  # subclasses Ray's Searcher; keep the import of this module cheap where ray is missing
     from ray.tune.search import Searcher as _Searcher
@@ -70,6 +99,7 @@ class Driver:
         self.stopped = stopped
         self.scheduler_name = scheduler_name or "the Tune scheduler"
         self.live: dict[str, Live] = {}
+        self.errors: dict[str, BaseException | None] = {}  # Tune trial id → its Ray error
         self.failed_in_a_row = 0
         self.error: BaseException | None = None
         self._lock = threading.Lock()
@@ -135,8 +165,7 @@ class Driver:
 
     # -- outcome --------------------------------------------------------------------------
     def _finish(self, tune_id: str, live: Live, result: dict, error: bool) -> None:
-        storage = self.storage
-        frozen = storage.get_trial(live.trial_id)
+        frozen = self.storage.get_trial(live.trial_id)
         if not frozen.state.is_finished():
             if result.get(FINAL):
                 state = TrialState[str(result.get("optuna_state", "FAIL"))]
@@ -144,15 +173,16 @@ class Driver:
                 if state == TrialState.COMPLETE:
                     self._tell(live.number, values=list(values))
                 else:
+                    if result.get("fail_reason") and not frozen.user_attrs.get("fail_reason"):
+                        # the worker could not write to the study itself (a setup fault)
+                        self._set_attr(live.trial_id, "fail_reason", result["fail_reason"])
+                        self._set_attr(live.trial_id, "fail_kind", result.get("fail_kind"))
                     self._tell(live.number, state=state)
             elif error:
-                if not frozen.user_attrs.get("fail_reason"):
-                    self._set_attr(
-                        live.trial_id,
-                        "fail_reason",
-                        "the Ray worker running this trial died (out of host memory, a crash, "
-                        "or a lost node); see the Ray logs",
-                    )
+                reason, kind = describe_tune_error(self.errors.pop(tune_id, None))
+                if not frozen.user_attrs.get("fail_reason") or kind == "died":
+                    self._set_attr(live.trial_id, "fail_reason", reason)
+                    self._set_attr(live.trial_id, "fail_kind", kind)
                 self._tell(live.number, state=TrialState.FAIL)
             elif tune_id in self.stopped:
                 step = result.get(STEP, frozen.last_step)
@@ -166,6 +196,9 @@ class Driver:
                     live.trial_id, "fail_reason", "Ray Tune stopped this trial before it finished"
                 )
                 self._tell(live.number, state=TrialState.FAIL)
+            final = self.storage.get_trial(live.trial_id)
+            if final.state == TrialState.FAIL and final.user_attrs.get("fail_kind") in RETRIED:
+                enqueue_retry(self.study, final)  # asked for again at once, as locally
         self._after(live.trial_id)
 
     def _after(self, trial_id: int) -> None:

@@ -19,7 +19,7 @@ from automl_cxr.study._compat import attach_trial, heartbeat_thread
 from automl_cxr.study._objective import Objective, subsample
 from automl_cxr.study._optuna import make_pruner
 from automl_cxr.study._profiles import Profile
-from automl_cxr.study._recovery import worker_record
+from automl_cxr.study._recovery import process_record, worker_record
 from automl_cxr.study._space import SearchSpace
 from automl_cxr.study._storage import open_storage
 
@@ -58,6 +58,8 @@ class Job:
     feature_cache_bytes: int
     feature_cache_dir: str | None
     cwd: str
+    cv: str = "patient"
+    externals: tuple[tuple[str, str], ...] = ()  # (name, folder) of each prepared external set
 
 
 class _Abandoned(BaseException):
@@ -144,52 +146,61 @@ def _placement(job: Job) -> dict:
 
 
 def trainable(config: dict, job: Job) -> None:
-    """One trial on a Ray worker: the same Objective code path as the local backend."""
+    """One trial on a Ray worker: the same Objective code path as the local backend.
+
+    Never raises for a fault of the trial or of this worker's setup (the study's storage out
+    of reach, data missing on this node, ...): the last Tune report carries the outcome, and
+    a setup fault its reason (`fail_kind` "setup"), so the driver records what went wrong
+    instead of "the worker died".
+    """
     import torch
     from ray import tune
 
     from automl_cxr.study._objective import _free_device_memory
 
-    if os.path.isdir(job.cwd):
-        os.chdir(job.cwd)  # Tune starts trials in their own folder; paths behave as locally
-    torch.set_num_threads(max(1, int(job.cpus)))
-    number = int(config["optuna_number"])
     trial_id = int(config["optuna_trial_id"])
-    storage = _worker_storage(job.storage_url)
-    study = optuna.load_study(
-        study_name=job.study_name,
-        storage=storage,
-        # the driver sampled every parameter already; this only answers a fixed-value re-ask
-        sampler=optuna.samplers.RandomSampler(seed=job.seed + number),
-        pruner=make_pruner(job.pruner, job.max_resource),
-    )
-    trial = attach_trial(study, trial_id, _TuneTrial)
+    try:
+        if os.path.isdir(job.cwd):
+            os.chdir(job.cwd)  # Tune starts trials in their own folder; paths behave as locally
+        torch.set_num_threads(max(1, int(job.cpus)))
+        storage = _worker_storage(job.storage_url)
+        study = optuna.load_study(
+            study_name=job.study_name,
+            storage=storage,
+            # the driver sampled every parameter already; this only answers a fixed-value re-ask
+            sampler=optuna.samplers.RandomSampler(seed=job.seed + int(config["optuna_number"])),
+            pruner=make_pruner(job.pruner, job.max_resource),
+        )
+        trial = attach_trial(study, trial_id, _TuneTrial)
+    except Exception as exc:  # the study is out of reach from here: only the driver can say
+        tune.report(
+            {
+                METRIC: float("nan"),
+                FINAL: True,
+                "optuna_state": "FAIL",
+                "optuna_values": None,
+                "fail_reason": _setup_reason(exc),
+                "fail_kind": "setup",
+            }
+        )
+        return
     outcome: dict[str, Any] = {"optuna_state": "FAIL", "optuna_values": None}
     value = float("nan")
     try:
         with heartbeat_thread(trial_id, storage):
             try:
                 trial.set_user_attr("worker", {**worker_record(), "started": _now()})
+                trial.set_user_attr("process", process_record())
                 placement = _placement(job)
                 use_cuda = placement["gpus"] > 0 and torch.cuda.is_available()
                 placement["device"] = "cuda" if use_cuda else "cpu"
                 trial.set_user_attr("ray_resources", placement)
-                dataset = _worker_dataset(job)
-                if dataset.hash != job.dataset_hash:
-                    raise StorageError(
-                        f"the Ray worker on {socket.gethostname()} sees dataset {job.dataset!r} "
-                        f"with hash {dataset.hash[:12]}, the study has {job.dataset_hash[:12]}: "
-                        f"every node needs the same data under {job.data_dir}"
-                    )
-                objective = Objective(
-                    dataset,
-                    job.space,
-                    job.profile,
-                    metrics=job.objectives,
-                    seed=job.seed,
-                    device=placement["device"],
-                    feature_cache=_worker_cache(job),
-                )
+                try:
+                    objective = _worker_objective(job, placement["device"])
+                except Exception as exc:  # this node's data, cache folder, ...
+                    trial.set_user_attr("fail_reason", _setup_reason(exc))
+                    trial.set_user_attr("fail_kind", "setup")
+                    raise
                 plan = objective.sample(trial)  # the driver's values, read back from storage
                 values = objective.run_plan(trial, plan)
                 vals = list(values) if isinstance(values, tuple) else [values]
@@ -206,3 +217,38 @@ def trainable(config: dict, job: Job) -> None:
     finally:
         _free_device_memory()
     tune.report({METRIC: value, FINAL: True, **outcome})
+
+
+def _worker_objective(job: Job, device: str) -> Objective:
+    dataset = _worker_dataset(job)
+    if dataset.hash != job.dataset_hash:
+        raise StorageError(
+            f"dataset {job.dataset!r} here has hash {dataset.hash[:12]}, the study has "
+            f"{job.dataset_hash[:12]}: every node needs the same data under {job.data_dir}"
+        )
+    return Objective(
+        dataset,
+        job.space,
+        job.profile,
+        metrics=job.objectives,
+        seed=job.seed,
+        device=device,
+        feature_cache=_worker_cache(job),
+        cv=job.cv,
+        externals=_worker_externals(job),
+    )
+
+
+def _worker_externals(job: Job) -> list:
+    from automl_cxr.data import load_dataset
+
+    key = repr(job.externals)
+    if _PROCESS.get("externals_key") != key:
+        _PROCESS["externals"] = [load_dataset(n, Path(root)) for n, root in job.externals]
+        _PROCESS["externals_key"] = key
+    return _PROCESS["externals"]
+
+
+def _setup_reason(exc: BaseException) -> str:
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return f"setup failed on the Ray worker on {socket.gethostname()}: {type(exc).__name__}: {msg}"

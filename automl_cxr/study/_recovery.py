@@ -6,17 +6,22 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import uuid
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from automl_cxr.study._compat import storage_of, trial_id
+from automl_cxr.study._compat import fail_stale_trials, storage_of, trial_id
 
 __all__ = [
     "MAX_FAILED_IN_A_ROW",
     "MAX_RETRIES",
     "enqueue_retry",
+    "PROCESS_ID",
     "last_fail_reason",
+    "process_record",
+    "process_state",
     "reconcile_dead_trials",
     "retry_transient",
     "too_many_failures",
@@ -32,25 +37,82 @@ DIED = "worker process died (killed or crashed)"
 
 
 def worker_record() -> dict:
-    """Who runs a trial: this host and process."""
+    """Who runs a trial, for people: this host and process id (user attribute `worker`)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def reconcile_dead_trials(study: optuna.Study, *, host: str | None = None) -> list[int]:
-    """Trials RUNNING on this host whose worker process no longer exists → FAIL, re-enqueued.
+PROCESS_ID = uuid.uuid4().hex
+"""This process's id, unique across hosts and containers (a forked child gets a new one)."""
 
-    Heartbeats do the same across machines after a grace period; this does it at once for the
-    common case of a killed local run.
+
+def _new_process_id() -> None:
+    global PROCESS_ID
+    PROCESS_ID = uuid.uuid4().hex
+
+
+os.register_at_fork(after_in_child=_new_process_id)
+
+
+def process_record() -> dict:
+    """Who runs a trial, for dead-trial detection (user attribute `process`): a per-process id,
+    and what tells from this host whether that process still runs. A host name alone is not
+    enough: containers can share one and still have separate PID namespaces (the same pid is
+    then another process, or none)."""
+    return {
+        "id": PROCESS_ID,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_namespace": _pid_namespace(),
+        "boot_id": _boot_id(),
+        "pid_start": _pid_start(os.getpid()),
+    }
+
+
+def process_state(record: dict, *, host: str | None = None) -> str:
+    """`"alive"`, `"dead"` or `"unknown"` (another host or PID namespace: heartbeats decide) for
+    the process a trial's `process` record (or an older study's `worker` record) names."""
+    if "id" in record:
+        if record["id"] == PROCESS_ID:
+            return "dead"  # our own trial, left RUNNING by an earlier call in this process
+    elif int(record.get("pid", -1)) == os.getpid():
+        return "dead"
+    if record.get("host") != (host or socket.gethostname()):
+        return "unknown"
+    if "id" in record:  # the same host name is not yet the same machine and PID namespace
+        boot = _boot_id()
+        if record.get("boot_id") is None or boot is None:
+            return "unknown"
+        if record["boot_id"] != boot:
+            return "dead"  # this machine rebooted since: every process of then is gone
+        ns = record.get("pid_namespace")
+        if ns is None or ns != _pid_namespace():
+            return "unknown"  # another container: its pids mean nothing here
+    pid = int(record.get("pid", -1))
+    if not _pid_alive(pid):
+        return "dead"
+    started = record.get("pid_start")
+    if started is not None and _pid_start(pid) not in (None, started):
+        return "dead"  # the pid now belongs to another process
+    return "alive"
+
+
+def reconcile_dead_trials(study: optuna.Study, *, host: str | None = None) -> list[int]:
+    """RUNNING trials whose worker process is known to be gone → FAIL, re-enqueued.
+
+    Known from this host (`process_state`, from the `process` record of each trial); for trials
+    of other hosts or containers Optuna's heartbeats decide: stale after the storage's grace
+    period → FAIL, re-queued by the storage's stale-trial callback.
     """
-    host = host or socket.gethostname()
+    fail_stale_trials(study)
     failed = []
     storage = storage_of(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        w = t.user_attrs.get("worker") or {}
-        if w.get("host") != host or _pid_alive(int(w.get("pid", -1))):
+        record = t.user_attrs.get("process") or t.user_attrs.get("worker") or {}
+        if process_state(record, host=host) != "dead":
             continue
         try:
             storage.set_trial_user_attr(trial_id(t), "fail_reason", DIED)
+            storage.set_trial_user_attr(trial_id(t), "fail_kind", "died")
             ok = storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
         except Exception:  # another worker got there first
             continue
@@ -82,8 +144,6 @@ def retry_transient(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
-    if pid == os.getpid():
-        return False  # our own trial left RUNNING from an earlier call in this process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,6 +151,31 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _pid_namespace() -> int | None:
+    """The inode of this process's PID namespace (Linux), else None."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, Linux), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # field 22 of proc(5); fields[0] is its field 3
 
 
 def too_many_failures(study: optuna.Study, before: int, window: int = MAX_FAILED_IN_A_ROW) -> bool:

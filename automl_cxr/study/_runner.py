@@ -111,7 +111,15 @@ def run_search(
             from automl_cxr.study._ray import run_ray  # imports ray: only when asked for
 
             run_ray(
-                settings, study, dataset, space, profile, storage_arg, on_trial=on_trial, log=log
+                settings,
+                study,
+                dataset,
+                space,
+                profile,
+                storage_arg,
+                on_trial=on_trial,
+                log=log,
+                externals=externals,
             )
         elif settings.workers > 1:
             note = _sqlite_note(settings, storage_arg)

@@ -49,6 +49,7 @@ class SearchSettings:
     cv: str = "patient"  # what a fold holds out: patients, or whole acquisition sites
     externals: Sequence[str | Path] = ()  # external sets scored after each COMPLETE trial
     external_label_map: Mapping[str, str] | None = None  # their labels onto the study's
+    verbose: bool = False  # Ray's own messages on the console (else in a log file)
 
     def __post_init__(self) -> None:
         if self.trials < 1:

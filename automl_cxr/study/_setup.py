@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from automl_cxr.data import PreparedDataset
 from automl_cxr.data._diagnostics import source_label_alignment
 from automl_cxr.errors import ConfigError, StorageError
-from automl_cxr.study._optuna import WorkerTaggingSampler, make_pruner, make_sampler, sampler_seed
+from automl_cxr.study._optuna import make_pruner, study_sampler
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._protocol import check_protocol, legacy_protocol
 from automl_cxr.study._settings import SearchSettings
@@ -73,17 +73,7 @@ def load_or_create(
     resume it (refusing other data, objectives or protocol — seed, cv, profile, folds; see
     `_protocol` —, recording a changed space in `space_history`)."""
     multi = len(settings.objectives) > 1
-
-    def sampler_for(n_existing: int) -> WorkerTaggingSampler:
-        return WorkerTaggingSampler(
-            make_sampler(
-                settings.sampler,
-                sampler_seed(settings.seed, settings.worker_index, n_existing),
-                multi=multi,
-            )
-        )
-
-    sampler = sampler_for(0)
+    sampler = study_sampler(settings.sampler, settings.seed, multi=multi)
     n_folds = len(protocol["folds"]) if protocol else None
     pruner = make_pruner(settings.pruner, pruning_budget(profile, space, n_folds))
     try:
@@ -97,10 +87,6 @@ def load_or_create(
         )
     except ValueError as exc:  # e.g. directions differ from the existing study
         raise StorageError(f"cannot use study {name!r}: {exc}") from None
-    n_existing = len(study.get_trials(deepcopy=False))
-    if n_existing:
-        # A resumed run (or a later worker) must not replay the draws of the first one.
-        study.sampler = sampler_for(n_existing)
     attrs = study.user_attrs
     if not attrs.get("dataset"):
         align = source_label_alignment(dataset.manifest)
