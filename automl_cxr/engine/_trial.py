@@ -61,6 +61,9 @@ class TrialResult:
     weight_source: dict
     external: dict | None = None
     splits: list[dict] = field(default_factory=list)
+    # pooled out-of-fold probabilities (N, C), rows in the dataset manifest's order; NaN rows
+    # were never validated (e.g. max_folds < n_folds). Stored once per trial (study/_oof.py).
+    oof_probs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def value(self) -> float:
@@ -524,6 +527,7 @@ def run_trial(
         weight_source=session.weight_info,
         external=ext,
         splits=[{"fold": s.fold, "n_train": len(s.train), "n_val": len(s.val)} for s in splits],
+        oof_probs=oof,
     )
     if metric not in result.summary["metrics"]:
         raise ConfigError(
