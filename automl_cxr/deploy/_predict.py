@@ -12,6 +12,7 @@ import numpy as np
 
 from automl_cxr.data import decode_gray, resize_square
 from automl_cxr.deploy._gradcam import save_gradcam
+from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
 from automl_cxr.deploy._runtime import onnx_session
 from automl_cxr.errors import ConfigError, DataError
 
@@ -89,11 +90,26 @@ class ExportedModel:
             pt = self.dir / "model.pt"
             if not pt.is_file():
                 raise DataError(f"{self.dir} lacks model.pt (needed for PyTorch / Grad-CAM)")
-            cfg = ModelConfig.from_dict(
-                {**self.config["model"], "pretrained": False, "weights_file": None}
-            )
+
+            def fresh(model_cfg: dict) -> ModelConfig:
+                no_weights = {"pretrained": False, "weights_file": None}
+                return ModelConfig.from_dict({**model_cfg, **no_weights})
+
+            cfg = fresh(self.config["model"])
             members = (self.config.get("ensemble") or {}).get("members")
-            model = CxrEnsemble.from_config(cfg, int(members)) if members else build_model(cfg)
+            selected = (self.config.get("selected_ensemble") or {}).get("members")
+            if selected:
+                model = WeightedEnsemble(
+                    [build_model(fresh(m["model"])) for m in selected],
+                    [float(m["weight"]) for m in selected],
+                )
+            elif members:
+                model = CxrEnsemble.from_config(cfg, int(members))
+            else:
+                model = build_model(cfg)
+            temperature = (self.config.get("calibration") or {}).get("temperature")
+            if temperature is not None:
+                model = TemperatureScaled(model, float(temperature))
             state = torch.load(pt, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             self._torch = model.eval()
@@ -121,6 +137,21 @@ class ExportedModel:
             net = self.torch_model()
         with torch.no_grad():
             return net(torch.from_numpy(x)).float().numpy()
+
+    @property
+    def operating_point(self) -> dict[str, Any] | None:
+        """The operating point baked in by `export --operating-point` (threshold on the
+        positive class), or None."""
+        return self.config.get("operating_point") or None
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class index per row at the operating point (the arg-max without one)."""
+        from automl_cxr.oof import decide
+
+        op = self.operating_point
+        if op is None:
+            return np.asarray(probs).argmax(axis=1)
+        return decide(probs, self.classes.index(op["positive"]), float(op["threshold"]))
 
     def predict_proba(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [softmax(self.logits(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
@@ -152,13 +183,16 @@ def predict_images(
     """Class probabilities of each image; with `explain`, a Grad-CAM overlay PNG
     `<stem>_gradcam.png` per image (original size) in `out_dir` for the predicted class.
 
-    Returns one dict per image: ``path``, ``probabilities`` {class: p}, ``predicted``,
+    Returns one dict per image: ``path``, ``probabilities`` {class: p}, ``predicted`` (the
+    arg-max), ``thresholded`` (the class at the model's operating point, None without one),
     ``width``, ``height`` and ``gradcam`` (the PNG path, or None).
     """
     if not paths:
         raise ConfigError("no images given: pass one or more image files")
     inputs = [load_image(p, model.resolution) for p in paths]
     probs = model.predict_proba(np.stack([i.tensor for i in inputs]))
+    decisions = model.decide(probs)
+    op = model.operating_point
     results = []
     out = Path(out_dir)
     used: dict[str, int] = {}
@@ -168,10 +202,19 @@ def predict_images(
             "path": str(item.path),
             "probabilities": {c: float(v) for c, v in zip(model.classes, p, strict=True)},
             "predicted": model.classes[k],
+            "thresholded": None,
             "width": int(item.pixels.shape[1]),
             "height": int(item.pixels.shape[0]),
             "gradcam": None,
         }
+        if op is not None:
+            rec["thresholded"] = model.classes[int(decisions[len(results)])]
+            rec["operating_point"] = {
+                "positive": op["positive"],
+                "threshold": float(op["threshold"]),
+                "rule": op.get("rule"),
+                "target": op.get("target"),
+            }
         if explain:
             stem = item.path.stem
             n = used.get(stem, 0)
