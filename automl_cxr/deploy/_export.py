@@ -219,7 +219,7 @@ def export_model(
             "model": model.config.to_dict(),
             "ensemble": (
                 {
-                    "members": len(model),
+                    "members": len(inner),
                     "combine": "mean of the members' softmax probabilities; the output is its "
                     "log, so softmax(output) is that mean",
                 }
