@@ -358,13 +358,22 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Folder for the Grad-CAM PNGs.")] = Path(
         "gradcam"
     ),
+    dicom_sc: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-sc",
+            help="For DICOM inputs also write the Grad-CAM overlay as a DICOM Secondary Capture "
+            "(implies --explain).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Class probabilities per image; --explain adds `<stem>_gradcam.png` heatmaps."""
     from automl_cxr.deploy import ExportedModel, predict_images
 
     m = ExportedModel(model_dir, runtime=runtime)
-    res = predict_images(m, list(images), explain=explain, out_dir=out)
+    explain = explain or dicom_sc
+    res = predict_images(m, list(images), explain=explain, out_dir=out, dicom_sc=dicom_sc)
     if as_json:
         _echo_json(
             {"model": str(model_dir), "runtime": runtime, "classes": m.classes, "predictions": res}
@@ -392,7 +401,9 @@ def predict(
         if op is not None:
             row.append(str(r["thresholded"]))
         if explain:
-            row.append(str(r["gradcam"]))
+            row.append(
+                str(r["gradcam"]) + (f"\n{r['gradcam_dicom']}" if r.get("gradcam_dicom") else "")
+            )
         t.add_row(*row)
     out_console.print(t)
 

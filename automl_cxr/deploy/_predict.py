@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from automl_cxr.data import decode_gray, resize_square
-from automl_cxr.deploy._gradcam import save_gradcam
+from automl_cxr.deploy._dicom_sc import write_secondary_capture
+from automl_cxr.deploy._gradcam import gradcam_map, gradcam_overlay
 from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
 from automl_cxr.deploy._runtime import onnx_session
 from automl_cxr.errors import ConfigError, DataError
@@ -163,6 +165,7 @@ class ImageInput:
     path: Path
     pixels: np.ndarray  # original 8-bit gray (H, W)
     tensor: np.ndarray  # (1, R, R) float32 in [0, 1]
+    dicom: bool = False
 
 
 def load_image(path: str | Path, resolution: int) -> ImageInput:
@@ -170,7 +173,7 @@ def load_image(path: str | Path, resolution: int) -> ImageInput:
     p = Path(path)
     img = decode_gray(p)
     x = resize_square(img.pixels, resolution).astype(np.float32) / 255.0
-    return ImageInput(p, img.pixels, x[None])
+    return ImageInput(p, img.pixels, x[None], dicom=img.format == "DICOM")
 
 
 def predict_images(
@@ -179,13 +182,16 @@ def predict_images(
     *,
     explain: bool = False,
     out_dir: str | Path = "gradcam",
+    dicom_sc: bool = False,
 ) -> list[dict[str, Any]]:
     """Class probabilities of each image; with `explain`, a Grad-CAM overlay PNG
     `<stem>_gradcam.png` per image (original size) in `out_dir` for the predicted class.
 
     Returns one dict per image: ``path``, ``probabilities`` {class: p}, ``predicted`` (the
     arg-max), ``thresholded`` (the class at the model's operating point, None without one),
-    ``width``, ``height`` and ``gradcam`` (the PNG path, or None).
+    ``width``, ``height`` and ``gradcam`` (the PNG path, or None). With `dicom_sc` (and
+    `explain`), a DICOM input's overlay is also written as a Secondary Capture
+    ``<stem>_gradcam.dcm`` (``gradcam_dicom``) in the patient's study.
     """
     if not paths:
         raise ConfigError("no images given: pass one or more image files")
@@ -221,11 +227,22 @@ def predict_images(
             used[stem] = n + 1
             name = f"{stem}_gradcam.png" if n == 0 else f"{stem}_{n}_gradcam.png"
             out.mkdir(parents=True, exist_ok=True)
-            rec["gradcam"] = str(
-                save_gradcam(
-                    model.torch_model(), item.pixels, model.resolution, out / name, class_index=k
-                )
-            )
+            heat = gradcam_map(model.torch_model(), item.pixels, model.resolution, class_index=k)
+            overlay = gradcam_overlay(item.pixels, heat)
+            Image.fromarray(overlay).save(out / name, format="PNG")
+            rec["gradcam"] = str(out / name)
             rec["gradcam_class"] = model.classes[k]
+            rec["gradcam_dicom"] = None
+            if dicom_sc and item.dicom:
+                rec["gradcam_dicom"] = str(
+                    write_secondary_capture(
+                        item.path,
+                        overlay,
+                        out / name.replace(".png", ".dcm"),
+                        description=f"Grad-CAM of class {model.classes[k]} (p = {p[k]:.3f}) "
+                        f"by automl-cxr model {model.dir.name}; red = regions that raised the "
+                        "score. Research only, not a medical device.",
+                    )
+                )
         results.append(rec)
     return results
