@@ -227,8 +227,20 @@ def dashboard(
     study: Annotated[str, typer.Argument(help="SQLite file path or Optuna storage URL.")],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for others).")] = "127.0.0.1",
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish/--no-publish",
+            help="First write a note and figure artifacts for every complete trial not yet "
+            "published, and the report's key figures on the study page.",
+        ),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--republish", help="Publish every trial again (new notes/images).")
+    ] = False,
 ) -> None:
-    """Start optuna-dashboard on a study's storage (Ctrl-C stops it)."""
+    """Start optuna-dashboard on a study's storage (Ctrl-C stops it): trial notes (per-fold
+    tables, per-class sensitivity/specificity, calibration), images and the report's figures."""
     from optuna_dashboard import run_server
 
     from automl_cxr.errors import ConfigError, StorageError
@@ -244,6 +256,23 @@ def dashboard(
         raise StorageError(f"cannot read studies from {storage_url(study)!r}: {msg}") from None
     if not names:
         raise StorageError(f"no study in {storage_url(study)!r}: run `automl-cxr search` first")
+    from automl_cxr.oof import artifact_store
+
+    if publish:
+        import optuna
+
+        from automl_cxr.report._dashboard import publish_dashboard
+
+        for name in sorted(names):
+            res = publish_dashboard(
+                optuna.load_study(study_name=name, storage=storage), study, force=force
+            )
+            err_console.print(
+                f"study {name}: published {len(res['published'])} trial(s) "
+                f"({res['skipped']} already), figures {', '.join(res['figures']) or 'unchanged'}",
+                highlight=False,
+            )
+    store = artifact_store(study)
     err_console.print(
         f"optuna-dashboard on http://{host}:{port}/dashboard for {storage_url(study)} "
         f"({len(names)} stud{'y' if len(names) == 1 else 'ies'}: {', '.join(sorted(names))}; "
@@ -251,6 +280,6 @@ def dashboard(
         highlight=False,
     )
     try:
-        run_server(storage, host=host, port=port)
+        run_server(storage, host=host, port=port, artifact_store=store)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
