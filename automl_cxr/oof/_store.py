@@ -13,8 +13,10 @@ out-of-fold predictions, row-aligned to the dataset it ran on:
 Row order is the dataset manifest's (after the profile's subsampling), identified by the
 manifest hash the trial records (``dataset_hash``). Log-probabilities in float16 keep ~3
 significant digits of every probability, small ones included. Size: about 2 · N · C bytes
-before compression plus 7 · N for labels, folds and groups — 8–10 KB per trial for the
-paper's 1,442-image four-class set, so a 200-trial study adds under 2 MB.
+for the predictions (incompressible) plus a few bytes per row for labels, folds and groups
+after compression — 13 KB per trial for a 1,442 x 4 array (the paper-size four-class set;
+measured with simulated probabilities), so a 200-trial study adds about 2.6 MB (2 KB per
+trial for the 122-image smoke set).
 
 The artifact folder sits beside the study: ``studies/x.db`` → ``studies/x.artifacts/`` (also
 for journal files); a server storage (PostgreSQL, MySQL) needs ``$AUTOML_CXR_ARTIFACTS`` (a
