@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import pytest
 
 from automl_cxr.cli import main
 from automl_cxr.study import SearchSettings, run_search
+
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +111,49 @@ def test_dashboard_serves_the_study(study_db: Path, tmp_path: Path) -> None:
             assert served[t.number]["values"] == pytest.approx(t.values)
             params = {p["name"]: p for p in served[t.number]["params"]}
             assert set(params) == set(t.params)
+            # the trial's note: per-fold table with mean and CI, per class, calibration, config
+            note = served[t.number]["note"]["body"]
+            assert f"## Trial {t.number}" in note and "| **mean** |" in note
+            assert "95% CI" in note and "### Per class" in note and "ECE " in note
+            assert "### Configuration" in note and "### Weights" in note
+            fold0 = t.user_attrs["metrics"]["folds"][0]["balanced_accuracy"]
+            assert f"{fold0:.4f}" in note
+            # its artifacts: images served by the dashboard from the study's artifact store
+            arts = {a["filename"]: a for a in served[t.number]["artifacts"]}
+            want = {"confusion_matrix.png", "roc.png", "reliability.png", "learning_curves.png"}
+            assert want <= set(arts), sorted(arts)
+            for name in want:
+                url = f"{base}/artifacts/{sid}/{served[t.number]['trial_id']}/"
+                status, png = _get(url + arts[name]["artifact_id"])
+                assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n", name
+        # the study page: the report's key figures and a leaderboard note
+        figs = {g["id"] for g in detail["plotly_graph_objects"]}
+        assert {"automl-cxr-history", "automl-cxr-roc", "automl-cxr-reliability"} <= figs
+        assert "Ranked by balanced_accuracy" in detail["note"]["body"]
         status, page = _get(f"{base}/dashboard")
         assert status == 200 and b"<html" in page.lower()
+        if CHROMIUM.exists():  # a screenshot of the trial page for the docs
+            shot = tmp_path / "trial.png"
+            first = complete[0].number
+            url = f"{base}/dashboard/studies/{sid}/trials?numbers={first}"
+            subprocess.run(
+                [
+                    str(CHROMIUM),
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--window-size=1400,1800",
+                    "--virtual-time-budget=15000",
+                    f"--screenshot={shot}",
+                    url,
+                ],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+            assert shot.is_file() and shot.stat().st_size > 10_000
+            if os.environ.get("AUTOML_CXR_SCREENSHOT"):
+                shutil.copy(shot, os.environ["AUTOML_CXR_SCREENSHOT"])
     finally:
         proc.terminate()
         try:

@@ -183,6 +183,7 @@ def test_export_fold_ensemble_round_trip(
     probabilities, identical in PyTorch, TorchScript and ONNX; Grad-CAM works on it."""
     out = tmp_path / "ens"
     args = ["export", "--study", str(smoke_study), "--out", str(out), "--ensemble"]
+    args.append("--no-calibrate")  # the plain average (temperature: tests/test_export_clinic.py)
     assert main([*args, "--data-dir", str(prepared_dir), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     trial = load_study(smoke_study).best_trial

@@ -421,6 +421,7 @@ def test_figures_are_drawn_from_the_data(data) -> None:
         "pareto",
         "confusion",
         "roc",
+        "reliability",
         "curves",
     ]
     # Backbone boxes hold exactly the ranked scores, with each trial's parameters on hover.
@@ -435,7 +436,13 @@ def test_figures_are_drawn_from_the_data(data) -> None:
     assert np.asarray(data.confusions[0]["matrix"]).sum() > 0
     assert data.confusions[0]["number"] == data.board.iloc[0]["number"]
     labels = {tr.name for tr in figs["roc"].data if tr.name}
-    assert labels == set(data.attrs["classes"])
+    assert labels == set(data.attrs["classes"]) | {"operating point (youden)"}
+    marks = [tr for tr in figs["roc"].data if tr.name == "operating point (youden)"]
+    op = data.oof.operating[0]
+    assert marks[0].x[0] == pytest.approx(1 - op["specificity"])
+    assert marks[0].y[0] == pytest.approx(op["sensitivity"])
+    rel = figs["reliability"].data[1]
+    assert list(rel.x) == pytest.approx(data.oof.reliability[0]["confidence"])
 
 
 def test_importances(data) -> None:
@@ -731,3 +738,69 @@ def test_page_renders_in_headless_chromium(data, report_dir: Path, tmp_path: Pat
     assert shot.is_file() and shot.stat().st_size > 50_000
     png = io.BytesIO(shot.read_bytes())
     assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- out-of-fold
+
+
+def test_calibration_operating_points_and_ensemble_in_the_report(data, report_dir: Path) -> None:
+    from automl_cxr.oof import calibration_summary, load_study_oof
+
+    oofs = load_study_oof(load_study(data.storage), data.storage)
+    assert set(oofs) == set(data.board["number"])
+    for r in data.board.itertuples():
+        v = oofs[int(r.number)].valid()
+        c = calibration_summary(v.probs, v.labels, groups=v.groups)
+        assert r.ece == pytest.approx(c["ece"]) and r.ece_ci_low <= r.ece <= r.ece_ci_high
+    assert data.oof.reliability and data.oof.operating
+    assert [op["number"] for op in data.oof.operating] == list(data.board["number"].head(4))
+    ens = data.oof.ensemble
+    assert ens["score"] >= ens["best_single_score"]
+    assert ens["nested"]["available"]
+    summary = json.loads((report_dir / "leaderboard.json").read_text())
+    assert {"ece", "ece_ci_low", "ece_ci_high"} <= set(summary["leaderboard"][0])
+    assert summary["ensemble"]["weights"] and summary["operating_points"]
+    md = (report_dir / "report.md").read_text()
+    assert "## Ensemble selection across trials" in md and "optimistic" in md
+    assert "Nested estimate" in md and "## Operating point on covid" in md
+    page = (report_dir / "index.html").read_text()
+    assert 'id="plot-reliability"' in page and 'id="ensemble"' in page
+    assert "operating point (youden)" in page
+
+
+def test_console_report_fits_80_columns(study_db: Path, data, tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        ["python", "-m", "automl_cxr", "report", str(study_db), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    lines = run.stdout.splitlines()
+    too_long = [ln for ln in lines if len(ln) > 80]
+    assert not too_long, too_long
+    assert "…" not in run.stdout  # nothing truncated
+    text = run.stdout
+    best = data.board.iloc[0]
+    assert f"{best['value']:.4f}" in text
+    assert f"[{best['ci_low']:.3f}–{best['ci_high']:.3f}]" in text
+    assert str(best["backbone"]) in text.replace("\n", "")  # may wrap, never cut
+    for _, r in data.paper.iterrows():  # every number of the paper table, in full
+        for k in ("accuracy", "covid_accuracy", "covid_sensitivity", "covid_specificity"):
+            if r[k] == r[k]:
+                assert f"{100 * r[k]:.2f}%" in text
+            if r[f"{k}_ci_low"] == r[f"{k}_ci_low"]:
+                assert f"[{100 * r[f'{k}_ci_low']:.1f}–{100 * r[f'{k}_ci_high']:.1f}]" in text
+    # --json is unchanged by the console layout
+    js = subprocess.run(
+        ["python", "-m", "automl_cxr", "report", str(study_db), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert (
+        json.loads(js.stdout)["leaderboard"]
+        == json.loads(json.dumps(data.summary()))["leaderboard"]
+    )

@@ -175,6 +175,22 @@ def evaluate(
     for row in _metric_rows(boot):
         t.add_row(*row)
     c.print(t)
+    op = res.get("operating_point")
+    if op:
+        ob = op["bootstrap"]
+        target = "" if op.get("target") is None else f"={op['target']}"
+        ot = Table(
+            title=f"at the model's operating point ({op['rule']}{target}: {op['positive']} if "
+            f"p >= {float(op['threshold']):.4f}) instead of the arg-max",
+            title_justify="left",
+        )
+        ot.add_column("metric")
+        ot.add_column("value", justify="right")
+        ot.add_column("95% CI", justify="right")
+        for row in _metric_rows(ob):
+            if row[0] != "auc":
+                ot.add_row(*row)
+        c.print(ot)
     cm = res["metrics"].get("confusion_matrix")
     if cm:
         ct = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
@@ -210,6 +226,29 @@ def export(
             "retraining one model on all data.",
         ),
     ] = False,
+    operating_point: Annotated[
+        str | None,
+        typer.Option(
+            "--operating-point",
+            help="Threshold on the positive class chosen on the out-of-fold predictions: "
+            "sensitivity=0.95, specificity=0.9 or youden.",
+        ),
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="Bake in temperature scaling fitted on the out-of-fold predictions.",
+        ),
+    ] = True,
+    ensemble_select: Annotated[
+        int | None,
+        typer.Option(
+            "--ensemble-select",
+            help="Caruana ensemble selection over the study's trials, N rounds; the members are "
+            "retrained and written as one graph.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -225,6 +264,9 @@ def export(
         data_dir=data_dir,
         onnx_exporter=onnx_exporter,
         ensemble=ensemble,
+        calibrate=calibrate,
+        operating_point=operating_point,
+        ensemble_select=ensemble_select,
         log=_log(quiet or as_json),
     )
     if as_json:
@@ -250,6 +292,42 @@ def export(
             f"{ch['torchscript_max_abs_diff']:.2g}, ONNX {ch['onnx_max_abs_diff']:.2g}",
             highlight=False,
         )
+        sel = res.get("selected_ensemble")
+        if sel:
+            out_console.print(
+                "selected ensemble: "
+                + ", ".join(f"trial {m['trial']} × {m['weight']:.2f}" for m in sel["members"])
+                + f"; out-of-fold {sel['metric']} {sel['score']:.4f} vs best single "
+                f"{sel['best_single_score']:.4f} (optimistic; nested: "
+                + (
+                    f"{sel['nested']['ensemble']['mean']:.4f} vs "
+                    f"{sel['nested']['best_single']['mean']:.4f})"
+                    if sel["nested"].get("available")
+                    else "n/a)"
+                ),
+                highlight=False,
+                soft_wrap=False,
+            )
+        cal = res.get("calibration")
+        if cal:
+            b, a = cal["before"], cal["after"]
+            out_console.print(
+                f"temperature scaling T = {cal['temperature']:.3f}: out-of-fold ECE "
+                f"{b['ece']:.3f} → {a['ece']:.3f}",
+                highlight=False,
+            )
+        op = res.get("operating_point")
+        if op:
+            out_console.print(
+                f"operating point {op['rule']}"
+                + ("" if op["target"] is None else f"={op['target']}")
+                + f": {op['positive']} if p >= {op['threshold']:.4f}; expected sensitivity "
+                f"{op['sensitivity']:.3f} [{op['sensitivity_ci_low']:.3f}, "
+                f"{op['sensitivity_ci_high']:.3f}], specificity {op['specificity']:.3f} "
+                f"[{op['specificity_ci_low']:.3f}, {op['specificity_ci_high']:.3f}]",
+                highlight=False,
+                soft_wrap=False,
+            )
         out_console.print(
             "intended use: research only, not a medical device (see model_card.md)",
             style="bold",
@@ -280,13 +358,22 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Folder for the Grad-CAM PNGs.")] = Path(
         "gradcam"
     ),
+    dicom_sc: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-sc",
+            help="For DICOM inputs also write the Grad-CAM overlay as a DICOM Secondary Capture "
+            "(implies --explain).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Class probabilities per image; --explain adds `<stem>_gradcam.png` heatmaps."""
     from automl_cxr.deploy import ExportedModel, predict_images
 
     m = ExportedModel(model_dir, runtime=runtime)
-    res = predict_images(m, list(images), explain=explain, out_dir=out)
+    explain = explain or dicom_sc
+    res = predict_images(m, list(images), explain=explain, out_dir=out, dicom_sc=dicom_sc)
     if as_json:
         _echo_json(
             {"model": str(model_dir), "runtime": runtime, "classes": m.classes, "predictions": res}
@@ -300,6 +387,9 @@ def predict(
     for c in m.classes:
         t.add_column(c, justify="right")
     t.add_column("predicted")
+    op = m.operating_point
+    if op is not None:
+        t.add_column(f"at {op['positive']} ≥ {float(op['threshold']):.3f}")
     if explain:
         t.add_column("Grad-CAM", overflow="fold")
     for r in res:
@@ -308,8 +398,12 @@ def predict(
             *[f"{r['probabilities'][c]:.3f}" for c in m.classes],
             r["predicted"],
         ]
+        if op is not None:
+            row.append(str(r["thresholded"]))
         if explain:
-            row.append(str(r["gradcam"]))
+            row.append(
+                str(r["gradcam"]) + (f"\n{r['gradcam_dicom']}" if r.get("gradcam_dicom") else "")
+            )
         t.add_row(*row)
     out_console.print(t)
 

@@ -7,18 +7,28 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from automl_cxr.cli import app
 from automl_cxr.cli._common import err_console, out_console
 
 
+def _num(x, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def _ci(lo, hi, spec: str = ".3f") -> str:
+    return "" if lo is None or hi is None or lo != lo or hi != hi else f"[{lo:{spec}}–{hi:{spec}}]"
+
+
 def _console_table(data) -> Table:
-    """A leaderboard that fits 80 columns: the full one is in the files."""
+    """The leaderboard in 80 columns: numbers never cut (their columns do not wrap), the
+    configuration (backbone, frozen depth, head) wraps in the last column. The full table is
+    in the files."""
     board = data.board.head(data.top)
     table = Table(
-        title=f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean, 95% CI "
-        "over folds; COVID-19 sensitivity / specificity; latency ms)",
+        title=f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean over folds)",
         title_justify="left",
         header_style="bold underline",
         box=None,
@@ -33,59 +43,80 @@ def _console_table(data) -> Table:
         ("95% CI", "right"),
         ("sens", "right"),
         ("spec", "right"),
-        ("backbone", "left"),
-        ("frozen", "left"),
-        ("head", "left"),
+        ("ECE", "right"),
         ("ms", "right"),
     ):
-        table.add_column(
-            name,
-            justify=justify,
-            no_wrap=name != "backbone",
-            overflow="fold" if name == "backbone" else "ellipsis",
-        )
-
-    def num(x, spec):
-        return "-" if x != x else format(x, spec)
-
+        table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("backbone / frozen / head", justify="left", overflow="fold", ratio=1)
     for r in board.to_dict(orient="records"):
         mark = {True: "≈", False: "", None: "?"}[r["not_worse"]]
         table.add_row(
             str(r["rank"]),
             mark,
             str(r["number"]),
-            num(r["value"], ".4f"),
-            "-" if r["ci_low"] != r["ci_low"] else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-            num(r["covid_sensitivity"], ".3f"),
-            num(r["covid_specificity"], ".3f"),
-            str(r["backbone"]),
-            str(r["frozen_depth"] or "-"),
-            str(r["head"]),
-            num(r["latency_ms"], ".1f"),
+            _num(r["value"], ".4f"),
+            _ci(r["ci_low"], r["ci_high"]) or "-",
+            _num(r["covid_sensitivity"], ".3f"),
+            _num(r["covid_specificity"], ".3f"),
+            _num(r.get("ece"), ".3f"),
+            _num(r["latency_ms"], ".1f"),
+            f"{r['backbone']} {r['frozen_depth'] or '-'} {r['head']}",
             style="green" if r["not_worse"] else None,
         )
     return table
 
 
-def _paper_table(data) -> Table:
-    """Ours beside the seed paper's reported numbers (percent, 95 % CIs over folds)."""
-    from automl_cxr.report._tables import paper_rows
+_PAPER_HEADERS = ("accuracy", "COVID acc.", "COVID sens.", "COVID spec.")
 
-    header, rows = paper_rows(data)
-    table = Table(title="Beside the seed paper", title_justify="left")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i in (0, 2) else "right")
-    for src, r in zip(data.paper["source"], rows, strict=True):
-        table.add_row(*(str(x) for x in r), style="cyan" if src == "paper" else None)
+
+def _paper_table(data) -> Table:
+    """Ours beside the seed paper's reported numbers, in 80 columns: each cell is the value in
+    percent with its 95 % CI over folds on the line below; row labels wrap."""
+    from automl_cxr.report._paper import PAPER_KEYS
+
+    table = Table(
+        title="Beside the seed paper (percent; ours: mean [95% CI] over folds)",
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    table.add_column("", justify="left", overflow="fold", ratio=1, min_width=14)
+    table.add_column("trial", justify="right", no_wrap=True)
+    for name in _PAPER_HEADERS:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in data.paper.to_dict(orient="records"):
+        label = str(r["row"])
+        if r["source"] != "paper" and r.get("backbone") and str(r["backbone"]) not in label:
+            label += f" ({r['backbone']})"
+        elif r["source"] == "paper" and r.get("backbone"):
+            label += f", {r['backbone']}"
+        cells = []
+        for k in PAPER_KEYS:
+            v, lo, hi = r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"]
+            if v is None or v != v:
+                cells.append("-")
+                continue
+            ci = _ci(None if lo != lo else 100 * lo, None if hi != hi else 100 * hi, ".1f")
+            cells.append(f"{100 * v:.2f}%" + (f"\n{ci}" if ci else ""))
+        trial = r["trial"]
+        table.add_row(
+            label,
+            "-" if trial is None or trial != trial else str(int(trial)),
+            *cells,
+            style="cyan" if r["source"] == "paper" else None,
+        )
     return table
 
 
 def _print_report(data, files: list[Path]) -> None:
     from automl_cxr.report._paper import PAPER_CAVEAT
-    from automl_cxr.report._tables import counts_text, mark_legend
+    from automl_cxr.report._tables import counts_text, ensemble_text, mark_legend
 
     c = out_console
-    c.print(f"[bold]study[/] {data.study_name}  ({data.storage})", highlight=False)
+    c.print(f"[bold]study[/] {data.study_name}  ({data.storage})", highlight=False, soft_wrap=False)
     c.print(f"trials: {counts_text(data.counts)}", highlight=False)
     if data.warning:
         err_console.print(
@@ -99,20 +130,27 @@ def _print_report(data, files: list[Path]) -> None:
             "this report is a snapshot[/]"
         )
     c.print(_console_table(data))
+    prose = {"highlight": False, "style": "dim", "soft_wrap": False}
     c.print(
-        mark_legend(data).replace("≈ best", "≈").replace("n/a:", "?:"), highlight=False, style="dim"
+        "columns: score and its 95% CI over folds; COVID-19 sensitivity and specificity; "
+        "ECE (calibration error of the out-of-fold probabilities); latency in ms.",
+        **prose,
     )
+    c.print(mark_legend(data).replace("≈ best", "≈").replace("n/a:", "?:"), **prose)
+    for line in ensemble_text(data):
+        c.print(line, highlight=False, soft_wrap=False)
     if len(data.paper):
         c.print(_paper_table(data))
-        c.print(PAPER_CAVEAT, highlight=False, style="dim")
+        c.print(PAPER_CAVEAT, **prose)
     for note in data.notes:
-        c.print(f"note: {note}", highlight=False, style="dim")
+        c.print(f"note: {note}", **prose)
     if files:
         folder = files[0].parent
         page = folder / "index.html"
         c.print(
             f"wrote {len(files)} files to {folder}/" + (f"; open {page}" if page in files else ""),
             highlight=False,
+            soft_wrap=False,
         )
 
 
@@ -189,8 +227,20 @@ def dashboard(
     study: Annotated[str, typer.Argument(help="SQLite file path or Optuna storage URL.")],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for others).")] = "127.0.0.1",
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish/--no-publish",
+            help="First write a note and figure artifacts for every complete trial not yet "
+            "published, and the report's key figures on the study page.",
+        ),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--republish", help="Publish every trial again (new notes/images).")
+    ] = False,
 ) -> None:
-    """Start optuna-dashboard on a study's storage (Ctrl-C stops it)."""
+    """Start optuna-dashboard on a study's storage (Ctrl-C stops it): trial notes (per-fold
+    tables, per-class sensitivity/specificity, calibration), images and the report's figures."""
     from optuna_dashboard import run_server
 
     from automl_cxr.errors import ConfigError, StorageError
@@ -206,6 +256,23 @@ def dashboard(
         raise StorageError(f"cannot read studies from {storage_url(study)!r}: {msg}") from None
     if not names:
         raise StorageError(f"no study in {storage_url(study)!r}: run `automl-cxr search` first")
+    from automl_cxr.oof import artifact_store
+
+    if publish:
+        import optuna
+
+        from automl_cxr.report._dashboard import publish_dashboard
+
+        for name in sorted(names):
+            res = publish_dashboard(
+                optuna.load_study(study_name=name, storage=storage), study, force=force
+            )
+            err_console.print(
+                f"study {name}: published {len(res['published'])} trial(s) "
+                f"({res['skipped']} already), figures {', '.join(res['figures']) or 'unchanged'}",
+                highlight=False,
+            )
+    store = artifact_store(study)
     err_console.print(
         f"optuna-dashboard on http://{host}:{port}/dashboard for {storage_url(study)} "
         f"({len(names)} stud{'y' if len(names) == 1 else 'ies'}: {', '.join(sorted(names))}; "
@@ -213,6 +280,6 @@ def dashboard(
         highlight=False,
     )
     try:
-        run_server(storage, host=host, port=port)
+        run_server(storage, host=host, port=port, artifact_store=store)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

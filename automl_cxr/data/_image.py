@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from automl_cxr.data._dicom import decode_dicom, is_dicom_bytes
 from automl_cxr.errors import ImageDecodeError
 
 __all__ = ["MIN_SIDE", "DecodedImage", "decode_gray", "resize_square", "thumbnail"]
@@ -92,6 +93,9 @@ def decode_gray(path: str | Path, *, min_side: int = MIN_SIDE) -> DecodedImage:
     if not data:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     notes: list[str] = []
+    if is_dicom_bytes(path, data):  # DICOM: the display pipeline of data/_dicom.py
+        pixels, mode, notes = decode_dicom(path, data)
+        return _checked(path, data, pixels, "DICOM", mode, notes, min_side)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -108,6 +112,12 @@ def decode_gray(path: str | Path, *, min_side: int = MIN_SIDE) -> DecodedImage:
     expected = _EXT_FORMATS.get(path.suffix.lower())
     if expected and expected != fmt:
         notes.append(f"extension {path.suffix} but {fmt} bytes")
+    return _checked(path, data, pixels, fmt, mode, notes, min_side)
+
+
+def _checked(
+    path: Path, data: bytes, pixels: np.ndarray, fmt: str, mode: str, notes: list, min_side: int
+) -> DecodedImage:
     h, w = pixels.shape[:2]
     if min(h, w) < min_side:
         raise ImageDecodeError(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from automl_cxr.data._dicom import dicom_split_groups, is_dicom
 from automl_cxr.errors import DataError
 
 __all__ = [
@@ -57,6 +58,7 @@ DEMOGRAPHIC_COLUMNS = ("age", "sex", "age_group", "site")
 ADULT_AGE = 18.0
 MAX_PLAUSIBLE_AGE = 120.0  # older ages in a metadata file are typos: treated as unknown
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+IMAGE_SUFFIXES |= {".dcm", ".dicom"}  # DICOM (data/_dicom.py); extension-less ones by magic
 COHEN_FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
 
 
@@ -393,7 +395,7 @@ def read_folder(root: str | Path, *, source: str | None = None) -> SourceTable:
     rows = []
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(cls_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom(f)):
                 rows.append(
                     {
                         "path": str(f.resolve()),
@@ -411,7 +413,7 @@ def read_folder(root: str | Path, *, source: str | None = None) -> SourceTable:
             f"no images found in {root}: expected one sub-folder per class "
             f"holding files with suffixes {sorted(IMAGE_SUFFIXES)}"
         )
-    return SourceTable(source or root.name, pd.DataFrame(rows))
+    return SourceTable(source or root.name, dicom_split_groups(pd.DataFrame(rows)))
 
 
 def read_csv_manifest(file: str | Path, *, source: str | None = None) -> SourceTable:
@@ -465,4 +467,4 @@ def read_csv_manifest(file: str | Path, *, source: str | None = None) -> SourceT
     if "site" in df:
         site = df["site"].astype(str).str.strip()
         table["site"] = np.where(site != "", table["source"] + ":" + site, table["source"])
-    return SourceTable(name, table)
+    return SourceTable(name, dicom_split_groups(table, keep_given="patient_id" in df))

@@ -87,6 +87,7 @@ def build_card(
     export: dict[str, Any] | None = None,
     model_info: dict[str, Any] | None = None,
     ensemble_folds: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card as a plain dict (written as `model_card.json`, rendered by
     :func:`render_card`). `spec` is a :class:`~automl_cxr.deploy.TrialSpec`, `dataset` the
@@ -189,12 +190,99 @@ def build_card(
         "warnings": warnings,
         "limitations": list(_LIMITATIONS),
         "export": export or {},
+        "calibration": None,
+        "operating_point": None,
+        "selected_ensemble": None,
+        **(extra or {}),
     }
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
     v = _f(x)
     return "n/a" if v is None else format(v, spec)
+
+
+def _ci_text(d: dict[str, Any], key: str) -> str:
+    return f"{_fmt(d.get(key))} [{_fmt(d.get(key + '_ci_low'))}, {_fmt(d.get(key + '_ci_high'))}]"
+
+
+def _clinic_lines(card: dict[str, Any]) -> list[str]:
+    """Calibration, operating point and ensemble selection sections of the card."""
+    lines: list[str] = []
+    sel = card.get("selected_ensemble")
+    if sel:
+        lines += ["", "## Ensemble selected across trials", ""]
+        lines.append(
+            f"Caruana greedy forward selection with replacement ({sel['n_rounds']} rounds) over "
+            f"the out-of-fold predictions of {sel['candidates']} complete trials, on "
+            f"{sel['metric']}; each member retrained on all the training data; the graph "
+            "averages the members' probabilities with these weights."
+        )
+        lines += ["", "| trial | weight | its own out-of-fold score |", "| ---: | ---: | ---: |"]
+        lines += [
+            f"| {m['trial']} | {m['weight']:.3f} | {_fmt(m.get('single_score'), '.4f')} |"
+            for m in sel["members"]
+        ]
+        lines += [
+            "",
+            f"- out-of-fold {sel['metric']}: ensemble {_fmt(sel['score'], '.4f')}, best single "
+            f"trial ({sel['best_single']}) {_fmt(sel['best_single_score'], '.4f')} — "
+            + sel["caveat"],
+        ]
+        n = sel.get("nested") or {}
+        if n.get("available"):
+            e, b = n["ensemble"], n["best_single"]
+            lines.append(
+                f"- nested estimate (select on K-1 folds, score the held-out one): ensemble "
+                f"{_fmt(e['mean'], '.4f')} [{_fmt(_clip(e['ci_low']), '.4f')}, "
+                f"{_fmt(_clip(e['ci_high']), '.4f')}], best single {_fmt(b['mean'], '.4f')} "
+                f"[{_fmt(_clip(b['ci_low']), '.4f')}, {_fmt(_clip(b['ci_high']), '.4f')}] "
+                "(95% t-interval over folds, clipped to [0, 1])"
+            )
+    cal = card.get("calibration")
+    if cal:
+        b, a = cal["before"], cal["after"]
+        lines += ["", "## Calibration", ""]
+        lines.append(
+            f"Temperature scaling: T = {cal['temperature']:.3f}, fitted on {cal['fitted_on']}; "
+            "baked into model.ts / model.onnx (softmax(logits / T))."
+        )
+        lines += [
+            "",
+            "| | ECE [95% CI] | Brier | NLL |",
+            "| --- | --- | ---: | ---: |",
+            f"| before | {_ci_text(b, 'ece')} | {_fmt(b['brier'])} | {_fmt(b['nll'])} |",
+            f"| after | {_ci_text(a, 'ece')} | {_fmt(a['brier'])} | {_fmt(a['nll'])} |",
+            "",
+            f"ECE: top-label expected calibration error ({b['n_bins']} bins) of the "
+            f"{b['n']} out-of-fold predictions, 95% CI from a bootstrap over {b['n_groups']} "
+            "patients. The 'after' row is scored on the predictions T was fitted on "
+            "(optimistic); the fold models' calibration transfers to the exported model only "
+            "approximately.",
+        ]
+    op = card.get("operating_point")
+    if op:
+        target = "" if op.get("target") is None else f"={op['target']}"
+        lines += ["", "## Operating point", ""]
+        lines.append(
+            f"`{op['rule']}{target}` on `{op['positive']}`: called {op['positive']} when its "
+            f"probability is >= {op['threshold']:.4f} (else the most probable other class); "
+            f"chosen on the {op['n_positive'] + op['n_negative']} out-of-fold predictions"
+            + (" after temperature scaling" if op.get("calibrated") else "")
+            + "."
+        )
+        lines += [
+            "",
+            f"- expected sensitivity {_ci_text(op, 'sensitivity')}",
+            f"- expected specificity {_ci_text(op, 'specificity')}",
+            f"- at the arg-max instead: sensitivity {_fmt(op['argmax_sensitivity'])}, "
+            f"specificity {_fmt(op['argmax_specificity'])}",
+            "",
+            "95% CIs: bootstrap over patients with the threshold fixed. The threshold was chosen "
+            "on these predictions, so the asked value is met there by construction; check it on "
+            "an external set (`automl-cxr evaluate --model DIR`).",
+        ]
+    return lines
 
 
 def render_card(card: dict[str, Any]) -> str:
@@ -291,6 +379,7 @@ def render_card(card: dict[str, Any]) -> str:
             lines.append(
                 f"| {src} | {v['n']} | {_fmt(v['accuracy'])} | {_fmt(v['balanced_accuracy'])} |"
             )
+    lines += _clinic_lines(card)
     diag = card["diagnostics"]
     al = diag["source_label_alignment"]
     lines += ["", "## Diagnostics", ""]

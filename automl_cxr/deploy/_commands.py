@@ -98,6 +98,17 @@ def run_evaluate(
         train_sources = source_roots(dataset.manifest)
         model_desc = {"kind": "retrained", "images": len(dataset)}
     result = evaluate_predictions(probs, ext, positive=positive, n_boot=n_boot, seed=seed)
+    op = exported.operating_point if exported is not None else None
+    if op is not None:  # the same images decided at the model's operating point
+        decided = np.eye(len(classes))[exported.decide(probs)]
+        at_op = evaluate_predictions(decided, ext, positive=positive, n_boot=n_boot, seed=seed)
+        result["operating_point"] = {
+            **op,
+            "metrics": at_op["metrics"],
+            "bootstrap": at_op["bootstrap"],
+            "note": "decisions thresholded on the positive class; AUC of hard decisions is "
+            "not a ranking measure",
+        }
     overlap = external_overlap(ext.table, train_shas=train_shas, train_sources=train_sources)
     warnings = [overlap["warning"]] if overlap["warning"] else []
     return json_safe(
@@ -126,15 +137,39 @@ def run_export(
     onnx_exporter: str = "auto",
     probe: bool = True,
     ensemble: bool = False,
+    calibrate: bool = True,
+    operating_point: str | None = None,
+    ensemble_select: int | None = None,
     log: Log = None,
 ) -> dict[str, Any]:
     """Retrain the chosen trial on all of its training data (or, with `ensemble`, keep its K
-    fold models, averaged) and export it with a model card."""
+    fold models, averaged; with `ensemble_select` N, the Caruana ensemble of N rounds over the
+    study's trials) and export it with a model card. `calibrate` bakes in temperature scaling
+    fitted on the out-of-fold predictions; `operating_point` (``sensitivity=0.95``,
+    ``specificity=0.9``, ``youden``) a threshold on the positive class chosen on them."""
+    from automl_cxr.deploy._clinic import plan_export
     from automl_cxr.diagnostics import source_diagnostics
     from automl_cxr.settings import resolve_data_dir
 
-    spec = open_trial(study, study_name, trial)
+    if ensemble and ensemble_select is not None:
+        raise ConfigError(
+            "--ensemble (fold models) and --ensemble-select (trials) exclude each other"
+        )
+    s = load_study(study, study_name)
+    chosen = select_trial(s, trial)
+    spec = trial_spec(s, chosen, storage=study)
     dataset = training_data(spec, resolve_data_dir(data_dir))
+    plan = plan_export(
+        s,
+        chosen,
+        spec,
+        study,
+        dataset,
+        calibrate=calibrate,
+        point=operating_point,
+        ensemble_select=ensemble_select,
+        log=log,
+    )
     diag = None
     if probe:
         diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)
@@ -151,9 +186,13 @@ def run_export(
         spec,
         dataset,
         out_dir,
+        model=plan.model,
         diagnostics=diag,
         onnx_exporter=onnx_exporter,
         ensemble=ensemble,
+        temperature=plan.temperature,
+        card_extra=plan.card,
+        config_extra=plan.config,
         log=log,
     )
     return json_safe(
@@ -164,12 +203,18 @@ def run_export(
             "onnx": config["onnx"],
             "checks": config["checks"],
             "ensemble": config.get("ensemble"),
-            "warnings": (diag or {}).get("warnings")
-            or [
-                w
-                for w in [(spec.study_attrs.get("source_label_alignment") or {}).get("warning")]
-                if w
-            ],
+            "calibration": plan.card.get("calibration"),
+            "operating_point": plan.card.get("operating_point"),
+            "selected_ensemble": plan.card.get("selected_ensemble"),
+            "warnings": (
+                (diag or {}).get("warnings")
+                or [
+                    w
+                    for w in [(spec.study_attrs.get("source_label_alignment") or {}).get("warning")]
+                    if w
+                ]
+            )
+            + plan.warnings,
         }
     )
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from automl_cxr.deploy._card import INPUT_CONTRACT, build_card, render_card
+from automl_cxr.deploy._graphs import TemperatureScaled, unwrap
 from automl_cxr.deploy._runtime import onnx_session, require
 from automl_cxr.errors import AutomlCxrError, ConfigError
 from automl_cxr.models import CxrEnsemble, CxrModel
@@ -199,6 +200,7 @@ def export_model(
         raise ConfigError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
+    inner, temperature = unwrap(model)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
     try:
         export_torchscript(model, tmp / "model.ts", resolution)
@@ -217,13 +219,14 @@ def export_model(
             "model": model.config.to_dict(),
             "ensemble": (
                 {
-                    "members": len(model),
+                    "members": len(inner),
                     "combine": "mean of the members' softmax probabilities; the output is its "
                     "log, so softmax(output) is that mean",
                 }
-                if isinstance(model, CxrEnsemble)
+                if isinstance(inner, CxrEnsemble)
                 else None
             ),
+            "calibration": None if temperature is None else {"temperature": temperature},
             "train": dict(train_config or {}),
             "params_total": int(total),
             "onnx": onnx_info,
@@ -266,6 +269,9 @@ def export_trial(
     diagnostics: dict[str, Any] | None = None,
     onnx_exporter: str = "auto",
     ensemble: bool = False,
+    temperature: float | None = None,
+    card_extra: dict[str, Any] | None = None,
+    config_extra: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export a study trial's configuration with its model card: retrained on all its training
@@ -283,6 +289,8 @@ def export_trial(
         model = fit_full(dataset, spec.model, spec.train, log=log)
     if isinstance(model, CxrEnsemble) and folds is None:
         folds = [{} for _ in range(len(model))]  # a given ensemble: members' scores unknown
+    if temperature is not None:  # baked into every graph: softmax(logits / T)
+        model = TemperatureScaled(model, temperature)
     total, trainable = model.param_counts()
     roots = source_roots(dataset.manifest)
 
@@ -293,6 +301,7 @@ def export_trial(
             diagnostics=diagnostics,
             model_info={"params_total": int(total), "params_trainable": int(trainable)},
             ensemble_folds=folds,
+            extra=card_extra,
         )
 
     config = export_model(
@@ -312,6 +321,7 @@ def export_trial(
                 "images": len(dataset),
                 "sources": roots,
             },
+            **(config_extra or {}),
         },
         onnx_exporter=onnx_exporter,
     )

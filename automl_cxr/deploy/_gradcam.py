@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from automl_cxr.deploy._graphs import WeightedEnsemble, unwrap
 from automl_cxr.deploy._runtime import require
 from automl_cxr.errors import ConfigError
 
@@ -81,18 +82,25 @@ def gradcam_map(
     """Grad-CAM of `class_index` (None: the predicted class) for one 8-bit gray image `pixels`
     (H, W) of any size; returns an (H, W) float32 map in [0, 1] at the ORIGINAL size.
 
-    For a fold ensemble (`CxrEnsemble`), the mean of its members' maps for the ensemble's class.
+    For a fold ensemble (`CxrEnsemble`), the mean of its members' maps for the ensemble's class;
+    for a selected ensemble (`WeightedEnsemble`) their weighted mean.
     """
     from automl_cxr.data import resize_square
     from automl_cxr.models import CxrEnsemble
 
+    model, _ = unwrap(model)  # temperature scaling does not change the class or the map
     x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)[None, None]
-    if isinstance(model, CxrEnsemble):
+    if isinstance(model, (CxrEnsemble, WeightedEnsemble)):
         if class_index is None:
             with torch.no_grad():
                 class_index = int(model.eval()(x).argmax(dim=1)[0])
         maps = [gradcam_map(m, pixels, resolution, class_index) for m in model.members]
-        return np.clip(np.mean(maps, axis=0), 0.0, 1.0).astype(np.float32)
+        w = (
+            model.weights.numpy()
+            if isinstance(model, WeightedEnsemble)
+            else np.full(len(maps), 1.0 / len(maps))
+        )
+        return np.clip(np.tensordot(w, np.stack(maps), axes=1), 0.0, 1.0).astype(np.float32)
 
     GradCAM = require("pytorch_grad_cam", "grad-cam", "Grad-CAM (--explain)").GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

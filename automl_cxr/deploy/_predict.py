@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from automl_cxr.data import decode_gray, resize_square
-from automl_cxr.deploy._gradcam import save_gradcam
+from automl_cxr.deploy._dicom_sc import write_secondary_capture
+from automl_cxr.deploy._gradcam import gradcam_map, gradcam_overlay
+from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
 from automl_cxr.deploy._runtime import onnx_session
 from automl_cxr.errors import ConfigError, DataError
 
@@ -89,11 +92,26 @@ class ExportedModel:
             pt = self.dir / "model.pt"
             if not pt.is_file():
                 raise DataError(f"{self.dir} lacks model.pt (needed for PyTorch / Grad-CAM)")
-            cfg = ModelConfig.from_dict(
-                {**self.config["model"], "pretrained": False, "weights_file": None}
-            )
+
+            def fresh(model_cfg: dict) -> ModelConfig:
+                no_weights = {"pretrained": False, "weights_file": None}
+                return ModelConfig.from_dict({**model_cfg, **no_weights})
+
+            cfg = fresh(self.config["model"])
             members = (self.config.get("ensemble") or {}).get("members")
-            model = CxrEnsemble.from_config(cfg, int(members)) if members else build_model(cfg)
+            selected = (self.config.get("selected_ensemble") or {}).get("members")
+            if selected:
+                model = WeightedEnsemble(
+                    [build_model(fresh(m["model"])) for m in selected],
+                    [float(m["weight"]) for m in selected],
+                )
+            elif members:
+                model = CxrEnsemble.from_config(cfg, int(members))
+            else:
+                model = build_model(cfg)
+            temperature = (self.config.get("calibration") or {}).get("temperature")
+            if temperature is not None:
+                model = TemperatureScaled(model, float(temperature))
             state = torch.load(pt, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             self._torch = model.eval()
@@ -122,6 +140,21 @@ class ExportedModel:
         with torch.no_grad():
             return net(torch.from_numpy(x)).float().numpy()
 
+    @property
+    def operating_point(self) -> dict[str, Any] | None:
+        """The operating point baked in by `export --operating-point` (threshold on the
+        positive class), or None."""
+        return self.config.get("operating_point") or None
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class index per row at the operating point (the arg-max without one)."""
+        from automl_cxr.oof import decide
+
+        op = self.operating_point
+        if op is None:
+            return np.asarray(probs).argmax(axis=1)
+        return decide(probs, self.classes.index(op["positive"]), float(op["threshold"]))
+
     def predict_proba(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [softmax(self.logits(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
@@ -132,6 +165,7 @@ class ImageInput:
     path: Path
     pixels: np.ndarray  # original 8-bit gray (H, W)
     tensor: np.ndarray  # (1, R, R) float32 in [0, 1]
+    dicom: bool = False
 
 
 def load_image(path: str | Path, resolution: int) -> ImageInput:
@@ -139,7 +173,7 @@ def load_image(path: str | Path, resolution: int) -> ImageInput:
     p = Path(path)
     img = decode_gray(p)
     x = resize_square(img.pixels, resolution).astype(np.float32) / 255.0
-    return ImageInput(p, img.pixels, x[None])
+    return ImageInput(p, img.pixels, x[None], dicom=img.format == "DICOM")
 
 
 def predict_images(
@@ -148,17 +182,23 @@ def predict_images(
     *,
     explain: bool = False,
     out_dir: str | Path = "gradcam",
+    dicom_sc: bool = False,
 ) -> list[dict[str, Any]]:
     """Class probabilities of each image; with `explain`, a Grad-CAM overlay PNG
     `<stem>_gradcam.png` per image (original size) in `out_dir` for the predicted class.
 
-    Returns one dict per image: ``path``, ``probabilities`` {class: p}, ``predicted``,
-    ``width``, ``height`` and ``gradcam`` (the PNG path, or None).
+    Returns one dict per image: ``path``, ``probabilities`` {class: p}, ``predicted`` (the
+    arg-max), ``thresholded`` (the class at the model's operating point, None without one),
+    ``width``, ``height`` and ``gradcam`` (the PNG path, or None). With `dicom_sc` (and
+    `explain`), a DICOM input's overlay is also written as a Secondary Capture
+    ``<stem>_gradcam.dcm`` (``gradcam_dicom``) in the patient's study.
     """
     if not paths:
         raise ConfigError("no images given: pass one or more image files")
     inputs = [load_image(p, model.resolution) for p in paths]
     probs = model.predict_proba(np.stack([i.tensor for i in inputs]))
+    decisions = model.decide(probs)
+    op = model.operating_point
     results = []
     out = Path(out_dir)
     used: dict[str, int] = {}
@@ -168,21 +208,41 @@ def predict_images(
             "path": str(item.path),
             "probabilities": {c: float(v) for c, v in zip(model.classes, p, strict=True)},
             "predicted": model.classes[k],
+            "thresholded": None,
             "width": int(item.pixels.shape[1]),
             "height": int(item.pixels.shape[0]),
             "gradcam": None,
         }
+        if op is not None:
+            rec["thresholded"] = model.classes[int(decisions[len(results)])]
+            rec["operating_point"] = {
+                "positive": op["positive"],
+                "threshold": float(op["threshold"]),
+                "rule": op.get("rule"),
+                "target": op.get("target"),
+            }
         if explain:
             stem = item.path.stem
             n = used.get(stem, 0)
             used[stem] = n + 1
             name = f"{stem}_gradcam.png" if n == 0 else f"{stem}_{n}_gradcam.png"
             out.mkdir(parents=True, exist_ok=True)
-            rec["gradcam"] = str(
-                save_gradcam(
-                    model.torch_model(), item.pixels, model.resolution, out / name, class_index=k
-                )
-            )
+            heat = gradcam_map(model.torch_model(), item.pixels, model.resolution, class_index=k)
+            overlay = gradcam_overlay(item.pixels, heat)
+            Image.fromarray(overlay).save(out / name, format="PNG")
+            rec["gradcam"] = str(out / name)
             rec["gradcam_class"] = model.classes[k]
+            rec["gradcam_dicom"] = None
+            if dicom_sc and item.dicom:
+                rec["gradcam_dicom"] = str(
+                    write_secondary_capture(
+                        item.path,
+                        overlay,
+                        out / name.replace(".png", ".dcm"),
+                        description=f"Grad-CAM of class {model.classes[k]} (p = {p[k]:.3f}) "
+                        f"by automl-cxr model {model.dir.name}; red = regions that raised the "
+                        "score. Research only, not a medical device.",
+                    )
+                )
         results.append(rec)
     return results

@@ -77,6 +77,9 @@ class TrialResult:
     externals: dict[str, dict] = field(default_factory=dict)  # name -> metrics, bootstrap, n, ...
     full_fit_epochs: int | None = None  # epochs fit_full trains for (what the CV used)
     warnings: list[str] = field(default_factory=list)  # e.g. a site-CV fold-count fallback
+    # pooled out-of-fold probabilities (N, C), rows in the dataset manifest's order; NaN rows
+    # were never validated (e.g. max_folds < n_folds). Stored once per trial (study/_oof.py).
+    oof_probs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def value(self) -> float:
@@ -795,6 +798,7 @@ def run_trial(
         externals=ext_results,
         full_fit_epochs=_full_fit_epochs(cfg, fits),
         warnings=warnings,
+        oof_probs=oof,
     )
     if metric not in result.summary["metrics"]:
         raise ConfigError(

@@ -22,6 +22,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from automl_cxr.errors import ConfigError, StorageError
+from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT, OofReport, build_oof_report
 from automl_cxr.report._paper import paper_table
 from automl_cxr.report._plotdata import (
     confusion_data,
@@ -71,6 +72,7 @@ class ReportData:
     compare: pd.DataFrame | None = None
     compare_name: str | None = None
     notes: list[str] = field(default_factory=list)
+    oof: OofReport | None = None
 
     @property
     def best(self) -> dict | None:
@@ -94,6 +96,8 @@ class ReportData:
                 "counts": self.counts,
                 "source_label_warning": self.warning,
                 "leaderboard": self.leaderboard_records(),
+                "operating_points": self.oof.operating if self.oof else [],
+                "ensemble": self.oof.ensemble if self.oof else None,
             }
         )
 
@@ -109,6 +113,9 @@ LEADERBOARD_COLUMNS = (
     "not_worse",
     "p_vs_best",
     "diff_vs_best",
+    "ece",
+    "ece_ci_low",
+    "ece_ci_high",
     "accuracy",
     "accuracy_ci_low",
     "accuracy_ci_high",
@@ -143,6 +150,8 @@ def build_report_data(
     alpha: float = DEFAULT_ALPHA,
     storage: str | None = None,
     require_complete: bool = True,
+    operating_point: str | None = DEFAULT_OPERATING_POINT,
+    ensemble_rounds: int = 20,
 ) -> ReportData:
     """All the report's data for one study.
 
@@ -166,6 +175,23 @@ def build_report_data(
             f"study {study.study_name!r} has no complete trial with a {metric} score yet "
             f"({listed}): nothing to rank. Run `automl-cxr search` (or wait for it)."
         )
+    oof = build_oof_report(
+        study,
+        storage or study._storage,
+        board,
+        metric=metric,
+        positive=attrs.get("positive"),
+        top=min(top, 4),
+        point=operating_point,
+        ensemble_rounds=ensemble_rounds,
+    )
+    board = (
+        board.merge(
+            oof.calibration[["number", "ece", "ece_ci_low", "ece_ci_high"]], on="number", how="left"
+        )
+        if len(board)
+        else board
+    )
     align = attrs.get("source_label_alignment") or {}
     imp, imp_note = param_importances(records, trials)
     k = min(top, 4)
@@ -213,5 +239,6 @@ def build_report_data(
         curves=learning_curves(trials, records),
         confusions=confusion_data(board, trials, k),
         rocs=roc_data(board, trials, k),
-        notes=notes,
+        notes=notes + oof.notes,
+        oof=oof,
     )

@@ -53,6 +53,7 @@ FIGURE_TITLES = {
     "pareto": "Pareto front: score vs cost",
     "confusion": "Confusion matrices of the top trials",
     "roc": "ROC curves of the top trials",
+    "reliability": "Reliability of the top trials",
     "curves": "Learning curves (intermediate values)",
     "compare": "Study comparison: best per backbone",
 }
@@ -401,6 +402,7 @@ def _confusion(data: ReportData) -> go.Figure:
 
 def _roc(data: ReportData) -> go.Figure:
     items = data.rocs
+    points = {op["number"]: op for op in (data.oof.operating if data.oof else [])}
     n = max(1, len(items))
     titles = [f"#{c['rank']} trial {c['number']} ({c['backbone']})" for c in items] or [""]
     fig = make_subplots(rows=1, cols=n, subplot_titles=titles, horizontal_spacing=0.05)
@@ -436,11 +438,86 @@ def _roc(data: ReportData) -> go.Figure:
             row=1,
             col=i,
         )
+        op = points.get(c["number"])
+        if op is not None:
+            fig.add_trace(
+                go.Scatter(
+                    x=[op["fpr"]],
+                    y=[op["sensitivity"]],
+                    error_x={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [op["specificity"] - op["specificity_ci_low"]],
+                        "arrayminus": [op["specificity_ci_high"] - op["specificity"]],
+                    },
+                    error_y={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [op["sensitivity_ci_high"] - op["sensitivity"]],
+                        "arrayminus": [op["sensitivity"] - op["sensitivity_ci_low"]],
+                    },
+                    mode="markers",
+                    marker={"symbol": "x", "size": 11, "color": "#000"},
+                    name=f"operating point ({op['point']})",
+                    legendgroup="op",
+                    showlegend=i == 1,
+                    hovertemplate=(
+                        f"{op['positive']} ≥ {op['threshold']:.3f} ({op['point']})<br>"
+                        f"sensitivity {op['sensitivity']:.3f} "
+                        f"[{op['sensitivity_ci_low']:.3f}, {op['sensitivity_ci_high']:.3f}]<br>"
+                        f"specificity {op['specificity']:.3f} "
+                        f"[{op['specificity_ci_low']:.3f}, {op['specificity_ci_high']:.3f}]"
+                        "<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=i,
+            )
         fig.update_xaxes(title_text="false positive rate", range=[0, 1], row=1, col=i)
         fig.update_yaxes(
             range=[0, 1.02], row=1, col=i, title_text="true positive rate" if i == 1 else None
         )
     return _layout(fig, FIGURE_TITLES["roc"] + " (one vs rest, pooled out-of-fold)", height=400)
+
+
+def _reliability(data: ReportData) -> go.Figure:
+    """Top-label reliability (accuracy vs confidence per bin) of the top trials, with a
+    Wilson 95 % interval per bin (the bin's count is in the hover)."""
+    from scipy.stats import binomtest
+
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            name="perfect calibration",
+            line={"dash": "dot", "color": "#aaa"},
+            hoverinfo="skip",
+        )
+    )
+    for i, r in enumerate(data.oof.reliability):
+        lo, hi = [], []
+        for acc, n in zip(r["accuracy"], r["count"], strict=True):
+            ci = binomtest(int(round(acc * n)), int(n)).proportion_ci(method="wilson")
+            lo.append(acc - ci.low)
+            hi.append(ci.high - acc)
+        fig.add_trace(
+            go.Scatter(
+                x=r["confidence"],
+                y=r["accuracy"],
+                mode="lines+markers",
+                name=f"trial {r['number']} (ECE {r['ece']:.3f})",
+                line={"color": _PALETTE[i % len(_PALETTE)]},
+                error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
+                customdata=r["count"],
+                hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} images"
+                "<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title_text="confidence (top-class probability)", range=[0, 1])
+    fig.update_yaxes(title_text="accuracy", range=[0, 1.02])
+    return _layout(fig, FIGURE_TITLES["reliability"] + " (pooled out-of-fold, top label)")
 
 
 def _curves(data: ReportData) -> go.Figure:
@@ -560,6 +637,8 @@ def build_figures(data: ReportData) -> dict[str, go.Figure]:
         figs["confusion"] = _confusion(data)
     if data.rocs:
         figs["roc"] = _roc(data)
+    if data.oof is not None and data.oof.reliability:
+        figs["reliability"] = _reliability(data)
     figs["curves"] = _curves(data)
     if data.compare is not None and not data.compare.empty:
         figs["compare"] = _compare(data)

@@ -22,11 +22,15 @@ from automl_cxr.report._figures import FIGURE_TITLES
 from automl_cxr.report._paper import PAPER_CAVEAT
 from automl_cxr.report._records import STATES
 from automl_cxr.report._tables import (
+    calibration_legend,
     compare_rows,
     counts_text,
+    ensemble_rows,
+    ensemble_text,
     group_rows,
     leaderboard_rows,
     mark_legend,
+    operating_rows,
     paper_rows,
 )
 
@@ -121,7 +125,7 @@ def _leaderboard_html(data: ReportData) -> str:
     board = data.board
     cls = ["eq" if v is True else "" for v in board["not_worse"]]
     titles = list(board["params_text"])
-    numeric = (0, 2, 3, 4, 5, 9, 10, 11)
+    numeric = (0, 2, 3, 4, 5, 6, 10, 11, 12)
     k = data.top
     main = _table(
         header,
@@ -148,6 +152,8 @@ def _leaderboard_html(data: ReportData) -> str:
             + "</details>"
         )
     out.append(f'<p class="note">{_e(mark_legend(data))}</p>')
+    if data.oof is not None and data.oof.n_stored:
+        out.append(f'<p class="note">{_e(calibration_legend())}</p>')
     for n in data.notes:
         out.append(f'<p class="note">{_e(n)}</p>')
     return "".join(out)
@@ -222,6 +228,26 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
         + '<p class="note">Ours: mean over patient-grouped folds with the 95 % t-interval over '
         f"folds. {_e(PAPER_CAVEAT)}</p></section>"
     )
+    h, r = operating_rows(data)
+    if r:
+        toc.insert(3, ("operating", "Operating point"))
+        sections.append(
+            f'<section id="operating"><h2>Operating point on '
+            f"{_e(data.oof.operating[0]['positive'])} (out-of-fold)</h2>"
+            + _table(h, r, numeric=(0, 2, 3, 4, 5))
+            + '<p class="note">Chosen and scored on the same out-of-fold predictions; CIs: '
+            "patient-level bootstrap with the threshold fixed; the ROC figure marks it. "
+            "<code>export --operating-point</code> bakes one into a model.</p></section>"
+        )
+    h, r = ensemble_rows(data)
+    if r:
+        toc.insert(4 if data.oof.operating else 3, ("ensemble", "Ensemble selection"))
+        sections.append(
+            '<section id="ensemble"><h2>Ensemble selection across trials</h2>'
+            + _table(h, r, numeric=(0, 1, 2))
+            + "".join(f'<p class="note">{_e(t)}</p>' for t in ensemble_text(data))
+            + "</section>"
+        )
     if data.compare is not None:
         h, r = compare_rows(data)
         sections.append(

@@ -21,9 +21,14 @@ from automl_cxr.study import json_safe
 
 __all__ = [
     "fmt_ci",
+    "calibration_legend",
+    "clinic_markdown",
+    "ensemble_rows",
+    "ensemble_text",
     "fmt_pct_ci",
     "leaderboard_csv",
     "markdown_table",
+    "operating_rows",
     "paper_table_markdown",
     "report_files",
     "report_markdown",
@@ -90,6 +95,7 @@ def leaderboard_rows(data: ReportData, k: int | None = None) -> tuple[list[str],
         f"{m} [95% CI]",
         "COVID sensitivity",
         "COVID specificity",
+        "ECE [95% CI]",
         "backbone",
         "frozen",
         "head",
@@ -118,6 +124,7 @@ def leaderboard_rows(data: ReportData, k: int | None = None) -> tuple[list[str],
                     r["covid_specificity_ci_high"],
                     3,
                 ),
+                fmt_ci(r.get("ece"), r.get("ece_ci_low"), r.get("ece_ci_high"), 3),
                 r["backbone"],
                 r["frozen_depth"] or "-",
                 r["head"],
@@ -206,6 +213,94 @@ def compare_rows(data: ReportData) -> tuple[list[str], list[list]]:
     return header, rows
 
 
+def operating_rows(data: ReportData) -> tuple[list[str], list[list]]:
+    """The operating point of each top trial on the positive class (out-of-fold)."""
+    header = [
+        "trial",
+        "rule",
+        "threshold",
+        "sensitivity [95% CI]",
+        "specificity [95% CI]",
+        "argmax sens / spec",
+    ]
+    rows = []
+    for op in data.oof.operating if data.oof else []:
+        rows.append(
+            [
+                op["number"],
+                op["point"],
+                f"{op['threshold']:.3f}",
+                fmt_ci(op["sensitivity"], op["sensitivity_ci_low"], op["sensitivity_ci_high"], 3),
+                fmt_ci(op["specificity"], op["specificity_ci_low"], op["specificity_ci_high"], 3),
+                f"{op['argmax_sensitivity']:.3f} / {op['argmax_specificity']:.3f}",
+            ]
+        )
+    return header, rows
+
+
+def ensemble_rows(data: ReportData) -> tuple[list[str], list[list]]:
+    """Members of the selected ensemble: trial, weight, its own out-of-fold score."""
+    ens = data.oof.ensemble if data.oof else None
+    header = ["trial", "weight", f"single {data.metric}"]
+    if not ens:
+        return header, []
+    return header, [
+        [m["number"], f"{m['weight']:.3f}", f"{m['single_score']:.4f}"] for m in ens["members"]
+    ]
+
+
+def ensemble_text(data: ReportData) -> list[str]:
+    """Sentences on the ensemble: its score beside the best single trial, and the nested one."""
+    ens = data.oof.ensemble if data.oof else None
+    if not ens:
+        return []
+    out = [
+        f"Caruana selection ({ens['n_rounds']} rounds, with replacement, over "
+        f"{ens['candidates']} complete trials): {data.metric} {ens['score']:.4f} for the "
+        f"{len(ens['members'])}-trial ensemble vs {ens['best_single_score']:.4f} for the best "
+        f"single trial ({ens['best_single']}), on the same out-of-fold predictions; "
+        + ens["caveat"]
+    ]
+    nested = ens.get("nested") or {}
+    if nested.get("available"):
+        e, b = nested["ensemble"], nested["best_single"]
+        out.append(
+            f"Nested estimate (mean over {len(e['folds'])} held-out folds, 95 % t-interval): "
+            f"ensemble {fmt_ci(e['mean'], max(0.0, e['ci_low']), min(1.0, e['ci_high']))}, "
+            f"best single {fmt_ci(b['mean'], max(0.0, b['ci_low']), min(1.0, b['ci_high']))}."
+        )
+    elif nested:
+        out.append(f"No nested estimate: {nested.get('reason')}.")
+    return out
+
+
+def calibration_legend() -> str:
+    return (
+        "ECE: top-label expected calibration error of the pooled out-of-fold probabilities "
+        "(15 bins), 95 % CI from a patient-level bootstrap; 0 is perfectly calibrated."
+    )
+
+
+def clinic_markdown(data: ReportData) -> str:
+    """Calibration legend, operating points and the ensemble selection as Markdown."""
+    if data.oof is None or not data.oof.n_stored:
+        return ""
+    out = [f"\n{calibration_legend()}\n"]
+    h, r = operating_rows(data)
+    if r:
+        out.append(
+            f"\n## Operating point on {data.oof.operating[0]['positive']} (out-of-fold)\n\n"
+            + markdown_table(h, r)
+            + "\nChosen and scored on the same out-of-fold predictions; CIs: patient-level "
+            "bootstrap with the threshold fixed. `export --operating-point` bakes one in.\n"
+        )
+    h, r = ensemble_rows(data)
+    if r:
+        out.append("\n## Ensemble selection across trials\n\n" + markdown_table(h, r))
+        out.append("".join(f"\n{t}\n" for t in ensemble_text(data)))
+    return "".join(out)
+
+
 def counts_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in STATES[:4]) + (
         f", {counts['WAITING']} waiting" if counts.get("WAITING") else ""
@@ -276,6 +371,7 @@ def report_markdown(data: ReportData) -> str:
                 "right",
                 "right",
                 "right",
+                "right",
                 "left",
                 "left",
                 "left",
@@ -286,6 +382,7 @@ def report_markdown(data: ReportData) -> str:
         )
     )
     out.append(f"\n{mark_legend(data)}\n")
+    out.append(clinic_markdown(data))
     for title, frame, by in (
         ("Best per backbone", data.by_backbone, "backbone"),
         ("Best per frozen depth", data.by_frozen, "frozen_depth"),

@@ -18,6 +18,7 @@ from automl_cxr.data import PreparedDataset
 from automl_cxr.engine import SCALAR_METRICS, FeatureCache, TrainConfig, run_trial, scalar_metrics
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
+from automl_cxr.oof import save_oof
 from automl_cxr.study._external import external_attr_key
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._record import OBJECTIVE_KEYS, json_safe
@@ -223,6 +224,7 @@ class Objective:
         finally:
             _free_device_memory()
         self.record(trial, result)
+        save_oof(trial, result, self.dataset)  # out-of-fold predictions (automl_cxr.oof)
         values = []
         for m in self.metrics:
             if m in OBJECTIVE_KEYS:

@@ -1,0 +1,321 @@
+"""Out-of-fold predictions of COMPLETE trials, stored once per trial in Optuna's artifact store.
+
+Every COMPLETE trial gets one compressed ``.npz`` artifact (:func:`save_oof`) holding its pooled
+out-of-fold predictions, row-aligned to the dataset it ran on:
+
+``log_probs``  (N, C) float16 — natural log of the class probabilities (``-inf``-free: clipped
+               at log(1e-7)); rows never validated (``max_folds`` < K) are NaN;
+``labels``     (N,) int16 — true class index;
+``folds``      (N,) int8 — the validation fold of each row (-1: never validated);
+``groups``     (N,) int32 — split-group (patient) code, for patient-level bootstraps;
+``classes``, ``dataset_hash`` — the class order and the manifest hash the rows follow.
+
+Row order is the dataset manifest's (after the profile's subsampling), identified by the
+manifest hash the trial records (``dataset_hash``). Log-probabilities in float16 keep ~3
+significant digits of every probability, small ones included. Size: about 2 · N · C bytes
+for the predictions (incompressible) plus a few bytes per row for labels, folds and groups
+after compression — 13 KB per trial for a 1,442 x 4 array (the paper-size four-class set;
+measured with simulated probabilities), so a 200-trial study adds about 2.6 MB (2 KB per
+trial for the 122-image smoke set).
+
+The artifact folder sits beside the study: ``studies/x.db`` → ``studies/x.artifacts/`` (also
+for journal files); a server storage (PostgreSQL, MySQL) needs ``$AUTOML_CXR_ARTIFACTS`` (a
+folder every worker can write), else nothing is stored and the trial's ``oof`` attribute says
+why. ``$AUTOML_CXR_ARTIFACTS`` overrides the folder for every storage.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from automl_cxr.errors import DataError, StorageError
+from automl_cxr.study._storage import storage_url
+
+__all__ = [
+    "ARTIFACTS_ENV",
+    "OOF_ATTR",
+    "OOF_FORMAT",
+    "OofPredictions",
+    "artifact_dir",
+    "artifact_store",
+    "load_oof",
+    "load_study_oof",
+    "oof_arrays",
+    "save_oof",
+]
+
+OOF_FORMAT = 1
+OOF_ATTR = "oof"
+ARTIFACTS_ENV = "AUTOML_CXR_ARTIFACTS"
+_LOG_FLOOR = float(np.log(1e-7))
+
+
+def _location(storage: Any) -> str | None:
+    """The storage URL (``sqlite:///…``, ``journal:…``) of an Optuna storage object."""
+    backend = getattr(storage, "_backend", None)
+    if backend is not None and not hasattr(storage, "_file_path"):
+        inner = _location(backend)
+        if inner is not None:
+            return inner
+    url = getattr(storage, "url", None)
+    if isinstance(url, str):
+        return url
+    path = getattr(storage, "_file_path", None)
+    if isinstance(path, str):
+        return "journal:" + str(Path(path).resolve())
+    return None
+
+
+def artifact_dir(storage: str | Path | optuna.storages.BaseStorage) -> Path | None:
+    """The artifact folder of a study storage (path, URL or storage object), or None when it
+    has no place on disk (a server database without ``$AUTOML_CXR_ARTIFACTS``, in-memory)."""
+    env = os.environ.get(ARTIFACTS_ENV)
+    if env:
+        return Path(env)
+    if isinstance(storage, (str, Path)):
+        url: str | None = storage_url(storage)
+    else:
+        url = _location(storage)
+    if not url:
+        return None
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///").split("?")[0]
+        if not path or path == ":memory:":
+            return None
+    elif url.startswith("journal:"):
+        path = url.removeprefix("journal:")
+    else:
+        return None
+    p = Path(path)
+    return p.with_name(p.stem + ".artifacts")
+
+
+def artifact_store(
+    storage: str | Path | optuna.storages.BaseStorage, *, create: bool = False
+) -> optuna.artifacts.FileSystemArtifactStore | None:
+    """Optuna's file-system artifact store beside the study (None where there is none)."""
+    d = artifact_dir(storage)
+    if d is None:
+        return None
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    elif not d.is_dir():
+        return None
+    return optuna.artifacts.FileSystemArtifactStore(str(d))
+
+
+@dataclass
+class OofPredictions:
+    """One trial's pooled out-of-fold predictions (rows in the dataset manifest's order)."""
+
+    number: int
+    classes: list[str]
+    probs: np.ndarray  # (N, C) float64; NaN rows were never validated
+    labels: np.ndarray  # (N,) int
+    folds: np.ndarray  # (N,) int, -1 where never validated
+    groups: np.ndarray  # (N,) int split-group codes
+    dataset_hash: str
+
+    @property
+    def validated(self) -> np.ndarray:
+        return ~np.isnan(self.probs).any(axis=1)
+
+    def valid(self) -> OofPredictions:
+        """The validated rows only."""
+        m = self.validated
+        return OofPredictions(
+            self.number,
+            self.classes,
+            self.probs[m],
+            self.labels[m],
+            self.folds[m],
+            self.groups[m],
+            self.dataset_hash,
+        )
+
+    def class_index(self, name: str | None) -> int:
+        """Index of class `name` (the dataset's positive); DataError names the classes."""
+        if name is None or name not in self.classes:
+            raise DataError(f"class {name!r} is not one of this study's classes {self.classes}")
+        return self.classes.index(name)
+
+
+_FOLDS: dict[tuple, np.ndarray] = {}
+
+
+def _fold_ids(dataset: Any, train_config: Mapping[str, Any]) -> np.ndarray:
+    """The validation fold of each row: the same patient-grouped splits as the engine's
+    (`make_splits` on the dataset's labels and groups with the trial's K, holdout, seed)."""
+    from automl_cxr.engine import make_splits
+
+    k, holdout = train_config.get("n_folds"), train_config.get("holdout")
+    seed, max_folds = train_config.get("seed", 0), train_config.get("max_folds")
+    key = (dataset.hash, k, holdout, seed, max_folds)
+    if key not in _FOLDS:
+        splits = make_splits(
+            dataset.manifest["label"].to_numpy(),
+            dataset.groups,
+            n_folds=int(k),
+            holdout=holdout,
+            seed=int(seed),
+        )
+        if max_folds is not None:
+            splits = splits[: int(max_folds)]
+        folds = np.full(len(dataset), -1, dtype=np.int8)
+        for s in splits:
+            folds[s.val] = s.fold
+        _FOLDS[key] = folds
+    return _FOLDS[key]
+
+
+def oof_arrays(result: Any, dataset: Any) -> dict[str, np.ndarray]:
+    """The arrays of the artifact for one trial result on `dataset` (see the module doc)."""
+    probs = np.asarray(result.oof_probs, dtype=np.float64)
+    if probs.shape != (len(dataset), len(dataset.classes)):
+        raise DataError(
+            f"out-of-fold predictions of shape {probs.shape} do not match dataset "
+            f"{dataset.name!r} ({len(dataset)} rows, {len(dataset.classes)} classes)"
+        )
+    seen = ~np.isnan(probs).any(axis=1)
+    folds = _fold_ids(dataset, result.train_config)
+    if not np.array_equal(folds >= 0, seen):
+        folds = np.where(seen, folds, -1).astype(np.int8)  # never claim an unvalidated row
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.log(np.clip(probs, 1e-7, 1.0))
+    logp[~seen] = np.nan
+    codes = np.unique(np.asarray(dataset.groups).astype(str), return_inverse=True)[1]
+    return {
+        "log_probs": np.maximum(logp, _LOG_FLOOR).astype(np.float16),
+        "labels": np.asarray(dataset.labels, dtype=np.int16),
+        "folds": folds.astype(np.int8),
+        "groups": codes.astype(np.int32),
+        "classes": np.asarray(list(dataset.classes)),
+        "dataset_hash": np.asarray(str(dataset.hash)),
+        "format": np.asarray(OOF_FORMAT, dtype=np.int16),
+    }
+
+
+def save_oof(trial: optuna.Trial, result: Any, dataset: Any) -> dict[str, Any] | None:
+    """Store a finished trial's out-of-fold predictions as an artifact of the trial and record
+    where in its ``oof`` user attribute (``{stored, artifact_id, bytes, rows, validated, …}``).
+    Returns that record (None when the result carries no predictions)."""
+    if getattr(result, "oof_probs", None) is None:
+        return None
+    storage = trial.study._storage
+    store = artifact_store(storage, create=True)
+    if store is None:
+        info: dict[str, Any] = {
+            "stored": False,
+            "reason": f"this storage has no folder for artifacts: set ${ARTIFACTS_ENV}",
+        }
+        trial.set_user_attr(OOF_ATTR, info)
+        return info
+    arrays = oof_arrays(result, dataset)
+    with tempfile.TemporaryDirectory(prefix="automl-cxr-oof-") as tmp:
+        path = Path(tmp) / f"oof_trial{trial.number}.npz"
+        np.savez_compressed(path, **arrays)
+        size = path.stat().st_size
+        artifact_id = optuna.artifacts.upload_artifact(
+            artifact_store=store,
+            file_path=str(path),
+            study_or_trial=trial,
+            mimetype="application/octet-stream",
+        )
+    info = {
+        "stored": True,
+        "format": OOF_FORMAT,
+        "artifact_id": artifact_id,
+        "file": f"oof_trial{trial.number}.npz",
+        "bytes": int(size),
+        "rows": int(len(arrays["labels"])),
+        "validated": int((arrays["folds"] >= 0).sum()),
+        "dataset_hash": str(dataset.hash),
+        "classes": list(dataset.classes),
+    }
+    trial.set_user_attr(OOF_ATTR, info)
+    return info
+
+
+def _read(store: Any, artifact_id: str) -> dict[str, np.ndarray]:
+    with store.open_reader(artifact_id) as f:
+        data = f.read()
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_oof(
+    trial: FrozenTrial,
+    storage: str | Path | optuna.storages.BaseStorage,
+    *,
+    required: bool = False,
+) -> OofPredictions | None:
+    """A trial's stored out-of-fold predictions (None if it has none, unless `required`:
+    then a StorageError says why)."""
+    info = trial.user_attrs.get(OOF_ATTR) or {}
+
+    def missing(why: str) -> None:
+        if required:
+            raise StorageError(
+                f"trial {trial.number} has no stored out-of-fold predictions ({why}); they are "
+                "written by `automl-cxr search` for every COMPLETE trial: run the trial again "
+                "(e.g. `search --enqueue` with its parameters)"
+            )
+
+    if not info.get("stored"):
+        missing(info.get("reason") or "the study predates them")
+        return None
+    store = artifact_store(storage)
+    if store is None:
+        missing(f"no artifact folder {artifact_dir(storage)}")
+        return None
+    try:
+        z = _read(store, str(info["artifact_id"]))
+    except Exception as exc:  # a missing or damaged file: any reader error
+        missing(f"artifact {info.get('artifact_id')} unreadable in {artifact_dir(storage)}: {exc}")
+        return None
+    logp = z["log_probs"].astype(np.float64)
+    probs = np.exp(logp)
+    with np.errstate(invalid="ignore"):
+        probs = probs / probs.sum(axis=1, keepdims=True)
+    return OofPredictions(
+        number=trial.number,
+        classes=[str(c) for c in z["classes"]],
+        probs=probs,
+        labels=z["labels"].astype(np.int64),
+        folds=z["folds"].astype(np.int64),
+        groups=z["groups"].astype(np.int64),
+        dataset_hash=str(z["dataset_hash"]),
+    )
+
+
+def load_study_oof(
+    study: optuna.Study, storage: str | Path | optuna.storages.BaseStorage
+) -> dict[int, OofPredictions]:
+    """Stored out-of-fold predictions of every COMPLETE trial, keyed by trial number; only
+    trials on the same rows (dataset hash and folds) as the first one found are kept."""
+    out: dict[int, OofPredictions] = {}
+    ref: OofPredictions | None = None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        o = load_oof(t, storage)
+        if o is None:
+            continue
+        if ref is None:
+            ref = o
+        same = (
+            o.dataset_hash == ref.dataset_hash
+            and o.classes == ref.classes
+            and np.array_equal(o.folds, ref.folds)
+        )
+        if same:
+            out[t.number] = o
+    return out

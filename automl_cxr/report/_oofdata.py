@@ -1,0 +1,128 @@
+"""What the report shows from the stored out-of-fold predictions (:mod:`automl_cxr.oof`):
+calibration of every ranked trial, reliability and operating points of the top trials, and
+Caruana ensemble selection across the study's COMPLETE trials. Plain data, no drawing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from automl_cxr.oof import (
+    calibration_summary,
+    caruana_select,
+    load_study_oof,
+    metric_scorer,
+    nested_selection,
+    operating_point,
+    parse_operating_point,
+)
+
+__all__ = ["DEFAULT_OPERATING_POINT", "OofReport", "build_oof_report"]
+
+DEFAULT_OPERATING_POINT = "youden"
+ENSEMBLE_ROUNDS = 20
+
+
+@dataclass
+class OofReport:
+    """Calibration (a frame keyed by trial ``number``), reliability curves and operating points
+    of the top trials, the ensemble selection, and notes (why something is missing)."""
+
+    calibration: pd.DataFrame
+    reliability: list[dict] = field(default_factory=list)
+    operating: list[dict] = field(default_factory=list)
+    ensemble: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    n_stored: int = 0
+
+
+_CAL_COLS = ["number", "ece", "ece_ci_low", "ece_ci_high", "brier", "nll"]
+
+
+def build_oof_report(
+    study: optuna.Study,
+    storage: Any,
+    board: pd.DataFrame,
+    *,
+    metric: str,
+    positive: str | None,
+    top: int = 4,
+    point: str | None = DEFAULT_OPERATING_POINT,
+    ensemble_rounds: int = ENSEMBLE_ROUNDS,
+    n_boot: int = 500,
+) -> OofReport:
+    """Everything from the out-of-fold predictions of the ranked trials in `board`."""
+    oofs = load_study_oof(study, storage)
+    ranked = [int(n) for n in board["number"]] if len(board) else []
+    have = [n for n in ranked if n in oofs]
+    rep = OofReport(calibration=pd.DataFrame(columns=_CAL_COLS), n_stored=len(have))
+    if not have:
+        if ranked:
+            rep.notes.append(
+                "no stored out-of-fold predictions for the ranked trials (studies run before "
+                "they were stored, or a storage without an artifact folder): calibration, "
+                "operating points and ensemble selection are not shown"
+            )
+        return rep
+    if len(have) < len(ranked):
+        rep.notes.append(
+            f"out-of-fold predictions stored for {len(have)} of {len(ranked)} ranked trials; "
+            "calibration and ensemble selection use those"
+        )
+    rows = []
+    for n in have:
+        v = oofs[n].valid()
+        c = calibration_summary(
+            v.probs, v.labels, groups=v.groups, classes=v.classes, positive=positive, n_boot=n_boot
+        )
+        rows.append({"number": n, **{k: c[k] for k in _CAL_COLS[1:]}, "_full": c})
+    frame = pd.DataFrame(rows)
+    rep.calibration = frame[_CAL_COLS].reset_index(drop=True)
+    full = dict(zip(frame["number"], frame["_full"], strict=True))
+    rule, target = parse_operating_point(point) if point else (None, None)
+    for n in have[:top]:
+        v = oofs[n].valid()
+        rep.reliability.append({"number": n, **full[n]["reliability"], "ece": full[n]["ece"]})
+        if rule is None or positive not in v.classes:
+            continue
+        k = v.class_index(positive)
+        op = operating_point(v.probs, v.labels, k, rule, target, groups=v.groups, n_boot=n_boot)
+        op.update(number=n, positive=positive, point=point, fpr=1.0 - op["specificity"])
+        rep.operating.append(op)
+    if len(have) >= 2:
+        rep.ensemble = ensemble_summary(
+            {n: oofs[n] for n in have}, metric=metric, positive=positive, rounds=ensemble_rounds
+        )
+    else:
+        rep.notes.append("ensemble selection needs at least 2 trials with stored predictions")
+    return rep
+
+
+def ensemble_summary(
+    oofs: dict[int, Any], *, metric: str, positive: str | None, rounds: int = ENSEMBLE_ROUNDS
+) -> dict[str, Any]:
+    """Caruana selection on all folds (optimistic) plus its nested estimate."""
+    first = next(iter(oofs.values())).valid()
+    probs = {n: o.valid().probs for n, o in oofs.items()}
+    scorer = metric_scorer(metric, first.classes, positive)
+    sel = caruana_select(probs, first.labels, first.folds, scorer, n_rounds=rounds)
+    nested = nested_selection(probs, first.labels, first.folds, scorer, n_rounds=rounds)
+    return {
+        **sel,
+        "metric": metric,
+        "candidates": len(probs),
+        "nested": nested,
+        "members": [
+            {"number": n, "weight": w, "single_score": sel["single_scores"][n]}
+            for n, w in sorted(sel["weights"].items(), key=lambda kv: (-kv[1], kv[0]))
+        ],
+        "caveat": (
+            "selected and scored on the same out-of-fold predictions: optimistic. The nested "
+            "estimate selects on K-1 folds and scores the held-out fold (the best single trial "
+            "chosen the same way beside it)."
+        ),
+    }

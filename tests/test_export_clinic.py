@@ -1,0 +1,175 @@
+"""`export` with temperature scaling, an operating point and Caruana ensemble selection, all
+fitted on the smoke study's stored out-of-fold predictions; `predict` and `evaluate` apply the
+operating point. Real shared X-rays, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from automl_cxr.cli import main
+from automl_cxr.data import load_dataset, read_cohen
+from automl_cxr.deploy import ExportedModel, load_image, load_study, predict_images, select_trial
+from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
+from automl_cxr.oof import (
+    apply_temperature,
+    caruana_select,
+    decide,
+    fit_temperature,
+    load_oof,
+    load_study_oof,
+    metric_scorer,
+)
+
+
+def _export(smoke_study: Path, prepared_dir: Path, out: Path, *extra: str) -> dict:
+    args = ["export", "--study", str(smoke_study), "--out", str(out)]
+    args += ["--data-dir", str(prepared_dir), "--quiet", "--json", *extra]
+    assert main(args) == 0
+    return json.loads((out / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def with_point(smoke_study: Path, prepared_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clinic") / "op"
+    _export(smoke_study, prepared_dir, out, "--operating-point", "sensitivity=0.9")
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(shared_data: Path) -> list[Path]:
+    cohen = sorted((shared_data / "cohen" / "images").glob("*.jp*g"))[:3]
+    normal = sorted((shared_data / "kermany" / "chest_xray" / "test" / "NORMAL").glob("*"))[:3]
+    return cohen + normal
+
+
+def test_temperature_and_threshold_come_from_the_oof_of_the_exported_trial(
+    smoke_study: Path, with_point: Path, capsys
+) -> None:
+    capsys.readouterr()
+    cfg = json.loads((with_point / "config.json").read_text())
+    card = json.loads((with_point / "model_card.json").read_text())
+    study = load_study(smoke_study)
+    best = select_trial(study, "best")
+    oof = load_oof(best, smoke_study, required=True).valid()
+    fit = fit_temperature(oof.probs, oof.labels)
+    assert cfg["calibration"]["temperature"] == pytest.approx(fit["temperature"])
+    cal = apply_temperature(oof.probs, fit["temperature"])
+    k = cfg["classes"].index("covid")
+    op = cfg["operating_point"]
+    assert op["positive"] == "covid" and op["rule"] == "sensitivity" and op["target"] == 0.9
+    # the threshold achieves the asked sensitivity on the data it was chosen on
+    pos = oof.labels == k
+    assert np.mean(cal[pos, k] >= op["threshold"]) >= 0.9
+    assert card["operating_point"]["sensitivity"] == pytest.approx(
+        np.mean(cal[pos, k] >= op["threshold"])
+    )
+    c = card["calibration"]
+    assert c["before"]["ece"] >= 0 and c["after"]["ece"] >= 0
+    assert c["after"]["nll"] <= c["before"]["nll"] + 1e-9
+    md = (with_point / "model_card.md").read_text()
+    assert "## Calibration" in md and "## Operating point" in md and "expected sensitivity" in md
+    # the temperature is in the graphs: TorchScript = softmax(inner logits / T)
+    m = ExportedModel(with_point, runtime="pytorch")
+    net = m.torch_model()
+    assert isinstance(net, TemperatureScaled)
+    x = torch.rand(2, 1, m.resolution, m.resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inner = torch.softmax(net.model(x) / fit["temperature"], 1).numpy()
+    for runtime in ("torchscript", "onnx", "pytorch"):
+        got = ExportedModel(with_point, runtime=runtime).predict_proba(x.numpy())
+        assert np.allclose(got, inner, atol=1e-4)
+
+
+def test_predict_reports_argmax_and_thresholded(with_point: Path, images: list[Path]) -> None:
+    m = ExportedModel(with_point)
+    res = predict_images(m, images)
+    probs = m.predict_proba(np.stack([load_image(p, m.resolution).tensor for p in images]))
+    k = m.classes.index("covid")
+    want = decide(probs, k, m.operating_point["threshold"])
+    for r, p, d in zip(res, probs, want, strict=True):
+        assert r["predicted"] == m.classes[int(np.argmax(p))]
+        assert r["thresholded"] == m.classes[int(d)]
+        assert r["operating_point"]["threshold"] == m.operating_point["threshold"]
+
+
+@pytest.fixture(scope="module")
+def external_dir(tmp_path_factory, shared_data: Path, prepared_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("external-op") / "ext"
+    used = set(load_dataset("three_class", prepared_dir).manifest["path"])
+    cohen = read_cohen(shared_data / "cohen").table
+    covid = [p for p in cohen[cohen["label"] == "covid"]["path"] if p not in used][:5]
+    normal = sorted((shared_data / "kermany" / "chest_xray" / "test" / "NORMAL").glob("*"))[:5]
+    for cls, paths in (("covid", covid), ("NORMAL", normal)):
+        (root / cls).mkdir(parents=True)
+        for p in paths:
+            os.symlink(p, root / cls / Path(p).name)
+    return root
+
+
+def test_evaluate_applies_the_operating_point(with_point: Path, external_dir: Path, capsys) -> None:
+    args = ["evaluate", "--data", str(external_dir), "--label-map", "NORMAL=normal"]
+    assert main([*args, "--model", str(with_point), "--json", "--n-boot", "100"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    op = res["operating_point"]
+    m = ExportedModel(with_point)
+    paths = sorted(p for p in external_dir.rglob("*") if p.is_file())
+    probs = m.predict_proba(np.stack([load_image(p, m.resolution).tensor for p in paths]))
+    labels = np.array(
+        [m.classes.index("covid" if p.parent.name == "covid" else "normal") for p in paths]
+    )
+    dec = decide(probs, m.classes.index("covid"), op["threshold"])
+    sens = np.mean(dec[labels == 0] == 0)
+    assert op["metrics"]["covid_sensitivity"] == pytest.approx(sens)
+    assert res["metrics"]["covid_sensitivity"] == pytest.approx(
+        np.mean(probs[labels == 0].argmax(1) == 0)
+    )
+    assert main([*args, "--model", str(with_point)]) == 0
+    assert "at the model's operating point" in capsys.readouterr().out
+
+
+def test_export_ensemble_select_writes_the_selected_weights(
+    smoke_study: Path, prepared_dir: Path, tmp_path: Path, images: list[Path]
+) -> None:
+    cfg = _export(smoke_study, prepared_dir, tmp_path / "ens", "--ensemble-select", "4")
+    study = load_study(smoke_study)
+    oofs = {n: o.valid() for n, o in load_study_oof(study, smoke_study).items()}
+    first = next(iter(oofs.values()))
+    sel = caruana_select(
+        {n: o.probs for n, o in oofs.items()},
+        first.labels,
+        first.folds,
+        metric_scorer("balanced_accuracy", first.classes, "covid"),
+        n_rounds=4,
+    )
+    members = cfg["selected_ensemble"]["members"]
+    assert {m["trial"]: m["weight"] for m in members} == pytest.approx(sel["weights"])
+    card = json.loads((tmp_path / "ens" / "model_card.json").read_text())
+    assert card["selected_ensemble"]["score"] >= card["selected_ensemble"]["best_single_score"]
+    assert "optimistic" in card["selected_ensemble"]["caveat"]
+    net = ExportedModel(tmp_path / "ens", runtime="pytorch").torch_model()
+    inner = net.model if isinstance(net, TemperatureScaled) else net
+    assert isinstance(inner, WeightedEnsemble) and len(inner) == len(members)
+    # the graph averages the members' probabilities with the selected weights
+    x = np.stack([load_image(p, cfg["resolution"]).tensor for p in images])
+    with torch.no_grad():
+        mix = sum(
+            w * torch.softmax(m(torch.from_numpy(x)), 1)
+            for w, m in zip(inner.weights, inner.members, strict=True)
+        )
+        t = float(net.temperature) if isinstance(net, TemperatureScaled) else 1.0
+        want = torch.softmax(torch.log(mix) / t, 1).numpy()
+    got = ExportedModel(tmp_path / "ens").predict_proba(x)
+    assert np.allclose(got, want, atol=1e-4)
+    res = predict_images(
+        ExportedModel(tmp_path / "ens", runtime="pytorch"),
+        images[:1],
+        explain=True,
+        out_dir=tmp_path / "gc",
+    )
+    assert Path(res[0]["gradcam"]).is_file()

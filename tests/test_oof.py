@@ -1,0 +1,218 @@
+"""Out-of-fold predictions stored per COMPLETE trial of a real smoke study, and what is computed
+from them: calibration (checked against scikit-learn), operating points, ensemble selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from automl_cxr.deploy import open_trial, training_data
+from automl_cxr.engine import compute_metrics, scalar_metrics
+from automl_cxr.errors import ConfigError, StorageError
+from automl_cxr.oof import (
+    apply_temperature,
+    artifact_dir,
+    calibration_summary,
+    caruana_select,
+    choose_threshold,
+    decide,
+    ece,
+    fit_temperature,
+    fold_score,
+    load_oof,
+    load_study_oof,
+    metric_scorer,
+    nested_selection,
+    operating_point,
+    parse_operating_point,
+)
+from automl_cxr.study import load_study
+
+
+@pytest.fixture(scope="module")
+def oofs(smoke_study: Path):
+    study = load_study(smoke_study)
+    found = load_study_oof(study, smoke_study)
+    assert found, "the smoke study stored no out-of-fold predictions"
+    return study, found
+
+
+def _valid(oofs):
+    study, found = oofs
+    return study, {n: o.valid() for n, o in found.items()}
+
+
+def test_every_complete_trial_stores_its_oof_row_aligned(smoke_study: Path, prepared_dir, oofs):
+    study, found = oofs
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(found) == sorted(t.number for t in complete)
+    assert artifact_dir(smoke_study) == smoke_study.with_name(smoke_study.stem + ".artifacts")
+    spec = open_trial(smoke_study)
+    ds = training_data(spec, prepared_dir)
+    for t in complete:
+        info = t.user_attrs["oof"]
+        o = found[t.number]
+        assert info["stored"] and info["dataset_hash"] == ds.hash == o.dataset_hash
+        assert o.probs.shape == (len(ds), len(ds.classes)) and info["rows"] == len(ds)
+        assert np.array_equal(o.labels, ds.labels)
+        assert info["bytes"] < 8 * len(ds) * len(ds.classes) + 4096  # compact
+        v = o.valid()
+        assert np.allclose(v.probs.sum(axis=1), 1.0)
+        # a patient never straddles folds
+        for g in np.unique(v.groups):
+            assert len(np.unique(v.folds[v.groups == g])) == 1
+        # the study metric recomputed from the stored predictions is the trial's value
+        scorer = metric_scorer("balanced_accuracy", o.classes, "covid")
+        assert fold_score(v.probs, v.labels, v.folds, scorer, set(np.unique(v.folds))) == (
+            pytest.approx(t.value, abs=1e-6)
+        )
+        # the pooled metrics the objective recorded come from the same predictions
+        pooled = compute_metrics(v.labels, v.probs, o.classes, positive="covid")
+        assert pooled["confusion_matrix"] == t.user_attrs["metrics"]["pooled"]["confusion_matrix"]
+
+
+def test_missing_oof_is_reported(smoke_study: Path, tmp_path: Path, monkeypatch, oofs) -> None:
+    study, _ = oofs
+    t = study.get_trials(states=(TrialState.COMPLETE,))[0]
+    monkeypatch.setenv("AUTOML_CXR_ARTIFACTS", str(tmp_path / "nowhere"))
+    assert load_oof(t, smoke_study) is None
+    with pytest.raises(StorageError, match="no stored out-of-fold predictions"):
+        load_oof(t, smoke_study, required=True)
+
+
+def _sklearn_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """ECE from scikit-learn's calibration_curve on the top label, weighted by bin counts."""
+    from sklearn.calibration import calibration_curve
+
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(int)
+    frac, mean = calibration_curve(correct, conf, n_bins=n_bins, strategy="uniform")
+    ids = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], conf)
+    counts = np.bincount(ids, minlength=n_bins)
+    counts = counts[counts > 0]
+    return float(np.sum(counts * np.abs(frac - mean)) / counts.sum())
+
+
+def test_calibration_matches_scikit_learn(oofs) -> None:
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    _, valid = _valid(oofs)
+    for v in valid.values():
+        for bins in (5, 10, 15):
+            assert ece(v.probs, v.labels, bins) == pytest.approx(
+                _sklearn_ece(v.probs, v.labels, bins), abs=1e-6
+            )
+        c = calibration_summary(
+            v.probs, v.labels, groups=v.groups, classes=v.classes, positive="covid", n_boot=200
+        )
+        assert c["ece_ci_low"] <= c["ece"] <= c["ece_ci_high"]
+        onehot = np.eye(len(v.classes))[v.labels]
+        assert c["brier"] == pytest.approx(brier_score_loss(v.labels, v.probs))
+        assert c["brier"] == pytest.approx(np.mean(np.sum((v.probs - onehot) ** 2, axis=1)))
+        assert c["nll"] == pytest.approx(log_loss(v.labels, v.probs, labels=[0, 1, 2]), abs=1e-6)
+        rel = c["reliability"]
+        assert sum(rel["count"]) == len(v.labels)
+        assert len(rel["confidence"]) == len(rel["accuracy"]) == len(rel["count"])
+        assert sum(c["reliability_positive"]["count"]) == len(v.labels)
+
+
+def test_temperature_scaling_never_worse_and_matches_a_scaled_softmax(oofs) -> None:
+    _, valid = _valid(oofs)
+    for v in valid.values():
+        fit = fit_temperature(v.probs, v.labels)
+        assert fit["nll_after"] <= fit["nll_before"] + 1e-12
+        t = fit["temperature"]
+        ref = torch.softmax(torch.log(torch.from_numpy(v.probs).clamp_min(1e-12)) / t, 1).numpy()
+        assert np.allclose(apply_temperature(v.probs, t), ref)
+    with pytest.raises(ConfigError, match="temperature must be positive"):
+        apply_temperature(v.probs, 0.0)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 0.95])
+def test_threshold_meets_the_asked_sensitivity_on_its_data(oofs, target: float) -> None:
+    _, valid = _valid(oofs)
+    for v in valid.values():
+        k = v.classes.index("covid")
+        pos = v.labels == k
+        s = v.probs[:, k]
+        t = choose_threshold(s, pos, "sensitivity", target)
+        assert np.mean(s[pos] >= t) >= target
+        higher = s[s > t]
+        if higher.size:  # the next higher candidate no longer meets it: best specificity
+            assert np.mean(s[pos] >= higher.min()) < target
+        op = operating_point(
+            v.probs, v.labels, k, "sensitivity", target, groups=v.groups, n_boot=200
+        )
+        assert op["sensitivity"] >= target
+        assert op["sensitivity_ci_low"] <= op["sensitivity"] <= op["sensitivity_ci_high"]
+        dec = decide(v.probs, k, t)
+        assert np.mean(dec[pos] == k) == pytest.approx(op["sensitivity"])
+        assert np.mean(dec[~pos] != k) == pytest.approx(op["specificity"])
+        ts = choose_threshold(s, pos, "specificity", target)
+        assert np.mean(s[~pos] < ts) >= target
+        ty = choose_threshold(s, pos, "youden", None)
+        j = np.mean(s[pos] >= ty) + np.mean(s[~pos] < ty)
+        assert all(j >= np.mean(s[pos] >= c) + np.mean(s[~pos] < c) - 1e-12 for c in s)
+
+
+def test_parse_operating_point() -> None:
+    assert parse_operating_point("sensitivity=0.95") == ("sensitivity", 0.95)
+    assert parse_operating_point(" Specificity = 0.9") == ("specificity", 0.9)
+    assert parse_operating_point("youden") == ("youden", None)
+    for bad, msg in (
+        ("sensitivity=1.5", "in \\(0, 1\\)"),
+        ("ppv=0.9", "must be"),
+        ("sensitivity=x", "must be a number"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            parse_operating_point(bad)
+
+
+@pytest.mark.parametrize(
+    "metric", ["balanced_accuracy", "accuracy", "macro_f1", "covid_sensitivity", "covid_accuracy"]
+)
+def test_fast_scorer_is_the_engine_metric(oofs, metric: str) -> None:
+    _, valid = _valid(oofs)
+    for v in valid.values():
+        fast = metric_scorer(metric, v.classes, "covid")
+        for f in np.unique(v.folds):
+            m = v.folds == f
+            ref = scalar_metrics(
+                compute_metrics(v.labels[m], v.probs[m], v.classes, positive="covid")
+            )[metric]
+            assert fast(v.labels[m], v.probs[m]) == pytest.approx(ref)
+
+
+def test_ensemble_selection_never_below_its_best_member(oofs) -> None:
+    _, valid = _valid(oofs)
+    first = next(iter(valid.values()))
+    probs = {n: v.probs for n, v in valid.items()}
+    rng = np.random.default_rng(0)
+    # more candidates: the real trials plus sharpened/blurred versions of them
+    for n, v in list(valid.items()):
+        probs[100 + n] = apply_temperature(v.probs, float(rng.uniform(0.3, 3.0)))
+    for metric in ("balanced_accuracy", "accuracy", "auc"):
+        scorer = metric_scorer(metric, first.classes, "covid")
+        for rounds in (1, 5):
+            sel = caruana_select(probs, first.labels, first.folds, scorer, n_rounds=rounds)
+            assert sel["score"] >= max(sel["single_scores"].values()) - 1e-12
+            assert sum(sel["weights"].values()) == pytest.approx(1.0)
+            mixed = sum(probs[k] * w for k, w in sel["weights"].items())
+            use = set(np.unique(first.folds))
+            assert fold_score(mixed, first.labels, first.folds, scorer, use) == pytest.approx(
+                sel["score"]
+            )
+    nested = nested_selection(
+        probs,
+        first.labels,
+        first.folds,
+        metric_scorer("balanced_accuracy", first.classes, "covid"),
+        n_rounds=5,
+    )
+    assert nested["available"] and len(nested["ensemble"]["folds"]) == len(use)
+    with pytest.raises(ConfigError, match="at least 1 round"):
+        caruana_select(probs, first.labels, first.folds, scorer, n_rounds=0)
