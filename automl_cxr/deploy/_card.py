@@ -173,7 +173,8 @@ def build_card(
         "metrics": {
             "protocol": (
                 f"patient-grouped {summary.get('n_folds', '?')}-fold cross-validation of this "
-                "configuration; mean and Student-t 95% CI over folds (clipped to [0, 1])"
+                "configuration; mean and corrected resampled t 95% CI over folds (Nadeau & Bengio "
+                "2003; clipped to [0, 1])"
             ),
             "cv": _cv_metrics(summary),
             "by_source": by_source,

@@ -26,6 +26,7 @@ from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT, OofReport, build
 from automl_cxr.report._paper import paper_table
 from automl_cxr.report._plotdata import (
     confusion_data,
+    generalisation_gap,
     history_frame,
     learning_curves,
     param_importances,
@@ -33,7 +34,9 @@ from automl_cxr.report._plotdata import (
 )
 from automl_cxr.report._ranking import DEFAULT_ALPHA, best_per_group, leaderboard
 from automl_cxr.report._records import (
+    EXTERNAL_PREFIX,
     available_metrics,
+    external_names,
     resolve_metric,
     state_counts,
     trial_records,
@@ -73,6 +76,8 @@ class ReportData:
     compare_name: str | None = None
     notes: list[str] = field(default_factory=list)
     oof: OofReport | None = None
+    externals: list[str] = field(default_factory=list)  # external sets the trials were scored on
+    gap: pd.DataFrame | None = None  # generalisation_gap(): CV estimate vs external figure
 
     @property
     def best(self) -> dict | None:
@@ -81,6 +86,7 @@ class ReportData:
     def leaderboard_records(self) -> list[dict]:
         """The leaderboard as JSON-ready dicts (NaN → None)."""
         cols = [c for c in LEADERBOARD_COLUMNS if c in self.board]
+        cols += [c for c in self.board.columns if c.startswith(EXTERNAL_PREFIX)]
         return [json_safe(r) for r in self.board[cols].to_dict(orient="records")]
 
     def summary(self) -> dict:
@@ -193,9 +199,16 @@ def build_report_data(
         else board
     )
     align = attrs.get("source_label_alignment") or {}
+    notes: list[str] = []
+    externals = external_names(records)
+    if externals:
+        notes.append(
+            f"external sets {externals}: scored by each COMPLETE trial's fold models after the "
+            "search chose nothing on them (no sampler, pruner or ranking sees them); intervals "
+            "are bootstrap CIs over patients"
+        )
     imp, imp_note = param_importances(records, trials)
     k = min(top, 4)
-    notes = []
     excluded = {s: n for s, n in counts.items() if s != "COMPLETE" and n}
     if excluded:
         notes.append(
@@ -241,4 +254,6 @@ def build_report_data(
         rocs=roc_data(board, trials, k),
         notes=notes + oof.notes,
         oof=oof,
+        externals=externals,
+        gap=generalisation_gap(board, externals),
     )

@@ -56,6 +56,7 @@ FIGURE_TITLES = {
     "reliability": "Reliability of the top trials",
     "curves": "Learning curves (intermediate values)",
     "compare": "Study comparison: best per backbone",
+    "gap": "Generalisation gap: cross-validation vs external sets",
 }
 """Figure key → section title, in page order."""
 
@@ -619,6 +620,50 @@ def _compare(data: ReportData) -> go.Figure:
     return fig
 
 
+def _gap(data: ReportData) -> go.Figure:
+    """CV estimate (x) against the external figure (y) per trial and set, with the diagonal:
+    a point below it is a trial whose cross-validation promised more than it delivered."""
+    gap = data.gap
+    fig = go.Figure()
+    lo = float(np.nanmin([gap["cv_ci_low"].min(), gap["ext_ci_low"].min(), 0.5]))
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, 1.0],
+            y=[lo, 1.0],
+            mode="lines",
+            line={"dash": "dash", "color": "#7f7f7f"},
+            name="no gap (external = CV)",
+            hoverinfo="skip",
+        )
+    )
+    for i, (name, g) in enumerate(gap.groupby("external", sort=True)):
+        fig.add_trace(
+            go.Scatter(
+                x=g["cv"],
+                y=g["ext"],
+                mode="markers",
+                name=f"external: {name}",
+                marker={"color": _PALETTE[i % len(_PALETTE)], "size": 9},
+                error_x=_ci_error(g.rename(columns={"cv": "value", "cv_ci_low": "ci_low",
+                                                    "cv_ci_high": "ci_high"})),
+                error_y=_ci_error(g.rename(columns={"ext": "value", "ext_ci_low": "ci_low",
+                                                    "ext_ci_high": "ci_high"})),
+                hovertext=[
+                    f"{h}<br><b>{name}</b>: external {e:.4f}, CV {c:.4f}, gap {d:+.4f}"
+                    for h, e, c, d in zip(g["hover"], g["ext"], g["cv"], g["gap"], strict=True)
+                ],
+                hovertemplate=_HOVER,
+            )
+        )  # fmt: skip
+    _layout(
+        fig,
+        FIGURE_TITLES["gap"],
+        xaxis_title=f"{data.metric}: cross-validation (95 % CI over folds)",
+        yaxis_title=f"{data.metric}: external set (95 % bootstrap CI)",
+    )
+    return fig
+
+
 def build_figures(data: ReportData) -> dict[str, go.Figure]:
     """Figure key → Plotly figure, in page order (keys of :data:`FIGURE_TITLES`). Figures whose
     data is missing (no ROC recorded, no comparison asked for) are left out."""
@@ -642,4 +687,6 @@ def build_figures(data: ReportData) -> dict[str, go.Figure]:
     figs["curves"] = _curves(data)
     if data.compare is not None and not data.compare.empty:
         figs["compare"] = _compare(data)
+    if data.gap is not None and not data.gap.empty:
+        figs["gap"] = _gap(data)
     return figs

@@ -225,7 +225,8 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
             if len(data.paper)
             else None,
         )
-        + '<p class="note">Ours: mean over patient-grouped folds with the 95 % t-interval over '
+        + '<p class="note">Ours: mean over patient-grouped folds with the 95 % corrected '
+        "resampled t-interval (Nadeau &amp; Bengio 2003) over "
         f"folds. {_e(PAPER_CAVEAT)}</p></section>"
     )
     h, r = operating_rows(data)

@@ -11,10 +11,11 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 
-from automl_cxr.report._records import to_float
+from automl_cxr.report._records import EXTERNAL_PREFIX, to_float
 
 __all__ = [
     "confusion_data",
+    "generalisation_gap",
     "history_frame",
     "learning_curves",
     "param_importances",
@@ -166,3 +167,39 @@ def roc_data(board: pd.DataFrame, trials: Sequence[FrozenTrial], k: int) -> list
                 }
             )
     return out
+
+
+def generalisation_gap(board: pd.DataFrame, externals: Sequence[str]) -> pd.DataFrame:
+    """Per ranked trial and external set: the cross-validation estimate (with its CI) beside
+    the external figure (with its bootstrap CI) and `gap` = CV − external (positive: the CV
+    estimate was optimistic). Trials not scored on a set are left out."""
+    cols = [
+        "number", "external", "cv", "cv_ci_low", "cv_ci_high",
+        "ext", "ext_ci_low", "ext_ci_high", "gap", "backbone", "hover",
+    ]  # fmt: skip
+    rows = []
+    for name in externals:
+        key = f"{EXTERNAL_PREFIX}{name}"
+        if key not in board:
+            continue
+        for r in board.to_dict(orient="records"):
+            ext = to_float(r.get(key))
+            cv = to_float(r.get("value"))
+            if np.isnan(ext) or np.isnan(cv):
+                continue
+            rows.append(
+                {
+                    "number": int(r["number"]),
+                    "external": name,
+                    "cv": cv,
+                    "cv_ci_low": to_float(r.get("ci_low")),
+                    "cv_ci_high": to_float(r.get("ci_high")),
+                    "ext": ext,
+                    "ext_ci_low": to_float(r.get(f"{key}_ci_low")),
+                    "ext_ci_high": to_float(r.get(f"{key}_ci_high")),
+                    "gap": cv - ext,
+                    "backbone": r.get("backbone"),
+                    "hover": r.get("hover", ""),
+                }
+            )
+    return pd.DataFrame(rows, columns=cols)

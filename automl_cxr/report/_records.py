@@ -2,8 +2,9 @@
 
 Conventions
 -----------
-* A trial's score on a metric is the mean over its cross-validation folds, with the Student-t
-  95 % interval over folds, both read from the ``metrics`` user attribute the objective records
+* A trial's score on a metric is the mean over its cross-validation folds, with the 95 %
+  interval over folds the engine records (corrected resampled t, Nadeau & Bengio 2003), both
+  read from the ``metrics`` user attribute the objective records
   (``metrics.summary.metrics.<name>``); older or partial records fall back to the scalar user
   attribute of the same name. Every quality metric is maximised, and lies in [0, 1]: the
   intervals shown are clipped to that range.
@@ -25,9 +26,12 @@ from automl_cxr.study import OBJECTIVE_KEYS
 
 __all__ = [
     "COVID_KEYS",
+    "EXTERNAL_PREFIX",
     "STATES",
     "available_metrics",
     "clip01",
+    "external_names",
+    "external_values",
     "hover_text",
     "params_text",
     "resolve_metric",
@@ -151,6 +155,10 @@ def hover_text(row: Mapping[str, Any], metric: str) -> str:
         if not (math.isnan(row.get("ci_low", _NAN)) or math.isnan(row.get("ci_high", _NAN))):
             ci = f" [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
         lines.append(f"{metric} = {v:.4f}{ci}")
+    for key, val in row.items():
+        is_ext = key.startswith(EXTERNAL_PREFIX) and not key.endswith(("_ci_low", "_ci_high"))
+        if is_ext and isinstance(val, float) and not math.isnan(val):
+            lines.append(f"external {key[len(EXTERNAL_PREFIX) :]}: {metric} = {val:.4f}")
     if not math.isnan(row.get("latency_ms", _NAN)):
         lines.append(f"latency = {row['latency_ms']:.2f} ms")
     if not math.isnan(row.get("params_total", _NAN)):
@@ -160,6 +168,34 @@ def hover_text(row: Mapping[str, Any], metric: str) -> str:
     return "<br>".join(lines)
 
 
+EXTERNAL_PREFIX = "ext_"
+"""Record columns of external sets: ``ext_<name>`` (the study metric on that set, from the
+trial's fold ensemble) with ``_ci_low``/``_ci_high`` (bootstrap over patients)."""
+
+
+def external_values(externals: Any, metric: str) -> dict[str, float]:
+    """``ext_<name>``, ``ext_<name>_ci_low``, ``ext_<name>_ci_high`` for every external set a
+    trial was scored on (its `externals` user attribute); empty without one."""
+    out: dict[str, float] = {}
+    for name, rec in (externals or {}).items():
+        point = to_float((rec.get("metrics") or {}).get(metric))
+        ci = ((rec.get("bootstrap") or {}).get("metrics") or {}).get(metric) or {}
+        key = f"{EXTERNAL_PREFIX}{name}"
+        out[key] = point
+        out[f"{key}_ci_low"] = to_float(ci.get("ci_low"))
+        out[f"{key}_ci_high"] = to_float(ci.get("ci_high"))
+    return out
+
+
+def external_names(records: pd.DataFrame) -> list[str]:
+    """The external sets present in the records, sorted."""
+    return sorted(
+        c[len(EXTERNAL_PREFIX) :]
+        for c in records.columns
+        if c.startswith(EXTERNAL_PREFIX) and not c.endswith(("_ci_low", "_ci_high"))
+    )
+
+
 def trial_records(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
     """One row per trial (every state) with what the report needs, in trial-number order.
 
@@ -167,7 +203,8 @@ def trial_records(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
     accuracy, covid_sensitivity, covid_specificity (each with _ci_low/_ci_high), backbone,
     head, frozen_fraction, frozen_stages, num_stages, frozen_depth ("k/n"), lr, latency_ms,
     params_total, params_trainable, train_seconds, duration_s, fail_reason, params (dict),
-    params_text, splits (list or None), hover.
+    params_text, splits (list or None), hover; and per external set ``ext_<name>`` with its
+    bootstrap CI (see :func:`external_values`), NaN for trials not scored on it.
     """
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
@@ -216,6 +253,7 @@ def trial_records(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
             params_text=params_text(t.params),
             splits=(ua.get("metrics") or {}).get("splits"),
         )
+        row.update(external_values(ua.get("externals"), metric))
         row["hover"] = hover_text(row, metric)
         rows.append(row)
     cols = ["number", "state", "value", "ci_low", "ci_high", "std", "n_folds", "folds"]

@@ -102,6 +102,7 @@ def leaderboard_rows(data: ReportData, k: int | None = None) -> tuple[list[str],
         "lr",
         "latency ms",
         "params",
+        *(f"external {name} [95% CI]" for name in data.externals),
     ]
     board = data.board if k is None else data.board.head(k)
     rows = []
@@ -131,6 +132,15 @@ def leaderboard_rows(data: ReportData, k: int | None = None) -> tuple[list[str],
                 _fmt_num(r["lr"], ".2e"),
                 _fmt_num(r["latency_ms"], ".2f"),
                 "-" if _isnan(r["params_total"]) else f"{int(r['params_total']):,}",
+                *(
+                    fmt_ci(
+                        r.get(f"ext_{name}"),
+                        r.get(f"ext_{name}_ci_low"),
+                        r.get(f"ext_{name}_ci_high"),
+                        3,
+                    )
+                    for name in data.externals
+                ),
             ]
         )
     return header, rows
@@ -309,7 +319,8 @@ def counts_text(counts: Mapping[str, int]) -> str:
 
 def mark_legend(data: ReportData) -> str:
     return (
-        f"≈ best: not significantly worse than the best trial (one-sided paired t-test on the "
+        f"≈ best: not significantly worse than the best trial (one-sided corrected resampled "
+        f"paired t-test, Nadeau & Bengio 2003, on the "
         f"same {int(data.board['n_folds'].max()) if len(data.board) else 0} folds, "
         f"α = {data.alpha}, uncorrected): these trials are equally good within the evidence; "
         "n/a: the test needs at least 2 paired folds. Ties on the score are broken by lower "
@@ -324,9 +335,8 @@ def paper_table_markdown(data: ReportData) -> str:
         + markdown_table(
             header, rows, ["left", "right", "left", "right", "right", "right", "right"]
         )
-        + "\nOurs: mean over patient-grouped folds (95 % t-interval over folds). "
-        + PAPER_CAVEAT
-        + "\n"
+        + "\nOurs: mean over patient-grouped folds (95 % corrected resampled t-interval over "
+        "folds, which accounts for their overlapping training sets). " + PAPER_CAVEAT + "\n"
     )
 
 
@@ -407,6 +417,7 @@ def _csv_value(v: Any) -> Any:
 
 def leaderboard_csv(data: ReportData) -> str:
     cols = [c for c in LEADERBOARD_COLUMNS if c in data.board]
+    cols += [c for c in data.board.columns if c.startswith("ext_")]
     frame = data.board[cols].copy()
     # Ranked by one of the columns shown anyway (accuracy, covid_*): keep one copy of it.
     frame = frame.drop(
