@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from automl_cxr.cli import app
@@ -64,7 +65,7 @@ def _ci(lo: Any, hi: Any) -> str:
 
 def _warn(lines: list[str] | None) -> None:
     for w in lines or []:
-        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def _echo_json(payload: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from automl_cxr.cli import app
@@ -201,7 +202,9 @@ def search(
             summary = run_search(
                 settings,
                 on_trial=view.on_trial,
-                log=(lambda s: err_console.print(s, highlight=False)) if not quiet else None,
+                log=(lambda s: err_console.print(escape(s), highlight=False))
+                if not quiet
+                else None,
             )
     except KeyboardInterrupt:
         err_console.print(
@@ -222,4 +225,4 @@ def search(
             highlight=False,
         )
     for w in summary.warnings:
-        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False)
+        err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)

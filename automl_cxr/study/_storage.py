@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from automl_cxr.errors import StorageError
+from automl_cxr.errors import MissingDependency, StorageError
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -17,6 +17,9 @@ __all__ = [
     "storage_url",
     "study_names",
 ]
+
+_DRIVERS = {"postgresql": ("psycopg2-binary", "postgres"), "mysql": ("PyMySQL", "mysql")}
+"""Database URL scheme → (driver package, the automl-cxr extra that installs it)."""
 
 HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 30
@@ -84,6 +87,12 @@ def open_storage(storage: str | Path, *, create: bool = True) -> optuna.storages
         if url.startswith("sqlite:"):
             _fast_sqlite(storage)
         return storage
+    except ImportError as exc:  # the URL's database driver is not installed
+        scheme = url.split("://", 1)[0].split("+", 1)[0]
+        if scheme in _DRIVERS:
+            package, extra = _DRIVERS[scheme]
+            raise MissingDependency(package, extra, f"a {scheme}:// storage") from None
+        raise StorageError(f"cannot open storage {url!r}: {exc}") from None
     except Exception as exc:  # sqlalchemy raises many kinds; name the URL, no traceback
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open storage {url!r}: {msg}") from None
