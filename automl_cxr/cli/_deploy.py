@@ -39,7 +39,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messa
 
 
 def _log(quiet: bool):
-    return None if quiet else (lambda s: err_console.print(s, highlight=False))
+    return None if quiet else (lambda s: err_console.print(escape(s), highlight=False))
 
 
 def _num(x: Any, spec: str = ".3f") -> str:
