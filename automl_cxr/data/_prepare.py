@@ -423,9 +423,10 @@ def prepare_recipes(
             )
     if counts:
         resolved = _resolve_counts(resolved, counts)
+    held = _excluded_images(exclude) if exclude else None  # bad --exclude: before any decoding
     pool, info = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
-    if exclude:
-        pool, info["excluded_sets"] = _exclude(pool, exclude)
+    if held is not None:
+        pool, info["excluded_sets"] = _exclude(pool, held, exclude)
     info.update(_pool_info(pool))
     out = []
     for recipe in resolved:
@@ -460,8 +461,8 @@ def prepare_recipes(
     return out
 
 
-def _exclude(pool: pd.DataFrame, sets: Sequence[str | Path]) -> tuple[pd.DataFrame, dict]:
-    """Drop the images of `sets` (by bytes) and every image of their patients' split groups."""
+def _excluded_images(sets: Sequence[str | Path]) -> tuple[set[str], int]:
+    """The sha256 of every image the `--exclude` sets list, and how many they list."""
     from automl_cxr.data._sources import read_csv_manifest, read_folder
 
     shas: set[str] = set()
@@ -482,6 +483,14 @@ def _exclude(pool: pd.DataFrame, sets: Sequence[str | Path]) -> tuple[pd.DataFra
                 shas.add(hashlib.sha256(Path(path).read_bytes()).hexdigest())
             except OSError as exc:
                 raise DataError(f"--exclude {p}: cannot read {path}: {exc.strerror}") from None
+    return shas, listed
+
+
+def _exclude(
+    pool: pd.DataFrame, held: tuple[set[str], int], sets: Sequence[str | Path]
+) -> tuple[pd.DataFrame, dict]:
+    """Drop the held-out images (by bytes) and every image of their patients' split groups."""
+    shas, listed = held
     hit = pool["sha256"].isin(shas)
     groups = set(pool.loc[hit, "group_id"])
     drop = pool["group_id"].isin(groups)
