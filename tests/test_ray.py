@@ -196,6 +196,10 @@ def test_worker_setup_errors_are_reported_as_what_they_are(tmp_path):
     (t,) = study.get_trials()
     assert "ModuleNotFoundError: No module named 'automl_cxr'" in t.user_attrs["fail_reason"]
     assert t.user_attrs["fail_kind"] == "setup"
+    # Ray losing the worker (its node, its memory) is a death, and re-run.
+    died = ray.exceptions.NodeDiedError("node 1 died")
+    assert _ray_driver.describe_tune_error(died)[1] == "died"
+    assert _ray_driver.describe_tune_error(None)[1] == "died"
 
 
 def test_asha_needs_one_objective_and_spans_every_step():

@@ -571,3 +571,38 @@ def test_heartbeats_fail_trials_of_other_hosts(tmp_path: Path) -> None:
     reconcile_dead_trials(study)
     states = [x.state.name for x in study.get_trials()]
     assert states == ["FAIL", "WAITING"], states
+
+
+# -- the study package: one-way imports, small modules, Optuna internals in one place ---------
+
+
+def test_study_package_has_no_import_cycle_and_keeps_optuna_internals_in_compat() -> None:
+    import ast
+    import graphlib
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    package = REPO / "automl_cxr" / "study"
+    graph: dict[str, set[str]] = {}
+    private: list[str] = []
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("automl_cxr.study."):
+                    graph[path.stem].add(node.module.rsplit(".", 1)[1])
+                parts = node.module.split(".")
+                if parts[0] == "optuna" and any(p.startswith("_") for p in parts):
+                    private.append(f"{path.name}: {node.module}")
+            elif isinstance(node, ast.Attribute) and node.attr in ("_storage", "_trial_id"):
+                private.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        lines = len(path.read_text().splitlines())
+        assert lines <= 430, f"{path.name} has {lines} lines: split it"
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+    assert private and all(p.startswith("_compat.py") for p in private), private
+    # ... and the Optuna installed here is one that module was checked against.
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (bound,) = [d.split("optuna", 1)[1] for d in deps if d.startswith("optuna") and "<" in d]
+    assert optuna.__version__ in SpecifierSet(bound.split(";")[0].strip())

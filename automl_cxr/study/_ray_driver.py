@@ -44,19 +44,20 @@ DIED = (
 
 
 def describe_tune_error(exc: BaseException | None) -> tuple[str, str]:
-    """`fail_reason` and `fail_kind` for a Tune trial that errored: a dead worker or node
-    ("died", re-run), or an exception raised in the worker outside the trial's own code, such
-    as an import error on that node ("setup", reported as it is)."""
+    """`fail_reason` and `fail_kind` for a Tune trial that errored: an exception raised by the
+    worker's own Python code outside the trial, such as an import error on that node ("setup",
+    reported as it is); anything else, i.e. Ray losing the worker, its node or its memory
+    ("died", re-run)."""
     try:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayError, RayTaskError
     except ImportError:  # pragma: no cover
         return DIED, "died"
-    if exc is None or isinstance(exc, RayActorError):
-        detail = str(exc).strip().splitlines()[0] if exc is not None and str(exc) else ""
-        return (DIED + (f" ({detail[:300]})" if detail else "")), "died"
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-    return f"setup failed on the Ray worker: {type(cause).__name__}: {msg}", "setup"
+    if exc is not None and (isinstance(exc, RayTaskError) or not isinstance(exc, RayError)):
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        return f"setup failed on the Ray worker: {type(cause).__name__}: {msg}", "setup"
+    detail = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+    return (DIED + (f" ({detail[:300]})" if detail else "")), "died"
 
 
 try:  # subclasses Ray's Searcher; keep the import of this module cheap where ray is missing
