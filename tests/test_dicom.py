@@ -241,6 +241,9 @@ def test_predict_dicom_writes_a_secondary_capture(
         assert sc.pixel_array.shape == (src.Rows, src.Columns, 3)
         png = np.asarray(Image.open(r["gradcam"]))
         assert np.array_equal(sc.pixel_array, png)  # the same overlay as the PNG
+    cli_out = tmp_path / "cli"
+    assert main(["predict", str(out), str(files[0]), "--dicom-sc", "--out", str(cli_out)]) == 0
+    assert (cli_out / f"{files[0].stem}_gradcam.dcm").is_file()  # --dicom-sc implies --explain
 
 
 def test_prepare_rejects_a_ct_with_the_reason_and_reads_a_csv(
