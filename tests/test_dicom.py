@@ -241,3 +241,36 @@ def test_predict_dicom_writes_a_secondary_capture(
         assert sc.pixel_array.shape == (src.Rows, src.Columns, 3)
         png = np.asarray(Image.open(r["gradcam"]))
         assert np.array_equal(sc.pixel_array, png)  # the same overlay as the PNG
+    cli_out = tmp_path / "cli"
+    assert main(["predict", str(out), str(files[0]), "--dicom-sc", "--out", str(cli_out)]) == 0
+    assert (cli_out / f"{files[0].stem}_gradcam.dcm").is_file()  # --dicom-sc implies --explain
+
+
+def test_prepare_rejects_a_ct_with_the_reason_and_reads_a_csv(
+    dicom_folder: Path, xray: np.ndarray, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from automl_cxr.cli import main
+    from automl_cxr.data import load_dataset
+
+    root = tmp_path / "with-ct"
+    shutil.copytree(dicom_folder, root, symlinks=True)
+    _write(_dataset(xray, Modality="CT", PatientID="CT-1"), root / "normal" / "ct.dcm")
+    args = ["data", "prepare", "--folder", str(root), "--name", "h2", "--data-dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "ct.dcm" in err and "modality CT is not a projection radiograph" in " ".join(err.split())
+    assert main([*args, "--skip-bad"]) == 0
+    capsys.readouterr()
+    assert len(load_dataset("h2", tmp_path).manifest) == 16
+    # a CSV manifest without patient ids: the DICOM PatientID is the split group
+    files = sorted(p for p in dicom_folder.rglob("*") if p.is_file())
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files))
+    assert (
+        main(["data", "prepare", "--csv", str(csv), "--name", "h3", "--data-dir", str(tmp_path)])
+        == 0
+    )
+    m = load_dataset("h3", tmp_path).manifest
+    assert m["patient_id"].str.split(":").str[-1].nunique() == 8

@@ -173,7 +173,8 @@ def test_parse_operating_point() -> None:
 
 
 @pytest.mark.parametrize(
-    "metric", ["balanced_accuracy", "accuracy", "macro_f1", "covid_sensitivity", "covid_accuracy"]
+    "metric",
+    ["balanced_accuracy", "accuracy", "macro_f1", "covid_sensitivity", "covid_accuracy", "auc"],
 )
 def test_fast_scorer_is_the_engine_metric(oofs, metric: str) -> None:
     _, valid = _valid(oofs)
@@ -216,3 +217,14 @@ def test_ensemble_selection_never_below_its_best_member(oofs) -> None:
     assert nested["available"] and len(nested["ensemble"]["folds"]) == len(use)
     with pytest.raises(ConfigError, match="at least 1 round"):
         caruana_select(probs, first.labels, first.folds, scorer, n_rounds=0)
+
+
+def test_fast_auc_on_two_classes_is_the_engine_auc(oofs) -> None:
+    _, valid = _valid(oofs)
+    for v in valid.values():
+        keep = v.labels < 2  # covid vs bacterial, renormalised
+        p = v.probs[keep][:, :2] / v.probs[keep][:, :2].sum(axis=1, keepdims=True)
+        y = v.labels[keep]
+        classes = v.classes[:2]
+        ref = scalar_metrics(compute_metrics(y, p, classes, positive="covid"))["auc"]
+        assert metric_scorer("auc", classes, "covid")(y, p) == pytest.approx(ref)

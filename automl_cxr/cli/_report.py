@@ -191,13 +191,23 @@ def report(
         ),
     ] = False,
     html: Annotated[bool, typer.Option("--html/--no-html", help="Write index.html.")] = True,
+    operating_point: Annotated[
+        str,
+        typer.Option(
+            "--operating-point",
+            help="Operating point on the positive class marked on the ROC curves and "
+            "tabulated: youden, sensitivity=X or specificity=X (out-of-fold).",
+        ),
+    ] = "youden",
 ) -> None:
     """Leaderboard, groupings, paper-style table and an interactive page for a study."""
     from automl_cxr.errors import ConfigError
+    from automl_cxr.oof import parse_operating_point
     from automl_cxr.report import load_report, make_report
 
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), but got {alpha}")
+    parse_operating_point(operating_point)  # a bad value fails before any work
     common = dict(
         study_name=study_name,
         metric=metric,
@@ -205,6 +215,7 @@ def report(
         alpha=alpha,
         compare=compare,
         compare_study_name=compare_study_name,
+        operating_point=operating_point,
     )
     if as_json and out is None:  # --json alone writes nothing
         data, files = load_report(study, **common), []

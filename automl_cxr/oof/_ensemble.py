@@ -41,8 +41,9 @@ _FAST = (
 
 def metric_scorer(metric: str, classes: list[str], positive: str | None) -> Scorer:
     """``score(labels, probs)`` of one study metric on one set of predictions, with the
-    definitions of :func:`automl_cxr.engine.compute_metrics` (confusion-matrix metrics are
-    computed directly, the others through it)."""
+    definitions of :func:`automl_cxr.engine.compute_metrics` (confusion-matrix metrics and
+    the AUC are computed directly — selection scores thousands of candidates — the others
+    through it; the tests check both paths agree)."""
     n_cls = len(classes)
     k_pos = classes.index(positive) if positive in classes else None
     if metric.startswith("covid_") and k_pos is None:
@@ -71,6 +72,27 @@ def metric_scorer(metric: str, classes: list[str], positive: str | None) -> Scor
             return float((tpk + tn) / n)
 
         return fast
+    if metric == "auc":
+        from scipy.stats import rankdata
+
+        def auc(y: np.ndarray, p: np.ndarray) -> float:
+            """One-vs-rest AUC per class by the rank-sum (Mann-Whitney, ties averaged, as
+            roc_auc_score); the mean over classes present (class 1's for two classes)."""
+            vals = []
+            for k in range(n_cls):
+                pos = y == k
+                n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+                if n_pos == 0 or n_neg == 0:
+                    vals.append(math.nan)
+                    continue
+                r = rankdata(p[:, k])
+                vals.append(float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
+            if n_cls == 2:
+                return vals[1]
+            present = [v for k, v in enumerate(vals) if np.any(y == k)]
+            return float(np.mean(present)) if len(present) >= 2 else math.nan
+
+        return auc
     from automl_cxr.engine import compute_metrics, scalar_metrics
 
     def slow(y: np.ndarray, p: np.ndarray) -> float:

@@ -21,6 +21,7 @@ from automl_cxr.errors import AutomlCxrError
 from automl_cxr.report._data import LEADERBOARD_COLUMNS, ReportData, build_report_data
 from automl_cxr.report._figures import FIGURE_TITLES, build_figures
 from automl_cxr.report._html import render_html
+from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT
 from automl_cxr.report._paper import PAPER_CAVEAT, PAPER_KEYS, paper_table
 from automl_cxr.report._plotdata import (
     confusion_data,
@@ -99,11 +100,17 @@ def load_report(
     alpha: float = DEFAULT_ALPHA,
     compare: str | None = None,
     compare_study_name: str | None = None,
+    operating_point: str | None = DEFAULT_OPERATING_POINT,
 ) -> ReportData:
     """Open the study (and the one to compare with) and compute the report's data."""
     study = load_study(storage, study_name)
     data = build_report_data(
-        study, metric=metric, top=top, alpha=alpha, storage=storage_url(storage)
+        study,
+        metric=metric,
+        top=top,
+        alpha=alpha,
+        storage=storage_url(storage),
+        operating_point=operating_point,
     )
     if compare is not None:
         other = load_study(compare, compare_study_name)
@@ -132,6 +139,7 @@ def make_report(
     compare: str | None = None,
     compare_study_name: str | None = None,
     html: bool = True,
+    operating_point: str | None = DEFAULT_OPERATING_POINT,
 ) -> tuple[ReportData, list[Path]]:
     """Compute, render and write a report folder; returns the data and the files written.
 
@@ -146,6 +154,7 @@ def make_report(
         alpha=alpha,
         compare=compare,
         compare_study_name=compare_study_name,
+        operating_point=operating_point,
     )
     page = render_html(data, build_figures(data)) if html else None
     files = report_files(data, page)
