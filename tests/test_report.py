@@ -445,12 +445,25 @@ def test_figures_are_drawn_from_the_data(data) -> None:
     assert list(rel.x) == pytest.approx(data.oof.reliability[0]["confidence"])
 
 
-def test_importances(data) -> None:
-    if data.importances.empty:
-        assert data.importance_note
-    else:
-        assert data.importances["importance"].sum() == pytest.approx(1.0, abs=1e-6)
-        assert "lr" in set(data.importances["param"]) or data.importance_note
+def test_importances(data, study: optuna.Study) -> None:
+    done = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
+    assert len(done) >= 2, "the report study needs two complete trials for this test"
+    # The same numbers as Optuna's own fANOVA evaluator (seeded) on the complete trials.
+    ref = optuna.create_study(direction="maximize")
+    ref.add_trials(
+        optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.value)
+        for t in done
+    )
+    expected = optuna.importance.get_param_importances(
+        ref, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+    )
+    got = dict(zip(data.importances["param"], data.importances["importance"], strict=True))
+    assert got == pytest.approx(dict(expected))
+    assert sum(got.values()) == pytest.approx(1.0, abs=1e-6)
+    # fANOVA covers the parameters every complete trial has (conditional ones drop out).
+    shared = set.intersection(*(set(t.params) for t in done))
+    assert got and set(got) == shared
+    assert data.importance_note == f"from only {len(done)} complete trials: a rough indication"
 
 
 # ----------------------------------------------------------------------------- exports
