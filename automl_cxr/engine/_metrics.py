@@ -107,7 +107,6 @@ PER_CLASS_SCALARS: tuple[str, ...] = ("sensitivity", "specificity")
 """Per-class values flattened into ``<name>_<label>`` keys by :func:`flatten_per_class`."""
 
 
-
 def available_metrics(classes: Sequence[str], positive: str | None) -> list[str]:
     """Every scalar metric a dataset with these classes gets (what `--metric` may name): the
     class-free ones, the ``covid_*`` ones when the positive class is among the classes, and
