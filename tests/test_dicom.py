@@ -220,7 +220,7 @@ def test_prepare_folder_of_dicom_groups_by_patient(
 
 
 def test_predict_dicom_writes_a_secondary_capture(
-    dicom_folder: Path, smoke_study: Path, prepared_dir: Path, tmp_path: Path
+    dicom_folder: Path, smoke_study: Path, prepared_dir: Path, tmp_path: Path, capsys
 ) -> None:
     from automl_cxr.cli import main
     from automl_cxr.deploy import ExportedModel, predict_images
@@ -244,6 +244,28 @@ def test_predict_dicom_writes_a_secondary_capture(
     cli_out = tmp_path / "cli"
     assert main(["predict", str(out), str(files[0]), "--dicom-sc", "--out", str(cli_out)]) == 0
     assert (cli_out / f"{files[0].stem}_gradcam.dcm").is_file()  # --dicom-sc implies --explain
+    # evaluate reads the DICOM folder; the bootstrap resamples the DICOM patients
+    import json
+
+    capsys.readouterr()  # the predict table above
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(dicom_folder),
+                "--model",
+                str(out),
+                "--json",
+                "--n-boot",
+                "50",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_images"] == 16 and res["counts"] == {"covid": 8, "bacterial": 0, "normal": 8}
+    assert res["bootstrap"]["unit"] == "patient" and res["bootstrap"]["n_units"] == 8
 
 
 def test_prepare_rejects_a_ct_with_the_reason_and_reads_a_csv(

@@ -228,3 +228,28 @@ def test_fast_auc_on_two_classes_is_the_engine_auc(oofs) -> None:
         classes = v.classes[:2]
         ref = scalar_metrics(compute_metrics(y, p, classes, positive="covid"))["auc"]
         assert metric_scorer("auc", classes, "covid")(y, p) == pytest.approx(ref)
+
+
+def test_unwritable_artifact_folder_does_not_fail_the_trial(
+    prepared_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A trial whose predictions cannot be written still completes; `oof` says why."""
+    from automl_cxr.study import SearchSettings, run_search
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("AUTOML_CXR_ARTIFACTS", str(blocker / "sub"))
+    db = tmp_path / "s.db"
+    run_search(
+        SearchSettings(
+            dataset="three_class",
+            trials=1,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+            pruner="none",
+        )
+    )
+    (t,) = load_study(db).get_trials()
+    assert t.state == TrialState.COMPLETE
+    assert t.user_attrs["oof"]["stored"] is False and "cannot" in t.user_attrs["oof"]["reason"]

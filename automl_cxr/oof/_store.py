@@ -212,7 +212,12 @@ def save_oof(trial: optuna.Trial, result: Any, dataset: Any) -> dict[str, Any] |
     if getattr(result, "oof_probs", None) is None:
         return None
     storage = trial.study._storage
-    store = artifact_store(storage, create=True)
+    try:
+        store = artifact_store(storage, create=True)
+    except OSError as exc:  # a full or read-only disk must not fail a trained trial
+        info = {"stored": False, "reason": f"cannot create the artifact folder: {exc}"}
+        trial.set_user_attr(OOF_ATTR, info)
+        return info
     if store is None:
         info: dict[str, Any] = {
             "stored": False,
@@ -221,16 +226,21 @@ def save_oof(trial: optuna.Trial, result: Any, dataset: Any) -> dict[str, Any] |
         trial.set_user_attr(OOF_ATTR, info)
         return info
     arrays = oof_arrays(result, dataset)
-    with tempfile.TemporaryDirectory(prefix="automl-cxr-oof-") as tmp:
-        path = Path(tmp) / f"oof_trial{trial.number}.npz"
-        np.savez_compressed(path, **arrays)
-        size = path.stat().st_size
-        artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=store,
-            file_path=str(path),
-            study_or_trial=trial,
-            mimetype="application/octet-stream",
-        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="automl-cxr-oof-") as tmp:
+            path = Path(tmp) / f"oof_trial{trial.number}.npz"
+            np.savez_compressed(path, **arrays)
+            size = path.stat().st_size
+            artifact_id = optuna.artifacts.upload_artifact(
+                artifact_store=store,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+    except OSError as exc:  # a full or read-only disk must not fail a trained trial
+        info = {"stored": False, "reason": f"cannot write the artifact: {exc}"}
+        trial.set_user_attr(OOF_ATTR, info)
+        return info
     info = {
         "stored": True,
         "format": OOF_FORMAT,

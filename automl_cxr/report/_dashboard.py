@@ -246,7 +246,10 @@ def publish_dashboard(
     the study's key figures and leaderboard note. Returns what was done."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
-    store = artifact_store(storage, create=True)
+    try:
+        store = artifact_store(storage, create=True)
+    except OSError:  # no writable folder beside the study: notes and figures only
+        store = None
     attrs = study._storage.get_study_system_attrs(study._study_id)
     done, skipped = [], 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
