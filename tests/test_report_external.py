@@ -20,7 +20,7 @@ from automl_cxr.study import SearchSettings, load_study, run_search
 
 
 @pytest.fixture(scope="module")
-def ext_study(tmp_path_factory, shared_data: Path, prepared_dir: Path) -> optuna.Study:
+def ext_db(tmp_path_factory, shared_data: Path, prepared_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("ext-report")
     ext = _external_folder(shared_data, prepared_dir, root / "adults")
     db = root / "s.db"
@@ -30,7 +30,12 @@ def ext_study(tmp_path_factory, shared_data: Path, prepared_dir: Path) -> optuna
             profile="smoke", externals=[str(ext)], external_label_map={"NORMAL": "normal"},
         )
     )  # fmt: skip
-    return load_study(str(db))
+    return db
+
+
+@pytest.fixture(scope="module")
+def ext_study(ext_db: Path) -> optuna.Study:
+    return load_study(str(ext_db))
 
 
 def test_external_columns_and_gap_match_the_trials(ext_study: optuna.Study) -> None:
@@ -88,3 +93,19 @@ def test_gap_figure_renders_in_headless_chromium(ext_study: optuna.Study, tmp_pa
     chunk = proc.stdout.split('<section id="fig-gap"', 1)[1].split("</section>", 1)[0]
     assert 'class="main-svg"' in chunk, "the gap figure did not render"
     assert "Generalisation gap" in chunk and "external: adults" in chunk
+
+
+def test_console_report_shows_the_external_sets_in_80_columns(
+    ext_db: Path, ext_study: optuna.Study, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    from automl_cxr.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["report", str(ext_db), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "generalisation:" in out and "adults" in out
+    assert all(len(line) <= 80 for line in out.splitlines()), max(out.splitlines(), key=len)
+    best = build_report_data(ext_study).board.iloc[0]
+    assert (
+        f"{best['ext_adults']:.3f}" in out and f"{best['value'] - best['ext_adults']:+.3f}" in out
+    )

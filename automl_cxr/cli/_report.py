@@ -22,6 +22,35 @@ def _ci(lo, hi, spec: str = ".3f") -> str:
     return "" if lo is None or hi is None or lo != lo or hi != hi else f"[{lo:{spec}}–{hi:{spec}}]"
 
 
+def _external_table(data) -> Table:
+    """The top trials' CV score beside each external set's figure, in 80 columns (set names
+    wrap in their headers; numbers never do)."""
+    board = data.board.head(data.top)
+    table = Table(
+        title=f"generalisation: {data.metric} by cross-validation vs external sets",
+        title_justify="left",
+        header_style="bold underline",
+        box=None,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("CV", justify="right", no_wrap=True)
+    for name in data.externals:
+        table.add_column(name, justify="right", overflow="fold", min_width=6)
+    table.add_column("gap", justify="right", no_wrap=True)
+    first = f"ext_{data.externals[0]}"
+    for r in board.to_dict(orient="records"):
+        gap = r["value"] - r.get(first, float("nan"))
+        table.add_row(
+            str(r["number"]),
+            _num(r["value"], ".3f"),
+            *(_num(r.get(f"ext_{n}"), ".3f") for n in data.externals),
+            _num(gap, "+.3f"),
+        )
+    return table
+
+
 def _console_table(data) -> Table:
     """The leaderboard in 80 columns: numbers never cut (their columns do not wrap), the
     configuration (backbone, frozen depth, head) wraps in the last column. The full table is
@@ -137,6 +166,13 @@ def _print_report(data, files: list[Path]) -> None:
         **prose,
     )
     c.print(mark_legend(data).replace("≈ best", "≈").replace("n/a:", "?:"), **prose)
+    if data.externals:
+        c.print(_external_table(data))
+        c.print(
+            "external sets: the trial's fold models on data the search never chose on "
+            f"(bootstrap CIs in the files); gap = CV - {data.externals[0]}.",
+            **prose,
+        )
     for line in ensemble_text(data):
         c.print(line, highlight=False, soft_wrap=False)
     if len(data.paper):

@@ -125,7 +125,7 @@ def _leaderboard_html(data: ReportData) -> str:
     board = data.board
     cls = ["eq" if v is True else "" for v in board["not_worse"]]
     titles = list(board["params_text"])
-    numeric = (0, 2, 3, 4, 5, 6, 10, 11, 12)
+    numeric = (0, 2, 3, 4, 5, 6, 10, 11, 12, *range(13, 13 + len(data.externals)))
     k = data.top
     main = _table(
         header,
