@@ -534,6 +534,24 @@ def test_two_node_cluster_on_postgresql_survives_a_lost_node(
     common = ["--dataset", "three_class", "--profile", "smoke", "--data-dir", str(prepared_dir)]
     cluster = ["--backend", "ray", "--address", ray_cluster.address]
 
+    # Without the cluster's token: a clear error that says what to set.
+    no_token = {k: v for k, v in ray_cluster.env.items() if not k.startswith("RAY_AUTH")}
+    p = _search(
+        _Cluster(ray_cluster.address, no_token, ray_cluster.head, ray_cluster.worker, tmp_path),
+        *common,
+        "--trials",
+        "1",
+        "--storage",
+        url,
+        "--study-name",
+        f"no-token-{os.getpid()}",
+        *cluster,
+    )
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "rejected this process's (missing) token" in err, err[-3000:]
+    assert "RAY_AUTH_MODE=token" in err
+    assert "Traceback" not in err and "gcs_client" not in err  # Ray's retries: in its log
+
     # A storage the other node cannot reach is refused before any trial starts.
     db = tmp_path / "local.db"
     p = _search(ray_cluster, *common, "--trials", "1", "--storage", str(db), *cluster)

@@ -98,9 +98,9 @@ def run_ray(
     from ray import tune
 
     scheduler = make_scheduler(settings.scheduler, settings, profile, space) or _RecordingFIFO()
-    started = _init_ray(settings.address, verbose=settings.verbose)
-    tmp = tempfile.mkdtemp(prefix="automl-cxr-tune-")
     ray_log = None if settings.verbose else ray_log_path(study.study_name)
+    started = _init_ray(settings.address, log_file=ray_log)
+    tmp = tempfile.mkdtemp(prefix="automl-cxr-tune-")
     driver: Driver | None = None
     key = f"{os.getpid()}-{id(study)}-{time.time_ns()}"
     try:
@@ -196,33 +196,67 @@ def run_ray(
         driver.raise_if_failed()
 
 
-def _init_ray(address: str | None, *, verbose: bool = False) -> bool:
-    """Initialise Ray unless the caller did; True when this call started/connected it."""
+def _init_ray(address: str | None, *, log_file: Path | None = None) -> bool:
+    """Initialise Ray unless the caller did; True when this call started/connected it.
+
+    With `log_file` (no `--verbose`), what Ray's C++ core prints while connecting (e.g. a
+    retry line per second against a cluster that rejects our token) goes there too."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    verbose = log_file is None
     try:
-        ray.init(
-            address=address or None,
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=verbose,  # the workers' output: in Ray's log files unless --verbose
-            logging_level=logging.INFO if verbose else logging.ERROR,
-        )
+        with _stderr_to(log_file):
+            ray.init(
+                address=address or None,
+                include_dashboard=False,
+                ignore_reinit_error=True,
+                log_to_driver=verbose,  # the workers' output: Ray's log files unless --verbose
+                logging_level=logging.INFO if verbose else logging.ERROR,
+            )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        said = str(exc).lower()
+        if log_file is not None and log_file.is_file():
+            said += log_file.read_text(errors="replace")[-20000:].lower()
         hint = ""
-        if address and "auth" in str(exc).lower():
+        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
             hint = (
-                " (a cluster started with token authentication needs RAY_AUTH_MODE=token and "
-                "its token here: RAY_AUTH_TOKEN_PATH=FILE or ~/.ray/auth_token; see the "
-                "README's 'Running on a cluster')"
+                "; the cluster rejected this process's (missing) token"
+                if "authentication token" in said or "unauthenticated" in said
+                else "; if the cluster uses token authentication (Ray's default since 2.59)"
+            ) + (
+                ": set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=FILE (the head's "
+                "~/.ray/auth_token); see the README's 'Running on a cluster'"
             )
+        elif log_file is not None:
+            hint = f" (Ray's messages: {log_file})"
         raise ConfigError(f"cannot start or reach {where}: {msg}{hint}") from None
     return True
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path | None) -> Iterator[None]:
+    """File descriptor 2 (where Ray's C++ core writes) appended to `path`; None: unchanged."""
+    if path is None:
+        yield
+        return
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def ray_log_path(study_name: str) -> Path:
