@@ -329,13 +329,7 @@ def paired_comparison(
     difference is exactly 0 (e.g. a trial against itself) ``t = 0`` and ``p_value = 1``.
     ``alternative`` is passed to scipy (``"two-sided"``, ``"less"``, ``"greater"``).
     """
-    a = np.asarray(a_folds, dtype=float).ravel()
-    b = np.asarray(b_folds, dtype=float).ravel()
-    if a.size != b.size:
-        raise ConfigError(
-            f"a_folds and b_folds must have the same length, but got {a.size} and {b.size}"
-        )
-    _check_alternative(alternative)
+    a, b = _paired_folds(a_folds, b_folds, alternative)
     ok = ~(np.isnan(a) | np.isnan(b))
     a, b = a[ok], b[ok]
     n = int(a.size)
@@ -374,13 +368,7 @@ def corrected_paired_ttest(
     "corrected_t"}``; NaN ``t``/``p_value`` with fewer than 2 pairs, ``t = 0, p = 1`` when every
     difference is 0.
     """
-    a = np.asarray(a_folds, dtype=float).ravel()
-    b = np.asarray(b_folds, dtype=float).ravel()
-    if a.size != b.size:
-        raise ConfigError(
-            f"a_folds and b_folds must have the same length, but got {a.size} and {b.size}"
-        )
-    _check_alternative(alternative)
+    a, b = _paired_folds(a_folds, b_folds, alternative)
     ntr = np.asarray(n_train, dtype=float).ravel()
     nva = np.asarray(n_val, dtype=float).ravel()
     for name, arr in (("n_train", ntr), ("n_val", nva)):
@@ -638,6 +626,18 @@ def _is_number(value: Any) -> bool:
 def _check_confidence(confidence: Any) -> None:
     if not isinstance(confidence, float | int) or not 0.0 < float(confidence) < 1.0:
         raise ConfigError(f"confidence must be in (0, 1), but got confidence={confidence!r}")
+
+
+def _paired_folds(a_folds: Any, b_folds: Any, alternative: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-fold score vectors of the same length, and a valid `alternative`."""
+    a = np.asarray(a_folds, dtype=float).ravel()
+    b = np.asarray(b_folds, dtype=float).ravel()
+    if a.size != b.size:
+        raise ConfigError(
+            f"a_folds and b_folds must have the same length, but got {a.size} and {b.size}"
+        )
+    _check_alternative(alternative)
+    return a, b
 
 
 def _check_alternative(alternative: Any) -> None:
