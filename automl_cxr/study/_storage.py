@@ -18,8 +18,25 @@ __all__ = [
     "study_names",
 ]
 
-_DRIVERS = {"postgresql": ("psycopg2-binary", "postgres"), "mysql": ("PyMySQL", "mysql")}
+_DRIVERS = {"postgresql": ("psycopg[binary]", "postgres"), "mysql": ("PyMySQL", "mysql")}
 """Database URL scheme → (driver package, the automl-cxr extra that installs it)."""
+_FALLBACK_DRIVERS = {
+    "postgresql": (("psycopg", "postgresql"), ("psycopg2", "postgresql+psycopg2")),
+    "mysql": (("MySQLdb", "mysql"), ("pymysql", "mysql+pymysql")),
+}
+"""A URL without a driver (`postgresql://`, `mysql://`) is opened with SQLAlchemy's default
+driver when installed, else with the next one that is (the extras install the pure-Python or
+binary wheels: psycopg 3 / psycopg2, PyMySQL)."""
+
+
+def _with_installed_driver(url: str) -> str:
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    for module, dialect in _FALLBACK_DRIVERS.get(scheme, ()):
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}{sep}{rest}"
+    return url
 
 HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 30
@@ -53,6 +70,7 @@ def open_storage(storage: str | Path, *, create: bool = True) -> optuna.storages
         except OSError as exc:
             raise StorageError(f"cannot open journal storage {path}: {exc}") from None
     engine_kwargs: dict = {}
+    url = _with_installed_driver(url)
     if url.startswith("sqlite:"):
         path = Path(url.removeprefix("sqlite:///"))
         if not create and not path.is_file():
