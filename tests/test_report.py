@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -784,7 +785,7 @@ def test_calibration_operating_points_and_ensemble_in_the_report(data, report_di
 def test_console_report_fits_80_columns(study_db: Path, data, tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        ["python", "-m", "automl_cxr", "report", str(study_db), "--out", str(tmp_path / "r")],
+        [sys.executable, "-m", "automl_cxr", "report", str(study_db), "--out", str(tmp_path / "r")],
         capture_output=True,
         text=True,
         env=env,
@@ -807,7 +808,7 @@ def test_console_report_fits_80_columns(study_db: Path, data, tmp_path: Path) ->
                 assert f"[{100 * r[f'{k}_ci_low']:.1f}–{100 * r[f'{k}_ci_high']:.1f}]" in text
     # --json is unchanged by the console layout
     js = subprocess.run(
-        ["python", "-m", "automl_cxr", "report", str(study_db), "--json"],
+        [sys.executable, "-m", "automl_cxr", "report", str(study_db), "--json"],
         capture_output=True,
         text=True,
         env=env,
