@@ -38,6 +38,7 @@ def _with_installed_driver(url: str) -> str:
             return f"{dialect}{sep}{rest}"
     return url
 
+
 HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 30
 MAX_RETRY = 2
