@@ -141,6 +141,12 @@ def test_export_writes_models_and_card(
     assert card["data"]["recipe"]["name"] == "three_class"
     assert card["diagnostics"]["source_probe"]["auc"] >= 0.9
     assert "not a medical device" in card["intended_use"]
+    # Trained for what cross-validation scored (smoke: fixed epochs, no early stopping).
+    ep = card["training"]["epochs"]
+    assert (
+        ep["epochs"] == trial.user_attrs["full_fit_epochs"] == card["training"]["config"]["epochs"]
+    )
+    assert ep["from"] == "config" and f"trained for {ep['epochs']} epochs" in card_md
 
 
 def test_runtimes_match_pytorch_on_real_images(exported: Path, real_images: list[Path]) -> None:

@@ -87,6 +87,7 @@ def build_card(
     export: dict[str, Any] | None = None,
     model_info: dict[str, Any] | None = None,
     ensemble_folds: list[dict[str, Any]] | None = None,
+    training_info: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card as a plain dict (written as `model_card.json`, rendered by
@@ -129,6 +130,7 @@ def build_card(
         },
         "training": {
             "config": spec.train.to_dict(),
+            "epochs": _epochs_info(training_info),
             "retrained_on": (
                 f"all {len(dataset)} images of the study's training data"
                 if ensemble_folds is None
@@ -340,6 +342,9 @@ def render_card(card: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in d["sources"].items())
     )
     lines.append(f"- {card['training']['retrained_on']}")
+    ep = card["training"].get("epochs")
+    if ep:
+        lines.append(f"- trained for {ep['epochs']} epochs: {ep['why']}")
     members = card["training"].get("ensemble") or []
     if members:
         lines += ["", "Fold members (each scored on its own validation fold):", ""]
@@ -407,3 +412,25 @@ def render_card(card: dict[str, Any]) -> str:
             )
     lines.append("")
     return "\n".join(lines)
+
+
+_EPOCHS_WHY = {
+    "argument": "the median epoch chosen by early stopping in the trial's cross-validation folds "
+    "(recorded by the search)",
+    "cv_early_stopping": "the median epoch chosen by early stopping in the trial's "
+    "cross-validation folds (retrained to find it)",
+    "config": "the configured epochs, as every cross-validation fold trained (no early stopping)",
+}
+
+
+def _epochs_info(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How many epochs the exported model trained and why (what cross-validation scored)."""
+    if not info or "epochs" not in info:
+        return None
+    src = str(info.get("epochs_from", ""))
+    return {
+        "epochs": int(info["epochs"]),
+        "from": src,
+        "why": _EPOCHS_WHY.get(src, src),
+        "fold_epochs": info.get("fold_epochs"),
+    }

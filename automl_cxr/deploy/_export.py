@@ -286,7 +286,13 @@ def export_trial(
         members, folds = fit_folds(dataset, spec.model, spec.train, log=log)
         model = CxrEnsemble(members)
     elif model is None:
-        model = fit_full(dataset, spec.model, spec.train, log=log)
+        # As many epochs as the trial's cross-validation scored (with early stopping: the
+        # median epoch its folds chose, recorded by the search), not a number CV never saw.
+        cv_epochs = spec.user_attrs.get("full_fit_epochs") if spec.train.early_stopping else None
+        model = fit_full(
+            dataset, spec.model, spec.train, epochs=int(cv_epochs) if cv_epochs else None, log=log
+        )
+    training_info = dict(getattr(model, "training_info", None) or {})
     if isinstance(model, CxrEnsemble) and folds is None:
         folds = [{} for _ in range(len(model))]  # a given ensemble: members' scores unknown
     if temperature is not None:  # baked into every graph: softmax(logits / T)
@@ -301,6 +307,7 @@ def export_trial(
             diagnostics=diagnostics,
             model_info={"params_total": int(total), "params_trainable": int(trainable)},
             ensemble_folds=folds,
+            training_info=training_info,
             extra=card_extra,
         )
 
