@@ -75,6 +75,17 @@ def _echo_json(payload: Any) -> None:
 # ----------------------------------------------------------------------------- evaluate
 
 
+def _ci_table(title: str, rows) -> Table:
+    """metric | value | 95% CI, one row each."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("95% CI", justify="right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def _metric_rows(boot: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     metrics = boot.get("metrics") or {}
@@ -165,33 +176,24 @@ def evaluate(
         for r in res["rejected"][:10]:
             c.print(f"  {r['path']}: {r['reason']}", highlight=False, soft_wrap=True)
     boot = res["bootstrap"]
-    t = Table(
-        title=f"metrics with 95% bootstrap CI ({boot['n_boot']} resamples over "
-        f"{boot['n_units']} {boot['unit']}s)",
-        title_justify="left",
+    c.print(
+        _ci_table(
+            f"metrics with 95% bootstrap CI ({boot['n_boot']} resamples over "
+            f"{boot['n_units']} {boot['unit']}s)",
+            _metric_rows(boot),
+        )
     )
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_column("95% CI", justify="right")
-    for row in _metric_rows(boot):
-        t.add_row(*row)
-    c.print(t)
     op = res.get("operating_point")
     if op:
         ob = op["bootstrap"]
         target = "" if op.get("target") is None else f"={op['target']}"
-        ot = Table(
-            title=f"at the model's operating point ({op['rule']}{target}: {op['positive']} if "
-            f"p >= {float(op['threshold']):.4f}) instead of the arg-max",
-            title_justify="left",
+        c.print(
+            _ci_table(
+                f"at the model's operating point ({op['rule']}{target}: {op['positive']} if "
+                f"p >= {float(op['threshold']):.4f}) instead of the arg-max",
+                [row for row in _metric_rows(ob) if row[0] != "auc"],
+            )
         )
-        ot.add_column("metric")
-        ot.add_column("value", justify="right")
-        ot.add_column("95% CI", justify="right")
-        for row in _metric_rows(ob):
-            if row[0] != "auc":
-                ot.add_row(*row)
-        c.print(ot)
     cm = res["metrics"].get("confusion_matrix")
     if cm:
         ct = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")

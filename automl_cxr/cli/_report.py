@@ -22,18 +22,23 @@ def _ci(lo, hi, spec: str = ".3f") -> str:
     return "" if lo is None or hi is None or lo != lo or hi != hi else f"[{lo:{spec}}–{hi:{spec}}]"
 
 
-def _external_table(data) -> Table:
-    """The top trials' CV score beside each external set's figure, in 80 columns (set names
-    wrap in their headers; numbers never do)."""
-    board = data.board.head(data.top)
-    table = Table(
-        title=f"generalisation: {data.metric} by cross-validation vs external sets",
+def _compact_table(title: str) -> Table:
+    """A borderless table with underlined headers: the console report's style, 80 columns."""
+    return Table(
+        title=title,
         title_justify="left",
         header_style="bold underline",
         box=None,
         pad_edge=False,
         padding=(0, 1),
     )
+
+
+def _external_table(data) -> Table:
+    """The top trials' CV score beside each external set's figure, in 80 columns (set names
+    wrap in their headers; numbers never do)."""
+    board = data.board.head(data.top)
+    table = _compact_table(f"generalisation: {data.metric} by cross-validation vs external sets")
     table.add_column("trial", justify="right", no_wrap=True)
     table.add_column("CV", justify="right", no_wrap=True)
     for name in data.externals:
@@ -56,13 +61,8 @@ def _console_table(data) -> Table:
     configuration (backbone, frozen depth, head) wraps in the last column. The full table is
     in the files."""
     board = data.board.head(data.top)
-    table = Table(
-        title=f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean over folds)",
-        title_justify="left",
-        header_style="bold underline",
-        box=None,
-        pad_edge=False,
-        padding=(0, 1),
+    table = _compact_table(
+        f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean over folds)"
     )
     for name, justify in (
         ("#", "right"),
