@@ -18,6 +18,7 @@ from automl_cxr.data._image import decode_gray, resize_square
 from automl_cxr.errors import DataError
 
 __all__ = [
+    "MANIFEST_COLUMNS",
     "CACHE_VERSION",
     "PreparedDataset",
     "canonical_order",
@@ -178,24 +179,29 @@ class PreparedDataset:
         return out
 
 
-_TEXT_COLUMNS = {
-    c: str
-    for c in (
-        "path",
-        "label",
-        "patient_id",
-        "group_id",
-        "source",
-        "view",
-        "license",
-        "sha256",
-        "split",
-        "finding",
-        "sex",
-        "age_group",
-        "site",
-    )
-}
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "patient_id",
+    "group_id",
+    "source",
+    "view",
+    "license",
+    "sha256",
+    "width",
+    "height",
+    "split",
+    "finding",
+    "age",
+    "sex",
+    "age_group",
+    "site",
+]
+"""Manifest columns. `age` is in years (blank: unknown), `sex` M/F/blank, `age_group`
+adult/child/blank (Kermany's children have no age per image, but are children), `site` the
+acquisition site (distinct across sources: `nih`, `kermany`, `cohen:<location>`)."""
+_NUMERIC_COLUMNS = ("width", "height", "age")
+_TEXT_COLUMNS = {c: str for c in MANIFEST_COLUMNS if c not in _NUMERIC_COLUMNS}
 
 
 def list_datasets(data_dir: str | Path) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from automl_cxr.data._dataset import canonical_order, row_order_digest
+from automl_cxr.data._dataset import MANIFEST_COLUMNS, canonical_order, row_order_digest
 from automl_cxr.data._image import MIN_SIDE, decode_gray, thumbnail
 from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
 from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
@@ -37,27 +37,6 @@ __all__ = [
     "site_groups",
 ]
 
-MANIFEST_COLUMNS = [
-    "path",
-    "label",
-    "patient_id",
-    "group_id",
-    "source",
-    "view",
-    "license",
-    "sha256",
-    "width",
-    "height",
-    "split",
-    "finding",
-    "age",
-    "sex",
-    "age_group",
-    "site",
-]
-"""Manifest columns. `age` is in years (blank: unknown), `sex` M/F/blank, `age_group`
-adult/child/blank (Kermany's children have no age per image, but are children), `site` the
-acquisition site (distinct across sources: `nih`, `kermany`, `cohen:<location>`)."""
 NEAR_DUPLICATE_THRESHOLD = 0.985
 """Thumbnail (32x32) correlation above which two images of different patients are the same
 radiograph: their patients are merged into one split group."""

@@ -29,6 +29,7 @@ import pandas as pd
 from automl_cxr.engine import corrected_paired_ttest
 from automl_cxr.errors import ConfigError
 from automl_cxr.study import json_safe
+from automl_cxr.study._protocol import fold_members
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -81,7 +82,7 @@ def not_worse_than_best(
             }
             continue
         same_folds = a.size == ref.size and (
-            splits is None or _fold_members(splits.get(key)) == _fold_members(splits.get(best))
+            splits is None or fold_members(splits.get(key)) == fold_members(splits.get(best))
         )
         if not same_folds:
             out[key] = {"p_value": _NAN, "mean_diff": _NAN, "n": 0, "not_worse": None}
@@ -96,16 +97,6 @@ def not_worse_than_best(
             "not_worse": None if math.isnan(p) else bool(p >= alpha),
         }
     return out
-
-
-def _fold_members(splits: Any) -> Any:
-    """What identifies a trial's folds: the recorded member hashes where the engine stored
-    them (per fold: fold, train_hash, val_hash), else the record as it is (older studies)."""
-    if not isinstance(splits, list):
-        return splits
-    if all(isinstance(s, Mapping) and "val_hash" in s for s in splits):
-        return [(s.get("fold"), s.get("train_hash"), s.get("val_hash")) for s in splits]
-    return splits
 
 
 def _fold_sizes(splits: Any, k: int) -> tuple[list[float] | float, list[float] | float]:

@@ -16,7 +16,13 @@ from automl_cxr.data import PreparedDataset
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.study._profiles import Profile
 
-__all__ = ["PROTOCOL_FIELDS", "check_metrics", "check_protocol", "study_protocol"]
+__all__ = [
+    "PROTOCOL_FIELDS",
+    "check_metrics",
+    "check_protocol",
+    "fold_members",
+    "study_protocol",
+]
 
 PROTOCOL_FIELDS = (
     "dataset_hash",
@@ -113,7 +119,7 @@ def protocol_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) 
         if key == "folds":
             # The folds follow from the data, seed, cv and fold count: report them only when
             # those agree (then the data's rows or the splitter itself changed).
-            if not lines and _fold_members(a) != _fold_members(b):
+            if not lines and fold_members(a) != fold_members(b):
                 lines.append(
                     "folds: this run's fold members differ from the study's (same seed and "
                     "cv, so the data or the splitter changed)"
@@ -163,7 +169,11 @@ def check_metrics(
         )
 
 
-def _fold_members(folds: Any) -> Any:
+def fold_members(folds: Any) -> Any:
+    """What identifies a run's or a trial's folds: per fold (fold, train_hash, val_hash) where
+    the records carry the members' hashes, else the records as they are (older studies)."""
     if not isinstance(folds, list):
         return folds
-    return [(f.get("fold"), f.get("train_hash"), f.get("val_hash")) for f in folds]
+    if all(isinstance(f, Mapping) and "val_hash" in f for f in folds):
+        return [(f.get("fold"), f.get("train_hash"), f.get("val_hash")) for f in folds]
+    return folds
