@@ -124,6 +124,86 @@ def test_feature_cache_hits_and_matches_uncached(small, backbone: str) -> None:
     assert cache.hits >= 2 and cache.misses == 2
 
 
+def test_deeper_depths_start_from_the_shared_frozen_prefix(small) -> None:
+    """With `share_from`, the first trial caches the shallow prefix's features on its way to
+    its own depth, and a deeper trial starts from the deepest cached depth, not from pixels;
+    results equal the uncached trial's."""
+    n = num_stages("test_resnet")
+    cache = FeatureCache()
+    mid = _model(small, backbone="test_resnet", frozen_stages=n - 1)
+    first = run_trial(small, mid, _cfg(), feature_cache=cache, share_from=n - 2)
+    assert first.feature_cache["from_depth"] == n - 2 and cache.misses == 2
+    shallow = run_trial(
+        small,
+        _model(small, backbone="test_resnet", frozen_stages=n - 2),
+        _cfg(),
+        feature_cache=cache,
+    )
+    assert shallow.feature_cache["hit"]  # cached on the way
+    head_only = _model(small, backbone="test_resnet", frozen_stages=n, head_kwargs={"pool": "max"})
+    deep = run_trial(small, head_only, _cfg(), feature_cache=cache, share_from=n - 2)
+    assert deep.feature_cache["kind"] == "pooled" and deep.feature_cache["from_depth"] == n - 1
+    assert cache.misses == 3
+    for cached, mc in ((first, mid), (deep, head_only)):
+        plain = run_trial(small, mc, _cfg(feature_cache=False))
+        assert cached.summary["metrics"]["accuracy"]["folds"] == pytest.approx(
+            plain.summary["metrics"]["accuracy"]["folds"], abs=1e-6
+        )
+        la = [p["train_loss"] for c in cached.curves for p in c]
+        lb = [p["train_loss"] for c in plain.curves for p in c]
+        assert la == pytest.approx(lb, rel=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_head_only_trials_train_the_classifier_on_pooled_vectors(small, pool: str) -> None:
+    """Every stage frozen + a pooling head: the cache holds (N, 2, C) avg/max vectors (one
+    entry serves all three pools), and the trial trains the classifier alone on them."""
+    from automl_cxr.models import build_model
+
+    n = num_stages("test_efficientnet")
+    cache = FeatureCache()
+    mc = _model(small, frozen_stages=n, head="mlp", head_kwargs={"pool": pool, "hidden": 8})
+    res = run_trial(small, mc, _cfg(), feature_cache=cache)
+    width = build_model(mc).num_features
+    info = res.feature_cache
+    assert info["kind"] == "pooled" and info["from_depth"] == 0
+    assert info["bytes"] == len(small) * width * (2 if pool == "avgmax" else 1) * 4
+    other = "avg" if pool != "avg" else "max"
+    again = run_trial(
+        small,
+        _model(small, frozen_stages=n, head_kwargs={"pool": other}),
+        _cfg(),
+        feature_cache=cache,
+    )
+    assert again.feature_cache["hit"] and cache.misses == 1
+
+
+def test_pooled_vectors_are_what_the_head_pools() -> None:
+    from automl_cxr.models import POOLS, FeaturePool, combine_pooled, pool_vectors
+
+    gen = torch.Generator().manual_seed(0)
+    for x in (torch.randn(3, 5, 4, 2, generator=gen), torch.randn(3, 7, 5, generator=gen)):
+        avg, mx = pool_vectors(x)
+        for pool in POOLS:
+            assert torch.allclose(combine_pooled(avg, mx, pool), FeaturePool(pool)(x))
+
+
+def test_latency_is_measured_once_per_architecture(small, monkeypatch) -> None:
+    import automl_cxr.engine._trial as trial_mod
+
+    calls = []
+    real = trial_mod._latency_ms
+    monkeypatch.setattr(trial_mod, "_LATENCY", {})
+    monkeypatch.setattr(trial_mod, "_latency_ms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n = num_stages("test_efficientnet")
+    cfg = _cfg(epochs=1, max_folds=1)
+    a = run_trial(small, _model(small, frozen_stages=n), cfg)
+    b = run_trial(small, _model(small, frozen_stages=n - 1), cfg)  # depth does not change it
+    assert len(calls) == 1 and a.latency_ms == b.latency_ms > 0
+    run_trial(small, _model(small, frozen_stages=n, head="mlp"), cfg)  # another head does
+    assert len(calls) == 2
+
+
 def test_augmentation_bypasses_cache(small) -> None:
     mc = _model(small, frozen_stages=num_stages("test_efficientnet"))
     res = run_trial(small, mc, _cfg(augment=0.5))

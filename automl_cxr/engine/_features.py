@@ -2,11 +2,20 @@
 
 When the first N stages of a backbone are frozen (eval mode, BatchNorm included) and no
 augmentation comes before them, their output on an image is the same in every epoch, fold
-and trial. It is keyed by everything that determines it (`feature_key` of the parts
-`_trial._Session` gives): backbone, N, the weights (the checkpoint's sha256, or a hash of
-the frozen prefix's initial state when there is no checksum), the input normalisation (gray
-mode, mean, std), resolution, compute dtype and device type, the image cache version, the
-timm and torch versions and the dataset's content hash.
+and trial. It is keyed by everything that determines it (`frozen_key_parts`): backbone, N, the
+weights (the checkpoint's sha256, or a hash of the frozen prefix's initial state when there is
+no checksum), the input normalisation (gray mode, mean, std), resolution, compute dtype and
+device type, the image cache version, the timm and torch versions and the dataset's content
+hash.
+
+`frozen_inputs` decides what a trial trains on, cheapest first:
+
+- every stage frozen and a pooling head: the pooled vectors (avg and max, (N, 2, C)), so only
+  the classifier trains — milliseconds per epoch;
+- N stages frozen: the feature map after stage N, computed from the deepest shallower depth
+  already cached (or from `share_from`'s, computed and cached first), not from pixels, so the
+  frozen prefix common to the depths a search draws runs once per backbone;
+- otherwise (nothing frozen, augmentation, a backbone that cannot be cut) the images.
 """
 
 from __future__ import annotations
@@ -16,15 +25,25 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from automl_cxr.errors import ConfigError
 
-__all__ = ["FEATURE_CACHE_VERSION", "FeatureCache", "feature_key", "state_hash"]
+__all__ = [
+    "FEATURE_CACHE_VERSION",
+    "FeatureCache",
+    "FrozenInputs",
+    "feature_key",
+    "frozen_inputs",
+    "state_hash",
+]
 
 FEATURE_CACHE_VERSION = 2
 
@@ -71,6 +90,25 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self._mem or bool(self.directory and (self.directory / f"{key}.pt").is_file())
 
+    def get(self, key: str) -> torch.Tensor | None:
+        """The cached tensor for `key` (CPU), from memory or disk, or None (counts a hit)."""
+        with self._lock:
+            if key in self._mem:
+                self._mem.move_to_end(key)
+                self.hits += 1
+                return self._mem[key]
+        path = self.directory / f"{key}.pt" if self.directory else None
+        if path is not None and path.is_file():
+            try:
+                t = torch.load(path, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError):
+                path.unlink(missing_ok=True)  # torn file: recompute
+                return None
+            self._remember(key, t)
+            self.hits += 1
+            return t
+        return None
+
     def get_or_compute(
         self, key: str, compute: Callable[[], torch.Tensor]
     ) -> tuple[torch.Tensor, bool]:
@@ -78,20 +116,10 @@ class FeatureCache:
 
         Returns (tensor, hit).
         """
-        with self._lock:
-            if key in self._mem:
-                self._mem.move_to_end(key)
-                self.hits += 1
-                return self._mem[key], True
+        t = self.get(key)
+        if t is not None:
+            return t, True
         path = self.directory / f"{key}.pt" if self.directory else None
-        if path is not None and path.is_file():
-            try:
-                t = torch.load(path, map_location="cpu", weights_only=True)
-                self._remember(key, t)
-                self.hits += 1
-                return t, True
-            except (OSError, RuntimeError, EOFError):
-                path.unlink(missing_ok=True)  # torn file: recompute
         t = compute().detach().to("cpu").contiguous()
         self.misses += 1
         if path is not None:
@@ -119,3 +147,130 @@ class FeatureCache:
     def clear(self) -> None:
         with self._lock:
             self._mem.clear()
+
+
+@dataclass
+class FrozenInputs:
+    """What a trial trains on: `x` (rows aligned with the dataset, on the device) fed to `net`
+    (the modules holding every trainable parameter; `net(x[i])` are the logits), and how the
+    cache served it (`info`: used, hit, key, key_parts, bytes, seconds, kind, from_depth)."""
+
+    x: torch.Tensor
+    net: nn.Module
+    info: dict = field(default_factory=dict)
+
+
+def frozen_inputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    prep: Callable[[torch.Tensor], torch.Tensor],
+    key_parts: Callable[[int, nn.Module], dict],
+    cache: FeatureCache,
+    *,
+    batch_size: int,
+    autocast: Callable[[], object],
+    share_from: int | None = None,
+) -> FrozenInputs | None:
+    """Cached frozen features for `model` (a `CxrModel`) on `images` (N, 1, R, R uint8 on the
+    device; `prep` scales a batch of them), or None when the model cannot be split.
+
+    `key_parts(depth, prefix)` gives the key parts of the features after `depth` stages
+    (`prefix` maps images to them). `share_from` is the shallowest depth the caller's search
+    draws for this backbone: features there are cached on the way to a deeper depth.
+    """
+    split = model.split_frozen()
+    if split is None:
+        return None
+    t0 = time.perf_counter()
+    depth = model.frozen_stages
+    pooled = model.pooled_head()
+    device = images.device
+    run = _Runner(model, images, prep, key_parts, cache, batch_size, autocast)
+    if pooled is not None:
+        pool, classifier = pooled
+        parts = {**key_parts(depth, split[0]), "pool": "avg+max"}
+        pair, hit = cache.get_or_compute(feature_key(**parts), lambda: run.pooled(share_from))
+        from automl_cxr.models import combine_pooled
+
+        x = combine_pooled(pair[:, 0], pair[:, 1], pool).contiguous().to(device)
+        net, kind = classifier, "pooled"
+    else:
+        parts = key_parts(depth, split[0])
+        feats, hit = cache.get_or_compute(
+            feature_key(**parts), lambda: run.features(depth, share_from)
+        )
+        x, net, kind = feats.to(device), split[1], "feature_map"
+    info = {
+        "used": True,
+        "hit": hit,
+        "kind": kind,
+        "key": feature_key(**parts),
+        "key_parts": {k: v for k, v in parts.items() if k not in ("mean", "std")},
+        "bytes": int(x.numel() * x.element_size()),
+        "from_depth": None if hit else run.from_depth,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return FrozenInputs(x, net, info)
+
+
+class _Runner:
+    """Computes frozen features, starting from the deepest cached depth it can."""
+
+    def __init__(self, model, images, prep, key_parts, cache, batch_size, autocast) -> None:
+        self.model, self.images, self.prep = model, images, prep
+        self.key_parts, self.cache = key_parts, cache
+        self.batch_size, self.autocast = batch_size, autocast
+        self.from_depth: int | None = None  # where the last computation started (0 = pixels)
+
+    def _key(self, depth: int) -> str | None:
+        prefix = self.model.frozen_part(0, depth)
+        return None if prefix is None else feature_key(**self.key_parts(depth, prefix))
+
+    def _start(
+        self, depth: int, share_from: int | None, *, itself: bool
+    ) -> tuple[int, torch.Tensor | None]:
+        """(start depth, its cached features or None for pixels) for computing `depth`; with
+        `itself`, `depth`'s own cached features count (the pooled vectors are computed from
+        them)."""
+        for j in range(depth if itself else depth - 1, 0, -1):
+            cut = j == depth or self.model.frozen_part(j, depth) is not None
+            key = self._key(j) if cut else None
+            feats = self.cache.get(key) if key is not None and key in self.cache else None
+            if feats is not None:
+                return j, feats
+        if share_from is not None and 0 < share_from < depth:
+            key = self._key(share_from)
+            if key is not None and self.model.frozen_part(share_from, depth) is not None:
+                feats, _ = self.cache.get_or_compute(key, lambda: self.features(share_from, None))
+                return share_from, feats
+        return 0, None
+
+    def _chunks(self, depth: int, share_from: int | None, *, itself: bool = False):
+        """The features after `depth` stages, one evaluation batch at a time."""
+        start, source = self._start(depth, share_from, itself=itself)
+        self.from_depth = start
+        part = nn.Identity() if start == depth else self.model.frozen_part(start, depth)
+        part.eval()
+        n = len(self.images)
+        device = self.images.device
+        with torch.inference_mode(), self.autocast():
+            for i in range(0, n, self.batch_size):
+                if source is None:
+                    xb = self.prep(self.images[i : i + self.batch_size])
+                else:
+                    xb = source[i : i + self.batch_size].to(device)
+                yield part(xb).float()
+
+    def features(self, depth: int, share_from: int | None) -> torch.Tensor:
+        return torch.cat(list(self._chunks(depth, share_from)))
+
+    def pooled(self, share_from: int | None) -> torch.Tensor:
+        """(N, 2, C): the avg- and max-pooled vectors of the last stage's output."""
+        from automl_cxr.models import pool_vectors
+
+        neck = self.model.neck
+        out = []
+        for fb in self._chunks(self.model.num_stages, share_from, itself=True):
+            avg, mx = pool_vectors(neck(fb))
+            out.append(torch.stack([avg, mx], dim=1))
+        return torch.cat(out)

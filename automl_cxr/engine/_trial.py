@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from timm.scheduler import create_scheduler_v2
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
-from automl_cxr.engine._features import FeatureCache, feature_key, state_hash
+from automl_cxr.engine._features import FeatureCache, frozen_inputs, state_hash
 from automl_cxr.engine._metrics import (
     bootstrap_metrics,
     compute_metrics,
@@ -154,6 +155,35 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+_LATENCY: dict[str, float] = {}
+
+
+def _latency_once(
+    model: nn.Module, mc: ModelConfig, resolution: int, device: torch.device, autocast
+) -> float:
+    """`_latency_ms`, measured once per process for each architecture (backbone, head, gray
+    mode), resolution, device, dtype and thread count: frozen depth and weights do not change
+    it, and seven timed forward passes per trial would be pure overhead in a search."""
+    dtype = getattr(autocast(), "fast_dtype", None) if device.type == "cuda" else None
+    key = json.dumps(
+        [
+            mc.backbone,
+            mc.head,
+            mc.head_kwargs,
+            mc.gray_mode,
+            resolution,
+            str(device),
+            str(dtype),
+            torch.get_num_threads(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _LATENCY:
+        _LATENCY[key] = _latency_ms(model, resolution, device, autocast)
+    return _LATENCY[key]
+
+
 def _latency_ms(model: nn.Module, resolution: int, device: torch.device, autocast) -> float:
     model.eval()
     x = torch.rand(1, 1, resolution, resolution, device=device)
@@ -185,6 +215,7 @@ class _Session:
         *,
         feature_cache: FeatureCache | None,
         log: Callable[[str], None] | None,
+        share_from: int | None = None,
     ) -> None:
         classes = dataset.classes
         if model_config.num_classes != len(classes):
@@ -214,19 +245,37 @@ class _Session:
         self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.cache_info: dict = {"used": False, "hit": False, "key": None, "bytes": 0}
-        self.feats: torch.Tensor | None = None
-        # Frozen-feature cache: only when the frozen prefix sees un-augmented images.
-        split = model.split_frozen() if (cfg.feature_cache and cfg.augment == 0) else None
-        if split is not None:
-            self._load_features(split[0], model_config, feature_cache)
+        # What fit() trains: the whole model on images, or (frozen-feature cache, only when
+        # the frozen prefix sees un-augmented images) the trainable rest on cached features.
+        self.net: nn.Module = model
+        self.x_source, self.prep = self.images, self.prep_images
+        if cfg.feature_cache and cfg.augment == 0 and model.frozen_stages > 0:
+            inputs = frozen_inputs(
+                model,
+                self.images,
+                lambda xb: self.prep_images(xb, False),
+                lambda depth, prefix: self.feature_key_parts(depth, prefix, model_config),
+                feature_cache if feature_cache is not None else FeatureCache(),
+                batch_size=cfg.eval_batch_size,
+                autocast=self.autocast,
+                share_from=share_from,
+            )
+            if inputs is not None:
+                self.net, self.x_source, self.prep = inputs.net, inputs.x, self.prep_feats
+                self.cache_info = inputs.info
+                if log:
+                    what = "pooled features" if inputs.info["kind"] == "pooled" else "features"
+                    how = "reused" if inputs.info["hit"] else "computed"
+                    log(f"frozen {what} {how} ({inputs.info['bytes'] >> 20} MiB)")
 
     def autocast(self):
         return torch.autocast(
             device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
         )
 
-    def feature_key_parts(self, prefix: nn.Module, mc: ModelConfig) -> dict:
-        """Everything that changes the frozen prefix's output on this dataset's images."""
+    def feature_key_parts(self, depth: int, prefix: nn.Module, mc: ModelConfig) -> dict:
+        """Everything that changes the output of the first `depth` frozen stages (`prefix`)
+        on this dataset's images."""
         import timm
 
         from automl_cxr.data import CACHE_VERSION
@@ -235,7 +284,7 @@ class _Session:
         sha = self.weight_info.get("sha256")
         return {
             "backbone": mc.backbone,
-            "frozen": self.model.frozen_stages,
+            "frozen": int(depth),
             "weights": f"sha256:{sha}" if sha else f"state:{state_hash(prefix)}",
             "gray": mc.gray_mode,
             "mean": [round(float(v), 8) for v in norm.mean.flatten()],
@@ -248,41 +297,6 @@ class _Session:
             "torch": torch.__version__,
             "dataset": self.dataset.hash,
         }
-
-    def _load_features(self, prefix: nn.Module, mc: ModelConfig, cache: FeatureCache | None):
-        cfg, device = self.cfg, self.device
-        parts = self.feature_key_parts(prefix, mc)
-        key = feature_key(**parts)
-        cache = cache if cache is not None else FeatureCache()
-
-        def compute() -> torch.Tensor:
-            prefix.eval()
-            chunks = []
-            with torch.inference_mode(), self.autocast():
-                for i in range(0, len(self.images), cfg.eval_batch_size):
-                    chunks.append(
-                        prefix(
-                            self.prep_images(self.images[i : i + cfg.eval_batch_size], False)
-                        ).float()
-                    )
-            return torch.cat(chunks)
-
-        t0 = time.perf_counter()
-        feats_cpu, hit = cache.get_or_compute(key, compute)
-        self.feats = feats_cpu.to(device)
-        self.cache_info = {
-            "used": True,
-            "hit": hit,
-            "key": key,
-            "key_parts": {k: v for k, v in parts.items() if k not in ("mean", "std")},
-            "bytes": int(feats_cpu.numel() * feats_cpu.element_size()),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        if self.log:
-            self.log(
-                f"frozen features {'reused' if hit else 'computed'} "
-                f"({self.cache_info['bytes'] >> 20} MiB)"
-            )
 
     def prep_images(self, xb: torch.Tensor, train: bool) -> torch.Tensor:
         x = xb.float().div_(255.0)
@@ -321,11 +335,7 @@ class _Session:
         classes = self.dataset.classes
         n_epochs = cfg.epochs if epochs is None else epochs
         model.load_state_dict(self.init_state)
-        if self.feats is not None:
-            _, net = model.split_frozen()
-            x_source, prep = self.feats, self.prep_feats
-        else:
-            net, x_source, prep = model, self.images, self.prep_images
+        net, x_source, prep = self.net, self.x_source, self.prep
         inner_val: np.ndarray | None = None
         fit_idx = np.asarray(train_idx)
         if cfg.early_stopping is not None and val_idx is not None:
@@ -687,6 +697,7 @@ def run_trial(
     external: PreparedDataset | None = None,
     externals: Sequence[PreparedDataset] = (),
     log: Callable[[str], None] | None = None,
+    share_from: int | None = None,
 ) -> TrialResult:
     """Train and evaluate one configuration with grouped cross-validation (`cfg.cv`: by patient,
     or by acquisition site).
@@ -700,7 +711,8 @@ def run_trial(
     (sha256 over the members' image hashes, see `row_identities`), `val_indices`,
     `inner_val_indices` (None without early stopping), `trained_hash` / `n_trained_images`
     (the rows actually fed to training), `epochs_run`, `best_epoch`, `cv` and, with
-    `cv="site"`, `val_sites`.
+    `cv="site"`, `val_sites`. `share_from` (the shallowest frozen depth a search draws for
+    this backbone) only changes how cached features are computed, never the results.
     """
     cfg = train_config
     classes = dataset.classes
@@ -708,7 +720,9 @@ def run_trial(
     ext_y = [_external_labels(e, classes) for e in ext_sets]
     splits, warnings = _trial_splits(dataset, cfg)
     sites = dataset_sites(dataset)[0] if cfg.cv == "site" else None
-    session = _Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
+    session = _Session(
+        dataset, model_config, cfg, feature_cache=feature_cache, log=log, share_from=share_from
+    )
     model, device = session.model, session.device
     total_params, trainable_params = model.param_counts()
     y_all = dataset.labels
@@ -771,7 +785,7 @@ def run_trial(
                 y_e, p, classes, positive=dataset.positive, groups=e.groups
             ),
         }
-    latency = _latency_ms(model, cfg.resolution, device, session.autocast)
+    latency = _latency_once(model, model_config, cfg.resolution, device, session.autocast)
     result = TrialResult(
         dataset=dataset.name,
         dataset_hash=dataset.hash,

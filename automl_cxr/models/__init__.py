@@ -36,7 +36,9 @@ from automl_cxr.models._heads import (
     FeaturePool,
     PooledHead,
     build_head,
+    combine_pooled,
     list_heads,
+    pool_vectors,
     register_head,
 )
 from automl_cxr.models._weights import (
@@ -68,6 +70,8 @@ __all__ = [
     "TrainableRest",
     "WeightSource",
     "analyse_arch",
+    "combine_pooled",
+    "pool_vectors",
     "arch_info",
     "build_head",
     "build_model",

@@ -22,7 +22,7 @@ from automl_cxr.models._freeze import (
     check_frozen_stages,
     freeze_plan,
 )
-from automl_cxr.models._heads import build_head, list_heads
+from automl_cxr.models._heads import PooledHead, build_head, list_heads
 from automl_cxr.models._weights import WeightSource, load_backbone, resolve_weights
 
 __all__ = ["GRAY_MODES", "CxrModel", "GrayNormalize", "ModelConfig", "build_model"]
@@ -272,6 +272,45 @@ class CxrModel(nn.Module):
         prefix = FrozenPrefix(self.input_norm, *chain[: plan.split])
         rest = TrainableRest(nn.Sequential(*chain[plan.split :]), self.neck, self.head)
         return prefix, rest
+
+    def frozen_part(self, start: int, stop: int) -> nn.Module | None:
+        """The frozen stages `start`..`stop`: a module (eval mode, shared with this model)
+        mapping the output of the first `start` stages (gray images when `start` is 0) to the
+        output of the first `stop` stages, `0 <= start < stop <= frozen_stages`; None when
+        the backbone cannot be cut at both depths. `frozen_part(0, frozen_stages)` is
+        `split_frozen()[0]`. The feature cache uses it to compute a deeper depth's features
+        from a shallower depth's cached ones instead of from pixels."""
+        if not (0 <= start < stop <= self.frozen_stages):
+            raise ConfigError(
+                f"frozen_part needs 0 <= start < stop <= frozen_stages={self.frozen_stages}, "
+                f"but got start={start}, stop={stop}"
+            )
+        if start == 0 and stop >= self.num_stages:
+            return FrozenPrefix(self.input_norm, _ForwardFeatures(self.backbone))
+        cuts = [self._cut(d) for d in (start, stop)]
+        if None in cuts or not self._chain_matches():
+            return None
+        chain = [self.backbone.get_submodule(n) for n in self._info.sequence or ()]
+        head = [self.input_norm] if start == 0 else []
+        return FrozenPrefix(*head, *chain[cuts[0] : cuts[1]])
+
+    def _cut(self, depth: int) -> int | None:
+        """Index into the backbone's module chain right after its first `depth` stages."""
+        if self._info.sequence is None:
+            return None
+        if depth == 0:
+            return 0
+        if depth >= self.num_stages:
+            return len(self._info.sequence)
+        return freeze_plan(self._info, depth).split
+
+    def pooled_head(self) -> tuple[str, nn.Module] | None:
+        """(pool, classifier) when every stage is frozen and the head is a `PooledHead`: the
+        classifier then sees only the pooled feature vector, so trials can train it on
+        cached pooled features (avg and max; avgmax is their concatenation). Else None."""
+        if self.frozen_stages < self.num_stages or not isinstance(self.head, PooledHead):
+            return None
+        return self.head.pool.pool_type, self.head.classifier
 
     @torch.no_grad()
     def _chain_matches(self) -> bool:

@@ -23,7 +23,9 @@ __all__ = [
     "FeaturePool",
     "PooledHead",
     "build_head",
+    "combine_pooled",
     "list_heads",
+    "pool_vectors",
     "register_head",
 ]
 
@@ -131,6 +133,22 @@ class FeaturePool(nn.Module):
         if x.ndim == 2 and self.pool_type != "avgmax":
             return x
         raise ConfigError(f"cannot pool features of shape {tuple(x.shape)} with {self.pool_type}")
+
+
+def pool_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(avg, max) pooled vectors (B, C) of a feature map (B, C, h, w) or tokens (B, N, C):
+    `FeaturePool(p)(x)` is `avg`, `max` or `cat([avg, max], 1)` for p = avg, max, avgmax."""
+    if x.ndim == 4:
+        return x.mean((2, 3)), x.amax((2, 3))
+    if x.ndim == 3:
+        return x.mean(1), x.amax(1)
+    raise ConfigError(f"cannot pool features of shape {tuple(x.shape)}")
+
+
+def combine_pooled(avg: torch.Tensor, mx: torch.Tensor, pool: str) -> torch.Tensor:
+    """What `FeaturePool(pool)` returns, from the two pooled vectors of `pool_vectors`."""
+    _check_choice("pool", "pool", pool, POOLS)
+    return avg if pool == "avg" else mx if pool == "max" else torch.cat([avg, mx], dim=1)
 
 
 class PooledHead(nn.Module):

@@ -147,6 +147,19 @@ class Objective:
         )
         return TrialPlan(model, train, frac)
 
+    def shallowest_frozen(self, backbone: str) -> int | None:
+        """The fewest frozen stages this space draws for `backbone` (None when 0): the frozen
+        prefix every trial of the backbone shares, whose features are cached first."""
+        ff = self.space.frozen_fraction
+        if ff.kind == "fixed":
+            low = float(ff.value)
+        elif ff.kind == "categorical":
+            low = float(min(ff.choices))
+        else:
+            low = float(ff.low)
+        depth = int(round(low * num_stages(backbone)))
+        return depth or None
+
     # -- running --------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -196,6 +209,7 @@ class Objective:
                 feature_cache=self.feature_cache,
                 externals=self.externals,
                 log=self.log,
+                share_from=self.shallowest_frozen(plan.model.backbone),
             )
         except TrialFailed as exc:
             trial.set_user_attr("fail_reason", exc.reason)
