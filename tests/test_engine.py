@@ -609,3 +609,33 @@ def test_several_external_sets_and_a_subset_of_the_classes(prepared_dir, small) 
     bad.meta["labels"] = ["covid", "tuberculosis"]
     with pytest.raises(DataError, match="'tuberculosis'\\] are not among the study's"):
         run_trial(small, _model(small), _cfg(epochs=1), externals=[bad])
+
+
+def test_caches_sharing_a_folder_compute_each_entry_once(tmp_path) -> None:
+    """Two caches (as in two worker processes) on one folder: while one computes an entry,
+    the other waits on the entry's lock and then loads it instead of computing it again."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.5)
+        return torch.arange(6.0)
+
+    caches = [FeatureCache(directory=tmp_path), FeatureCache(directory=tmp_path)]
+    got = [None, None]
+
+    def work(i):
+        got[i] = caches[i].get_or_compute("k", slow)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(hit for _, hit in got) == [False, True]
+    assert all(torch.equal(t, torch.arange(6.0)) for t, _ in got)

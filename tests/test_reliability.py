@@ -211,6 +211,33 @@ def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
     assert len(set(configs)) == len(configs), "two workers drew the same configuration"
 
 
+def test_parallel_workers_share_frozen_features_and_report_progress(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """Workers share one feature folder (each feature set computed by one worker only), and
+    the parent shows every worker's finished trials as they land."""
+    space = tmp_path / "head_only.yaml"
+    space.write_text(
+        "backbones: [test_resnet]\nfrozen_fraction: 1.0\n"
+        "heads: {linear: {pool: [avg, max, avgmax]}}\nlr: {low: 1.0e-3, high: 1.0e-2}\n"
+    )
+    db = tmp_path / "share.db"
+    res = _run(
+        "search", "--dataset", "binary", "--trials", "6", "--profile", "smoke",
+        "--space", str(space), "--storage", str(db), "--data-dir", str(prepared_dir),
+        "--workers", "2", "--cpus-per-trial", "1", "--pruner", "none",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = _study(db)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) >= 6 and len({t.user_attrs["worker"]["pid"] for t in done}) == 2
+    caches = [t.user_attrs["feature_cache"] for t in done]
+    assert {c["kind"] for c in caches} == {"pooled"} and len({c["key"] for c in caches}) == 1
+    assert sum(not c["hit"] for c in caches) == 1  # computed once, by one worker
+    for t in done:
+        assert f"trial {t.number} COMPLETE" in res.stderr
+
+
 @pytest.mark.postgres
 def test_four_workers_on_postgresql(prepared_dir: Path) -> None:
     url = os.environ.get("AUTOML_CXR_TEST_POSTGRES")

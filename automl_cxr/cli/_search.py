@@ -102,7 +102,12 @@ def search(
     sampler: Annotated[str, typer.Option(help="tpe|random|nsga2")] = "tpe",
     pruner: Annotated[str, typer.Option(help="hyperband|median|none")] = "hyperband",
     backend: Annotated[str, typer.Option(help="local|ray")] = "local",
-    workers: Annotated[int, typer.Option(help="Parallel trials.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Parallel trials (default: the profile's; cpu: 2, one thread each, on 2+ cores)."
+        ),
+    ] = None,
     cpus_per_trial: Annotated[int | None, typer.Option(help="CPU threads per trial.")] = None,
     gpus_per_trial: Annotated[
         float | None, typer.Option(help="GPUs per trial (Ray; fractions ok).")

@@ -20,6 +20,7 @@ hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # Windows: no cross-process lock; entries may be computed twice
+    fcntl = None
 
 from automl_cxr.errors import ConfigError
 
@@ -119,6 +125,28 @@ class FeatureCache:
         t = self.get(key)
         if t is not None:
             return t, True
+        with self._file_lock(key):  # another process may be computing it: wait, then load
+            t = self.get(key)
+            if t is not None:
+                return t, True
+            return self._compute(key, compute), False
+
+    @contextlib.contextmanager
+    def _file_lock(self, key: str):
+        """An exclusive lock on `<key>.lock` in the folder (none without a folder or fcntl),
+        so worker processes sharing the folder compute each entry once."""
+        if self.directory is None or fcntl is None:
+            yield
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"{key}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         path = self.directory / f"{key}.pt" if self.directory else None
         t = compute().detach().to("cpu").contiguous()
         self.misses += 1
@@ -132,7 +160,7 @@ class FeatureCache:
             finally:
                 Path(tmp).unlink(missing_ok=True)
         self._remember(key, t)
-        return t, False
+        return t
 
     def _remember(self, key: str, t: torch.Tensor) -> None:
         size = t.numel() * t.element_size()

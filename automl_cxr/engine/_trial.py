@@ -78,6 +78,9 @@ class TrialResult:
     externals: dict[str, dict] = field(default_factory=dict)  # name -> metrics, bootstrap, n, ...
     full_fit_epochs: int | None = None  # epochs fit_full trains for (what the CV used)
     warnings: list[str] = field(default_factory=list)  # e.g. a site-CV fold-count fallback
+    # wall seconds: setup (model, images, cached features), fit (training and per-epoch
+    # evaluation, all folds), rest (metrics, ROC, external sets, latency), total
+    timing: dict = field(default_factory=dict)
     # pooled out-of-fold probabilities (N, C), rows in the dataset manifest's order; NaN rows
     # were never validated (e.g. max_folds < n_folds). Stored once per trial (study/_oof.py).
     oof_probs: np.ndarray | None = field(default=None, repr=False)
@@ -353,6 +356,7 @@ class _Session:
         updates = 0
         seen = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
         out = _Fit(train_idx=fit_idx, inner_val_idx=inner_val)
+        fit_start = time.perf_counter()
         best_loss, best_state, bad_epochs = math.inf, None, 0
         for epoch in range(n_epochs):
             net.train()
@@ -432,6 +436,7 @@ class _Session:
         elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
             out.probs, out.metrics, out.best_epoch = probs, m, len(out.curve) - 1
         out.trained = np.flatnonzero(seen.cpu().numpy())
+        out.wall = time.perf_counter() - fit_start
         return out
 
     def _evaluate(
@@ -464,7 +469,8 @@ class _Fit:
     probs: np.ndarray | None = None
     metrics: dict | None = None
     best_epoch: int = -1
-    seconds: float = 0.0
+    seconds: float = 0.0  # in training steps
+    wall: float = 0.0  # the whole fit, per-epoch evaluation included
     n_trained: int = 0
     trained: np.ndarray | None = None  # rows that were in at least one training batch
 
@@ -718,6 +724,7 @@ def run_trial(
     classes = dataset.classes
     ext_sets = ([external] if external is not None else []) + list(externals)
     ext_y = [_external_labels(e, classes) for e in ext_sets]
+    started = time.perf_counter()
     splits, warnings = _trial_splits(dataset, cfg)
     sites = dataset_sites(dataset)[0] if cfg.cv == "site" else None
     session = _Session(
@@ -737,6 +744,7 @@ def run_trial(
         for e in ext_sets
     ]
     ext_probs: list[list[np.ndarray]] = [[] for _ in ext_sets]
+    setup_seconds = time.perf_counter() - started
     for w in warnings:
         if log:
             log(f"warning: {w}")
@@ -814,6 +822,14 @@ def run_trial(
         warnings=warnings,
         oof_probs=oof,
     )
+    total = time.perf_counter() - started
+    fit_seconds = sum(f.wall for f in fits)
+    result.timing = {
+        "setup": round(setup_seconds, 4),
+        "fit": round(fit_seconds, 4),
+        "rest": round(total - setup_seconds - fit_seconds, 4),
+        "total": round(total, 4),
+    }
     if metric not in result.summary["metrics"]:
         raise ConfigError(
             f"metric {metric!r} is not computed for this dataset; "

@@ -289,6 +289,7 @@ class Objective:
         ):
             trial.set_user_attr(key, json_safe(getattr(result, key)))
         trial.set_user_attr("feature_cache", json_safe(result.feature_cache))
+        trial.set_user_attr("timing", json_safe(result.timing))
         trial.set_user_attr("weight_source", json_safe(result.weight_source))
         trial.set_user_attr("fail_reason", None)
 

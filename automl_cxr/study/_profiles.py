@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 from automl_cxr.errors import ConfigError
 
-__all__ = ["Profile", "default_profile", "get_profile", "list_profiles"]
+__all__ = ["Profile", "default_profile", "get_profile", "list_profiles", "profile_workers"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Profile:
     space: str | None = None  # default search space file in studies/ when --space is not given
     backbones_from_profile: bool = False  # search the profile's backbones, not the space's
     min_frozen_fraction: float | None = None  # clip a space's frozen_fraction to at least this
+    workers: int = 1  # parallel trials when --workers is not given (at most one per CPU core)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -71,7 +73,8 @@ _PROFILES: dict[str, Profile] = {
             "cpu",
             "Default without CUDA: backbones whose ImageNet weights install offline, 128 px, "
             "3-fold CV, 6 epochs, and studies/cpu.yaml (deep freezing) as the default space, "
-            "so frozen-feature caching and pruning carry the speed.",
+            "so frozen and pooled feature caches and pruning carry the speed; two "
+            "single-thread trials side by side (on 2+ cores).",
             resolution=128,
             epochs=6,
             n_folds=3,
@@ -79,6 +82,7 @@ _PROFILES: dict[str, Profile] = {
             backbones=_OFFLINE_CPU,
             early_stopping=3,
             space="cpu.yaml",
+            workers=2,
         ),
         Profile(
             "gpu",
@@ -138,6 +142,11 @@ def get_profile(name: str) -> Profile:
 
 def list_profiles() -> list[Profile]:
     return list(_PROFILES.values())
+
+
+def profile_workers(profile: Profile) -> int:
+    """Parallel trials for `profile` on this machine: its `workers`, at most one per core."""
+    return max(1, min(profile.workers, os.cpu_count() or 1))
 
 
 def default_profile() -> Profile:

@@ -3,7 +3,10 @@ in N local worker processes, or through Ray (`_ray.run_ray`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,7 @@ from automl_cxr.study._optuna import (  # noqa: F401  (re-exported for older imp
     make_pruner,
     make_sampler,
 )
-from automl_cxr.study._profiles import Profile, default_profile, get_profile
+from automl_cxr.study._profiles import Profile, default_profile, get_profile, profile_workers
 from automl_cxr.study._protocol import check_metrics, study_protocol
 from automl_cxr.study._recovery import (  # noqa: F401  (re-exported for older imports)
     MAX_RETRIES,
@@ -60,6 +63,8 @@ def run_search(
 ) -> SearchSummary:
     """Run (or resume) the study until it holds `settings.trials` finished trials."""
     profile = get_profile(settings.profile) if settings.profile else default_profile()
+    if settings.workers is None:
+        settings = dataclasses.replace(settings, workers=profile_workers(profile))
     space = adapt_space(resolve_space(settings.space, profile), profile, log)
     # Checked before any data is read or any study is created: a bad --enqueue changes nothing.
     references = [space.check_params(p, profile.backbones) for p in settings.enqueue]
@@ -127,7 +132,7 @@ def run_search(
                 notes.append(note)
                 if log:
                     log(note)
-            _run_local_workers(settings, storage_arg, name, settings.workers)
+            _run_local_workers(settings, storage_arg, name, settings.workers, study, on_trial)
         else:
             _run_here(settings, study, dataset, space, profile, before, on_trial, externals)
     close_storage(storage)
@@ -226,32 +231,76 @@ def _summary(
     )
 
 
-def _run_local_workers(settings: SearchSettings, storage_arg: str, name: str, n: int) -> None:
-    """N worker processes on one study (each opens the storage itself)."""
+def _run_local_workers(
+    settings: SearchSettings,
+    storage_arg: str,
+    name: str,
+    n: int,
+    study: optuna.Study,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
+) -> None:
+    """N worker processes on one study (each opens the storage itself), `cpu_count // N`
+    threads each. They share one feature-cache folder (`--feature-cache-dir`, else a
+    temporary one removed at the end), so each frozen feature set is computed once, by
+    whichever worker needs it first. This process reports their finished trials to
+    `on_trial` as they land."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     procs = []
     threads = max(1, (os.cpu_count() or 1) // n)
-    for i in range(n):
-        s = SearchSettings(
-            **{
-                **settings.__dict__,
-                "workers": 1,
-                "worker_index": i,
-                "storage": storage_arg,
-                "study_name": name,
-            }
-        )
-        s.cpus_per_trial = settings.cpus_per_trial or threads
-        p = ctx.Process(target=_worker_main, args=(s,), daemon=False)
-        p.start()
-        procs.append(p)
-    for p in procs:
-        p.join()
+    cache_dir = settings.feature_cache_dir
+    tmp_cache = None
+    if cache_dir is None:
+        tmp_cache = cache_dir = Path(tempfile.mkdtemp(prefix="automl-cxr-features-"))
+    try:
+        for i in range(n):
+            s = SearchSettings(
+                **{
+                    **settings.__dict__,
+                    "workers": 1,
+                    "worker_index": i,
+                    "storage": storage_arg,
+                    "study_name": name,
+                    "feature_cache_dir": cache_dir,
+                    "feature_cache_bytes": max(0, settings.feature_cache_bytes // n),
+                }
+            )
+            s.cpus_per_trial = settings.cpus_per_trial or threads
+            p = ctx.Process(target=_worker_main, args=(s,), daemon=False)
+            p.start()
+            procs.append(p)
+        seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=1.0 / n)
+            if on_trial is not None:
+                seen = _report_new(study, seen, on_trial)
+        if on_trial is not None:
+            _report_new(study, seen, on_trial)
+    except KeyboardInterrupt:
+        for p in procs:  # they got the same SIGINT: let them mark their trials failed
+            p.join(timeout=30)
+        raise
+    finally:
+        if tmp_cache is not None:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
     bad = [p.exitcode for p in procs if p.exitcode]
     if bad:
         raise StorageError(f"{len(bad)} worker process(es) failed with exit codes {bad}")
+
+
+def _report_new(
+    study: optuna.Study,
+    seen: set[int],
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
+) -> set[int]:
+    """Call `on_trial` for each trial that finished since `seen`; returns the new `seen`."""
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if t.number not in seen:
+            seen.add(t.number)
+            on_trial(study, t)
+    return seen
 
 
 def _worker_main(settings: SearchSettings) -> None:

@@ -35,7 +35,7 @@ class SearchSettings:
     sampler: str = "tpe"
     pruner: str = "hyperband"
     backend: str = "local"
-    workers: int = 1
+    workers: int | None = None  # None: the profile's (`profile_workers`)
     cpus_per_trial: int | None = None
     gpus_per_trial: float | None = None
     address: str | None = None
@@ -54,7 +54,7 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"trials must be at least 1, but got trials={self.trials}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be at least 1, but got workers={self.workers}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {self.sampler!r}")
