@@ -90,6 +90,17 @@ class TrialResult:
         """The mean over folds of the trial's metric (the study objective)."""
         return float(self.summary["metrics"][self.metric]["mean"])
 
+    def epoch_rates(self) -> tuple[float, float]:
+        """Training images/s of the first fold's first epoch and of its later epochs (the
+        steady state: the first epoch of a process pays one-off start-up costs such as
+        oneDNN/cuDNN kernel selection and allocator growth)."""
+        pts = self.curves[0]
+        later = pts[1:] or pts
+        return (
+            round(pts[0]["n_train"] / pts[0]["train_seconds"], 2),
+            round(sum(p["n_train"] for p in later) / sum(p["train_seconds"] for p in later), 2),
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -389,12 +400,15 @@ class _Session:
                 loss_sum += loss.detach() * len(idx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            out.seconds += time.perf_counter() - t0
+            epoch_seconds = time.perf_counter() - t0
+            out.seconds += epoch_seconds
             out.n_trained += len(tr)
             point = {
                 "epoch": epoch,
                 "train_loss": float(loss_sum) / len(tr),
                 "lr": float(opt.param_groups[0]["lr"]),
+                "train_seconds": round(epoch_seconds, 4),
+                "n_train": int(len(tr)),
             }
             probs = m = None
             if val_idx is not None:
