@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ def run_ours(args, storage: str) -> dict:
         **({"workers": args.workers} if args.workers else {}),
     )
     start = time.time()
-    summary = run_search(settings)
+    summary = run_search(settings, on_trial=_progress("ours", start))
     wall = time.time() - start
     study = optuna.load_study(study_name="ours", storage=f"sqlite:///{storage}")
     return {
@@ -132,8 +133,24 @@ def run_naive(args, storage: str) -> dict:
         n_trials=args.trials,
         timeout=args.naive_seconds,
         catch=(Exception,),
+        callbacks=[_progress("naive", start)],
     )
     return {**_curve(study, start), "wall_seconds": round(time.time() - start, 2)}
+
+
+def _progress(side: str, start: float):
+    """A study callback printing each finished trial to stderr (long runs show progress)."""
+
+    def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        print(
+            f"[{side} {time.time() - start:7.1f} s] trial {trial.number} {trial.state.name} "
+            f"{value}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
 
 
 def compare(ours: dict, naive: dict) -> dict:
@@ -193,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.data_dir = args.data_dir or Path(tmp) / "data"
         _dataset_ready(args.dataset, args.data_dir)
-        naive = run_naive(args, str(Path(tmp) / "naive.db"))
         ours = run_ours(args, str(Path(tmp) / "ours.db"))
+        naive = run_naive(args, str(Path(tmp) / "naive.db"))
     import torch
 
     result = {

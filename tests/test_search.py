@@ -250,7 +250,7 @@ def test_cpu_profile_defaults_to_the_deep_freezing_space() -> None:
 
     cpu = resolve_space(None, get_profile("cpu"))
     assert cpu.source.endswith("cpu.yaml")
-    assert cpu.frozen_fraction.low == 0.7 and cpu.train["augment"].value == 0.0
+    assert cpu.frozen_fraction.low == 0.85 and cpu.train["augment"].value == 0.0
     assert resolve_space(None, get_profile("smoke")).source.endswith("default.yaml")
     explicit = Path(__file__).resolve().parent.parent / "studies" / "paper_binary.yaml"
     assert resolve_space(explicit, get_profile("cpu")).source == str(explicit)

@@ -115,4 +115,4 @@ def test_installed_wheel_uses_the_same_spaces(tmp_path: Path) -> None:
 
     assert got["cpu"] == resolve_space(None, get_profile("cpu")).to_dict()
     assert got["default"] == load_space(None).to_dict()
-    assert got["cpu"]["frozen_fraction"]["low"] == 0.7  # studies/cpu.yaml, not the bare default
+    assert got["cpu"]["frozen_fraction"]["low"] == 0.85  # studies/cpu.yaml, not the bare default
