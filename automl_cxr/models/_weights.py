@@ -528,7 +528,7 @@ def load_backbone(
 
     if source.path is None:
         raise WeightsUnavailable(f"weight source {source} of backbone {spec.name!r} has no file")
-    sd, fmt = convert_state_dict(read_state_dict(source.path), spec.arch)
+    sd, fmt = _converted_state_dict(source.path, spec.arch)
     model = timm.create_model(
         spec.name, pretrained=False, num_classes=0, in_chans=in_chans, **model_kwargs
     )
@@ -543,5 +543,32 @@ def load_backbone(
             raise
         _load_into(model, filt(sd, model), spec, source.path, fmt, skip)
     if source.sha256 is None:
-        source = replace(source, sha256=file_sha256(source.path))
+        source = replace(source, sha256=_file_sha256_once(source.path))
     return model, replace(source, format=fmt if fmt != "timm" else source.format or fmt)
+
+
+def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=16)
+def _converted_cached(key: tuple[str, int, int], arch: str) -> tuple[dict, str]:
+    return convert_state_dict(read_state_dict(key[0]), arch)
+
+
+def _converted_state_dict(path: str | os.PathLike, arch: str) -> tuple[dict, str]:
+    """`convert_state_dict(read_state_dict(path), arch)`, read once per process and file
+    version (a search builds the same backbone for every trial); a fresh dict each call, since
+    loading replaces entries (e.g. a gray stem's summed kernels)."""
+    sd, fmt = _converted_cached(_file_key(path), arch)
+    return dict(sd), fmt
+
+
+@functools.lru_cache(maxsize=16)
+def _sha_cached(key: tuple[str, int, int]) -> str:
+    return file_sha256(key[0])
+
+
+def _file_sha256_once(path: str | os.PathLike) -> str:
+    return _sha_cached(_file_key(path))

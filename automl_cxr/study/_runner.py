@@ -267,7 +267,9 @@ def _run_local_workers(
                 }
             )
             s.cpus_per_trial = settings.cpus_per_trial or threads
-            p = ctx.Process(target=_worker_main, args=(s,), daemon=False)
+            p = ctx.Process(
+                target=_worker_main, args=(s, optuna.logging.get_verbosity()), daemon=False
+            )
             p.start()
             procs.append(p)
         seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
@@ -303,8 +305,11 @@ def _report_new(
     return seen
 
 
-def _worker_main(settings: SearchSettings) -> None:
+def _worker_main(settings: SearchSettings, optuna_verbosity: int) -> None:
     import torch
 
+    # a spawned process starts with Optuna's default (INFO): keep the parent's verbosity, so
+    # the console shows the parent's one line per trial, not every worker's log line too
+    optuna.logging.set_verbosity(optuna_verbosity)
     torch.set_num_threads(settings.cpus_per_trial or 1)
     run_search(settings)
