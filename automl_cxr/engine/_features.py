@@ -217,22 +217,22 @@ def frozen_inputs(
     if pooled is not None:
         pool, classifier = pooled
         parts = {**key_parts(depth, split[0]), "pool": "avg+max"}
-        pair, hit = cache.get_or_compute(feature_key(**parts), lambda: run.pooled(share_from))
+        key = feature_key(**parts)
+        pair, hit = cache.get_or_compute(key, lambda: run.pooled(share_from))
         from automl_cxr.models import combine_pooled
 
         x = combine_pooled(pair[:, 0], pair[:, 1], pool).contiguous().to(device)
         net, kind = classifier, "pooled"
     else:
         parts = key_parts(depth, split[0])
-        feats, hit = cache.get_or_compute(
-            feature_key(**parts), lambda: run.features(depth, share_from)
-        )
+        key = feature_key(**parts)
+        feats, hit = cache.get_or_compute(key, lambda: run.features(depth, share_from))
         x, net, kind = feats.to(device), split[1], "feature_map"
     info = {
         "used": True,
         "hit": hit,
         "kind": kind,
-        "key": feature_key(**parts),
+        "key": key,
         "key_parts": {k: v for k, v in parts.items() if k not in ("mean", "std")},
         "bytes": int(x.numel() * x.element_size()),
         "from_depth": None if hit else run.from_depth,
@@ -263,7 +263,7 @@ class _Runner:
         for j in range(depth if itself else depth - 1, 0, -1):
             cut = j == depth or self.model.frozen_part(j, depth) is not None
             key = self._key(j) if cut else None
-            feats = self.cache.get(key) if key is not None and key in self.cache else None
+            feats = self.cache.get(key) if key is not None else None
             if feats is not None:
                 return j, feats
         if share_from is not None and 0 < share_from < depth:
