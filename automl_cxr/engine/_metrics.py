@@ -68,13 +68,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from automl_cxr.errors import ConfigError
 
@@ -144,13 +138,17 @@ def compute_metrics(
     """
     yt, yp, cls = _validate_predictions(y_true, y_prob, classes)
     n_cls = len(cls)
-    y_pred = yp.argmax(axis=1)
-    cm = confusion_matrix(yt, y_pred, labels=list(range(n_cls)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" is expected
-        bal_acc = float(balanced_accuracy_score(yt, y_pred))
-    macro_f1 = float(f1_score(yt, y_pred, average="macro", zero_division=0))
-    class_auc = [_binary_auc(yt == k, yp[:, k]) for k in range(n_cls)]
+    # The bootstrap's vectorised evaluator with every image weighted once: the same numbers as
+    # scikit-learn's confusion_matrix, balanced_accuracy_score, f1_score(average="macro") and
+    # roc_auc_score (tests/test_metrics.py checks each), ~20x faster than calling them, which
+    # matters because a search evaluates every epoch of every fold.
+    evaluator = _WeightedEvaluator(yt, yp)
+    ones = np.ones((1, yt.size))
+    cm = evaluator.confusion(ones)[0].round().astype(np.int64)
+    point = evaluator.scalars(ones, cls, None)
+    bal_acc = float(point["balanced_accuracy"][0])
+    macro_f1 = float(point["macro_f1"][0])
+    class_auc = [float(evaluator.class_auc(ones, k)[0]) for k in range(n_cls)]
     if n_cls == 2:
         auc = class_auc[1]
     else:
@@ -607,12 +605,6 @@ def _validate_predictions(
     if not np.all(np.isfinite(yp)):
         raise ConfigError(f"y_prob must be finite, but got {int((~np.isfinite(yp)).sum())} NaN/inf")
     return yt, yp, cls
-
-
-def _binary_auc(is_pos: np.ndarray, score: np.ndarray) -> float:
-    if is_pos.all() or not is_pos.any():
-        return _NAN
-    return float(roc_auc_score(is_pos, score))
 
 
 def _ratio(num: int, den: int) -> float:
