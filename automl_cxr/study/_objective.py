@@ -134,6 +134,7 @@ class Objective:
             cv=self.cv,
             seed=self.seed,
             device=self.device,
+            cpu_amp=bool(t.pop("cpu_amp", prof.cpu_amp)),
             **t,
         )
         model = ModelConfig(
@@ -286,6 +287,7 @@ class Objective:
             "train_seconds",
             "images_per_second",
             "device",
+            "precision",
         ):
             trial.set_user_attr(key, json_safe(getattr(result, key)))
         trial.set_user_attr("feature_cache", json_safe(result.feature_cache))
@@ -321,11 +323,15 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _free_device_memory() -> None:
-    gc.collect()
+    """Return a finished trial's CUDA memory to the driver (cycles first, then the caching
+    allocator). Without CUDA in use there is nothing to return: a full `gc.collect()` costs
+    ~0.3 s per trial in a long study and Python's own collector reclaims cycles anyway."""
     try:
         import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if not torch.cuda.is_initialized():
+            return
+        gc.collect()
+        torch.cuda.empty_cache()
     except Exception:  # pragma: no cover
         pass
