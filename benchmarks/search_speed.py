@@ -9,8 +9,9 @@ same training code, one after the other in this process's machine:
 - **ours**: `run_search` exactly as `automl-cxr search --dataset D --trials N` runs it (default
   workers, TPE as configured, Hyperband pruning, frozen/pooled feature caches), stopped after
   `--trials` finished trials or `--ours-seconds`;
-- **naive**: plain `optuna.samplers.TPESampler(seed)` with no pruner and no feature cache
-  (every trial computes its frozen stages from pixels in every epoch), for `--naive-seconds`.
+- **naive**: plain `optuna.samplers.TPESampler(seed)` with no pruner, no feature cache (every
+  trial computes its frozen stages from pixels in every epoch) and float32 throughout (no
+  bfloat16 autocast), one trial at a time, for `--naive-seconds`.
 
 For each side it records every finished trial (seconds since that side started, state, value)
 and the best-so-far curve, then `time_to_naive_best` (when ours first reached the naive run's
@@ -109,11 +110,13 @@ def run_ours(args, storage: str) -> dict:
 
 
 class _NoCacheObjective(Objective):
-    """Our objective with the frozen-feature cache switched off (the naive trial)."""
+    """Our objective with the frozen-feature cache and bfloat16 autocast switched off (the
+    naive trial: plain float32 PyTorch, every epoch from pixels)."""
 
     def sample(self, trial: optuna.Trial):
         plan = super().sample(trial)
-        return dataclasses.replace(plan, train=dataclasses.replace(plan.train, feature_cache=False))
+        train = dataclasses.replace(plan.train, feature_cache=False, cpu_amp=False)
+        return dataclasses.replace(plan, train=train)
 
 
 def run_naive(args, storage: str) -> dict:

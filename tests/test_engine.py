@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from automl_cxr.data import load_dataset
 from automl_cxr.engine import FeatureCache, TrainConfig, make_splits, members_hash, run_trial
 from automl_cxr.engine._trial import row_identities
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
-from automl_cxr.models import ModelConfig, num_stages
+from automl_cxr.models import ModelConfig, build_model, num_stages
 from automl_cxr.study import subsample
 
 
@@ -201,10 +203,20 @@ def test_latency_is_measured_once_per_architecture(small, monkeypatch) -> None:
     n = num_stages("test_efficientnet")
     cfg = _cfg(epochs=1, max_folds=1)
     a = run_trial(small, _model(small, frozen_stages=n), cfg)
+    assert len(calls) == 2  # the backbone's forward_features, then the head on its output
     b = run_trial(small, _model(small, frozen_stages=n - 1), cfg)  # depth does not change it
-    assert len(calls) == 1 and a.latency_ms == b.latency_ms > 0
-    run_trial(small, _model(small, frozen_stages=n, head="mlp"), cfg)  # another head does
-    assert len(calls) == 2
+    assert len(calls) == 2 and a.latency_ms == b.latency_ms > 0
+    mlp = {"hidden": 16, "dropout": 0.1}
+    c = run_trial(small, _model(small, frozen_stages=n, head="mlp", head_kwargs=mlp), cfg)
+    assert len(calls) == 3  # another head is timed, the backbone is not
+    mlp["dropout"] = 0.4  # dropout does not change a forward pass
+    d = run_trial(small, _model(small, frozen_stages=n, head="mlp", head_kwargs=mlp), cfg)
+    assert len(calls) == 3 and d.latency_ms == c.latency_ms != a.latency_ms
+    # the sum of the parts is the whole model's single-image latency (same order of magnitude)
+    model = build_model(_model(small, frozen_stages=n))
+    x = torch.rand(1, 1, cfg.resolution, cfg.resolution)
+    whole = real(model.eval(), x, torch.device("cpu"), contextlib.nullcontext)
+    assert 0.2 * whole < a.latency_ms < 5 * whole
 
 
 def test_augmentation_bypasses_cache(small) -> None:
@@ -642,3 +654,27 @@ def test_caches_sharing_a_folder_compute_each_entry_once(tmp_path) -> None:
     assert len(calls) == 1
     assert sorted(hit for _, hit in got) == [False, True]
     assert all(torch.equal(t, torch.arange(6.0)) for t, _ in got)
+
+
+def test_cpu_amp_runs_in_bfloat16_only_where_the_cpu_computes_it(small) -> None:
+    """`cpu_amp` trains and evaluates under bfloat16 autocast on a CPU with native bf16
+    (this machine's AVX512-BF16), records it, and never shares fp32 features."""
+    from automl_cxr.engine import cpu_bf16_supported
+
+    cache = FeatureCache()
+    mc = _model(small, frozen_stages=num_stages("test_efficientnet") - 1)
+    fp32 = run_trial(small, mc, _cfg(max_folds=1), feature_cache=cache)
+    bf16 = run_trial(small, mc, _cfg(max_folds=1, cpu_amp=True), feature_cache=cache)
+    assert fp32.precision == "fp32"
+    assert bf16.precision == ("bf16" if cpu_bf16_supported() else "fp32")
+    assert bf16.train_config["cpu_amp"] is True
+    if cpu_bf16_supported():
+        assert bf16.feature_cache["key"] != fp32.feature_cache["key"]  # never reused across
+        assert not bf16.feature_cache["hit"]
+    probs = bf16.oof_probs[~np.isnan(bf16.oof_probs).any(axis=1)]
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5) and 0 <= bf16.value <= 1
+    # the same seed gives the same bf16 trial
+    again = run_trial(small, mc, _cfg(max_folds=1, cpu_amp=True), feature_cache=cache)
+    assert again.value == bf16.value and np.array_equal(
+        again.oof_probs, bf16.oof_probs, equal_nan=True
+    )

@@ -353,3 +353,23 @@ def test_requeue_only_what_has_no_full_result() -> None:
     assert not _queued_or_done(study, {"lr": 0.01, "x": 0.4})
     study.enqueue_trial({"lr": 0.03})
     assert _queued_or_done(study, {"lr": 0.03})
+
+
+def test_cpu_amp_comes_from_the_profile_and_the_cli_overrides_it(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    from automl_cxr.engine import cpu_bf16_supported
+    from automl_cxr.study import get_profile
+
+    assert get_profile("cpu").cpu_amp and not get_profile("smoke").cpu_amp
+    args = ["search", "--dataset", "binary", "--profile", "smoke", "--trials", "1"]
+    args += ["--data-dir", str(prepared_dir), "--pruner", "none", "--quiet"]
+    expected = {"--cpu-amp": "bf16" if cpu_bf16_supported() else "fp32", None: "fp32"}
+    for flag, precision in expected.items():
+        db = tmp_path / f"{flag}.db"
+        assert main([*args, "--storage", str(db), *([flag] if flag else [])]) == 0
+        study = _study(db)
+        (t,) = study.trials
+        assert t.user_attrs["config"]["train"]["cpu_amp"] is (flag is not None)
+        assert t.user_attrs["precision"] == precision
+        assert study.user_attrs["profile"]["cpu_amp"] is (flag is not None)

@@ -109,6 +109,14 @@ def search(
         ),
     ] = None,
     cpus_per_trial: Annotated[int | None, typer.Option(help="CPU threads per trial.")] = None,
+    cpu_amp: Annotated[
+        bool | None,
+        typer.Option(
+            "--cpu-amp/--no-cpu-amp",
+            help="bfloat16 autocast on a CPU that computes it natively (AVX512-BF16/AMX); "
+            "default: the profile's (cpu: on).",
+        ),
+    ] = None,
     gpus_per_trial: Annotated[
         float | None, typer.Option(help="GPUs per trial (Ray; fractions ok).")
     ] = None,
@@ -179,6 +187,7 @@ def search(
         pruner=pruner,
         backend=backend,
         workers=workers,
+        cpu_amp=cpu_amp,
         cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial,
         address=address,

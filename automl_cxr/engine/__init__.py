@@ -38,6 +38,7 @@ _EXPORTS = {
     "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
     "resolve_device": "automl_cxr.engine._trial",
+    "cpu_bf16_supported": "automl_cxr.engine._trial",
     "row_identities": "automl_cxr.engine._trial",
     "run_trial": "automl_cxr.engine._trial",
 }
@@ -58,6 +59,7 @@ __all__ = [
     "bootstrap_metrics",
     "compute_metrics",
     "corrected_paired_ttest",
+    "cpu_bf16_supported",
     "dataset_sites",
     "dataset_splits",
     "feature_key",
@@ -113,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr.engine._trial import (  # noqa: F401
         Reporter,
         TrialResult,
+        cpu_bf16_supported,
         dataset_sites,
         dataset_splits,
         fit_folds,

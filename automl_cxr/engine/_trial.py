@@ -33,6 +33,7 @@ from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
 __all__ = [
+    "cpu_bf16_supported",
     "dataset_splits",
     "Reporter",
     "TrialResult",
@@ -78,6 +79,7 @@ class TrialResult:
     externals: dict[str, dict] = field(default_factory=dict)  # name -> metrics, bootstrap, n, ...
     full_fit_epochs: int | None = None  # epochs fit_full trains for (what the CV used)
     warnings: list[str] = field(default_factory=list)  # e.g. a site-CV fold-count fallback
+    precision: str = "fp32"  # what convolutions and matmuls ran in: fp32, bf16 or fp16 (amp)
     # wall seconds: setup (model, images, cached features), fit (training and per-epoch
     # evaluation, all folds), rest (metrics, ROC, external sets, latency), total
     timing: dict = field(default_factory=dict)
@@ -103,6 +105,13 @@ class TrialResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 or AMX kernels), so
+    that `TrainConfig.cpu_amp` pays; on other CPUs bfloat16 is emulated and slower."""
+    mkldnn = torch.backends.mkldnn
+    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -171,45 +180,55 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 _LATENCY: dict[str, float] = {}
 
+_NO_LATENCY_EFFECT = frozenset({"dropout"})
+"""Head options that change training but not the cost of a forward pass."""
+
 
 def _latency_once(
-    model: nn.Module, mc: ModelConfig, resolution: int, device: torch.device, autocast
+    model: CxrModel,
+    mc: ModelConfig,
+    resolution: int,
+    device: torch.device,
+    autocast,
+    precision: str,
 ) -> float:
-    """`_latency_ms`, measured once per process for each architecture (backbone, head, gray
-    mode), resolution, device, dtype and thread count: frozen depth and weights do not change
-    it, and seven timed forward passes per trial would be pure overhead in a search."""
-    dtype = getattr(autocast(), "fast_dtype", None) if device.type == "cuda" else None
-    key = json.dumps(
-        [
-            mc.backbone,
-            mc.head,
-            mc.head_kwargs,
-            mc.gray_mode,
-            resolution,
-            str(device),
-            str(dtype),
-            torch.get_num_threads(),
-        ],
-        sort_keys=True,
-        default=str,
-    )
-    if key not in _LATENCY:
-        _LATENCY[key] = _latency_ms(model, resolution, device, autocast)
-    return _LATENCY[key]
+    """Single-image inference latency (ms) of `model`: its backbone's `forward_features`
+    plus its head, each timed once per process for its architecture, resolution, device,
+    precision and thread count and summed. Frozen depth, weights and dropout do not change
+    it, so a search times each backbone once and each head shape once (on the backbone's
+    feature map, well under a millisecond) instead of seven full forward passes per trial."""
+    common = [resolution, str(device), precision, torch.get_num_threads()]
+    head_kwargs = {k: v for k, v in mc.head_kwargs.items() if k not in _NO_LATENCY_EFFECT}
+    keys = [
+        json.dumps(parts, sort_keys=True, default=str)
+        for parts in (
+            [mc.backbone, mc.gray_mode, *common],
+            [mc.backbone, mc.head, head_kwargs, *common],
+        )
+    ]
+    if any(k not in _LATENCY for k in keys):
+        x = torch.rand(1, 1, resolution, resolution, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        model.eval()
+        with torch.inference_mode(), autocast():
+            feats = model.forward_features(x)
+        fns = (model.forward_features, lambda f: model.head(model.neck(f)))
+        for key, fn, inp in zip(keys, fns, (x, feats), strict=True):
+            if key not in _LATENCY:
+                _LATENCY[key] = _latency_ms(fn, inp, device, autocast)
+    return _LATENCY[keys[0]] + _LATENCY[keys[1]]
 
 
-def _latency_ms(model: nn.Module, resolution: int, device: torch.device, autocast) -> float:
-    model.eval()
-    x = torch.rand(1, 1, resolution, resolution, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+def _latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device, autocast):
+    """Median wall time (ms) of `fn(x)` over 5 calls after 2 warm-up calls."""
     times = []
     with torch.inference_mode(), autocast():
         for i in range(7):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            model(x)
+            fn(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= 2:
@@ -239,10 +258,12 @@ class _Session:
             )
         self.cfg, self.dataset, self.log = cfg, dataset, log
         self.device = device = resolve_device(cfg.device)
-        self.use_amp = cfg.amp and device.type == "cuda"
-        self.amp_dtype = (
-            torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        )
+        if device.type == "cuda":
+            self.use_amp = cfg.amp
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.use_amp = cfg.amp and cfg.cpu_amp and device.type == "cpu" and cpu_bf16_supported()
+            self.amp_dtype = torch.bfloat16
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
         )
@@ -281,6 +302,13 @@ class _Session:
                     what = "pooled features" if inputs.info["kind"] == "pooled" else "features"
                     how = "reused" if inputs.info["hit"] else "computed"
                     log(f"frozen {what} {how} ({inputs.info['bytes'] >> 20} MiB)")
+
+    @property
+    def precision(self) -> str:
+        """What convolutions and matrix products ran in: "fp32", "bf16" or "fp16"."""
+        if not self.use_amp:
+            return "fp32"
+        return "bf16" if self.amp_dtype == torch.bfloat16 else "fp16"
 
     def autocast(self):
         return torch.autocast(
@@ -807,7 +835,9 @@ def run_trial(
                 y_e, p, classes, positive=dataset.positive, groups=e.groups
             ),
         }
-    latency = _latency_once(model, model_config, cfg.resolution, device, session.autocast)
+    latency = _latency_once(
+        model, model_config, cfg.resolution, device, session.autocast, session.precision
+    )
     result = TrialResult(
         dataset=dataset.name,
         dataset_hash=dataset.hash,
@@ -827,6 +857,7 @@ def run_trial(
         train_seconds=round(train_time, 3),
         images_per_second=round(n_trained / train_time, 2) if train_time > 0 else 0.0,
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        precision=session.precision,
         feature_cache=session.cache_info,
         weight_source=session.weight_info,
         external=next(iter(ext_results.values())) if external is not None else None,

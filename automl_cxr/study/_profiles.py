@@ -34,6 +34,7 @@ class Profile:
     backbones_from_profile: bool = False  # search the profile's backbones, not the space's
     min_frozen_fraction: float | None = None  # clip a space's frozen_fraction to at least this
     workers: int = 1  # parallel trials when --workers is not given (at most one per CPU core)
+    cpu_amp: bool = False  # bfloat16 autocast on CPUs with native bf16 (TrainConfig.cpu_amp)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -74,7 +75,8 @@ _PROFILES: dict[str, Profile] = {
             "Default without CUDA: backbones whose ImageNet weights install offline, 128 px, "
             "3-fold CV, 6 epochs, and studies/cpu.yaml (deep freezing) as the default space, "
             "so frozen and pooled feature caches and pruning carry the speed; two "
-            "single-thread trials side by side (on 2+ cores).",
+            "single-thread trials side by side (on 2+ cores); bfloat16 autocast on CPUs "
+            "that compute it natively (AVX512-BF16/AMX).",
             resolution=128,
             epochs=6,
             n_folds=3,
@@ -83,6 +85,7 @@ _PROFILES: dict[str, Profile] = {
             early_stopping=3,
             space="cpu.yaml",
             workers=2,
+            cpu_amp=True,
         ),
         Profile(
             "gpu",

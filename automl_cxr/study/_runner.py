@@ -63,6 +63,8 @@ def run_search(
 ) -> SearchSummary:
     """Run (or resume) the study until it holds `settings.trials` finished trials."""
     profile = get_profile(settings.profile) if settings.profile else default_profile()
+    if settings.cpu_amp is not None and settings.cpu_amp != profile.cpu_amp:
+        profile = dataclasses.replace(profile, cpu_amp=settings.cpu_amp)
     if settings.workers is None:
         settings = dataclasses.replace(settings, workers=profile_workers(profile))
     space = adapt_space(resolve_space(settings.space, profile), profile, log)

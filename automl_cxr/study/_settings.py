@@ -36,6 +36,7 @@ class SearchSettings:
     pruner: str = "hyperband"
     backend: str = "local"
     workers: int | None = None  # None: the profile's (`profile_workers`)
+    cpu_amp: bool | None = None  # bfloat16 autocast on a bf16-capable CPU; None: the profile's
     cpus_per_trial: int | None = None
     gpus_per_trial: float | None = None
     address: str | None = None

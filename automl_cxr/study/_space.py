@@ -67,6 +67,7 @@ _TRAIN_KEYS = (
     "schedule",
     "warmup_epochs",
     "class_weighting",
+    "cpu_amp",
 )
 _TOP_KEYS = ("description", "backbones", "frozen_fraction", "heads", "gray_mode", *_TRAIN_KEYS)
 
