@@ -91,9 +91,11 @@ class TrainConfig:
 
     `amp` is mixed precision on CUDA (bfloat16 where supported, else float16 with loss
     scaling). `cpu_amp` adds bfloat16 autocast on a CPU that computes bfloat16 natively
-    (AVX512-BF16 or AMX, `cpu_bf16_supported`): convolutions and matrix products run in
-    bfloat16 with float32 weights, optimiser and losses, about 1.8x faster on such CPUs;
-    elsewhere it changes nothing. The precision a trial ran in is in `TrialResult.precision`.
+    (AVX512-BF16 or AMX, `cpu_bf16_supported`): the trained stages and the head run their
+    convolutions and matrix products in bfloat16 with float32 weights, optimiser and losses
+    (about 1.7x faster there), while cached frozen features stay float32 (computed once, and
+    shared with float32 trials); elsewhere it changes nothing. The precision a trial ran in is
+    in `TrialResult.precision`.
     """
 
     resolution: int = 224
