@@ -183,6 +183,30 @@ def test_offline_package_weights_load_every_tensor(name: str, fmt: str):
         assert torch.equal(value, converted[key]), key
 
 
+def test_file_backbones_are_built_once_and_copied_without_touching_the_seed():
+    """A process builds each file-loaded backbone once and hands out copies: independent
+    modules with the checkpoint's weights, and the seeded head init is the same whether or not
+    the backbone had been built before (the template is built outside the caller's RNG)."""
+    import automl_cxr.models._weights as weights_mod
+
+    weights_mod._TEMPLATES.clear()
+    cfg = ModelConfig("mobilenetv2_100", num_classes=3, head="mlp", head_kwargs={"hidden": 16})
+    torch.manual_seed(0)
+    first = build_model(cfg)  # builds the template
+    assert len(weights_mod._TEMPLATES) == 1
+    torch.manual_seed(0)
+    second = build_model(cfg)  # a copy of it
+    assert len(weights_mod._TEMPLATES) == 1
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # training one copy never changes another or the template
+        first.backbone.conv_stem.weight.add_(1.0)
+    assert not torch.equal(first.backbone.conv_stem.weight, second.backbone.conv_stem.weight)
+    third = build_model(cfg)
+    assert torch.equal(third.backbone.conv_stem.weight, second.backbone.conv_stem.weight)
+    assert first.weight_source == second.weight_source
+
+
 def test_sum_gray_mode_sums_the_pretrained_stem():
     rep = build_model(ModelConfig("mobilenetv2_100", 2))
     one = build_model(ModelConfig("mobilenetv2_100", 2, gray_mode="sum"))
