@@ -319,9 +319,9 @@ class _Session:
     def feature_amp(self) -> bool:
         """Whether cached frozen features are computed under autocast: on CUDA with `amp`; on a
         CPU never. There they are computed once per backbone and shared by fp32 and bf16
-        trials, and bf16 error compounded through all the frozen stages cost accuracy: on
-        four_class (MobileNet v2, 7 of 8 frozen, five configurations) bf16 features lowered
-        balanced accuracy by 0.004 on average, bf16 in the trained part alone by 0.0001."""
+        trials, and bf16 error compounded through the frozen stages can cost accuracy: on
+        four_class, five MobileNet v2 7-of-8 MLP trials lost 0.004 balanced accuracy on average
+        with bf16 features, none with bf16 in the trained part alone (benchmarks/RESULTS.md)."""
         return self.use_amp and self.device.type == "cuda"
 
     def feature_autocast(self):
