@@ -638,3 +638,36 @@ def test_study_package_has_no_import_cycle_and_keeps_optuna_internals_in_compat(
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     (bound,) = [d.split("optuna", 1)[1] for d in deps if d.startswith("optuna") and "<" in d]
     assert optuna.__version__ in SpecifierSet(bound.split(";")[0].strip())
+
+
+def test_an_interrupt_python_swallowed_still_stops_the_search(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """SIGINT's KeyboardInterrupt can be lost (raised inside a finalizer, Python only prints
+    it); the search's handler also sets a flag that the next epoch report checks, so the
+    search still stops, marks the running trial interrupted and leaves a resumable study."""
+    db = tmp_path / "swallowed.db"
+    calls = []
+
+    def swallow_one_interrupt(study, trial) -> None:
+        if not calls:
+            calls.append(trial.number)
+            try:
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what SIGINT runs
+            except KeyboardInterrupt:
+                pass  # ... and the interrupt is lost, as in a finalizer
+
+    settings = SearchSettings(
+        dataset="binary",
+        trials=5,
+        data_dir=prepared_dir,
+        storage=str(db),
+        profile="smoke",
+        pruner="none",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings, on_trial=swallow_one_interrupt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    study = _study(db)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert "interrupted" in study.trials[1].user_attrs["fail_reason"]

@@ -6,6 +6,7 @@ import gc
 import math
 import os
 import socket
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class Objective:
         self.device = device
         self.feature_cache = feature_cache if feature_cache is not None else FeatureCache()
         self.log = log
+        # Set by the runner's SIGINT handler: every epoch report checks it, so an interrupt
+        # whose KeyboardInterrupt Python swallowed (one raised inside a finalizer is only
+        # printed) still stops the trial within an epoch.
+        self.stop: threading.Event | None = None
         self.primary = next(
             (m for m in self.metrics if m not in OBJECTIVE_KEYS), "balanced_accuracy"
         )
@@ -190,6 +195,8 @@ class Objective:
         reference = bool(trial.user_attrs.get("reference"))
 
         def report(step: int, value: float) -> None:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt
             if multi:
                 return  # Optuna does not prune multi-objective studies
             trial.report(value if math.isfinite(value) else 0.0, step)

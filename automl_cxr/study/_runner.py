@@ -3,10 +3,13 @@ in N local worker processes, or through Ray (`_ray.run_ray`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,12 +166,55 @@ def _run_here(
         cv=settings.cv,
         externals=externals,
     )
+    stop = objective.stop = threading.Event()
+
+    def stop_check(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+
     callbacks = [
         optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED),
         retry_transient,
+        stop_check,
     ]
     if on_trial:
         callbacks.append(on_trial)
+    with _interrupt_sets(stop):
+        _optimize_until_done(settings, study, objective, callbacks, start, before)
+
+
+@contextlib.contextmanager
+def _interrupt_sets(stop: threading.Event):
+    """While a search runs in this (main) thread, SIGINT also sets `stop`: KeyboardInterrupt
+    is raised at once as usual and, should Python swallow it (one that lands in a finalizer
+    is only printed), again at the next epoch report or trial end."""
+    previous = signal.getsignal(signal.SIGINT)
+    if (
+        previous in (signal.SIG_IGN, None)
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield  # an ignored SIGINT stays ignored; only the main thread may set a handler
+        return
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _optimize_until_done(
+    settings: SearchSettings,
+    study: optuna.Study,
+    objective: Objective,
+    callbacks: list,
+    start: float,
+    before: int,
+) -> None:
     while finished_count(study) < settings.trials:
         remaining = settings.trials - finished_count(study)
         study.optimize(
