@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -34,6 +35,9 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As in a terminal: a test run started in the background (CI) ignores SIGINT, and a
+        # child that inherits an ignored SIGINT never sees Ctrl-C (Python keeps it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -652,10 +656,9 @@ def test_an_interrupt_python_swallowed_still_stops_the_search(
     def swallow_one_interrupt(study, trial) -> None:
         if not calls:
             calls.append(trial.number)
-            try:
-                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what SIGINT runs
-            except KeyboardInterrupt:
-                pass  # ... and the interrupt is lost, as in a finalizer
+            # what SIGINT runs, and the interrupt is lost, as it is in a finalizer
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
 
     settings = SearchSettings(
         dataset="binary",
@@ -665,9 +668,13 @@ def test_an_interrupt_python_swallowed_still_stops_the_search(
         profile="smoke",
         pruner="none",
     )
-    with pytest.raises(KeyboardInterrupt):
-        run_search(settings, on_trial=swallow_one_interrupt)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may ignore it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_search(settings, on_trial=swallow_one_interrupt)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     study = _study(db)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
     assert "interrupted" in study.trials[1].user_attrs["fail_reason"]
