@@ -149,12 +149,8 @@ def compute_metrics(
     point = evaluator.scalars(ones, cls, None)
     bal_acc = float(point["balanced_accuracy"][0])
     macro_f1 = float(point["macro_f1"][0])
+    auc = float(point["auc"][0])  # binary: classes[1]; else the mean over present classes
     class_auc = [float(evaluator.class_auc(ones, k)[0]) for k in range(n_cls)]
-    if n_cls == 2:
-        auc = class_auc[1]
-    else:
-        present = [a for k, a in enumerate(class_auc) if np.any(yt == k)]
-        auc = float(np.mean(present)) if len(present) >= 2 else _NAN
 
     per_class: dict[str, dict[str, float | int]] = {}
     n = int(cm.sum())
