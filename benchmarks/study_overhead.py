@@ -37,52 +37,76 @@ from automl_cxr.study._runner import WorkerTaggingSampler, make_pruner, make_sam
 
 
 def real_overhead(args) -> dict:
-    """Overhead of real head-only trials of the default CPU profile (see the module doc)."""
+    """Overhead of real head-only trials of `automl-cxr search` (see the module doc)."""
     import numpy as np
 
-    from automl_cxr.study import adapt_space
+    from automl_cxr.study import SearchSettings, adapt_space, run_search
     from automl_cxr.study._space import ParamSpec, builtin_space
 
     profile = get_profile("cpu")
     space = adapt_space(builtin_space("cpu.yaml"), profile)
     space.frozen_fraction = ParamSpec("frozen_fraction", "fixed", value=1.0)
-    ds = load_dataset(args.dataset, resolve_data_dir(args.data_dir))
-    obj = Objective(ds, space, profile, feature_cache=FeatureCache())
+    warm = len(space.backbones or profile.backbones)
     with tempfile.TemporaryDirectory() as tmp:
-        storage = open_storage(Path(tmp) / "overhead.db")
-        study = optuna.create_study(
-            storage=storage,
-            sampler=WorkerTaggingSampler(make_sampler("tpe", 0, multi=False)),
-            direction="maximize",
+        settings = SearchSettings(
+            dataset=args.dataset,
+            trials=args.trials + warm,
+            data_dir=resolve_data_dir(args.data_dir),
+            storage=str(Path(tmp) / "overhead.db"),
+            study_name="overhead",
+            space=space,
+            profile="cpu",
+            pruner="none",  # every trial completes and is measured; pruning runs inside fit
+            **({"workers": args.workers} if args.workers else {}),
         )
-        study.optimize(obj, n_trials=len(space.backbones or profile.backbones))  # warm-up
-        done = len(study.trials)
-        study.optimize(obj, n_trials=args.trials)
-        rows = []
-        for t in study.trials[done:]:
-            if t.state.name != "COMPLETE":
+        t0 = time.perf_counter()
+        run_search(settings)
+        wall = time.perf_counter() - t0
+        study = optuna.load_study(study_name="overhead", storage=open_storage(settings.storage))
+        trials = study.get_trials(deepcopy=False)
+    by_worker: dict[str, list] = {}
+    for t in sorted(trials, key=lambda t: t.datetime_start):
+        by_worker.setdefault(str((t.user_attrs.get("process") or {}).get("id")), []).append(t)
+    rows, between = [], []
+    for seq in by_worker.values():
+        backbones_seen: set[str] = set()
+        for t, nxt in zip(seq, seq[1:]):
+            bb = (t.user_attrs.get("config") or {}).get("model", {}).get("backbone")
+            first = bb not in backbones_seen  # this worker's first trial of a backbone: warm-up
+            backbones_seen.add(bb)
+            wall_t = (t.datetime_complete - t.datetime_start).total_seconds()
+            gap = (nxt.datetime_start - t.datetime_start).total_seconds()
+            if not first:  # pruned trials too: the time from one trial's end to the next start
+                between.append(gap - wall_t)
+            if first or t.state.name != "COMPLETE" or "timing" not in t.user_attrs:
                 continue
-            wall = (t.datetime_complete - t.datetime_start).total_seconds()
             tm = t.user_attrs["timing"]
             rows.append(
                 {
-                    "wall": wall,
                     "fit": tm["fit"],
                     "setup": tm["setup"],
                     "rest": tm["rest"],
-                    "outside": wall - tm["total"],
-                    "overhead": wall - tm["fit"],
+                    "outside": wall_t - tm["total"],
+                    "between": gap - wall_t,
+                    "overhead": wall_t - tm["fit"],
+                    "overhead_to_next": gap - tm["fit"],
                 }
             )
+    if not rows:
+        raise SystemExit("no complete trial after the warm-up: raise --trials")
     med = {k: round(float(np.median([r[k] for r in rows])), 4) for k in rows[0]}
     return {
         "command": f"python benchmarks/study_overhead.py --real --trials {args.trials}",
-        "mode": "real head-only trials, cpu profile, warm feature cache",
+        "mode": "real head-only trials through run_search (the CLI's path), cpu profile",
         "dataset": args.dataset,
-        "images": len(ds),
-        "trials": len(rows),
+        "workers": settings.workers or profile.workers,
+        "search_seconds": round(wall, 1),
+        "trials_measured": len(rows),
         "median_seconds": med,
-        "mean_overhead_seconds": round(float(np.mean([r["overhead"] for r in rows])), 4),
+        "between_trials_all_states": {
+            "trials": len(between),
+            "median_seconds": round(float(np.median(between)), 4),
+        },
         "target_seconds_per_trial": 0.2,
         "storage": "sqlite",
     }
@@ -95,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--real", action="store_true", help="real head-only trials (see above)")
     ap.add_argument("--dataset", default="four_class", help="with --real")
+    ap.add_argument("--workers", type=int, default=None, help="with --real (default: the search's)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if args.real:

@@ -272,7 +272,6 @@ class _Session:
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ws = model.weight_source
         self.weight_info = asdict(ws) if hasattr(ws, "__dataclass_fields__") else {"repr": repr(ws)}
         images = torch.from_numpy(np.array(dataset.images(cfg.resolution)))  # own, writable copy
@@ -302,6 +301,9 @@ class _Session:
                     what = "pooled features" if inputs.info["kind"] == "pooled" else "features"
                     how = "reused" if inputs.info["hit"] else "computed"
                     log(f"frozen {what} {how} ({inputs.info['bytes'] >> 20} MiB)")
+        # What each fold restores before training: the weights `net` trains (the frozen
+        # prefix behind cached features never changes), ~8 ms less per fold than the model.
+        self.init_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     @property
     def precision(self) -> str:
@@ -387,11 +389,11 @@ class _Session:
         `cfg.epochs`) and returns the last epoch's. `report` gets the outer fold value of
         every epoch.
         """
-        cfg, device, model = self.cfg, self.device, self.model
+        cfg, device = self.cfg, self.device
         classes = self.dataset.classes
         n_epochs = cfg.epochs if epochs is None else epochs
-        model.load_state_dict(self.init_state)
         net, x_source, prep = self.net, self.x_source, self.prep
+        net.load_state_dict(self.init_state)
         inner_val: np.ndarray | None = None
         fit_idx = np.asarray(train_idx)
         if cfg.early_stopping is not None and val_idx is not None:

@@ -227,7 +227,7 @@ def _optimize_until_done(
             ),
             catch=(Exception,),
             callbacks=callbacks,
-            gc_after_trial=True,
+            gc_after_trial=False,  # CUDA memory: _free_device_memory after each trial
         )
         if settings.timeout is not None and time.time() - start >= settings.timeout:
             break
