@@ -21,6 +21,7 @@ attributes, storage). Target for both: at most 0.2 s per trial.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -70,7 +71,7 @@ def real_overhead(args) -> dict:
     rows, between = [], []
     for seq in by_worker.values():
         backbones_seen: set[str] = set()
-        for t, nxt in zip(seq, seq[1:]):
+        for t, nxt in itertools.pairwise(seq):
             bb = (t.user_attrs.get("config") or {}).get("model", {}).get("backbone")
             first = bb not in backbones_seen  # this worker's first trial of a backbone: warm-up
             backbones_seen.add(bb)
