@@ -207,6 +207,53 @@ def test_file_backbones_are_built_once_and_copied_without_touching_the_seed():
     assert first.weight_source == second.weight_source
 
 
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "tf_efficientnet_lite0", "test_resnet"])
+def test_clone_module_is_an_independent_deepcopy(name: str):
+    """`clone_module` gives what `copy.deepcopy` gives: the same outputs, weights, buffers,
+    `requires_grad` and modes, in tensors and hook dicts of its own; tied parameters stay
+    tied; a module that defines its own copying is deep-copied."""
+    import copy
+
+    from automl_cxr.models._weights import clone_module
+
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=0)
+    for p in list(m.parameters())[:5]:
+        p.requires_grad_(False)
+    m.train()
+    list(m.modules())[3].eval()
+    ref, c = copy.deepcopy(m), clone_module(m)
+    assert [type(x) for x in c.modules()] == [type(x) for x in ref.modules()]
+    assert [x.training for x in c.modules()] == [x.training for x in m.modules()]
+    assert [p.requires_grad for p in c.parameters()] == [p.requires_grad for p in m.parameters()]
+    sm, sc = m.state_dict(), c.state_dict()
+    assert list(sc) == list(sm)
+    for k in sm:
+        assert torch.equal(sm[k], sc[k]) and sm[k].data_ptr() != sc[k].data_ptr(), k
+    x = torch.rand(2, 3, 64, 64)
+    m.eval(), c.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), c(x))
+    c.register_forward_hook(lambda *a: None)  # hooks on the copy only
+    assert not m._forward_hooks
+    with torch.no_grad():
+        next(c.parameters()).add_(1.0)
+        c.train()(x)  # batch-norm statistics of the copy move, the original's do not
+    for k in sm:
+        if k.endswith("running_mean"):
+            assert torch.equal(m.state_dict()[k], sm[k])
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    ct = clone_module(tied)
+    assert ct[0].weight is ct[1].weight and ct[0].weight is not tied[0].weight
+
+    class Own(nn.Linear):
+        def __deepcopy__(self, memo):
+            return "deep-copied"
+
+    assert clone_module(nn.Sequential(Own(2, 2)))._modules["0"] == "deep-copied"
+
+
 def test_sum_gray_mode_sums_the_pretrained_stem():
     rep = build_model(ModelConfig("mobilenetv2_100", 2))
     one = build_model(ModelConfig("mobilenetv2_100", 2, gray_mode="sum"))

@@ -373,3 +373,42 @@ def test_cpu_amp_comes_from_the_profile_and_the_cli_overrides_it(
         assert t.user_attrs["config"]["train"]["cpu_amp"] is (flag is not None)
         assert t.user_attrs["precision"] == precision
         assert study.user_attrs["profile"]["cpu_amp"] is (flag is not None)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "memory"])
+def test_set_user_attrs_writes_what_set_user_attr_writes(
+    tmp_path: Path, kind: str, monkeypatch
+) -> None:
+    """Several user attributes at once (one transaction on an RDB storage, without a
+    `set_user_attr` per key) land exactly as one `set_user_attr` per key would, in the storage
+    and on the live trial."""
+    import warnings
+
+    from automl_cxr.study import open_storage
+    from automl_cxr.study._compat import set_user_attrs, storage_of
+
+    storage = {
+        "sqlite": lambda: open_storage(tmp_path / "a.db"),
+        "journal": lambda: open_storage(tmp_path / "a.log"),
+        "memory": lambda: None,
+    }[kind]()
+    study = optuna.create_study(storage=storage)
+    attrs = {"a": 1, "b": {"nested": [1.5, None, "x"]}, "c": None, "big": list(range(5000))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeat outside optimize
+        one, many = study.ask(), study.ask()
+    for key, value in attrs.items():
+        one.set_user_attr(key, value)
+    one.set_user_attr("a", 2)
+    if kind == "sqlite":  # the installed Optuna still offers the one-transaction path
+        monkeypatch.setattr(optuna.trial.Trial, "set_user_attr", None)
+    set_user_attrs(many, attrs)
+    set_user_attrs(many, {"a": 2})  # overwrites, as set_user_attr does
+    monkeypatch.undo()
+    assert many.user_attrs == one.user_attrs == {**attrs, "a": 2}
+    stored = storage_of(study).get_trial(many._trial_id).user_attrs
+    assert stored == one.user_attrs
+    study.tell(one, 1.0)
+    study.tell(many, 1.0)
+    with pytest.raises(RuntimeError):  # a finished trial is not updatable, as with set_user_attr
+        set_user_attrs(many, {"late": 1})

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import optuna
 
@@ -18,6 +19,7 @@ __all__ = [
     "heartbeat_enabled",
     "heartbeat_thread",
     "record_heartbeat",
+    "set_user_attrs",
     "storage_of",
     "trial_id",
 ]
@@ -77,3 +79,29 @@ def fail_stale_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning
         optuna.storages.fail_stale_trials(study)
+
+
+def set_user_attrs(trial: optuna.trial.Trial, attrs: Mapping[str, Any]) -> None:
+    """Several user attributes of a live trial, in one transaction on an RDB storage (one
+    commit instead of one per key, each ~1 ms on SQLite), else one by one. Private:
+    `_CachedStorage._backend`, `RDBStorage._set_trial_attr_without_commit`,
+    `optuna.storages._rdb.storage._create_scoped_session`, `optuna.storages._rdb.models` and
+    `Trial._cached_frozen_trial` (what `Trial.set_user_attr` keeps in step with the storage)."""
+    storage = getattr(trial, "storage", None)  # a FixedTrial has none
+    backend = getattr(storage, "_backend", storage)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        write = backend._set_trial_attr_without_commit
+        cached = trial._cached_frozen_trial.user_attrs
+    except (ImportError, AttributeError):
+        write = None
+    if write is None or not isinstance(backend, optuna.storages.RDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            write(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+    cached.update(attrs)

@@ -20,6 +20,7 @@ from automl_cxr.engine import SCALAR_METRICS, FeatureCache, TrainConfig, run_tri
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
 from automl_cxr.oof import save_oof
+from automl_cxr.study._compat import set_user_attrs
 from automl_cxr.study._external import external_attr_key
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._record import OBJECTIVE_KEYS, json_safe
@@ -177,20 +178,21 @@ class Objective:
         return self.run_plan(trial, plan)
 
     def run_plan(self, trial: optuna.Trial, plan: TrialPlan) -> float | tuple[float, ...]:
-        trial.set_user_attr(
-            "config",
-            json_safe(
-                {
-                    "model": plan.model.to_dict(),
-                    "train": plan.train.to_dict(),
-                    "frozen_fraction": plan.frozen_fraction,
-                    "num_stages": num_stages(plan.model.backbone),
-                    "profile": self.profile.name,
-                }
-            ),
+        config = {
+            "model": plan.model.to_dict(),
+            "train": plan.train.to_dict(),
+            "frozen_fraction": plan.frozen_fraction,
+            "num_stages": num_stages(plan.model.backbone),
+            "profile": self.profile.name,
+        }
+        set_user_attrs(
+            trial,
+            {
+                "config": json_safe(config),
+                "dataset": self.dataset.name,
+                "dataset_hash": self.dataset.hash,
+            },
         )
-        trial.set_user_attr("dataset", self.dataset.name)
-        trial.set_user_attr("dataset_hash", self.dataset.hash)
         multi = len(self.metrics) > 1
         reference = bool(trial.user_attrs.get("reference"))
 
@@ -257,36 +259,30 @@ class Objective:
 
     @staticmethod
     def record(trial: optuna.Trial, result: Any) -> None:
-        """The stable user attributes (see README): fold means, the full record, costs."""
+        """The stable user attributes (see README): fold means, the full record, costs; written
+        in one transaction where the storage allows (`set_user_attrs`)."""
         means = {k: v["mean"] for k, v in result.summary["metrics"].items()}
-        for key in SCALAR_METRICS:
-            if key in means:
-                trial.set_user_attr(key, json_safe(means[key]))
-        trial.set_user_attr(
-            "metrics",
-            json_safe(
-                {
-                    "summary": result.summary,
-                    "folds": result.folds,
-                    "pooled": result.pooled,
-                    "by_source": result.by_source,
-                    "roc": result.roc,
-                    "curves": result.curves,
-                    "splits": result.splits,
-                    "classes": result.classes,
-                    "external": result.external,
-                    "warnings": result.warnings,
-                }
-            ),
-        )
+        attrs: dict[str, Any] = {key: means[key] for key in SCALAR_METRICS if key in means}
+        attrs["metrics"] = {
+            "summary": result.summary,
+            "folds": result.folds,
+            "pooled": result.pooled,
+            "by_source": result.by_source,
+            "roc": result.roc,
+            "curves": result.curves,
+            "splits": result.splits,
+            "classes": result.classes,
+            "external": result.external,
+            "warnings": result.warnings,
+        }
         # External sets: recorded for the report, never an objective, a pruning value or a rank.
         for name, ext in (result.externals or {}).items():
             for key, value in scalar_metrics(ext["metrics"]).items():
-                trial.set_user_attr(external_attr_key(name, key), json_safe(value))
+                attrs[external_attr_key(name, key)] = value
         if result.externals:
-            trial.set_user_attr("externals", json_safe(result.externals))
-        trial.set_user_attr("full_fit_epochs", int(result.full_fit_epochs))
-        trial.set_user_attr("confusion_matrix", result.summary.get("confusion_matrix"))
+            attrs["externals"] = result.externals
+        attrs["full_fit_epochs"] = int(result.full_fit_epochs)
+        attrs["confusion_matrix"] = result.summary.get("confusion_matrix")
         for key in (
             "params_total",
             "params_trainable",
@@ -296,11 +292,12 @@ class Objective:
             "device",
             "precision",
         ):
-            trial.set_user_attr(key, json_safe(getattr(result, key)))
-        trial.set_user_attr("feature_cache", json_safe(result.feature_cache))
-        trial.set_user_attr("timing", json_safe(result.timing))
-        trial.set_user_attr("weight_source", json_safe(result.weight_source))
-        trial.set_user_attr("fail_reason", None)
+            attrs[key] = getattr(result, key)
+        attrs["feature_cache"] = result.feature_cache
+        attrs["timing"] = result.timing
+        attrs["weight_source"] = result.weight_source
+        attrs["fail_reason"] = None
+        set_user_attrs(trial, json_safe(attrs))
 
 
 _MIN_INPUT_BY_FAMILY = {"inception": 75}
