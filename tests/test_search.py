@@ -412,3 +412,45 @@ def test_set_user_attrs_writes_what_set_user_attr_writes(
     study.tell(many, 1.0)
     with pytest.raises(RuntimeError):  # a finished trial is not updatable, as with set_user_attr
         set_user_attrs(many, {"late": 1})
+
+
+def test_sampling_through_one_read_draws_what_plain_tpe_draws(tmp_path: Path) -> None:
+    """The search's sampler wrapper gives TPE one read of the trials per relative draw
+    (`one_read`) instead of one per parameter group: the same parameters as plain TPE
+    (multivariate, group, constant liar) on the same history with trials still running."""
+    import warnings
+
+    from automl_cxr.study import open_storage
+    from automl_cxr.study._optuna import WorkerTaggingSampler, make_sampler
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 1e-4, 1.0, log=True)
+        if trial.suggest_categorical("head", ["linear", "mlp"]) == "mlp":
+            x += trial.suggest_int("hidden", 16, 256, log=True) / 1000
+        return x
+
+    study = optuna.create_study(
+        storage=open_storage(tmp_path / "s.db"), sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    study.optimize(objective, n_trials=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # running trials: constant liar counts them
+            objective(study.ask())
+    storage = study._storage
+    reads = []
+    real_read = storage.get_all_trials
+    storage.get_all_trials = lambda *a, **k: reads.append(1) or real_read(*a, **k)
+    running = study.get_trials(deepcopy=False)[-1]
+    for seed in range(3):
+        draws = []
+        for sampler in (
+            make_sampler("tpe", seed, multi=False),
+            WorkerTaggingSampler(make_sampler("tpe", seed, multi=False)),
+        ):
+            reads.clear()
+            space = sampler.infer_relative_search_space(study, running)
+            draws.append((sampler.sample_relative(study, running, space), len(reads)))
+        (plain, plain_reads), (ours, our_reads) = draws
+        assert plain and ours == plain
+        assert our_reads == 1 < plain_reads

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import TrialState
 
-from automl_cxr.study._compat import storage_of, trial_id
+from automl_cxr.study._compat import one_read, storage_of, trial_id
 from automl_cxr.study._recovery import process_record, worker_record
 
 __all__ = [
@@ -53,6 +53,7 @@ class WorkerTaggingSampler(optuna.samplers.BaseSampler):
         self.inner = inner
         self.factory = factory
         self._by_number: dict[int, optuna.samplers.BaseSampler] = {}
+        self._reads: dict[tuple[int, int], optuna.Study] = {}
 
     def _for(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
         if self.factory is None:
@@ -68,14 +69,27 @@ class WorkerTaggingSampler(optuna.samplers.BaseSampler):
         storage.set_trial_user_attr(trial_id(trial), "process", process_record())
         self._for(trial).before_trial(study, trial)
 
+    # Relative sampling (the search space, then the draw) sees one read of the trials
+    # (`one_read`), not one per parameter group; so does each independent draw.
+    def _one_read(self, study, trial, *, keep: bool):
+        key = (trial.number, id(study))
+        read = self._reads.pop(key, None) or one_read(study)
+        if keep:
+            self._reads = {key: read}
+        return read
+
     def infer_relative_search_space(self, study, trial):
-        return self._for(trial).infer_relative_search_space(study, trial)
+        read = self._one_read(study, trial, keep=True)
+        return self._for(trial).infer_relative_search_space(read, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self._for(trial).sample_relative(study, trial, search_space)
+        read = self._one_read(study, trial, keep=False)
+        return self._for(trial).sample_relative(read, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+        return self._for(trial).sample_independent(
+            one_read(study), trial, param_name, param_distribution
+        )
 
     def after_trial(self, study, trial, state, values) -> None:
         self._for(trial).after_trial(study, trial, state, values)
