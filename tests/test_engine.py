@@ -199,6 +199,7 @@ def test_latency_is_measured_once_per_architecture(small, monkeypatch) -> None:
     calls = []
     real = trial_mod._latency_ms
     monkeypatch.setattr(trial_mod, "_LATENCY", {})
+    monkeypatch.setattr(trial_mod, "_PROBE", {})
     monkeypatch.setattr(trial_mod, "_latency_ms", lambda *a, **k: calls.append(1) or real(*a, **k))
     n = num_stages("test_efficientnet")
     cfg = _cfg(epochs=1, max_folds=1)
@@ -207,8 +208,11 @@ def test_latency_is_measured_once_per_architecture(small, monkeypatch) -> None:
     b = run_trial(small, _model(small, frozen_stages=n - 1), cfg)  # depth does not change it
     assert len(calls) == 2 and a.latency_ms == b.latency_ms > 0
     mlp = {"hidden": 16, "dropout": 0.1}
+    probe = trial_mod._PROBE.copy()
     c = run_trial(small, _model(small, frozen_stages=n, head="mlp", head_kwargs=mlp), cfg)
-    assert len(calls) == 3  # another head is timed, the backbone is not
+    assert len(calls) == 3  # another head is timed, the backbone is not (nor run again:
+    assert trial_mod._PROBE.keys() == probe.keys()  # the head is timed on the kept feature map)
+    assert all(trial_mod._PROBE[k] is v for k, v in probe.items())
     mlp["dropout"] = 0.4  # dropout does not change a forward pass
     d = run_trial(small, _model(small, frozen_stages=n, head="mlp", head_kwargs=mlp), cfg)
     assert len(calls) == 3 and d.latency_ms == c.latency_ms != a.latency_ms
