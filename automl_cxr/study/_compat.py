@@ -84,29 +84,62 @@ def fail_stale_trials(study: optuna.Study) -> None:
 
 
 def set_user_attrs(trial: optuna.trial.Trial, attrs: Mapping[str, Any]) -> None:
-    """Several user attributes of a live trial, in one transaction on an RDB storage (one
-    commit instead of one per key, each ~1 ms on SQLite), else one by one. Private:
-    `_CachedStorage._backend`, `RDBStorage._set_trial_attr_without_commit`,
-    `optuna.storages._rdb.storage._create_scoped_session`, `optuna.storages._rdb.models` and
-    `Trial._cached_frozen_trial` (what `Trial.set_user_attr` keeps in step with the storage)."""
+    """Several user attributes of a live trial at once: on an RDB storage one multi-row upsert
+    in one transaction (~4 ms for a complete trial's ~25 attributes on SQLite, against ~20 ms
+    for one `set_user_attr` per key), else one by one. Private: `_CachedStorage._backend`,
+    `optuna.storages._rdb.models`, `optuna.storages._rdb.storage._create_scoped_session`,
+    `RDBStorage.check_trial_is_updatable` / `_set_trial_attr_without_commit` (whose upsert this
+    writes for several rows) and `Trial._cached_frozen_trial` (kept in step with the storage,
+    as `Trial.set_user_attr` does)."""
     storage = getattr(trial, "storage", None)  # a FixedTrial has none
     backend = getattr(storage, "_backend", storage)
     try:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        write = backend._set_trial_attr_without_commit
+        write_one = backend._set_trial_attr_without_commit
         cached = trial._cached_frozen_trial.user_attrs
     except (ImportError, AttributeError):
-        write = None
-    if write is None or not isinstance(backend, optuna.storages.RDBStorage):
+        write_one = None
+    if write_one is None or not isinstance(backend, optuna.storages.RDBStorage) or not attrs:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
+    tid, model = trial._trial_id, models.TrialUserAttributeModel
+    stmt = _upsert(backend.engine.name, model, tid, attrs)
     with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            write(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+        if stmt is None:  # another database: Optuna's own per-row write, one commit
+            for key, value in attrs.items():
+                write_one(session, model, tid, key, value)
+        else:
+            row = models.TrialModel.find_or_raise_by_id(tid, session)
+            backend.check_trial_is_updatable(tid, row.state)
+            session.execute(stmt)
     cached.update(attrs)
+
+
+def _upsert(dialect: str, model: Any, tid: int, attrs: Mapping[str, Any]) -> Any:
+    """INSERT … ON CONFLICT (trial_id, key) UPDATE value_json for every attribute, in the
+    dialects Optuna itself upserts in; None for others."""
+    import json
+    import sqlite3
+
+    rows = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "mysql":
+        from sqlalchemy.dialects.mysql import insert
+
+        stmt = insert(model).values(rows)
+        return stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json)
+    else:
+        return None
+    stmt = insert(model).values(rows)
+    return stmt.on_conflict_do_update(
+        index_elements=[model.trial_id, model.key], set_={"value_json": stmt.excluded.value_json}
+    )
 
 
 class _OneRead:
