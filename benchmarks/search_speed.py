@@ -101,8 +101,20 @@ def run_ours(args, storage: str) -> dict:
     summary = run_search(settings, on_trial=_progress("ours", start))
     wall = time.time() - start
     study = optuna.load_study(study_name="ours", storage=f"sqlite:///{storage}")
+    try:
+        best = study.best_trial
+        best_trial = {
+            "number": best.number,
+            "params": best.params,
+            "balanced_accuracy": best.user_attrs["metrics"]["summary"]["metrics"][
+                "balanced_accuracy"
+            ],  # mean over folds with its 95 % interval
+        }
+    except ValueError:  # no complete trial
+        best_trial = None
     return {
         **_curve(study, start),
+        "best_trial": best_trial,
         "wall_seconds": round(wall, 2),
         "workers": settings.workers,
         "summary_counts": summary.counts,
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     result = {
-        "command": "python benchmarks/search_speed.py " + " ".join(argv or []),
+        "command": " ".join(
+            ["python benchmarks/search_speed.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "dataset": args.dataset,
         "profile": args.profile or default_profile().name,
         "metric": "balanced_accuracy",

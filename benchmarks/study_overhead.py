@@ -1,21 +1,25 @@
 """Per-trial overhead outside training, on SQLite.
 
     python benchmarks/study_overhead.py [--trials 50] [--json]
-    python benchmarks/study_overhead.py --real [--trials 30] [--dataset four_class] [--json]
+    python benchmarks/study_overhead.py --real [--trials 30] [--dataset four_class]
+        [--workers N] [--json]
 
 Default (bookkeeping only): one real smoke trial is trained once to get a full-size record;
 then N trials run through the same sampler (TPE, worker tagging), the same search space
 sampling and the same `record()` of all user attributes, with the training replaced by that
 stored result.
 
-`--real`: N real trials of the default `cpu` profile through the real `Objective` (sampling,
-model build, images, cached features, folds, training, metrics, latency, OOF artifact, user
-attributes, storage writes), head-only (every stage frozen) so that training is short. After
-one warm-up trial (features computed), each trial's overhead is its wall time in the study
-minus the time its folds spent fitting (`timing.fit`: training steps and per-epoch
-evaluation); it is split into setup (model, images, cached features), the rest of
-`run_trial` (summaries, ROC, latency) and what happens outside it (sampling, OOF, user
-attributes, storage). Target for both: at most 0.2 s per trial.
+`--real`: N real trials of `automl-cxr search` itself (`run_search`: the default `cpu` profile,
+its two worker processes on SQLite, sampler, callbacks, objective, OOF artifact, user
+attributes), head-only (every stage frozen) so that training is short, with `--pruner none`
+so that every trial completes and is measured (pruning runs inside the fit). Each worker's
+first trial of each backbone (features computed or loaded) is left out. Per trial:
+`overhead` = its wall time in the study minus the time its folds spent fitting (`timing.fit`:
+training steps and per-epoch evaluation), split into setup (model, images, cached features),
+the rest of `run_trial` (summaries, ROC, latency) and what happens outside it (sampling, OOF
+artifact, user attributes); `between` = from its end to the start of that worker's next trial
+(tell, callbacks, the next trial's creation); `overhead_to_next` = the two together. Target:
+at most 0.2 s per trial.
 """
 
 from __future__ import annotations

@@ -34,6 +34,13 @@ def test_quick_run_writes_both_curves_and_the_ratio(prepared_dir, tmp_path, caps
         assert secs == sorted(secs) and secs[0] >= 0 and secs[-1] <= r["wall_seconds"] + 1
         bests = [p["best"] for p in r["best_curve"]]
         assert bests == sorted(bests) and (not bests or bests[-1] == r["best"])
+    assert res["command"].endswith("--quick --data-dir " + str(prepared_dir) + " --out " + str(out))
+    best = res["ours"]["best_trial"]
+    if res["ours"]["best"] is not None:  # the best trial, with its interval over folds
+        assert best["balanced_accuracy"]["mean"] == pytest.approx(res["ours"]["best"])
+        lo, hi = best["balanced_accuracy"]["ci_low"], best["balanced_accuracy"]["ci_high"]
+        assert lo is None or lo <= res["ours"]["best"] <= hi
+        assert best["number"] == res["ours"]["best_curve"][-1]["trial"]
     # the naive side never prunes and never uses the feature cache
     assert res["naive"]["counts"]["PRUNED"] == 0
     assert res["ours"]["counts"]["COMPLETE"] + res["ours"]["counts"]["PRUNED"] >= 1
