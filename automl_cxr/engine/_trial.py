@@ -209,7 +209,7 @@ def _latency_once(
     ]
     if any(k not in _LATENCY for k in keys):
         model.eval()
-        if keys[0] not in _LATENCY:
+        if keys[0] not in _LATENCY or keys[0] not in _PROBE:
             x = torch.rand(1, 1, resolution, resolution, device=device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
