@@ -46,6 +46,7 @@ def real_overhead(args) -> dict:
     import numpy as np
 
     from automl_cxr.study import SearchSettings, adapt_space, run_search
+    from automl_cxr.study._profiles import profile_workers
     from automl_cxr.study._space import ParamSpec, builtin_space
 
     profile = get_profile("cpu")
@@ -104,7 +105,7 @@ def real_overhead(args) -> dict:
         "command": f"python benchmarks/study_overhead.py --real --trials {args.trials}",
         "mode": "real head-only trials through run_search (the CLI's path), cpu profile",
         "dataset": args.dataset,
-        "workers": settings.workers or profile.workers,
+        "workers": settings.workers or profile_workers(profile),  # what run_search used
         "search_seconds": round(wall, 1),
         "trials_measured": len(rows),
         "median_seconds": med,

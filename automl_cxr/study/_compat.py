@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import sqlite3
 import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -121,9 +123,6 @@ def set_user_attrs(trial: optuna.trial.Trial, attrs: Mapping[str, Any]) -> None:
 def _upsert(dialect: str, model: Any, tid: int, attrs: Mapping[str, Any]) -> Any:
     """INSERT … ON CONFLICT (trial_id, key) UPDATE value_json for every attribute, in the
     dialects Optuna itself upserts in; None for others."""
-    import json
-    import sqlite3
-
     rows = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
         from sqlalchemy.dialects.sqlite import insert
