@@ -253,3 +253,72 @@ def test_unwritable_artifact_folder_does_not_fail_the_trial(
     (t,) = load_study(db).get_trials()
     assert t.state == TrialState.COMPLETE
     assert t.user_attrs["oof"]["stored"] is False and "cannot" in t.user_attrs["oof"]["reason"]
+
+
+# ------------------------------------------------ stored folds are the folds the trial used
+
+
+@pytest.fixture(scope="module")
+def adult_small(prepared_dir):
+    """binary_adult, 40 images per class by patient: Cohen sites and NIH, so site CV works."""
+    from automl_cxr.data import load_dataset
+    from automl_cxr.study import subsample
+
+    return subsample(load_dataset("binary_adult", prepared_dir), 40, seed=0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cv="patient", n_folds=3),
+        dict(cv="site", n_folds=3),
+        dict(cv="site", n_folds=40),  # not feasible: falls back to fewer folds
+        dict(cv="patient", n_folds=3, holdout=0.25),
+        dict(cv="site", n_folds=3, max_folds=2),
+    ],
+    ids=["patient", "site", "site-fallback", "holdout", "site-max-folds"],
+)
+def test_oof_folds_are_the_val_indices_the_trial_used(adult_small, kw) -> None:
+    """Fails on the code before the fix: the store recomputed folds with the patient splitter,
+    so under --cv site its fold 0 was not the trial's fold 0 (and a holdout's rows were -1)."""
+    from automl_cxr.engine import TrainConfig, run_trial
+    from automl_cxr.models import ModelConfig
+    from automl_cxr.oof import oof_arrays
+
+    ds = adult_small
+    cfg = TrainConfig(resolution=32, epochs=1, batch_size=32, lr=3e-3, seed=0, **kw)
+    mc = ModelConfig(backbone="test_efficientnet", num_classes=2, pretrained=False)
+    res = run_trial(ds, mc, cfg)
+    folds = oof_arrays(res, ds)["folds"]
+    expected = np.full(len(ds), -1)
+    for i, rec in enumerate(res.splits):
+        expected[np.asarray(rec["val_indices"])] = i
+    assert np.array_equal(folds, expected)
+    assert (folds >= 0).sum() == sum(len(r["val_indices"]) for r in res.splits)
+    if kw.get("n_folds") == 40:
+        assert res.warnings and len(res.splits) < 40
+
+
+def test_site_cv_search_stores_the_folds_it_validated(prepared_dir: Path, tmp_path: Path):
+    """The reproduction from issue 24: a site-CV smoke search's stored OOF folds equal the
+    fold members recorded in the trial's metrics."""
+    from automl_cxr.study import SearchSettings, run_search
+
+    db = tmp_path / "site.db"
+    run_search(
+        SearchSettings(
+            dataset="four_class_mixed",
+            trials=1,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+            pruner="none",
+            cv="site",
+        )
+    )
+    (t,) = load_study(db).get_trials(states=(TrialState.COMPLETE,))
+    o = load_oof(t, db, required=True)
+    splits = t.user_attrs["metrics"]["splits"]
+    for i, rec in enumerate(splits):
+        assert np.array_equal(np.flatnonzero(o.folds == i), np.sort(rec["val_indices"]))
+    assert (o.folds >= 0).sum() == sum(len(r["val_indices"]) for r in splits)

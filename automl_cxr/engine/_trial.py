@@ -86,6 +86,9 @@ class TrialResult:
     # pooled out-of-fold probabilities (N, C), rows in the dataset manifest's order; NaN rows
     # were never validated (e.g. max_folds < n_folds). Stored once per trial (study/_oof.py).
     oof_probs: np.ndarray | None = field(default=None, repr=False)
+    # the validation fold (index into `splits`) of each row, -1 where never validated: the
+    # folds this trial actually used, stored beside `oof_probs` (never recomputed elsewhere)
+    oof_folds: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def value(self) -> float:
@@ -799,6 +802,7 @@ def run_trial(
     records: list[dict] = []
     fits: list[_Fit] = []
     oof = np.full((len(dataset), len(classes)), np.nan, dtype=np.float64)
+    oof_folds = np.full(len(dataset), -1, dtype=np.int8)
     ext_images = [
         torch.from_numpy(np.array(e.images(cfg.resolution))).unsqueeze(1).to(device)
         for e in ext_sets
@@ -813,6 +817,7 @@ def run_trial(
             sp.train, sp.val, fold=fi, n_folds=len(splits), metric=metric, report=report
         )
         oof[sp.val] = fit.probs
+        oof_folds[sp.val] = fi
         m = fit.metrics
         m["epochs_run"], m["best_epoch"] = fit.epochs_run, fit.best_epoch
         m["n_train"], m["n_val"] = len(sp.train), len(sp.val)
@@ -884,6 +889,7 @@ def run_trial(
         full_fit_epochs=_full_fit_epochs(cfg, fits),
         warnings=warnings,
         oof_probs=oof,
+        oof_folds=oof_folds,
     )
     total = time.perf_counter() - started
     fit_seconds = sum(f.wall for f in fits)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,34 +149,6 @@ class OofPredictions:
         return self.classes.index(name)
 
 
-_FOLDS: dict[tuple, np.ndarray] = {}
-
-
-def _fold_ids(dataset: Any, train_config: Mapping[str, Any]) -> np.ndarray:
-    """The validation fold of each row: the same patient-grouped splits as the engine's
-    (`make_splits` on the dataset's labels and groups with the trial's K, holdout, seed)."""
-    from automl_cxr.engine import make_splits
-
-    k, holdout = train_config.get("n_folds"), train_config.get("holdout")
-    seed, max_folds = train_config.get("seed", 0), train_config.get("max_folds")
-    key = (dataset.hash, k, holdout, seed, max_folds)
-    if key not in _FOLDS:
-        splits = make_splits(
-            dataset.manifest["label"].to_numpy(),
-            dataset.groups,
-            n_folds=int(k),
-            holdout=holdout,
-            seed=int(seed),
-        )
-        if max_folds is not None:
-            splits = splits[: int(max_folds)]
-        folds = np.full(len(dataset), -1, dtype=np.int8)
-        for s in splits:
-            folds[s.val] = s.fold
-        _FOLDS[key] = folds
-    return _FOLDS[key]
-
-
 def oof_arrays(result: Any, dataset: Any) -> dict[str, np.ndarray]:
     """The arrays of the artifact for one trial result on `dataset` (see the module doc)."""
     probs = np.asarray(result.oof_probs, dtype=np.float64)
@@ -187,9 +158,18 @@ def oof_arrays(result: Any, dataset: Any) -> dict[str, np.ndarray]:
             f"{dataset.name!r} ({len(dataset)} rows, {len(dataset.classes)} classes)"
         )
     seen = ~np.isnan(probs).any(axis=1)
-    folds = _fold_ids(dataset, result.train_config)
+    folds = getattr(result, "oof_folds", None)
+    if folds is None or np.shape(folds) != (len(dataset),):
+        raise DataError(
+            f"the trial result carries no fold of each out-of-fold row (oof_folds of shape "
+            f"{np.shape(folds)}, expected ({len(dataset)},)): it must come from run_trial"
+        )
+    folds = np.asarray(folds, dtype=np.int8)
     if not np.array_equal(folds >= 0, seen):
-        folds = np.where(seen, folds, -1).astype(np.int8)  # never claim an unvalidated row
+        raise DataError(
+            f"out-of-fold folds and predictions disagree: {int((folds >= 0).sum())} rows have "
+            f"a fold, {int(seen.sum())} have predictions"
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         logp = np.log(np.clip(probs, 1e-7, 1.0))
     logp[~seen] = np.nan
