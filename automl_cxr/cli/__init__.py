@@ -25,7 +25,7 @@ _err = Console(stderr=True, soft_wrap=True)
 
 def _register() -> None:
     # Each subcommand module adds its commands to `app`; imported lazily-light modules only.
-    from automl_cxr.cli import _data, _deploy, _models, _report, _search  # noqa: F401
+    from automl_cxr.cli import _data, _deploy, _lungs, _models, _report, _search  # noqa: F401
 
 
 _register()

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from automl_cxr.errors import ConfigError
+from automl_cxr.lungs._modes import INTENSITY_MODES, ROI_MODES
 
 __all__ = ["CV_MODES", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
@@ -96,6 +97,13 @@ class TrainConfig:
     (about 1.7x faster there), while cached frozen features stay float32 (computed once, and
     shared with float32 trials); elsewhere it changes nothing. The precision a trial ran in is
     in `TrialResult.precision`.
+
+    De-confounding levers (the `robust` space; defaults change nothing): `roi` ("full",
+    "lung_crop", "lung_mask") and `intensity` ("none", "equalize", "clahe") preprocess every
+    image (`automl_cxr.lungs.Preprocess`; `segmenter` is the lung segmenter checkpoint, by
+    default `<data-dir>/lungs/segmenter.pt`); `site_adversarial` in [0, 1] weighs a
+    class-conditional site classifier trained through a gradient-reversal layer on the head's
+    input features (0 = no second head).
     """
 
     resolution: int = 224
@@ -122,6 +130,10 @@ class TrainConfig:
     cpu_amp: bool = False
     feature_cache: bool = True
     eval_batch_size: int = 128
+    roi: str = "full"
+    intensity: str = "none"
+    site_adversarial: float = 0.0
+    segmenter: str | None = None
 
     def __post_init__(self) -> None:
         check_int("resolution", self.resolution, 32)
@@ -138,6 +150,11 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("cv", self.cv, CV_MODES)
+        check_choice("roi", self.roi, ROI_MODES)
+        check_choice("intensity", self.intensity, INTENSITY_MODES)
+        check_number("site_adversarial", self.site_adversarial, 0.0, 1.0)
+        if self.segmenter is not None and not isinstance(self.segmenter, str):
+            self.segmenter = str(self.segmenter)
         for name in ("class_weighting", "amp", "cpu_amp", "feature_cache"):
             check_bool(name, getattr(self, name))
         check_int("early_stopping", self.early_stopping, 1, optional=True)
@@ -162,6 +179,7 @@ class TrainConfig:
         self.momentum = float(self.momentum)
         self.label_smoothing = float(self.label_smoothing)
         self.augment = float(self.augment)
+        self.site_adversarial = float(self.site_adversarial)
         self.inner_holdout = float(self.inner_holdout)
         if self.holdout is not None:
             self.holdout = float(self.holdout)

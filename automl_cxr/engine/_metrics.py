@@ -76,6 +76,8 @@ from automl_cxr.errors import ConfigError
 __all__ = [
     "PER_CLASS_SCALARS",
     "SCALAR_METRICS",
+    "WORST_FOLD_METRICS",
+    "fold_metric",
     "available_metrics",
     "bootstrap_metrics",
     "compute_metrics",
@@ -98,6 +100,13 @@ SCALAR_METRICS: tuple[str, ...] = (
 )
 """Scalar metric names (the ``covid_*`` ones only exist when the positive class does)."""
 
+WORST_FOLD_METRICS: dict[str, str] = {"worst_site_balanced_accuracy": "balanced_accuracy"}
+"""Summary-only metrics: the minimum over validation folds of a fold metric. Under `--cv site`
+every fold holds out whole sites, so this is the balanced accuracy of the worst held-out group
+of hospitals (a fold holding one class only, such as NIH's non-COVID films, scores the recall
+of that class, as `balanced_accuracy` does); under `--cv patient` it is the worst fold. A fold
+reports its own `balanced_accuracy` as this metric's intermediate value."""
+
 PER_CLASS_SCALARS: tuple[str, ...] = ("sensitivity", "specificity")
 """Per-class values flattened into ``<name>_<label>`` keys by :func:`flatten_per_class`."""
 
@@ -110,7 +119,12 @@ def available_metrics(classes: Sequence[str], positive: str | None) -> list[str]
     if positive is not None and positive in classes:
         names += [m for m in SCALAR_METRICS if m.startswith("covid_")]
     names += [f"{p}_{c}" for p in PER_CLASS_SCALARS for c in classes]
-    return names
+    return names + list(WORST_FOLD_METRICS)
+
+
+def fold_metric(metric: str) -> str:
+    """The per-fold metric behind `metric` (itself, or the base of a worst-fold metric)."""
+    return WORST_FOLD_METRICS.get(metric, metric)
 
 
 _NAN = float("nan")
@@ -288,6 +302,20 @@ def summarize_folds(
     for name in names:
         values = np.array([f.get(name, _NAN) for f in flat], dtype=float)
         summary[name] = _t_summary(values, confidence, ratio)
+    for worst, base in WORST_FOLD_METRICS.items():
+        if base in summary:
+            vals = np.asarray(summary[base]["folds"], dtype=float)
+            ok = vals[~np.isnan(vals)]
+            low = float(ok.min()) if ok.size else _NAN
+            summary[worst] = {
+                "mean": low,
+                "std": _NAN,
+                "ci_low": _NAN,
+                "ci_high": _NAN,
+                "n": int(ok.size),
+                "n_nan": int(vals.size - ok.size),
+                "folds": [float(v) for v in vals],
+            }
 
     cms = [m.get("confusion_matrix") for m in fold_metrics]
     total_cm: list[list[int]] | None = None

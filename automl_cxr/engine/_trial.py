@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,18 +19,21 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from automl_cxr.data import PreparedDataset
+from automl_cxr.engine._adversarial import SiteTraining
 from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
 from automl_cxr.engine._features import FeatureCache, frozen_inputs, state_hash
 from automl_cxr.engine._metrics import (
     bootstrap_metrics,
     compute_metrics,
+    fold_metric,
     roc_curves,
     scalar_metrics,
     summarize_folds,
 )
-from automl_cxr.engine._splits import make_site_splits, make_splits, members_hash
+from automl_cxr.engine._splits import make_site_splits, make_splits, members_hash, site_groups
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
+from automl_cxr.lungs import preprocess_for, preprocessed_images
 from automl_cxr.models import CxrModel, ModelConfig, build_model
 
 __all__ = [
@@ -89,6 +93,9 @@ class TrialResult:
     # the validation fold (index into `splits`) of each row, -1 where never validated: the
     # folds this trial actually used, stored beside `oof_probs` (never recomputed elsewhere)
     oof_folds: np.ndarray | None = field(default=None, repr=False)
+    # the roi/intensity preprocessing: its cache key and, per dataset, images that fell back
+    # to `full` because no plausible lungs were found (never dropped)
+    preprocess: dict = field(default_factory=dict)
 
     @property
     def value(self) -> float:
@@ -279,9 +286,17 @@ class _Session:
         self.model = model
         ws = model.weight_source
         self.weight_info = asdict(ws) if hasattr(ws, "__dataclass_fields__") else {"repr": repr(ws)}
-        images = torch.from_numpy(np.array(dataset.images(cfg.resolution)))  # own, writable copy
+        self.pp_spec, self.pp_module = preprocess_for(cfg, Path(dataset.root).parent)
+        self.pp_info: dict = {"key": self.pp_spec.key(), "roi": cfg.roi, "intensity": cfg.intensity}
+        images = torch.from_numpy(np.array(self.dataset_images(dataset)))  # own, writable copy
         self.images = images.unsqueeze(1).to(device)  # uint8 (N, 1, R, R), kept on the device
         self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
+        # the adversary's site of each row: sites sharing a patient merged, as site CV does
+        self.sites = (
+            site_groups(dataset.groups, dataset_sites(dataset)[0])
+            if cfg.site_adversarial > 0 and "site" in dataset.manifest.columns
+            else dataset.manifest["source"].to_numpy().astype(str)
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.cache_info: dict = {"used": False, "hit": False, "key": None, "bytes": 0}
         # What fit() trains: the whole model on images, or (frozen-feature cache, only when
@@ -309,6 +324,17 @@ class _Session:
         # What each fold restores before training: the weights `net` trains (the frozen
         # prefix behind cached features never changes), ~8 ms less per fold than the model.
         self.init_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def dataset_images(self, dataset: PreparedDataset) -> np.ndarray:
+        """(N, R, R) uint8 images of `dataset` (the training set or an external one) through
+        the configuration's `roi`/`intensity` preprocessing (cached once per image); images
+        whose lungs were not found fell back to `full` and are counted in `pp_info`."""
+        if self.pp_module is None:
+            return dataset.images(self.cfg.resolution)
+        pre = preprocessed_images(dataset, self.pp_spec, self.pp_module)
+        counts = self.pp_info.setdefault("fallbacks", {})
+        counts[dataset.name] = {"images": len(dataset), "full": pre.fallbacks}
+        return pre.images
 
     @property
     def precision(self) -> str:
@@ -359,6 +385,7 @@ class _Session:
             "timm": timm.__version__,
             "torch": torch.__version__,
             "dataset": self.dataset.hash,
+            "preprocess": self.pp_spec.key(),
         }
 
     def prep_images(self, xb: torch.Tensor, train: bool) -> torch.Tensor:
@@ -411,6 +438,18 @@ class _Session:
         if not any(p.requires_grad for p in net.parameters()):
             raise ConfigError("the configuration leaves no trainable parameter")
         opt = _optimizer(net, cfg)
+        site = None
+        if cfg.site_adversarial > 0:
+            site = SiteTraining(
+                net,
+                self.sites,
+                fit_idx,
+                len(classes),
+                cfg.site_adversarial,
+                cfg.lr,
+                cfg.seed + 7919 * (fold + 1),
+                device,
+            )
         batches = _batches(len(tr), cfg.batch_size)
         sched = _scheduler(opt, cfg, len(batches))
         updates = 0
@@ -434,6 +473,10 @@ class _Session:
                         weight=weight,
                         label_smoothing=cfg.label_smoothing,
                     )
+                    if site is not None:
+                        adv = site.loss(idx, self.labels[idx])
+                        if adv is not None:
+                            loss = loss + adv
                 if not torch.isfinite(loss):
                     raise TrialFailed(
                         f"training loss became {loss.item()} in fold {fold} epoch {epoch} "
@@ -444,6 +487,8 @@ class _Session:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(opt)
                 self.scaler.update()
+                if site is not None:
+                    site.step()
                 updates += 1
                 sched.step_update(num_updates=updates)
                 loss_sum += loss.detach() * len(idx)
@@ -465,7 +510,7 @@ class _Session:
                 m = compute_metrics(
                     self.dataset.labels[val_idx], probs, classes, positive=self.dataset.positive
                 )
-                value = float(scalar_metrics(m).get(metric, float("nan")))
+                value = float(scalar_metrics(m).get(fold_metric(metric), float("nan")))
                 point.update(val_loss=val_loss, value=value)
             if inner_val is not None:
                 point["inner_val_loss"] = self._evaluate(net, x_source, prep, inner_val)[1]
@@ -494,6 +539,9 @@ class _Session:
                 report(fold * cfg.epochs + epoch, point["value"])
             if inner_val is not None and bad_epochs >= cfg.early_stopping:
                 break
+        if site is not None:
+            site.close()
+            out.site_adversary = {"sites": site.n_sites, "active": site.active}
         if best_state is not None:
             net.load_state_dict(best_state)  # the model of the chosen epoch
         elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
@@ -536,6 +584,7 @@ class _Fit:
     wall: float = 0.0  # the whole fit, per-epoch evaluation included
     n_trained: int = 0
     trained: np.ndarray | None = None  # rows that were in at least one training batch
+    site_adversary: dict | None = None  # sites the adversary told apart, whether it ran
 
     @property
     def epochs_run(self) -> int:
@@ -804,7 +853,7 @@ def run_trial(
     oof = np.full((len(dataset), len(classes)), np.nan, dtype=np.float64)
     oof_folds = np.full(len(dataset), -1, dtype=np.int8)
     ext_images = [
-        torch.from_numpy(np.array(e.images(cfg.resolution))).unsqueeze(1).to(device)
+        torch.from_numpy(np.array(session.dataset_images(e))).unsqueeze(1).to(device)
         for e in ext_sets
     ]
     ext_probs: list[list[np.ndarray]] = [[] for _ in ext_sets]
@@ -890,6 +939,7 @@ def run_trial(
         warnings=warnings,
         oof_probs=oof,
         oof_folds=oof_folds,
+        preprocess=session.pp_info,
     )
     total = time.perf_counter() - started
     fit_seconds = sum(f.wall for f in fits)

@@ -16,7 +16,14 @@ import numpy as np
 import optuna
 
 from automl_cxr.data import PreparedDataset
-from automl_cxr.engine import SCALAR_METRICS, FeatureCache, TrainConfig, run_trial, scalar_metrics
+from automl_cxr.engine import (
+    SCALAR_METRICS,
+    WORST_FOLD_METRICS,
+    FeatureCache,
+    TrainConfig,
+    run_trial,
+    scalar_metrics,
+)
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
 from automl_cxr.oof import save_oof
@@ -263,6 +270,9 @@ class Objective:
         in one transaction where the storage allows (`set_user_attrs`)."""
         means = {k: v["mean"] for k, v in result.summary["metrics"].items()}
         attrs: dict[str, Any] = {key: means[key] for key in SCALAR_METRICS if key in means}
+        for key in WORST_FOLD_METRICS:
+            if key in means:
+                attrs[key] = means[key]
         attrs["metrics"] = {
             "summary": result.summary,
             "folds": result.folds,
@@ -296,6 +306,7 @@ class Objective:
         attrs["feature_cache"] = result.feature_cache
         attrs["timing"] = result.timing
         attrs["weight_source"] = result.weight_source
+        attrs["preprocess"] = getattr(result, "preprocess", None) or {}
         attrs["fail_reason"] = None
         set_user_attrs(trial, json_safe(attrs))
 

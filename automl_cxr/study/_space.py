@@ -49,7 +49,16 @@ def yaml_load(text: str) -> Any:
 
 
 _FLOAT_KEYS = frozenset(
-    {"frozen_fraction", "lr", "weight_decay", "momentum", "augment", "label_smoothing", "dropout"}
+    {
+        "frozen_fraction",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "augment",
+        "label_smoothing",
+        "dropout",
+        "site_adversarial",
+    }
 )
 """Parameters that are real numbers whatever their bounds look like: `{low: 0, high: 1}` is
 the float range [0, 1], not the integers {0, 1}."""
@@ -68,6 +77,9 @@ _TRAIN_KEYS = (
     "warmup_epochs",
     "class_weighting",
     "cpu_amp",
+    "roi",
+    "intensity",
+    "site_adversarial",
 )
 _TOP_KEYS = ("description", "backbones", "frozen_fraction", "heads", "gray_mode", *_TRAIN_KEYS)
 
@@ -300,7 +312,14 @@ class SearchSpace:
         }
 
 
-BUILTIN_SPACES = ("default", "cpu", "paper_three_class", "paper_four_class", "paper_binary")
+BUILTIN_SPACES = (
+    "default",
+    "cpu",
+    "robust",
+    "paper_three_class",
+    "paper_four_class",
+    "paper_binary",
+)
 """Spaces shipped inside the package (`automl_cxr/study/spaces/*.yaml`); `studies/` in the
 checkout holds the same files as user-facing copies to read and edit."""
 

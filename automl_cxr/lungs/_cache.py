@@ -1,0 +1,122 @@
+"""Preprocessed images of a dataset (the `roi`/`intensity` levers), computed once per image
+and cached beside its decoded images, keyed by the dataset, its row order, the levers, the
+segmenter's hash and the resolution."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from automl_cxr.lungs._preprocess import CANVAS, Preprocess, PreprocessSpec
+from automl_cxr.lungs._unet import Segmenter, load_segmenter
+
+__all__ = [
+    "DEFAULT_SEGMENTER",
+    "PreprocessedImages",
+    "preprocess_for",
+    "preprocess_canvas",
+    "preprocessed_images",
+    "segmenter_path",
+]
+
+DEFAULT_SEGMENTER = Path("lungs") / "segmenter.pt"
+"""Where `automl-cxr lungs train` writes the segmenter, relative to the data folder."""
+
+
+def segmenter_path(train_config: Any, data_dir: str | Path) -> Path:
+    """The trial's segmenter checkpoint: its `segmenter`, else `<data_dir>/lungs/segmenter.pt`."""
+    given = getattr(train_config, "segmenter", None)
+    return Path(given) if given else Path(data_dir) / DEFAULT_SEGMENTER
+
+
+def preprocess_for(
+    train_config: Any, data_dir: str | Path, resolution: int | None = None
+) -> tuple[PreprocessSpec, Preprocess | None]:
+    """(spec, module) of a training configuration; module None for the identity levers."""
+    spec = PreprocessSpec(train_config.roi, train_config.intensity)
+    if spec.identity:
+        return spec, None
+    seg: Segmenter | None = None
+    if spec.needs_segmenter:
+        seg = load_segmenter(segmenter_path(train_config, data_dir))
+        spec = PreprocessSpec(spec.roi, spec.intensity, seg.key)
+    module = Preprocess(spec, resolution or train_config.resolution, seg).eval()
+    return spec, module
+
+
+@torch.inference_mode()
+def preprocess_canvas(
+    module: Preprocess, canvas: np.ndarray, batch: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run `module` over (N, CANVAS, CANVAS) uint8 images: (N, R, R) uint8 and (N,) lungs found."""
+    r = module.resolution
+    out = np.empty((len(canvas), r, r), dtype=np.uint8)
+    ok = np.empty(len(canvas), dtype=bool)
+    for i in range(0, len(canvas), batch):
+        x = torch.from_numpy(np.array(canvas[i : i + batch])).float().div_(255.0).unsqueeze(1)
+        y, found = module.forward_status(x)
+        out[i : i + batch] = torch.round(y * 255.0).squeeze(1).to(torch.uint8).numpy()
+        ok[i : i + batch] = found.numpy()
+    return out, ok
+
+
+class PreprocessedImages:
+    """(images, found) of a dataset for one preprocessing: `images` (N, R, R) uint8 as
+    `dataset.images(R)` gives them, `found` whether the lungs were found (False rows fell back
+    to `full`)."""
+
+    def __init__(self, images: np.ndarray, found: np.ndarray, key: str) -> None:
+        self.images, self.found, self.key = images, found, key
+
+    @property
+    def fallbacks(self) -> int:
+        return int((~self.found).sum())
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_MEMO: dict[tuple[str, str], PreprocessedImages] = {}
+
+
+def preprocessed_images(
+    dataset: Any, spec: PreprocessSpec, module: Preprocess
+) -> PreprocessedImages:
+    """The dataset's images through `module`, computed once and cached on disk (memory-mapped
+    read-only, shared by worker processes)."""
+    from automl_cxr.data import CACHE_VERSION
+
+    r = module.resolution
+    root = Path(dataset.root) / "cache"
+    stem = f"{dataset.hash}_{dataset.row_digest[:16]}_v{CACHE_VERSION}_{spec.key()}_{r}px"
+    memo = (str(root), stem)
+    if memo in _MEMO:
+        return _MEMO[memo]
+    img_path, ok_path = root / f"{stem}.npy", root / f"{stem}.found.npy"
+    try:
+        images = np.load(img_path, mmap_mode="r")
+        found = np.load(ok_path)
+        if images.shape != (len(dataset), r, r) or found.shape != (len(dataset),):
+            raise ValueError("shape")
+    except (OSError, ValueError):
+        images, found = preprocess_canvas(module, dataset.images(CANVAS))
+        root.mkdir(parents=True, exist_ok=True)
+        _save(ok_path, found)
+        _save(img_path, images)
+        images = np.load(img_path, mmap_mode="r")
+    out = PreprocessedImages(images, found.astype(bool), spec.key())
+    _MEMO[memo] = out
+    return out
