@@ -202,3 +202,49 @@ def test_robust_trial_runs_on_cached_preprocessing(adult_small, segmenter_file: 
     assert "worst_site_balanced_accuracy" in res.summary["metrics"]
     folds = res.summary["metrics"]["balanced_accuracy"]["folds"]
     assert res.summary["metrics"]["worst_site_balanced_accuracy"]["mean"] == min(folds)
+
+
+def test_lung_crop_export_predicts_what_the_search_saw(
+    prepared_dir: Path, segmenter_file: Path, tmp_path: Path
+) -> None:
+    """A raw radiograph through the exported lung_crop + clahe model (PyTorch, TorchScript,
+    ONNX) gets the probabilities the search-time pipeline (cached preprocessed image → model)
+    gives it, within 1e-4."""
+    import shutil
+
+    from automl_cxr.deploy import ExportedModel, export_trial, load_image, open_trial, training_data
+    from automl_cxr.lungs import preprocess_for
+    from automl_cxr.study import SearchSettings, run_search
+
+    (prepared_dir / "lungs").mkdir(exist_ok=True)
+    shutil.copy(segmenter_file, prepared_dir / "lungs" / "segmenter.pt")
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "backbones: [test_efficientnet]\nfrozen_fraction: 1.0\nheads: {linear: {}}\n"
+        "roi: lung_crop\nintensity: clahe\nsite_adversarial: 0.0\n"
+    )
+    db = tmp_path / "robust.db"
+    run_search(
+        SearchSettings(
+            dataset="binary_adult", trials=1, data_dir=prepared_dir, storage=str(db),
+            profile="smoke", pruner="none", space=space,
+        )
+    )
+    spec = open_trial(db)
+    assert spec.train.roi == "lung_crop" and spec.train.intensity == "clahe"
+    ds = training_data(spec, prepared_dir)
+    out = tmp_path / "model"
+    cfg = export_trial(spec, ds, out)
+    assert cfg["resolution"] == CANVAS and cfg["preprocess"]["roi"] == "lung_crop"
+    assert cfg["checks"]["ok"], cfg["checks"]
+    rows = np.arange(0, len(ds), max(1, len(ds) // 6))[:6]
+    raw = np.stack([load_image(ds.manifest["path"][i], CANVAS).tensor for i in rows])
+    pp_spec, pre = preprocess_for(spec.train, prepared_dir)
+    cached = preprocessed_images(ds, pp_spec, pre).images[rows]
+    inner = ExportedModel(out, runtime="pytorch").torch_model().model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(np.array(cached)).float().div(255).unsqueeze(1)
+        want = torch.softmax(inner(x), dim=1).numpy()
+    for rt in ("pytorch", "torchscript", "onnx"):
+        got = ExportedModel(out, runtime=rt).predict_proba(raw)
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=rt)

@@ -55,6 +55,13 @@ def train(
         float, typer.Option(help="Fraction of Cohen sites held out for the reported Dice.")
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the held-out sites and the training.")] = 0,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Leave these images (a folder per class or CSV manifest), and every other "
+            "outlined image of their patients, out — e.g. an external test set."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train the U-Net lung segmenter on V7's outlines of Cohen images; report its Dice on
@@ -73,7 +80,15 @@ def train(
             err_console.print(msg, highlight=False)
 
     res = train_segmenter(
-        zip_path, cohen, target, size=size, epochs=epochs, holdout=holdout, seed=seed, log=log
+        zip_path,
+        cohen,
+        target,
+        size=size,
+        epochs=epochs,
+        holdout=holdout,
+        seed=seed,
+        exclude=exclude or (),
+        log=log,
     )
     h = res.info["heldout"]
     out_console.print(

@@ -14,6 +14,7 @@ from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_s
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
     default_recipes,
+    excluded_images,
     manifest_hash,
     patients_at_several_sites,
     prepare_recipes,
@@ -46,6 +47,7 @@ __all__ = [
     "cohen_label",
     "decode_gray",
     "default_recipes",
+    "excluded_images",
     "get_recipe",
     "list_datasets",
     "list_recipes",

@@ -31,6 +31,7 @@ __all__ = [
     "default_recipes",
     "manifest_hash",
     "patients_at_several_sites",
+    "excluded_images",
     "prepare_recipes",
     "prepare_table",
     "scan_images",
@@ -402,7 +403,7 @@ def prepare_recipes(
             )
     if counts:
         resolved = _resolve_counts(resolved, counts)
-    held = _excluded_images(exclude) if exclude else None  # bad --exclude: before any decoding
+    held = excluded_images(exclude) if exclude else None  # bad --exclude: before any decoding
     pool, info = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
     if held is not None:
         pool, info["excluded_sets"] = _exclude(pool, held, exclude)
@@ -440,7 +441,7 @@ def prepare_recipes(
     return out
 
 
-def _excluded_images(sets: Sequence[str | Path]) -> tuple[set[str], int]:
+def excluded_images(sets: Sequence[str | Path]) -> tuple[set[str], int]:
     """The sha256 of every image the `--exclude` sets list, and how many they list."""
     from automl_cxr.data._sources import read_csv_manifest, read_folder
 

@@ -24,6 +24,7 @@ from automl_cxr.deploy._card import INPUT_CONTRACT, build_card, render_card
 from automl_cxr.deploy._graphs import TemperatureScaled, unwrap
 from automl_cxr.deploy._runtime import onnx_session, require
 from automl_cxr.errors import AutomlCxrError, ConfigError
+from automl_cxr.lungs import CANVAS, Preprocessed, preprocess_for, preprocess_record
 from automl_cxr.models import CxrEnsemble, CxrModel
 
 __all__ = [
@@ -297,6 +298,12 @@ def export_trial(
         folds = [{} for _ in range(len(model))]  # a given ensemble: members' scores unknown
     if temperature is not None:  # baked into every graph: softmax(logits / T)
         model = TemperatureScaled(model, temperature)
+    resolution, pp_extra = spec.resolution, {}
+    pp_spec, pre = preprocess_for(spec.train, Path(dataset.root).parent, spec.resolution)
+    if pre is not None:  # the roi/intensity levers run inside every exported graph
+        model = Preprocessed(pre, model)
+        resolution = CANVAS
+        pp_extra = {"preprocess": preprocess_record(pp_spec, pre, spec.resolution)}
     total, trainable = model.param_counts()
     roots = source_roots(dataset.manifest)
 
@@ -315,7 +322,7 @@ def export_trial(
         model,
         out_dir,
         classes=spec.classes,
-        resolution=spec.resolution,
+        resolution=resolution,
         train_config=spec.train.to_dict(),
         positive=spec.positive,
         card=make_card,
@@ -328,6 +335,7 @@ def export_trial(
                 "images": len(dataset),
                 "sources": roots,
             },
+            **pp_extra,
             **(config_extra or {}),
         },
         onnx_exporter=onnx_exporter,

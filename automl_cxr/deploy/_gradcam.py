@@ -88,6 +88,9 @@ def gradcam_map(
     from automl_cxr.data import resize_square
     from automl_cxr.models import CxrEnsemble
 
+    pre = getattr(model, "preprocess", None)
+    if pre is not None:  # roi/intensity levers: the map of what the model saw, placed back
+        return _preprocessed_map(model, pre, pixels, class_index)
     model, _ = unwrap(model)  # temperature scaling does not change the class or the map
     x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)[None, None]
     if isinstance(model, (CxrEnsemble, WeightedEnsemble)):
@@ -120,6 +123,33 @@ def gradcam_map(
     h, w = pixels.shape[:2]
     big = Image.fromarray(heat, mode="F").resize((w, h), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(big, dtype=np.float32), 0.0, 1.0)
+
+
+def _preprocessed_map(
+    model: nn.Module, pre: nn.Module, pixels: np.ndarray, class_index: int | None
+) -> np.ndarray:
+    """Grad-CAM on the preprocessed (cropped, masked, equalised) model input, mapped back onto
+    the original film through the crop's inverse (zero outside the crop)."""
+    import torch.nn.functional as F
+
+    from automl_cxr.data import resize_square
+    from automl_cxr.lungs import CANVAS
+
+    canvas = torch.from_numpy(resize_square(pixels, CANVAS).astype(np.float32) / 255.0)[None, None]
+    with torch.no_grad():
+        seen = pre(canvas)  # (1, 1, R, R): exactly the model's input
+        theta = pre.theta(canvas)[0]
+    r = int(seen.shape[-1])
+    seen_px = np.asarray(torch.round(seen[0, 0] * 255).byte().numpy())
+    heat = gradcam_map(model.model, seen_px, r, class_index)  # (R, R)
+    sx, sy, tx, ty = float(theta[0, 0]), float(theta[1, 1]), float(theta[0, 2]), float(theta[1, 2])
+    inv = torch.tensor([[1 / sx, 0.0, -tx / sx], [0.0, 1 / sy, -ty / sy]]).unsqueeze(0)
+    h, w = pixels.shape[:2]
+    grid = F.affine_grid(inv, [1, 1, h, w], align_corners=False)
+    back = F.grid_sample(
+        torch.from_numpy(heat)[None, None], grid, align_corners=False, padding_mode="zeros"
+    )
+    return np.clip(back[0, 0].numpy().astype(np.float32), 0.0, 1.0)
 
 
 def gradcam_overlay(pixels: np.ndarray, heat: np.ndarray, image_weight: float = 0.55) -> np.ndarray:

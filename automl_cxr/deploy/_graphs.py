@@ -75,7 +75,11 @@ class WeightedEnsemble(nn.Module):
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, float | None]:
-    """(the model inside a TemperatureScaled wrapper, its temperature) — or (model, None)."""
+    """(the model inside a TemperatureScaled wrapper, its temperature) — or (model, None); a
+    preprocessing wrapper (`automl_cxr.lungs.Preprocessed`) is looked through."""
+    inner = getattr(model, "preprocess", None)
+    if inner is not None and hasattr(model, "model"):
+        model = model.model
     if isinstance(model, TemperatureScaled):
         return model.model, float(model.temperature)
     return model, None

@@ -112,6 +112,10 @@ class ExportedModel:
             temperature = (self.config.get("calibration") or {}).get("temperature")
             if temperature is not None:
                 model = TemperatureScaled(model, float(temperature))
+            if self.config.get("preprocess"):  # roi/intensity levers: the graph's first layer
+                from automl_cxr.lungs import Preprocessed, rebuild_preprocess
+
+                model = Preprocessed(rebuild_preprocess(self.config["preprocess"]), model)
             state = torch.load(pt, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             self._torch = model.eval()

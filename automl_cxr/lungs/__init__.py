@@ -12,6 +12,8 @@ _EXPORTS = {
     "PreprocessedImages": "automl_cxr.lungs._cache",
     "preprocess_canvas": "automl_cxr.lungs._cache",
     "preprocess_for": "automl_cxr.lungs._cache",
+    "preprocess_record": "automl_cxr.lungs._cache",
+    "rebuild_preprocess": "automl_cxr.lungs._cache",
     "preprocessed_images": "automl_cxr.lungs._cache",
     "segmenter_path": "automl_cxr.lungs._cache",
     "clahe": "automl_cxr.lungs._intensity",

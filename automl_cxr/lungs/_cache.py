@@ -19,6 +19,8 @@ __all__ = [
     "DEFAULT_SEGMENTER",
     "PreprocessedImages",
     "preprocess_for",
+    "preprocess_record",
+    "rebuild_preprocess",
     "preprocess_canvas",
     "preprocessed_images",
     "segmenter_path",
@@ -49,17 +51,62 @@ def preprocess_for(
     return spec, module
 
 
+def preprocess_record(spec: PreprocessSpec, module: Preprocess, resolution: int) -> dict:
+    """What an exported model's config.json says about its first layer (enough to rebuild it
+    with `rebuild_preprocess`)."""
+    seg = module.seg
+    return {
+        "roi": spec.roi,
+        "intensity": spec.intensity,
+        "key": spec.key(),
+        "canvas": CANVAS,
+        "resolution": int(resolution),
+        "segmenter": None
+        if seg is None
+        else {"encoder": seg.encoder_name, "size": module.seg_size, "key": spec.segmenter},
+        "input": f"the radiograph resized square to {CANVAS} px (aspect not kept), gray in [0, 1]",
+    }
+
+
+def rebuild_preprocess(record: dict) -> Preprocess:
+    """An untrained copy of an exported model's preprocessing (its weights come with the
+    model's state dict)."""
+    from automl_cxr.lungs._unet import LungUNet
+
+    spec = PreprocessSpec(
+        record["roi"], record["intensity"], (record.get("segmenter") or {}).get("key")
+    )
+    seg = None
+    if record.get("segmenter"):
+        s = record["segmenter"]
+        seg = Segmenter(LungUNet(s["encoder"]), int(s["size"]), "", "", {})
+    return Preprocess(spec, int(record["resolution"]), seg).eval()
+
+
+@torch.inference_mode()
+def segment_canvas(module: Preprocess, canvas: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The segmenter's masks (N, s, s) bool of (N, CANVAS, CANVAS) uint8 images."""
+    s = module.seg_size
+    out = np.empty((len(canvas), s, s), dtype=bool)
+    for i in range(0, len(canvas), batch):
+        x = torch.from_numpy(np.array(canvas[i : i + batch])).float().div_(255.0).unsqueeze(1)
+        out[i : i + batch] = module.segment(x).squeeze(1).numpy()
+    return out
+
+
 @torch.inference_mode()
 def preprocess_canvas(
-    module: Preprocess, canvas: np.ndarray, batch: int = 32
+    module: Preprocess, canvas: np.ndarray, batch: int = 32, masks: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run `module` over (N, CANVAS, CANVAS) uint8 images: (N, R, R) uint8 and (N,) lungs found."""
+    """Run `module` over (N, CANVAS, CANVAS) uint8 images: (N, R, R) uint8 and (N,) lungs
+    found; `masks` are `segment_canvas`'s output when already known (bit-identical result)."""
     r = module.resolution
     out = np.empty((len(canvas), r, r), dtype=np.uint8)
     ok = np.empty(len(canvas), dtype=bool)
     for i in range(0, len(canvas), batch):
         x = torch.from_numpy(np.array(canvas[i : i + batch])).float().div_(255.0).unsqueeze(1)
-        y, found = module.forward_status(x)
+        small = None if masks is None else torch.from_numpy(np.array(masks[i : i + batch]))
+        y, found = module.forward_status(x, None if small is None else small.unsqueeze(1))
         out[i : i + batch] = torch.round(y * 255.0).squeeze(1).to(torch.uint8).numpy()
         ok[i : i + batch] = found.numpy()
     return out, ok
@@ -112,7 +159,20 @@ def preprocessed_images(
         if images.shape != (len(dataset), r, r) or found.shape != (len(dataset),):
             raise ValueError("shape")
     except (OSError, ValueError):
-        images, found = preprocess_canvas(module, dataset.images(CANVAS))
+        canvas = dataset.images(CANVAS)
+        masks = None
+        if module.seg is not None:  # the segmentation is shared by every roi and intensity
+            mstem = f"{dataset.hash}_{dataset.row_digest[:16]}_v{CACHE_VERSION}_{spec.segmenter}"
+            mask_path = root / f"{mstem}_c{CANVAS}_s{module.seg_size}.lungmask.npy"
+            try:
+                masks = np.load(mask_path)
+                if masks.shape != (len(dataset), module.seg_size, module.seg_size):
+                    raise ValueError("shape")
+            except (OSError, ValueError):
+                masks = segment_canvas(module, canvas)
+                root.mkdir(parents=True, exist_ok=True)
+                _save(mask_path, masks)
+        images, found = preprocess_canvas(module, canvas, masks=masks)
         root.mkdir(parents=True, exist_ok=True)
         _save(ok_path, found)
         _save(img_path, images)

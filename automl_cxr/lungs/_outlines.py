@@ -27,9 +27,26 @@ class LungOutlines:
     patients: np.ndarray
     sites: np.ndarray
     skipped: dict[str, int]
+    shas: list[str]
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def drop(self, keep: np.ndarray, why: str) -> LungOutlines:
+        """The rows where `keep` is True; the others are counted under `why`."""
+        skipped = dict(self.skipped)
+        if (~keep).any():
+            skipped[why] = int((~keep).sum())
+        idx = np.flatnonzero(keep)
+        return LungOutlines(
+            self.images[idx],
+            self.masks[idx],
+            [self.names[i] for i in idx],
+            self.patients[idx],
+            self.sites[idx],
+            skipped,
+            [self.shas[i] for i in idx],
+        )
 
 
 def _polygons(doc: dict) -> list[list[tuple[float, float]]]:
@@ -66,7 +83,7 @@ def read_outlines(zip_path: str | Path, cohen_root: str | Path, *, size: int) ->
         )
     table = read_cohen(cohen_root).table
     by_name = {Path(p).name: row for p, row in zip(table["path"], table.itertuples(), strict=True)}
-    images, masks, names, patients, sites = [], [], [], [], []
+    images, masks, names, patients, sites, shas = [], [], [], [], [], []
     skipped = {"not in the Cohen folder": 0, "fewer than two lungs": 0}
     try:
         zf = zipfile.ZipFile(zip_path)
@@ -87,7 +104,9 @@ def read_outlines(zip_path: str | Path, cohen_root: str | Path, *, size: int) ->
             if len(polys) < 2:
                 skipped["fewer than two lungs"] += 1
                 continue
-            px = decode_gray(row.path, min_side=1).pixels
+            decoded = decode_gray(row.path, min_side=1)
+            px = decoded.pixels
+            shas.append(decoded.sha256)
             h, w = px.shape
             m = _mask(polys, int(meta["width"]), int(meta["height"]), w, h)
             images.append(resize_square(px, size))
@@ -104,4 +123,5 @@ def read_outlines(zip_path: str | Path, cohen_root: str | Path, *, size: int) ->
         patients=np.asarray(patients, dtype=object).astype(str),
         sites=np.asarray(sites, dtype=object).astype(str),
         skipped={k: v for k, v in skipped.items() if v},
+        shas=shas,
     )

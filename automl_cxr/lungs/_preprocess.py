@@ -100,11 +100,19 @@ class Preprocess(nn.Module):
         self.seg: LungUNet | None = segmenter.net if spec.needs_segmenter else None
         self.seg_size = segmenter.size if segmenter is not None else CANVAS
 
-    def lungs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The lung mask on the canvas (B, 1, C, C) bool and whether it is plausible (B,)."""
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """The segmenter's lung mask (B, 1, s, s) bool of canvases `x` (gray levels / 255): the
+        only costly step, the same for every roi and intensity (cached once per image)."""
         assert self.seg is not None
         small = F.interpolate(x, size=(self.seg_size, self.seg_size), mode="area")
-        m = self.seg(small) > 0  # (B, 1, s, s)
+        return self.seg(small) > 0
+
+    def lungs(
+        self, x: torch.Tensor, small: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lung mask on the canvas (B, 1, C, C) bool and whether it is plausible (B,);
+        `small` is `segment(x)` when already known."""
+        m = self.segment(x) if small is None else small  # (B, 1, s, s)
         s = self.seg_size
         area = m.float().mean(dim=(1, 2, 3))
         left = m[..., : s // 2].float().sum(dim=(1, 2, 3)) / m.float().sum(dim=(1, 2, 3)).clamp(
@@ -146,8 +154,20 @@ class Preprocess(nn.Module):
             dim=1,
         )
 
-    def forward_status(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (B, 1, R, R) in [0, 1], lungs found (B,) bool; True for `full`)."""
+    def theta(self, x: torch.Tensor) -> torch.Tensor:
+        """The affine crop (B, 2, 3) `forward` samples the canvas with (identity for `full` and
+        for fallbacks): model-input coordinates → canvas coordinates, both in [-1, 1]."""
+        b = x.shape[0]
+        if self.seg is None:
+            return torch.eye(2, 3, device=x.device).expand(b, 2, 3).clone()
+        m, ok = self.lungs(torch.round(x.clamp(0, 1) * 255.0) / 255.0)
+        return self._box(m, ok)
+
+    def forward_status(
+        self, x: torch.Tensor, small: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, 1, R, R) in [0, 1], lungs found (B,) bool; True for `full`); `small`:
+        `segment(x)` when already known."""
         levels = torch.round(x.clamp(0, 1) * 255.0)
         v = intensity(levels, self.mode)
         b = x.shape[0]
@@ -157,7 +177,7 @@ class Preprocess(nn.Module):
             theta[:, 0, 0] = 1
             theta[:, 1, 1] = 1
         else:
-            m, ok = self.lungs(levels / 255.0)
+            m, ok = self.lungs(levels / 255.0, small)
             if self.roi == "lung_mask":
                 keep = F.max_pool2d(m.float(), _DILATE, stride=1, padding=_DILATE // 2) > 0.5
                 keep = keep | ~ok.view(b, 1, 1, 1)

@@ -4,7 +4,7 @@ sites it never saw (Dice), and write the checkpoint with its hash."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,14 @@ def train_segmenter(
     seed: int = 0,
     encoder: str = "mobilenetv2_100",
     pretrained: bool = True,
+    exclude: Sequence[str | Path] = (),
     log: Callable[[str], None] | None = None,
 ) -> SegmenterTraining:
     """Train on the outlined images of the Cohen sites not held out, report Dice on the held-out
     sites (per image: mean, median, 5th percentile), and save the model trained on the
-    training sites only (so the reported Dice is that of the file written)."""
+    training sites only (so the reported Dice is that of the file written). `exclude`: image
+    sets (folders or CSVs, as for `data prepare --exclude`) whose images, and every other
+    outlined image of their patients, are left out (e.g. an external test set)."""
     if not 32 <= size <= 512 or size % 32:
         raise ConfigError(f"size must be a multiple of 32 in [32, 512], but got size={size}")
     if epochs < 1:
@@ -112,6 +115,13 @@ def train_segmenter(
         raise ConfigError(f"holdout must lie in (0, 0.5), but got holdout={holdout}")
     started = time.perf_counter()
     data = read_outlines(zip_path, cohen_root, size=size)
+    if exclude:
+        from automl_cxr.data import excluded_images
+
+        held, _ = excluded_images(exclude)
+        hit = np.array([sha in held for sha in data.shas])
+        patients = set(data.patients[hit].tolist())
+        data = data.drop(~np.isin(data.patients, list(patients)), "excluded (and their patients)")
     test = site_holdout(data, holdout, seed)
     tr = np.flatnonzero(~test)
     torch.manual_seed(seed)
@@ -175,6 +185,7 @@ def train_segmenter(
         "encoder_weights": str(weights),
         "outlines": str(Path(zip_path).name),
         "skipped": data.skipped,
+        "exclude": [str(p) for p in exclude],
         "seconds": round(time.perf_counter() - started, 1),
         "torch": str(torch.__version__),
     }
