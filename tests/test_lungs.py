@@ -191,8 +191,13 @@ def test_site_adversarial_zero_is_no_second_head_and_nonzero_trains_one(adult_sm
 
 def test_robust_trial_runs_on_cached_preprocessing(adult_small, segmenter_file: Path) -> None:
     ds = adult_small
-    cfg = _cfg(roi="lung_mask", intensity="equalize", site_adversarial=0.3,
-               segmenter=str(segmenter_file), cv="site")
+    cfg = _cfg(
+        roi="lung_mask",
+        intensity="equalize",
+        site_adversarial=0.3,
+        segmenter=str(segmenter_file),
+        cv="site",
+    )
     res = run_trial(ds, _mlp(ds), cfg)
     pp = res.preprocess
     assert pp["roi"] == "lung_mask" and pp["intensity"] == "equalize"
@@ -226,8 +231,13 @@ def test_lung_crop_export_predicts_what_the_search_saw(
     db = tmp_path / "robust.db"
     run_search(
         SearchSettings(
-            dataset="binary_adult", trials=1, data_dir=prepared_dir, storage=str(db),
-            profile="smoke", pruner="none", space=space,
+            dataset="binary_adult",
+            trials=1,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+            pruner="none",
+            space=space,
         )
     )
     spec = open_trial(db)
@@ -248,3 +258,79 @@ def test_lung_crop_export_predicts_what_the_search_saw(
     for rt in ("pytorch", "torchscript", "onnx"):
         got = ExportedModel(out, runtime=rt).predict_proba(raw)
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=rt)
+
+
+def test_robust_space_is_builtin_and_refused_without_a_segmenter(
+    prepared_dir: Path, tmp_path: Path
+) -> None:
+    from automl_cxr.study import SearchSettings, builtin_space, run_search
+
+    space = builtin_space("robust")
+    params = space.params(("mobilenetv2_100",))
+    assert set(params["roi"].choices) == {"full", "lung_crop", "lung_mask"}
+    assert set(params["intensity"].choices) == {"none", "equalize", "clahe"}
+    assert 0.0 in params["site_adversarial"].choices  # "off" can be drawn
+    empty = tmp_path / "data"
+    empty.mkdir()
+    for name in ("binary_adult",):
+        shutil_tree(prepared_dir / name, empty / name)
+    with pytest.raises(DataError, match="lungs train"):
+        run_search(
+            SearchSettings(
+                dataset="binary_adult",
+                trials=1,
+                data_dir=empty,
+                storage=str(tmp_path / "s.db"),
+                profile="smoke",
+                space="robust",
+            )
+        )
+    assert not (tmp_path / "s.db").exists() or not load_trials(tmp_path / "s.db")
+
+
+def shutil_tree(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("cache"))
+
+
+def load_trials(db: Path) -> list:
+    from automl_cxr.study import load_study
+
+    try:
+        return load_study(db).get_trials()
+    except Exception:
+        return []
+
+
+def test_lungs_cli_errors_are_clear(tmp_path: Path, shared_data: Path) -> None:
+    from automl_cxr.cli import main
+
+    assert main(["lungs", "train", "--sources", str(tmp_path)]) == 2  # no cohen/
+    assert main(["lungs", "info", str(tmp_path / "none.pt")]) == 2
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["lungs", "info", str(bad)]) == 2
+    assert (
+        main(
+            [
+                "lungs",
+                "train",
+                "--sources",
+                str(shared_data),
+                "--size",
+                "100",
+                "--out",
+                str(tmp_path / "x.pt"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_worst_site_metric_is_the_minimum_over_held_out_site_folds(adult_small) -> None:
+    ds = adult_small
+    res = run_trial(ds, _mlp(ds), _cfg(cv="site", n_folds=3), metric="worst_site_balanced_accuracy")
+    folds = res.summary["metrics"]["balanced_accuracy"]["folds"]
+    assert res.value == pytest.approx(min(folds))
+    assert res.summary["metrics"]["worst_site_balanced_accuracy"]["folds"] == folds

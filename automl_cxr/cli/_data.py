@@ -158,6 +158,9 @@ def prepare(
         out_console.print(
             f"[green]prepared[/] {meta['name']}: {meta['images']} images ({counts_txt}) → {p}"
         )
+        if meta.get("kind") in ("csv", "folder"):
+            for note in meta.get("notes") or []:
+                err_console.print(f"[bold yellow]warning:[/] {note}", highlight=False)
         for lab, s in meta.get("shortfalls", {}).items():
             out_console.print(
                 f"  [yellow]shortfall[/] {lab}: target {s['target']}, "

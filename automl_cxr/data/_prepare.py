@@ -517,4 +517,6 @@ def prepare_table(
         **info,
         **dict(extra_meta or {}),
     }
+    if table.notes:
+        meta["notes"] = list(meta.get("notes") or []) + list(table.notes)
     return _write_dataset(Path(data_dir), name, pool, meta, classes)

@@ -69,6 +69,7 @@ class SourceTable:
     name: str
     table: pd.DataFrame
     excluded: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warnings for the user (kept in the meta)
 
     def __post_init__(self) -> None:
         missing = [c for c in COLUMNS if c not in self.table.columns]
@@ -436,15 +437,26 @@ def read_csv_manifest(file: str | Path, *, source: str | None = None) -> SourceT
     empty_labels = df.index[df["label"].str.strip() == ""].tolist()
     if empty_labels:
         raise DataError(f"CSV manifest {file}: empty label in row(s) {empty_labels[:10]}")
+    notes: list[str] = []
+    own = [f"{name}:{p}" for p in df.path]  # no id: each image its own patient
+    if "patient_id" in df:
+        given = df["patient_id"].astype(str).str.strip()
+        blank = (given == "").to_numpy()
+        patient = np.where(blank, own, name + ":" + given)
+        if blank.any():
+            rows = df.index[blank].tolist()
+            notes.append(
+                f"CSV manifest {file}: {int(blank.sum())} row(s) have a blank patient_id "
+                f"(e.g. row(s) {rows[:5]}); each is treated as its own patient, so a patient "
+                "with several such images could straddle folds: fill in the ids to avoid it"
+            )
+    else:
+        patient = own
     table = pd.DataFrame(
         {
             "path": paths,
             "label": df["label"].str.strip(),
-            "patient_id": (
-                name + ":" + df["patient_id"].astype(str)
-                if "patient_id" in df
-                else [f"{name}:{p}" for p in df.path]
-            ),
+            "patient_id": patient,
             "source": df.get("source", name),
             "view": df.get("view", ""),
             "license": df.get("license", ""),
@@ -467,4 +479,4 @@ def read_csv_manifest(file: str | Path, *, source: str | None = None) -> SourceT
     if "site" in df:
         site = df["site"].astype(str).str.strip()
         table["site"] = np.where(site != "", table["source"] + ":" + site, table["source"])
-    return SourceTable(name, dicom_split_groups(table, keep_given="patient_id" in df))
+    return SourceTable(name, dicom_split_groups(table, keep_given="patient_id" in df), notes=notes)

@@ -43,6 +43,7 @@ _EXPORTS = {
     "ParamSpec": "automl_cxr.study._space",
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
+    "builtin_space": "automl_cxr.study._space",
     "load_study": "automl_cxr.study._storage",
     "open_storage": "automl_cxr.study._storage",
     "storage_url": "automl_cxr.study._storage",
@@ -67,6 +68,7 @@ __all__ = [
     "json_safe",
     "list_profiles",
     "load_space",
+    "builtin_space",
     "load_study",
     "make_pruner",
     "make_sampler",
@@ -103,5 +105,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr.study._runner import run_search  # noqa: F401
     from automl_cxr.study._settings import SearchSettings, SearchSummary  # noqa: F401
     from automl_cxr.study._setup import adapt_space, resolve_space  # noqa: F401
-    from automl_cxr.study._space import ParamSpec, SearchSpace, load_space  # noqa: F401
+    from automl_cxr.study._space import (  # noqa: F401
+        ParamSpec,
+        SearchSpace,
+        builtin_space,
+        load_space,
+    )
     from automl_cxr.study._storage import load_study, open_storage, storage_url, study_names  # noqa: F401

@@ -203,12 +203,20 @@ class Objective:
         multi = len(self.metrics) > 1
         reference = bool(trial.user_attrs.get("reference"))
 
+        unreported: list[int] = []
+
         def report(step: int, value: float) -> None:
             if self.stop is not None and self.stop.is_set():
                 raise KeyboardInterrupt
             if multi:
                 return  # Optuna does not prune multi-objective studies
-            trial.report(value if math.isfinite(value) else 0.0, step)
+            if not math.isfinite(value):
+                # e.g. a site fold without the positive class has no covid_sensitivity: report
+                # nothing for that step (a 0.0 would get the trial pruned), and say so
+                unreported.append(int(step))
+                trial.set_user_attr("unreported_steps", list(unreported))
+                return
+            trial.report(value, step)
             if reference:
                 return  # a queued reference configuration runs to the end
             if trial.should_prune():

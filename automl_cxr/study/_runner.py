@@ -45,6 +45,7 @@ from automl_cxr.study._settings import SearchSettings, SearchSummary
 from automl_cxr.study._setup import (  # noqa: F401  (re-exported for older imports)
     _queued_or_done,
     adapt_space,
+    check_segmenter,
     load_or_create,
     queue_references,
     resolve_space,
@@ -75,6 +76,7 @@ def run_search(
     references = [space.check_params(p, profile.backbones) for p in settings.enqueue]
     full = load_dataset(settings.dataset, settings.data_dir)  # the manifest: nothing decoded
     check_metrics(settings.objectives, full.classes, full.positive, dataset=full.name)
+    check_segmenter(space, settings.data_dir)
     dataset = subsample(full, profile.max_per_class, settings.seed)
     # The folds (and whether the data allows --cv site) before any study row is written.
     protocol = study_protocol(dataset, profile, seed=settings.seed, cv=settings.cv)

@@ -26,6 +26,7 @@ from automl_cxr.study._space import SearchSpace, builtin_space, load_space
 __all__ = [
     "PAPER_HEADLINE",
     "adapt_space",
+    "check_segmenter",
     "load_or_create",
     "pruning_budget",
     "queue_references",
@@ -177,6 +178,19 @@ def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> S
     if space is None and profile.space:
         return builtin_space(profile.space)
     return load_space(space)
+
+
+def check_segmenter(space: SearchSpace, data_dir: str | Path) -> None:
+    """A space that can draw `roi: lung_crop|lung_mask` needs the lung segmenter: refused before
+    any trial when `<data_dir>/lungs/segmenter.pt` is missing or unreadable."""
+    roi = space.train.get("roi")
+    if roi is None:
+        return
+    values = list(roi.choices) if roi.kind == "categorical" else [roi.value]
+    if any(v != "full" for v in values):
+        from automl_cxr.lungs import DEFAULT_SEGMENTER, load_segmenter
+
+        load_segmenter(Path(data_dir) / DEFAULT_SEGMENTER)  # DataError: how to train one
 
 
 def adapt_space(

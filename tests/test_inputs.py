@@ -1,0 +1,68 @@
+"""Inputs that silently misled (issue 24 §5), on the real shared X-rays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from automl_cxr.data import load_dataset, prepare_table, read_csv_manifest
+
+
+def test_blank_patient_ids_do_not_form_one_patient(shared_data: Path, tmp_path: Path) -> None:
+    """Fails on the code before: every blank cell became the one patient `<name>:`."""
+    imgs = sorted((shared_data / "nih" / "images").iterdir())[:6]
+    lines = ["path,label,patient_id"]
+    for i, p in enumerate(imgs):
+        lines.append(f"{p},{'a' if i % 2 else 'b'},{'' if i < 4 else 'p9'}")
+    csv = tmp_path / "mine.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    table = read_csv_manifest(csv)
+    assert table.notes and "4 row(s) have a blank patient_id" in table.notes[0]
+    prepare_table(table, name="mine", data_dir=tmp_path / "data", kind="csv", origin=str(csv))
+    ds = load_dataset("mine", tmp_path / "data")
+    groups = ds.manifest.set_index("path")["group_id"]
+    blank = [groups[str(p)] for p in imgs[:4]]
+    assert len(set(blank)) == 4  # each its own patient
+    assert groups[str(imgs[4])] == groups[str(imgs[5])]  # a given id still groups
+    assert any("blank patient_id" in n for n in ds.meta.get("notes", []))
+
+
+def test_nan_intermediate_value_is_not_reported_as_zero(
+    prepared_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A fold whose metric is undefined (e.g. covid_sensitivity of a site fold holding only
+    NIH's non-COVID films) reports nothing for its steps instead of 0.0 (which got such trials
+    pruned), and the trial lists the unreported steps. Fold 0's values are made NaN here, as
+    such a fold's are; fails on the code before (it reported 0.0)."""
+    from optuna.trial import TrialState
+
+    import automl_cxr.study._objective as objective
+    from automl_cxr.study import SearchSettings, load_study, run_search
+
+    real = objective.run_trial
+
+    def fold0_undefined(*args, report=None, **kw):
+        epochs = args[2].epochs
+
+        def wrapped(step: int, value: float) -> None:
+            report(step, float("nan") if step < epochs else value)
+
+        return real(*args, report=wrapped, **kw)
+
+    monkeypatch.setattr(objective, "run_trial", fold0_undefined)
+    db = tmp_path / "nan.db"
+    run_search(
+        SearchSettings(
+            dataset="binary_adult",
+            trials=1,
+            data_dir=prepared_dir,
+            storage=str(db),
+            profile="smoke",
+            pruner="median",
+            workers=1,
+        )
+    )
+    (t,) = load_study(db).get_trials()
+    assert t.state == TrialState.COMPLETE
+    epochs = t.user_attrs["config"]["train"]["epochs"]
+    assert t.user_attrs["unreported_steps"] == list(range(epochs))
+    assert min(t.intermediate_values) == epochs  # fold 1's steps are reported as usual
