@@ -71,6 +71,14 @@ def run_evaluate(
     classes = spec.classes if spec is not None else exported.classes
     positive = spec.positive if spec is not None else exported.config.get("positive")
     resolution = exported.resolution if exported is not None else spec.resolution
+    pre = None
+    if exported is None:  # a retrained trial runs its roi/intensity levers like the export
+        from automl_cxr.lungs import CANVAS, preprocess_for
+        from automl_cxr.settings import resolve_data_dir as _resolve
+
+        _, pre = preprocess_for(spec.train, _resolve(data_dir), spec.resolution)
+        if pre is not None:
+            resolution = CANVAS
     ext = load_external(data, classes, resolution, label_map=label_map, skip_bad=skip_bad)
     train_shas: set[str] | None = None
     train_sources: dict[str, Any] | None = None
@@ -93,6 +101,10 @@ def run_evaluate(
                 "training images"
             )
         model = fit_full(dataset, spec.model, spec.train, log=log)
+        if pre is not None:
+            from automl_cxr.lungs import Preprocessed
+
+            model = Preprocessed(pre, model)
         probs = _torch_probs(model, ext.tensor())
         train_shas = set(dataset.manifest["sha256"].astype(str))
         train_sources = source_roots(dataset.manifest)
