@@ -334,3 +334,23 @@ def test_worst_site_metric_is_the_minimum_over_held_out_site_folds(adult_small) 
     folds = res.summary["metrics"]["balanced_accuracy"]["folds"]
     assert res.value == pytest.approx(min(folds))
     assert res.summary["metrics"]["worst_site_balanced_accuracy"]["folds"] == folds
+
+
+def test_source_balance_weighs_each_source_equally_within_a_class(adult_small) -> None:
+    from automl_cxr.engine._trial import _Session
+
+    ds = adult_small
+    session = _Session(ds, _mlp(ds), _cfg(source_balance=True), feature_cache=None, log=None)
+    rows = np.arange(len(ds))[::2]
+    w = session._source_balance(rows).numpy()
+    assert (w[np.setdiff1d(np.arange(len(ds)), rows)] == 0).all()
+    src = ds.manifest["source"].to_numpy()
+    for c in np.unique(ds.labels[rows]):
+        in_c = rows[ds.labels[rows] == c]
+        assert w[in_c].sum() == pytest.approx(len(in_c), rel=1e-5)  # the class keeps its size
+        totals = [w[in_c[src[in_c] == s]].sum() for s in np.unique(src[in_c])]
+        assert np.allclose(totals, totals[0], rtol=1e-5)  # each source the same share
+    assert len(np.unique(src[rows][ds.labels[rows] == ds.classes.index("non_covid")])) >= 2
+    plain = run_trial(ds, _mlp(ds), _cfg())
+    balanced = run_trial(ds, _mlp(ds), _cfg(source_balance=True))
+    assert not np.allclose(plain.oof_probs, balanced.oof_probs, equal_nan=True)

@@ -103,7 +103,12 @@ class TrainConfig:
     image (`automl_cxr.lungs.Preprocess`; `segmenter` is the lung segmenter checkpoint, by
     default `<data-dir>/lungs/segmenter.pt`); `site_adversarial` in [0, 1] weighs a
     class-conditional site classifier trained through a gradient-reversal layer on the head's
-    input features (0 = no second head).
+    input features (0 = no second head). `source_balance` weighs each training image so that
+    within every class each image source (Cohen, NIH, Kermany, ...) carries the same total
+    weight (group-balanced training, as in Idrissi et al. 2022 and the group-reweighting
+    baseline of Sagawa et al. 2020): a source that holds few images of a class (Cohen's
+    non-COVID films beside NIH's) then counts as much as the large one, so "this source
+    means that class" stops paying; each class's total weight is unchanged.
     """
 
     resolution: int = 224
@@ -133,6 +138,7 @@ class TrainConfig:
     roi: str = "full"
     intensity: str = "none"
     site_adversarial: float = 0.0
+    source_balance: bool = False
     segmenter: str | None = None
 
     def __post_init__(self) -> None:
@@ -155,7 +161,7 @@ class TrainConfig:
         check_number("site_adversarial", self.site_adversarial, 0.0, 1.0)
         if self.segmenter is not None and not isinstance(self.segmenter, str):
             self.segmenter = str(self.segmenter)
-        for name in ("class_weighting", "amp", "cpu_amp", "feature_cache"):
+        for name in ("class_weighting", "amp", "cpu_amp", "feature_cache", "source_balance"):
             check_bool(name, getattr(self, name))
         check_int("early_stopping", self.early_stopping, 1, optional=True)
         check_number("inner_holdout", self.inner_holdout, 0.0, 0.5, low_open=True)

@@ -450,6 +450,7 @@ class _Session:
                 cfg.seed + 7919 * (fold + 1),
                 device,
             )
+        balance = self._source_balance(fit_idx) if cfg.source_balance else None
         batches = _batches(len(tr), cfg.batch_size)
         sched = _scheduler(opt, cfg, len(batches))
         updates = 0
@@ -467,12 +468,24 @@ class _Session:
                 seen[idx] = True
                 xb = prep(x_source[idx], True)
                 with self.autocast():
-                    loss = F.cross_entropy(
-                        net(xb).float(),
-                        self.labels[idx],
-                        weight=weight,
-                        label_smoothing=cfg.label_smoothing,
-                    )
+                    if balance is None:
+                        loss = F.cross_entropy(
+                            net(xb).float(),
+                            self.labels[idx],
+                            weight=weight,
+                            label_smoothing=cfg.label_smoothing,
+                        )
+                    else:  # the weighted mean, each image also weighted by its source
+                        per = F.cross_entropy(
+                            net(xb).float(),
+                            self.labels[idx],
+                            weight=weight,
+                            label_smoothing=cfg.label_smoothing,
+                            reduction="none",
+                        )
+                        cw = 1.0 if weight is None else weight[self.labels[idx]]
+                        g = balance[idx]
+                        loss = (g * per).sum() / (g * cw).sum()
                     if site is not None:
                         adv = site.loss(idx, self.labels[idx])
                         if adv is not None:
@@ -549,6 +562,20 @@ class _Session:
         out.trained = np.flatnonzero(seen.cpu().numpy())
         out.wall = time.perf_counter() - fit_start
         return out
+
+    def _source_balance(self, fit_idx: np.ndarray) -> torch.Tensor:
+        """Per-row weights (0 outside `fit_idx`): within each class of the training rows, every
+        source gets the same total weight and the class keeps its image count."""
+        labels = self.dataset.labels[fit_idx]
+        sources = self.dataset.manifest["source"].to_numpy().astype(str)[fit_idx]
+        w = np.zeros(len(self.dataset), dtype=np.float32)
+        for c in np.unique(labels):
+            in_c = labels == c
+            names, counts = np.unique(sources[in_c], return_counts=True)
+            share = in_c.sum() / len(names)
+            for name, n in zip(names, counts, strict=True):
+                w[fit_idx[in_c & (sources == name)]] = share / n
+        return torch.from_numpy(w).to(self.device)
 
     def _evaluate(
         self, net: nn.Module, x_source: torch.Tensor, prep, idx: np.ndarray

@@ -80,6 +80,7 @@ _TRAIN_KEYS = (
     "roi",
     "intensity",
     "site_adversarial",
+    "source_balance",
 )
 _TOP_KEYS = ("description", "backbones", "frozen_fraction", "heads", "gray_mode", *_TRAIN_KEYS)
 

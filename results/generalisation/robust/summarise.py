@@ -26,13 +26,19 @@ from automl_cxr.study._external import external_attr_key  # noqa: E402
 
 ORDER = [
     "none_site",
+    "balance_site",
     "roi_site",
     "intensity_site",
     "adversarial_site",
     "robust_site",
     "robust_patient",
 ]
-LEVERS = {"roi": "roi", "intensity": "intensity", "site_adversarial": "site_adversarial"}
+LEVERS = {
+    "roi": "roi",
+    "intensity": "intensity",
+    "site_adversarial": "site_adversarial",
+    "source_balance": "source_balance",
+}
 EXTERNALS = ("adult_holdout_binary", "cohen_sites_binary", "nih_holdout_binary")
 
 
@@ -111,8 +117,8 @@ def main() -> int:
         )
     lines += [
         "",
-        "| study | lever | value | complete trials | mean CV | mean cohen_sites | "
-        "mean adult_holdout | mean nih_holdout |",
+        "| study | lever | value | complete trials | mean CV | mean adult_holdout | "
+        "mean cohen_sites | mean nih_holdout |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
