@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
+from automl_cxr import __version__
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine._adversarial import SiteTraining
 from automl_cxr.engine._augment import augment_batch
@@ -386,6 +387,8 @@ class _Session:
             "torch": torch.__version__,
             "dataset": self.dataset.hash,
             "preprocess": self.pp_spec.key(),
+            "plan": _plan_digest(self.model, depth),
+            "automl_cxr": __version__,
         }
 
     def prep_images(self, xb: torch.Tensor, train: bool) -> torch.Tensor:
@@ -594,6 +597,15 @@ class _Session:
         return _predict(
             self.model, images, self.prep_images, self.cfg.eval_batch_size, self.autocast
         )
+
+
+def _plan_digest(model: CxrModel, depth: int) -> str:
+    """What freezing `depth` stages of this architecture cuts (frozen tensors, modules, split)."""
+    from automl_cxr.models._freeze import freeze_plan
+
+    plan = freeze_plan(model._info, depth)
+    text = json.dumps([sorted(plan.tensors), list(plan.modules), plan.split])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
