@@ -85,3 +85,20 @@ def test_feature_cache_key_names_the_freeze_plan_and_package_version(prepared_di
     assert key["automl_cxr"] and key["plan"] != s.feature_key_parts(n - 1, prefix, mc)["plan"]
     monkeypatch.setattr(trial, "__version__", "9.9.9")
     assert s.feature_key_parts(n, prefix, mc) != key
+
+
+def test_lung_blanked_control_uses_the_corrected_test_and_the_study_metric(
+    smoke_study: Path, prepared_dir: Path, capsys
+) -> None:
+    """The control's paired comparison is over the same overlapping folds: corrected resampled
+    t (it was the plain ttest_rel), on the study's metric (it was always balanced accuracy)."""
+    import json
+
+    from automl_cxr.cli import main
+
+    base = ["diagnose", "--study", str(smoke_study), "--data-dir", str(prepared_dir)]
+    assert main([*base, "--control", "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)["control"]
+    assert res["metric"] == "balanced_accuracy"  # the smoke study's objective
+    assert res["paired"]["method"] == "corrected_t" and res["paired"]["test_train_ratio"] > 0
+    assert all("balanced_accuracy" in v for v in res["control_by_source"].values())

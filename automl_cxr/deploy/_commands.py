@@ -38,6 +38,16 @@ def _torch_probs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _control_metric(spec: TrialSpec) -> str:
+    """The study's own metric for the lung-blanked control (balanced accuracy when it is a
+    cost or a metric the control cannot judge against chance)."""
+    from automl_cxr.diagnostics import CONTROL_METRICS
+
+    objectives = list(spec.study_attrs.get("objectives") or [])
+    first = next((m for m in objectives if m in CONTROL_METRICS), None)
+    return first or "balanced_accuracy"
+
+
 def run_evaluate(
     data: str | Path,
     *,
@@ -272,7 +282,7 @@ def run_diagnose(
             spec.model,
             spec.train,
             original=spec.metrics.get("summary"),
-            metric="balanced_accuracy",
+            metric=_control_metric(spec),
             fraction=blank_fraction,
             fill=fill,
             log=log,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from automl_cxr.data import PreparedDataset
-from automl_cxr.engine import TrainConfig, paired_comparison, run_trial
+from automl_cxr.engine import TrainConfig, corrected_paired_ttest, run_trial
 from automl_cxr.errors import ConfigError
 from automl_cxr.models import ModelConfig
 
@@ -208,15 +208,19 @@ def control_run(
     chance = _chance(metric, len(dataset.classes))
     paired = None
     if orig["folds"] and len(orig["folds"]) == len(ctrl["folds"]):
-        paired = paired_comparison(
-            [_num(v) for v in orig["folds"]], [_num(v) for v in ctrl["folds"]]
+        # the same folds, whose training sets overlap: the corrected resampled t-test
+        paired = corrected_paired_ttest(
+            [_num(v) for v in orig["folds"]],
+            [_num(v) for v in ctrl["folds"]],
+            n_train=[f["n_train"] for f in result.folds],
+            n_val=[f["n_val"] for f in result.folds],
         )
     verdict, message = control_verdict(orig, ctrl, chance)
     by_source = {
         src: {
             "n": m.get("n"),
             "accuracy": m.get("accuracy"),
-            "balanced_accuracy": m.get("balanced_accuracy"),
+            metric: m.get(metric),
         }
         for src, m in result.by_source.items()
     }
