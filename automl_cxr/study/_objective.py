@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine import (
@@ -55,6 +56,10 @@ def subsample(dataset: PreparedDataset, max_per_class: int | None, seed: int) ->
             taken.extend(int(i) for i in by_group[g])
         keep.extend(taken)
     return dataset.subset(sorted(set(keep)), tag=f"max{max_per_class}-seed{seed}")
+
+
+class SurplusTrial(Exception):
+    """A trial started beyond `--trials` by a worker racing another one (failed, not run)."""
 
 
 @dataclass
@@ -104,9 +109,19 @@ class Objective:
         # whose KeyboardInterrupt Python swallowed (one raised inside a finalizer is only
         # printed) still stops the trial within an epoch.
         self.stop: threading.Event | None = None
+        # Local runs set it to --trials: a trial started beyond it is failed as surplus, so a
+        # study never holds more finished trials than asked for.
+        self.max_trials: int | None = None
         self.primary = next(
             (m for m in self.metrics if m not in OBJECTIVE_KEYS), "balanced_accuracy"
         )
+
+    def _surplus(self, trial: optuna.Trial) -> bool:
+        """Whether `max_trials` trials numbered before this one are finished or running (two
+        workers that start a trial at the same moment: the later-numbered one is surplus)."""
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        before = trial.study.get_trials(deepcopy=False, states=states)
+        return sum(t.number < trial.number for t in before) >= self.max_trials
 
     # -- sampling -------------------------------------------------------------------------
     def sample(self, trial: optuna.Trial) -> TrialPlan:
@@ -176,6 +191,14 @@ class Objective:
 
     # -- running --------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        if self.max_trials is not None and self._surplus(trial):
+            trial.set_user_attr(
+                "fail_reason",
+                f"not run: the study already had --trials {self.max_trials} finished or running "
+                "trials when this one started (another worker started it at the same moment)",
+            )
+            trial.set_user_attr("fail_kind", "surplus")  # MaxTrialsCallback then stops
+            raise SurplusTrial(f"trial {trial.number} is beyond --trials {self.max_trials}")
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         try:
             plan = self.sample(trial)

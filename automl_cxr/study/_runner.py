@@ -169,13 +169,15 @@ def _run_here(
         externals=externals,
     )
     stop = objective.stop = threading.Event()
+    objective.max_trials = settings.trials
 
     def stop_check(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
 
     callbacks = [
-        optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED),
+        # finished here or running elsewhere: a worker starts no trial another one will finish
+        optuna.study.MaxTrialsCallback(settings.trials, states=(*FINISHED, TrialState.RUNNING)),
         retry_transient,
         stop_check,
     ]
@@ -218,7 +220,16 @@ def _optimize_until_done(
     before: int,
 ) -> None:
     while finished_count(study) < settings.trials:
-        remaining = settings.trials - finished_count(study)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        remaining = settings.trials - finished_count(study) - running
+        if remaining <= 0:  # other workers' trials fill the study: wait for their outcome
+            if settings.timeout is not None and time.time() - start >= settings.timeout:
+                break
+            if objective.stop is not None and objective.stop.is_set():
+                raise KeyboardInterrupt
+            reconcile_dead_trials(study)  # a dead worker's trial is re-queued, not awaited
+            time.sleep(0.5)
+            continue
         study.optimize(
             objective,
             n_trials=remaining,
