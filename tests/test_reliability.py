@@ -695,5 +695,6 @@ def test_a_trial_started_beyond_trials_is_failed_as_surplus_not_run() -> None:
     with pytest.raises(SurplusTrial):
         obj(c)
     assert c.user_attrs["fail_kind"] == "surplus" and not c.params
+    study.tell(c, state=optuna.trial.TrialState.FAIL)  # as study.optimize records it
     study.tell(b, state=optuna.trial.TrialState.FAIL)  # a failed trial frees its slot
     assert not obj._surplus(study.ask())
