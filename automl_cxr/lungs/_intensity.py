@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from automl_cxr.lungs._modes import INTENSITY_MODES
+
 __all__ = ["CLAHE_CLIP", "CLAHE_TILES", "INTENSITY_MODES", "clahe", "equalize", "intensity"]
 
-from automl_cxr.lungs._modes import INTENSITY_MODES  # noqa: E402
 
 CLAHE_CLIP = 2.0
 CLAHE_TILES = 8

@@ -26,6 +26,7 @@ from torch import nn
 
 from automl_cxr.errors import ConfigError
 from automl_cxr.lungs._intensity import INTENSITY_MODES, intensity
+from automl_cxr.lungs._modes import ROI_MODES
 from automl_cxr.lungs._unet import LungUNet, Segmenter
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "Preprocessed",
 ]
 
-from automl_cxr.lungs._modes import ROI_MODES  # noqa: E402
 
 CANVAS = 256
 """Side of the square canvas every raw radiograph is resized to before the levers run."""
