@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from automl_cxr.data import load_dataset, prepare_table, read_csv_manifest
 
 
@@ -102,3 +104,29 @@ def test_lung_blanked_control_uses_the_corrected_test_and_the_study_metric(
     assert res["metric"] == "balanced_accuracy"  # the smoke study's objective
     assert res["paired"]["method"] == "corrected_t" and res["paired"]["test_train_ratio"] > 0
     assert all("balanced_accuracy" in v for v in res["control_by_source"].values())
+
+
+def test_a_reencoded_training_image_is_refused_as_external(
+    prepared_dir: Path, tmp_path: Path, shared_data: Path
+) -> None:
+    """A JPEG re-encode (and resize) of a training image passed the byte check before; the
+    prepare step's near-duplicate rule now refuses it, naming the pair."""
+    from PIL import Image
+
+    from automl_cxr.errors import DataError
+    from automl_cxr.study._external import prepare_externals
+
+    ds = load_dataset("binary_adult", prepared_dir)
+    src = Path(ds.manifest["path"].iloc[3])
+    # a child's film: no adult recipe holds it
+    other = sorted((shared_data / "kermany" / "chest_xray" / "test" / "NORMAL").iterdir())[0]
+    ext = tmp_path / "ext"
+    (ext / "covid").mkdir(parents=True)
+    (ext / "non_covid").mkdir()
+    img = Image.open(src).convert("L")
+    img.resize((img.width * 3 // 4, img.height * 3 // 4)).save(
+        ext / "covid" / "copy.jpg", quality=70
+    )
+    Image.open(other).convert("L").save(ext / "non_covid" / "elsewhere.png")
+    with pytest.raises(DataError, match=r"not external: 1 of its images .* copy\.jpg ~ "):
+        prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data")

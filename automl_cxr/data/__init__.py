@@ -13,6 +13,7 @@ from automl_cxr.data._dataset import (
 from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
+    NEAR_DUPLICATE_THRESHOLD,
     default_recipes,
     excluded_images,
     manifest_hash,
@@ -38,6 +39,7 @@ __all__ = [
     "CACHE_VERSION",
     "COHEN_FINDINGS",
     "MANIFEST_COLUMNS",
+    "NEAR_DUPLICATE_THRESHOLD",
     "MIN_SIDE",
     "DecodedImage",
     "PreparedDataset",

@@ -17,7 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from automl_cxr.data import PreparedDataset, SourceTable, load_dataset, prepare_table
+import numpy as np
+
+from automl_cxr.data import (
+    NEAR_DUPLICATE_THRESHOLD,
+    PreparedDataset,
+    SourceTable,
+    load_dataset,
+    prepare_table,
+)
 from automl_cxr.errors import ConfigError, DataError
 
 __all__ = [
@@ -122,8 +130,48 @@ def prepare_externals(
                 f"{len(ext)} images are byte-identical to images of dataset {dataset.name!r}. "
                 "Remove them, or pass a set from other patients and sites"
             )
+        copies = near_duplicates(ext, dataset)
+        if copies:
+            shown = "; ".join(
+                f"{Path(e).name} ~ {Path(t).name} (r = {r:.3f})" for e, t, r in copies[:5]
+            )
+            raise DataError(
+                f"external set {name!r} ({p}) is not external: {len(copies)} of its images are "
+                f"the same radiograph as an image of dataset {dataset.name!r} re-encoded or "
+                f"resized (32x32 thumbnail correlation > {NEAR_DUPLICATE_THRESHOLD}, the rule "
+                f"`data prepare` merges copies by): {shown}. Remove them, or pass a set from "
+                "other patients and sites"
+            )
         out.append(ext)
     return out
+
+
+def near_duplicates(
+    ext: PreparedDataset, dataset: PreparedDataset, threshold: float = NEAR_DUPLICATE_THRESHOLD
+) -> list[tuple[str, str, float]]:
+    """(external path, training path, correlation) of every external image whose thumbnail
+    correlates above `threshold` with a training image's (the prepare step's copy rule)."""
+    a, b = _thumbs(ext), _thumbs(dataset)
+    out = []
+    for start in range(0, len(a), 512):  # (512 x N) correlations at a time
+        corr = a[start : start + 512] @ b.T
+        for i, j in zip(*np.nonzero(corr > threshold), strict=True):
+            out.append(
+                (
+                    str(ext.manifest["path"].iloc[start + i]),
+                    str(dataset.manifest["path"].iloc[j]),
+                    float(corr[i, j]),
+                )
+            )
+    return out
+
+
+def _thumbs(ds: PreparedDataset, size: int = 32) -> np.ndarray:
+    """Zero-mean unit-norm thumbnails (N, size*size) from the dataset's cached images."""
+    t = np.asarray(ds.images(size), dtype=np.float32).reshape(len(ds), -1)
+    t = t - t.mean(axis=1, keepdims=True)
+    n = np.linalg.norm(t, axis=1, keepdims=True)
+    return t / np.where(n > 0, n, 1.0)
 
 
 def _reuse(root: Path, name: str, origin: str, digest: str) -> PreparedDataset | None:
