@@ -9,8 +9,16 @@ from automl_cxr.data._dataset import (
     list_datasets,
     load_dataset,
     row_order_digest,
+    save_npy_atomic,
 )
-from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
+from automl_cxr.data._image import (
+    MIN_SIDE,
+    DecodedImage,
+    decode_gray,
+    resize_square,
+    thumbnail,
+    thumbnail_pairs,
+)
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
     NEAR_DUPLICATE_THRESHOLD,
@@ -66,6 +74,9 @@ __all__ = [
     "register_recipe",
     "resize_square",
     "row_order_digest",
+    "save_npy_atomic",
     "scan_images",
     "site_groups",
+    "thumbnail",
+    "thumbnail_pairs",
 ]

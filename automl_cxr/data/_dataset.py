@@ -25,12 +25,27 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "row_order_digest",
+    "save_npy_atomic",
 ]
 
 CACHE_VERSION = 2
 """Bump when decoding, resizing or the cache layout changes: old cache files are then ignored.
 2: files are keyed by the row order too (version 1 caches, keyed by the order-free content
 hash only, could hand back another row's pixels after the rows were reordered)."""
+
+
+def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """`np.save` to `path` through a temporary file in its folder (created if missing) and an
+    atomic rename: concurrent workers never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def canonical_order(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -151,16 +166,7 @@ class PreparedDataset:
                     return arr
             except (OSError, ValueError):
                 pass  # a torn or foreign file: rebuild it
-        arr = self._decode_all(size, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr)
-            os.replace(tmp, path)  # atomic: concurrent workers never read half a file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npy_atomic(path, self._decode_all(size, progress=progress))
         self._images[size] = np.load(path, mmap_mode="r")
         return self._images[size]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from automl_cxr.data._dataset import MANIFEST_COLUMNS, canonical_order, row_order_digest
-from automl_cxr.data._image import MIN_SIDE, decode_gray, thumbnail
+from automl_cxr.data._image import MIN_SIDE, decode_gray, thumbnail, thumbnail_pairs
 from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
 from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
 from automl_cxr.errors import DataError, ImageDecodeError
@@ -159,27 +159,20 @@ def _merge_near_duplicates(
         return p
 
     pairs: list[dict] = []
-    n = len(table)
-    block = 1024
-    for start in range(0, n, block):
-        sims = thumbs[start : start + block] @ thumbs.T
-        rows, cols = np.nonzero(sims > threshold)
-        for r, c in zip(rows, cols, strict=True):
-            i = start + int(r)
-            j = int(c)
-            if j <= i or patients[i] == patients[j]:
-                continue
-            pairs.append(
-                {
-                    "a": table["path"].iloc[i],
-                    "b": table["path"].iloc[j],
-                    "patients": [patients[i], patients[j]],
-                    "correlation": round(float(sims[r, c]), 4),
-                }
-            )
-            ra, rb = find(patients[i]), find(patients[j])
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
+    for i, j, r in thumbnail_pairs(thumbs, thumbs, threshold):
+        if j <= i or patients[i] == patients[j]:
+            continue
+        pairs.append(
+            {
+                "a": table["path"].iloc[i],
+                "b": table["path"].iloc[j],
+                "patients": [patients[i], patients[j]],
+                "correlation": round(r, 4),
+            }
+        )
+        ra, rb = find(patients[i]), find(patients[j])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
     groups = pd.Series([find(p) for p in patients], index=table.index)
     return groups, pairs
 

@@ -84,9 +84,8 @@ def run_evaluate(
     pre = None
     if exported is None:  # a retrained trial runs its roi/intensity levers like the export
         from automl_cxr.lungs import CANVAS, preprocess_for
-        from automl_cxr.settings import resolve_data_dir as _resolve
 
-        _, pre = preprocess_for(spec.train, _resolve(data_dir), spec.resolution)
+        _, pre = preprocess_for(spec.train, resolve_data_dir(data_dir), spec.resolution)
         if pre is not None:
             resolution = CANVAS
     ext = load_external(data, classes, resolution, label_map=label_map, skip_bad=skip_bad)

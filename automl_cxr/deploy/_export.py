@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from automl_cxr.deploy._graphs import TemperatureScaled, unwrap
 from automl_cxr.deploy._runtime import onnx_session, require
 from automl_cxr.errors import AutomlCxrError, ConfigError
 from automl_cxr.lungs import CANVAS, Preprocessed, preprocess_for, preprocess_record
-from automl_cxr.models import CxrEnsemble, CxrModel
+from automl_cxr.models import CxrEnsemble, CxrModel, file_sha256
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -50,14 +49,6 @@ ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 CHECK_ATOL = 1e-4
 
 _log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_torchscript(model: CxrModel | CxrEnsemble, path: Path, resolution: int) -> None:
@@ -236,7 +227,7 @@ def export_model(
             **(extra or {}),
         }
         files = {
-            name: {"what": MODEL_FILES[name], "sha256": _sha256(tmp / name)}
+            name: {"what": MODEL_FILES[name], "sha256": file_sha256(tmp / name)}
             for name in ("model.ts", "model.onnx", "model.pt")
         }
         config["files"] = files

@@ -137,8 +137,8 @@ def _preprocessed_map(
 
     canvas = torch.from_numpy(resize_square(pixels, CANVAS).astype(np.float32) / 255.0)[None, None]
     with torch.no_grad():
-        seen = pre(canvas)  # (1, 1, R, R): exactly the model's input
-        theta = pre.theta(canvas)[0]
+        seen, _, theta = pre.crop(canvas)  # (1, 1, R, R): exactly the model's input
+    theta = theta[0]
     r = int(seen.shape[-1])
     seen_px = np.asarray(torch.round(seen[0, 0] * 255).byte().numpy())
     heat = gradcam_map(model.model, seen_px, r, class_index)  # (R, R)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GradReverse", "SiteAdversary", "grad_reverse", "last_linear"]
+__all__ = ["GradReverse", "SiteAdversary", "SiteTraining", "grad_reverse", "last_linear"]
 
 
 class GradReverse(torch.autograd.Function):

@@ -293,11 +293,14 @@ class _Session:
         self.images = images.unsqueeze(1).to(device)  # uint8 (N, 1, R, R), kept on the device
         self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         # the adversary's site of each row: sites sharing a patient merged, as site CV does
-        self.sites = (
-            site_groups(dataset.groups, dataset_sites(dataset)[0])
-            if cfg.site_adversarial > 0 and "site" in dataset.manifest.columns
-            else dataset.manifest["source"].to_numpy().astype(str)
-        )
+        # (the source, for a manifest without sites)
+        self.sites: np.ndarray | None = None
+        if cfg.site_adversarial > 0:
+            self.sites = (
+                site_groups(dataset.groups, dataset_sites(dataset)[0])
+                if "site" in dataset.manifest.columns
+                else dataset.manifest["source"].to_numpy().astype(str)
+            )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.cache_info: dict = {"used": False, "hit": False, "key": None, "bytes": 0}
         # What fit() trains: the whole model on images, or (frozen-feature cache, only when
@@ -471,26 +474,24 @@ class _Session:
                 seen[idx] = True
                 xb = prep(x_source[idx], True)
                 with self.autocast():
+                    logits, yb = net(xb).float(), self.labels[idx]
                     if balance is None:
                         loss = F.cross_entropy(
-                            net(xb).float(),
-                            self.labels[idx],
-                            weight=weight,
-                            label_smoothing=cfg.label_smoothing,
+                            logits, yb, weight=weight, label_smoothing=cfg.label_smoothing
                         )
                     else:  # the weighted mean, each image also weighted by its source
                         per = F.cross_entropy(
-                            net(xb).float(),
-                            self.labels[idx],
+                            logits,
+                            yb,
                             weight=weight,
                             label_smoothing=cfg.label_smoothing,
                             reduction="none",
                         )
-                        cw = 1.0 if weight is None else weight[self.labels[idx]]
+                        cw = 1.0 if weight is None else weight[yb]
                         g = balance[idx]
                         loss = (g * per).sum() / (g * cw).sum()
                     if site is not None:
-                        adv = site.loss(idx, self.labels[idx])
+                        adv = site.loss(idx, yb)
                         if adv is not None:
                             loss = loss + adv
                 if not torch.isfinite(loss):

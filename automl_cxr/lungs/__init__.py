@@ -33,7 +33,6 @@ _EXPORTS = {
     "SEGMENTER_FORMAT": "automl_cxr.lungs._unet",
     "LungUNet": "automl_cxr.lungs._unet",
     "Segmenter": "automl_cxr.lungs._unet",
-    "file_sha256": "automl_cxr.lungs._unet",
     "load_segmenter": "automl_cxr.lungs._unet",
     "save_segmenter": "automl_cxr.lungs._unet",
 }

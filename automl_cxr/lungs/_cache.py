@@ -4,14 +4,14 @@ segmenter's hash and the resolution."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from automl_cxr.data import CACHE_VERSION, save_npy_atomic
 from automl_cxr.lungs._preprocess import CANVAS, Preprocess, PreprocessSpec
 from automl_cxr.lungs._unet import Segmenter, load_segmenter
 
@@ -125,15 +125,19 @@ class PreprocessedImages:
         return int((~self.found).sum())
 
 
-def _save(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+def _cached_npy(
+    path: Path, shape: tuple[int, ...], compute: Callable[[], np.ndarray]
+) -> np.ndarray:
+    """The array saved at `path` if it has `shape`, else `compute()`, saved there atomically."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        arr = np.load(path)
+        if arr.shape == shape:
+            return arr
+    except (OSError, ValueError):
+        pass
+    arr = compute()
+    save_npy_atomic(path, arr)
+    return arr
 
 
 _MEMO: dict[tuple[str, str], PreprocessedImages] = {}
@@ -144,38 +148,33 @@ def preprocessed_images(
 ) -> PreprocessedImages:
     """The dataset's images through `module`, computed once and cached on disk (memory-mapped
     read-only, shared by worker processes)."""
-    from automl_cxr.data import CACHE_VERSION
-
     r = module.resolution
     root = Path(dataset.root) / "cache"
     stem = f"{dataset.hash}_{dataset.row_digest[:16]}_v{CACHE_VERSION}_{spec.key()}_{r}px"
     memo = (str(root), stem)
     if memo in _MEMO:
         return _MEMO[memo]
+    n = len(dataset)
     img_path, ok_path = root / f"{stem}.npy", root / f"{stem}.found.npy"
     try:
         images = np.load(img_path, mmap_mode="r")
         found = np.load(ok_path)
-        if images.shape != (len(dataset), r, r) or found.shape != (len(dataset),):
+        if images.shape != (n, r, r) or found.shape != (n,):
             raise ValueError("shape")
     except (OSError, ValueError):
         canvas = dataset.images(CANVAS)
         masks = None
         if module.seg is not None:  # the segmentation is shared by every roi and intensity
+            s = module.seg_size
             mstem = f"{dataset.hash}_{dataset.row_digest[:16]}_v{CACHE_VERSION}_{spec.segmenter}"
-            mask_path = root / f"{mstem}_c{CANVAS}_s{module.seg_size}.lungmask.npy"
-            try:
-                masks = np.load(mask_path)
-                if masks.shape != (len(dataset), module.seg_size, module.seg_size):
-                    raise ValueError("shape")
-            except (OSError, ValueError):
-                masks = segment_canvas(module, canvas)
-                root.mkdir(parents=True, exist_ok=True)
-                _save(mask_path, masks)
+            masks = _cached_npy(
+                root / f"{mstem}_c{CANVAS}_s{s}.lungmask.npy",
+                (n, s, s),
+                lambda: segment_canvas(module, canvas),
+            )
         images, found = preprocess_canvas(module, canvas, masks=masks)
-        root.mkdir(parents=True, exist_ok=True)
-        _save(ok_path, found)
-        _save(img_path, images)
+        save_npy_atomic(ok_path, found)
+        save_npy_atomic(img_path, images)
         images = np.load(img_path, mmap_mode="r")
     out = PreprocessedImages(images, found.astype(bool), spec.key())
     _MEMO[memo] = out

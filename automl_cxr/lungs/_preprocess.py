@@ -154,20 +154,12 @@ class Preprocess(nn.Module):
             dim=1,
         )
 
-    def theta(self, x: torch.Tensor) -> torch.Tensor:
-        """The affine crop (B, 2, 3) `forward` samples the canvas with (identity for `full` and
-        for fallbacks): model-input coordinates → canvas coordinates, both in [-1, 1]."""
-        b = x.shape[0]
-        if self.seg is None:
-            return torch.eye(2, 3, device=x.device).expand(b, 2, 3).clone()
-        m, ok = self.lungs(torch.round(x.clamp(0, 1) * 255.0) / 255.0)
-        return self._box(m, ok)
-
-    def forward_status(
+    def crop(
         self, x: torch.Tensor, small: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (B, 1, R, R) in [0, 1], lungs found (B,) bool; True for `full`); `small`:
-        `segment(x)` when already known."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images (B, 1, R, R) in [0, 1], lungs found (B,) bool — True for `full` —, the
+        affine crop (B, 2, 3) sampled: model-input → canvas coordinates, both in [-1, 1];
+        identity for `full` and fallbacks); `small`: `segment(x)` when already known."""
         levels = torch.round(x.clamp(0, 1) * 255.0)
         v = intensity(levels, self.mode)
         b = x.shape[0]
@@ -186,7 +178,14 @@ class Preprocess(nn.Module):
         r = self.resolution
         grid = F.affine_grid(theta, [b, 1, r, r], align_corners=False)
         out = F.grid_sample(v, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return torch.round(out).clamp(0, 255) / 255.0, ok
+        return torch.round(out).clamp(0, 255) / 255.0, ok, theta
+
+    def forward_status(
+        self, x: torch.Tensor, small: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, 1, R, R) in [0, 1], lungs found (B,) bool; True for `full`)."""
+        out, ok, _ = self.crop(x, small)
+        return out, ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_status(x)[0]

@@ -6,7 +6,6 @@ and how it was trained and scored; its SHA-256 is the segmenter's identity in ev
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_cxr.errors import ConfigError, DataError
+from automl_cxr.models import file_sha256
 
 __all__ = [
     "SEGMENTER_FORMAT",
     "LungUNet",
     "Segmenter",
-    "file_sha256",
     "load_segmenter",
     "save_segmenter",
 ]
@@ -84,14 +83,6 @@ class LungUNet(nn.Module):
         for up, skip in zip(self.ups, reversed(feats[:-1]), strict=True):
             y = up(y, skip)
         return F.interpolate(self.out(y), size=size, mode="bilinear", align_corners=False)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

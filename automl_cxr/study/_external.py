@@ -25,6 +25,8 @@ from automl_cxr.data import (
     SourceTable,
     load_dataset,
     prepare_table,
+    thumbnail,
+    thumbnail_pairs,
 )
 from automl_cxr.errors import ConfigError, DataError
 
@@ -38,6 +40,9 @@ __all__ = [
 
 EXTERNAL_DIR = "external"
 """Sub-folder of the data directory that holds the prepared external sets."""
+
+THUMB_SIZE = 32
+"""Side of the thumbnails compared (`thumbnail`'s default, as `data prepare` uses it)."""
 
 
 def external_name(path: str | Path) -> str:
@@ -152,26 +157,17 @@ def near_duplicates(
     """(external path, training path, correlation) of every external image whose thumbnail
     correlates above `threshold` with a training image's (the prepare step's copy rule)."""
     a, b = _thumbs(ext), _thumbs(dataset)
-    out = []
-    for start in range(0, len(a), 512):  # (512 x N) correlations at a time
-        corr = a[start : start + 512] @ b.T
-        for i, j in zip(*np.nonzero(corr > threshold), strict=True):
-            out.append(
-                (
-                    str(ext.manifest["path"].iloc[start + i]),
-                    str(dataset.manifest["path"].iloc[j]),
-                    float(corr[i, j]),
-                )
-            )
-    return out
+    paths_a, paths_b = ext.manifest["path"].astype(str), dataset.manifest["path"].astype(str)
+    return [
+        (paths_a.iloc[i], paths_b.iloc[j], r)
+        for i, j, r in thumbnail_pairs(a, b, threshold, block=512)
+    ]
 
 
-def _thumbs(ds: PreparedDataset, size: int = 32) -> np.ndarray:
-    """Zero-mean unit-norm thumbnails (N, size*size) from the dataset's cached images."""
-    t = np.asarray(ds.images(size), dtype=np.float32).reshape(len(ds), -1)
-    t = t - t.mean(axis=1, keepdims=True)
-    n = np.linalg.norm(t, axis=1, keepdims=True)
-    return t / np.where(n > 0, n, 1.0)
+def _thumbs(ds: PreparedDataset) -> np.ndarray:
+    """`thumbnail` of every image (as `data prepare` computes them), from the cached images at
+    the thumbnail's size."""
+    return np.stack([thumbnail(px, THUMB_SIZE) for px in ds.images(THUMB_SIZE)])
 
 
 def _reuse(root: Path, name: str, origin: str, digest: str) -> PreparedDataset | None:

@@ -337,7 +337,7 @@ class Objective:
         attrs["feature_cache"] = result.feature_cache
         attrs["timing"] = result.timing
         attrs["weight_source"] = result.weight_source
-        attrs["preprocess"] = getattr(result, "preprocess", None) or {}
+        attrs["preprocess"] = result.preprocess
         attrs["fail_reason"] = None
         set_user_attrs(trial, json_safe(attrs))
 
