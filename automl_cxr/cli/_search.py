@@ -159,6 +159,14 @@ def search(
         str | None,
         typer.Option(help="Map external labels onto the study's, e.g. NORMAL=normal,a=b."),
     ] = None,
+    drop_overlap: Annotated[
+        bool,
+        typer.Option(
+            "--drop-overlap",
+            help="Leave out external images that are a copy of a training image or a film of "
+            "a training patient (listed in the study) instead of refusing the set.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Show Ray's own messages (default: a log file).")
@@ -203,6 +211,7 @@ def search(
             if external_label_map
             else None
         ),
+        drop_overlap=drop_overlap,
         verbose=verbose,
     )
     if cpus_per_trial:

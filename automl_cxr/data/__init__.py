@@ -11,6 +11,16 @@ from automl_cxr.data._dataset import (
     row_order_digest,
     save_npy_atomic,
 )
+from automl_cxr.data._duplicates import (
+    COPY_INLIERS,
+    MATCH_INLIERS,
+    LocalFeatures,
+    Match,
+    describe_overlap,
+    extract_features,
+    find_matches,
+    overlap_pairs,
+)
 from automl_cxr.data._image import (
     MIN_SIDE,
     DecodedImage,
@@ -21,7 +31,6 @@ from automl_cxr.data._image import (
 )
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
-    NEAR_DUPLICATE_THRESHOLD,
     default_recipes,
     excluded_images,
     manifest_hash,
@@ -44,10 +53,17 @@ from automl_cxr.data._sources import (
 )
 
 __all__ = [
+    "COPY_INLIERS",
+    "MATCH_INLIERS",
+    "LocalFeatures",
+    "Match",
+    "describe_overlap",
+    "extract_features",
+    "find_matches",
+    "overlap_pairs",
     "CACHE_VERSION",
     "COHEN_FINDINGS",
     "MANIFEST_COLUMNS",
-    "NEAR_DUPLICATE_THRESHOLD",
     "MIN_SIDE",
     "DecodedImage",
     "PreparedDataset",

@@ -134,6 +134,9 @@ class PreparedDataset:
                     self._images[size] = np.asarray(parent.images(size, progress=progress))[idx]
                 return self._images[size]
 
+            def local_features(self, *, progress=None):
+                return parent.local_features(progress=progress).take(idx)
+
         return _Subset(self.root, manifest, meta)
 
     @cached_property
@@ -169,6 +172,27 @@ class PreparedDataset:
         save_npy_atomic(path, self._decode_all(size, progress=progress))
         self._images[size] = np.load(path, mmap_mode="r")
         return self._images[size]
+
+    def local_features(self, *, progress=None):
+        """The duplicate finder's keypoints of every row (`data/_duplicates.py`): those `data
+        prepare` saved, or computed from the files once and saved beside the manifest."""
+        from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, extract_features
+
+        keys = self.manifest["sha256"].astype(str).tolist()
+        path = self.root / FEATURES_FILE
+        feats = LocalFeatures.load(path, keys) if path.is_file() else None
+        if feats is None:
+            paths = self.manifest["path"].tolist()
+            feats = extract_features(
+                (decode_gray(p, min_side=1).pixels for p in paths),
+                total=len(paths),
+                progress=progress,
+            )
+            try:
+                feats.save(path, keys)
+            except OSError:
+                pass  # a read-only dataset folder: computed again next time
+        return feats
 
     def _decode_all(self, size: int, *, progress=None) -> np.ndarray:
         paths = self.manifest["path"].tolist()

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from automl_cxr.data._dataset import MANIFEST_COLUMNS, canonical_order, row_order_digest
-from automl_cxr.data._image import MIN_SIDE, decode_gray, thumbnail, thumbnail_pairs
+from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, find_matches, local_features
+from automl_cxr.data._image import MIN_SIDE, decode_gray
 from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
 from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
 from automl_cxr.errors import DataError, ImageDecodeError
@@ -26,7 +27,6 @@ from automl_cxr.errors import DataError, ImageDecodeError
 __all__ = [
     "MANIFEST_COLUMNS",
     "NEW_RECIPES",
-    "NEAR_DUPLICATE_THRESHOLD",
     "ScanResult",
     "default_recipes",
     "manifest_hash",
@@ -38,10 +38,6 @@ __all__ = [
     "site_groups",
 ]
 
-NEAR_DUPLICATE_THRESHOLD = 0.985
-"""Thumbnail (32x32) correlation above which two images of different patients are the same
-radiograph: their patients are merged into one split group."""
-
 Progress = Callable[[int, int], None]
 
 
@@ -50,11 +46,11 @@ class ScanResult:
     """Every image of a pool decoded once: the usable rows, and the rejected files with reasons."""
 
     table: pd.DataFrame  # pool rows + sha256, width, height, format, notes
-    thumbs: np.ndarray  # (N, 32*32) float32, row-aligned with `table`
+    features: LocalFeatures  # the duplicate finder's keypoints, row-aligned with `table`
     rejected: list[dict[str, str]] = field(default_factory=list)
 
 
-def _decode_one(path: str, min_side: int) -> tuple[dict, np.ndarray | None, str | None]:
+def _decode_one(path: str, min_side: int) -> tuple[dict, tuple | None, str | None]:
     try:
         img = decode_gray(path, min_side=min_side)
     except ImageDecodeError as exc:
@@ -66,7 +62,7 @@ def _decode_one(path: str, min_side: int) -> tuple[dict, np.ndarray | None, str 
         "format": img.format,
         "notes": "; ".join(img.notes),
     }
-    return info, thumbnail(img.pixels), None
+    return info, local_features(img.pixels), None
 
 
 def scan_images(
@@ -84,7 +80,7 @@ def scan_images(
     """
     paths = pool["path"].tolist()
     infos: list[dict] = [{}] * len(paths)
-    thumbs: list[np.ndarray | None] = [None] * len(paths)
+    thumbs: list[tuple | None] = [None] * len(paths)
     rejected: list[dict[str, str]] = []
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -110,11 +106,10 @@ def scan_images(
         else pd.DataFrame(columns=["sha256", "width", "height", "format", "notes"])
     )
     table = pd.concat([table, extra.reset_index(drop=True)], axis=1)
-    th = np.stack([thumbs[i] for i in ok]) if ok else np.zeros((0, 32 * 32), np.float32)
-    return ScanResult(table, th, rejected)
+    return ScanResult(table, LocalFeatures.stack([thumbs[i] for i in ok]), rejected)
 
 
-def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, np.ndarray, dict]:
+def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, LocalFeatures, dict]:
     """Drop exact duplicates (same bytes); a duplicate under two labels is a conflict (all
     copies dropped, reported)."""
     t = scan.table
@@ -135,7 +130,7 @@ def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, np.ndarray, dict]:
     removed = int(sum(len(d["removed"]) for d in dup_report))
     return (
         t[keep].reset_index(drop=True),
-        scan.thumbs[keep],
+        scan.features.take(np.flatnonzero(keep)),
         {
             "duplicates_removed": removed,
             "duplicates": dup_report,
@@ -144,37 +139,79 @@ def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, np.ndarray, dict]:
     )
 
 
-def _merge_near_duplicates(
-    table: pd.DataFrame, thumbs: np.ndarray, threshold: float = NEAR_DUPLICATE_THRESHOLD
-) -> tuple[pd.Series, list[dict]]:
-    """Union patients that share a near-identical radiograph (thumbnail correlation >
-    threshold), so the same film filed under two patient ids never straddles a split."""
-    patients = table["patient_id"].to_numpy()
-    parent: dict[str, str] = {p: p for p in patients}
+class _Union:
+    def __init__(self, items: Iterable[str]) -> None:
+        self.parent = {p: p for p in items}
 
-    def find(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
+    def find(self, p: str) -> str:
+        while self.parent[p] != p:
+            self.parent[p] = self.parent[self.parent[p]]
+            p = self.parent[p]
         return p
 
-    pairs: list[dict] = []
-    for i, j, r in thumbnail_pairs(thumbs, thumbs, threshold):
-        if j <= i or patients[i] == patients[j]:
+    def join(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _merge_copies(
+    table: pd.DataFrame, features: LocalFeatures, progress: Progress | None = None
+) -> tuple[pd.DataFrame, LocalFeatures, list[dict], list[dict]]:
+    """Run the duplicate finder over the pool (`data/_duplicates.py`).
+
+    A copy (the same radiograph re-framed) becomes one image: the largest copy is kept, the
+    others are removed, and all their patients become one split group; copies under two labels
+    are a label conflict (all dropped). A same-patient match (a follow-up film) joins the two
+    patients' split groups and keeps both images. Returns the table with `group_id`, its
+    features, the matches (with evidence and what was done) and the label conflicts."""
+    matches = find_matches(features, progress=progress)
+    paths, patients = table["path"].tolist(), table["patient_id"].astype(str).tolist()
+    img = _Union(map(str, range(len(table))))
+    for m in matches:
+        if m.kind == "copy":
+            img.join(str(m.a), str(m.b))
+    clusters: dict[str, list[int]] = {}
+    for i in range(len(table)):
+        clusters.setdefault(img.find(str(i)), []).append(i)
+    keep = np.ones(len(table), dtype=bool)
+    conflicts: list[dict] = []
+    kept_of: dict[int, int] = {}
+    area = (table["width"].astype(float) * table["height"].astype(float)).to_numpy()
+    for rows in clusters.values():
+        if len(rows) < 2:
             continue
-        pairs.append(
+        labels = sorted(set(table["label"].iloc[rows]))
+        if len(labels) > 1:
+            keep[rows] = False
+            conflicts.append({"kind": "copy", "paths": [paths[i] for i in rows], "labels": labels})
+            continue
+        best = max(rows, key=lambda i: (area[i], -i))
+        for i in rows:
+            kept_of[i] = best
+            keep[i] = i == best
+    pats = _Union(patients)
+    report = []
+    for m in matches:
+        pats.join(patients[m.a], patients[m.b])
+        if m.kind == "copy":
+            action = "copies merged" if keep[kept_of.get(m.a, m.a)] else "label conflict"
+        else:
+            action = "patients joined"
+        report.append(
             {
-                "a": table["path"].iloc[i],
-                "b": table["path"].iloc[j],
-                "patients": [patients[i], patients[j]],
-                "correlation": round(r, 4),
+                "a": paths[m.a],
+                "b": paths[m.b],
+                "sources": [str(table["source"].iloc[m.a]), str(table["source"].iloc[m.b])],
+                "patients": [patients[m.a], patients[m.b]],
+                "action": action,
+                "kept": paths[kept_of[m.a]] if m.kind == "copy" and m.a in kept_of else None,
+                **m.evidence(),
             }
         )
-        ra, rb = find(patients[i]), find(patients[j])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups = pd.Series([find(p) for p in patients], index=table.index)
-    return groups, pairs
+    groups = [pats.find(p) for p in patients]
+    out = table.assign(group_id=groups)[keep].reset_index(drop=True)
+    return out, features.take(np.flatnonzero(keep)), report, conflicts
 
 
 def manifest_hash(manifest: pd.DataFrame) -> str:
@@ -251,14 +288,21 @@ def patients_at_several_sites(manifest: pd.DataFrame) -> dict:
 
 
 def _write_dataset(
-    data_dir: Path, name: str, manifest: pd.DataFrame, meta: dict, classes: Sequence[str]
+    data_dir: Path,
+    name: str,
+    manifest: pd.DataFrame,
+    meta: dict,
+    classes: Sequence[str],
+    features: LocalFeatures,
 ) -> Path:
     """Write `<data_dir>/<name>/{manifest.csv,dataset.json}` atomically (old one kept on error).
 
     Rows are written in canonical order, so the same content always has the same row order;
     the image cache kept from an earlier version is keyed by that order (see
     `PreparedDataset.cache_path`), files of other contents or orders are removed."""
-    manifest = canonical_order(manifest[MANIFEST_COLUMNS])
+    manifest = canonical_order(manifest)
+    rows_features = features.take(manifest["_feature_row"].to_numpy())
+    manifest = manifest[MANIFEST_COLUMNS]
     meta = {
         **meta,
         "name": name,
@@ -273,6 +317,7 @@ def _write_dataset(
     try:
         manifest.to_csv(tmp / "manifest.csv", index=False)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+        rows_features.save(tmp / FEATURES_FILE, manifest["sha256"].astype(str))
         if (final / "cache").is_dir():  # keep the image cache: keyed by content and row order
             shutil.move(str(final / "cache"), tmp / "cache")
             keep = f"{meta['manifest_hash'][:16]}_{row_order_digest(manifest)[:16]}_"
@@ -290,15 +335,17 @@ def _write_dataset(
 
 def _finish_pool(
     tables: Iterable[SourceTable], *, skip_bad: bool, progress: Progress | None
-) -> tuple[pd.DataFrame, dict]:
+) -> tuple[pd.DataFrame, dict, LocalFeatures]:
     tables = list(tables)
     pool = pd.concat([t.table for t in tables], ignore_index=True)
     if pool.empty:
         raise DataError("the sources hold no images")
     scan = scan_images(pool, skip_bad=skip_bad, progress=progress)
-    table, thumbs, dup_info = _dedupe(scan)
-    groups, near = _merge_near_duplicates(table, thumbs)
-    table = table.assign(group_id=groups.to_numpy())
+    table, features, dup_info = _dedupe(scan)
+    n_before = len(table)
+    table, features, near, copy_conflicts = _merge_copies(table, features)
+    dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
+    dup_info["copies_removed"] = n_before - len(table) - sum(len(c["paths"]) for c in copy_conflicts)
     merged = sorted(
         {g for g, n in table.groupby("group_id")["patient_id"].nunique().items() if n > 1}
     )
@@ -310,7 +357,7 @@ def _finish_pool(
         "excluded": {t.name: t.excluded for t in tables if t.excluded},
         "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
     }
-    return table, info
+    return table.assign(_feature_row=np.arange(len(table))), info, features
 
 
 NEW_RECIPES = ("binary_adult", "four_class_mixed")
@@ -397,7 +444,7 @@ def prepare_recipes(
     if counts:
         resolved = _resolve_counts(resolved, counts)
     held = excluded_images(exclude) if exclude else None  # bad --exclude: before any decoding
-    pool, info = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
+    pool, info, features = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
     if held is not None:
         pool, info["excluded_sets"] = _exclude(pool, held, exclude)
     info.update(_pool_info(pool))
@@ -429,7 +476,9 @@ def prepare_recipes(
             **info,
         }
         out.append(
-            _write_dataset(Path(data_dir), recipe.name, selected, meta, list(recipe.classes))
+            _write_dataset(
+                Path(data_dir), recipe.name, selected, meta, list(recipe.classes), features
+            )
         )
     return out
 
@@ -494,7 +543,7 @@ def prepare_table(
     (`min_classes=1` for an evaluation-only set, e.g. external normals)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"dataset name must be letters, digits, '_' or '-', but got name={name!r}")
-    pool, info = _finish_pool([table], skip_bad=skip_bad, progress=progress)
+    pool, info, features = _finish_pool([table], skip_bad=skip_bad, progress=progress)
     classes = sorted(pool["label"].unique())
     if len(classes) < min_classes:
         raise DataError(
@@ -512,4 +561,4 @@ def prepare_table(
     }
     if table.notes:
         meta["notes"] = list(meta.get("notes") or []) + list(table.notes)
-    return _write_dataset(Path(data_dir), name, pool, meta, classes)
+    return _write_dataset(Path(data_dir), name, pool, meta, classes, features)

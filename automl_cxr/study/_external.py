@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 
 from automl_cxr.data import (
-    NEAR_DUPLICATE_THRESHOLD,
     PreparedDataset,
     SourceTable,
+    describe_overlap,
     load_dataset,
+    overlap_pairs,
     prepare_table,
-    thumbnail,
-    thumbnail_pairs,
 )
 from automl_cxr.errors import ConfigError, DataError
 
@@ -40,10 +39,6 @@ __all__ = [
 
 EXTERNAL_DIR = "external"
 """Sub-folder of the data directory that holds the prepared external sets."""
-
-THUMB_SIZE = 32
-"""Side of the thumbnails compared (`thumbnail`'s default, as `data prepare` uses it)."""
-
 
 def external_name(path: str | Path) -> str:
     """The name an external set is recorded under: its folder name or CSV file stem, made of
@@ -77,12 +72,16 @@ def prepare_externals(
     data_dir: str | Path,
     label_map: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    drop_overlap: bool = False,
 ) -> list[PreparedDataset]:
     """Prepare (or reuse) every external set for a study on `dataset`.
 
     Labels are mapped with `label_map` (keys that are labels of none of the sets are an
     error) and must be classes of the study; a set may hold only some of them. A set sharing
-    byte-identical images with the study's data is refused: it would not be external.
+    byte-identical images with the study's data is refused: it would not be external. So is a
+    set holding a re-framed copy of a training image or a film of a training patient (the
+    duplicate finder of `data/_duplicates.py`), unless `drop_overlap`: those images are then left
+    out and listed in the set's `dropped_overlap`.
     """
     from automl_cxr.deploy._evaluate import external_overlap, map_labels, read_external
 
@@ -135,39 +134,36 @@ def prepare_externals(
                 f"{len(ext)} images are byte-identical to images of dataset {dataset.name!r}. "
                 "Remove them, or pass a set from other patients and sites"
             )
-        copies = near_duplicates(ext, dataset)
-        if copies:
-            shown = "; ".join(
-                f"{Path(e).name} ~ {Path(t).name} (r = {r:.3f})" for e, t, r in copies[:5]
-            )
+        pairs = overlap_pairs(
+            ext.local_features(),
+            ext.manifest["path"].astype(str).tolist(),
+            dataset.local_features(),
+            dataset.manifest["path"].astype(str).tolist(),
+        )
+        if pairs and not drop_overlap:
+            n = len({p["external"] for p in pairs})
             raise DataError(
-                f"external set {name!r} ({p}) is not external: {len(copies)} of its images are "
-                f"the same radiograph as an image of dataset {dataset.name!r} re-encoded or "
-                f"resized (32x32 thumbnail correlation > {NEAR_DUPLICATE_THRESHOLD}, the rule "
-                f"`data prepare` merges copies by): {shown}. Remove them, or pass a set from "
-                "other patients and sites"
+                f"external set {name!r} ({p}) is not external: {n} of its {len(ext)} images are "
+                f"a copy of an image of dataset {dataset.name!r} (re-framed: cropped, padded, "
+                "resized, re-windowed or re-encoded) or a film of one of its patients "
+                f"(local keypoints, RANSAC-verified): {describe_overlap(pairs)}. Remove them, "
+                "or pass --drop-overlap to leave them out (recorded in the study)"
             )
+        if pairs:
+            hit = {p["external"] for p in pairs}
+            keep = [i for i, q in enumerate(ext.manifest["path"].astype(str)) if q not in hit]
+            if not keep:
+                raise DataError(
+                    f"external set {name!r} ({p}): every image overlaps dataset "
+                    f"{dataset.name!r}; nothing is left after --drop-overlap"
+                )
+            ext = ext.subset(keep, tag="drop-overlap")
+            ext.meta["dropped_overlap"] = pairs
+            if log:
+                log(f"external set {name!r}: left out {len(hit)} image(s) that overlap "
+                    f"{dataset.name!r} (--drop-overlap)")
         out.append(ext)
     return out
-
-
-def near_duplicates(
-    ext: PreparedDataset, dataset: PreparedDataset, threshold: float = NEAR_DUPLICATE_THRESHOLD
-) -> list[tuple[str, str, float]]:
-    """(external path, training path, correlation) of every external image whose thumbnail
-    correlates above `threshold` with a training image's (the prepare step's copy rule)."""
-    a, b = _thumbs(ext), _thumbs(dataset)
-    paths_a, paths_b = ext.manifest["path"].astype(str), dataset.manifest["path"].astype(str)
-    return [
-        (paths_a.iloc[i], paths_b.iloc[j], r)
-        for i, j, r in thumbnail_pairs(a, b, threshold, block=512)
-    ]
-
-
-def _thumbs(ds: PreparedDataset) -> np.ndarray:
-    """`thumbnail` of every image (as `data prepare` computes them), from the cached images at
-    the thumbnail's size."""
-    return np.stack([thumbnail(px, THUMB_SIZE) for px in ds.images(THUMB_SIZE)])
 
 
 def _reuse(root: Path, name: str, origin: str, digest: str) -> PreparedDataset | None:
@@ -196,6 +192,7 @@ def external_summary(externals: Sequence[PreparedDataset]) -> dict[str, dict[str
             "classes": e.meta.get("classes"),
             "sources": e.meta.get("sources"),
             "label_map": e.meta.get("label_map"),
+            "dropped_overlap": e.meta.get("dropped_overlap") or [],
         }
         for e in externals
     }

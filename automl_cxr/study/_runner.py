@@ -90,6 +90,7 @@ def run_search(
             data_dir=settings.data_dir,
             label_map=settings.external_label_map,
             log=log,
+            drop_overlap=settings.drop_overlap,
         )
         if settings.externals
         else []

@@ -50,6 +50,7 @@ class SearchSettings:
     cv: str = "patient"  # what a fold holds out: patients, or whole acquisition sites
     externals: Sequence[str | Path] = ()  # external sets scored after each COMPLETE trial
     external_label_map: Mapping[str, str] | None = None  # their labels onto the study's
+    drop_overlap: bool = False  # leave out external images that overlap the training data
     verbose: bool = False  # Ray's own messages on the console (else in a log file)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,8 @@ class SearchSettings:
             raise ConfigError(f"--external names the same set twice: {dupes}")
         if self.external_label_map and not self.externals:
             raise ConfigError("--external-label-map needs at least one --external DIR")
+        if self.drop_overlap and not self.externals:
+            raise ConfigError("--drop-overlap needs at least one --external DIR")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, but got timeout={self.timeout}")
         if self.cpus_per_trial is not None and self.cpus_per_trial < 1:

@@ -1,0 +1,398 @@
+"""The same radiograph under any framing, and the same patient across sources.
+
+A copy of a film that a paper or a collection republished is cropped, padded, resized,
+re-windowed and re-encoded, so neither its bytes nor a whole-image thumbnail match the
+original. The finder works on local features instead:
+
+1. **Features.** Every image, resized so its longer side is `WORK_SIDE` px and histogram
+   equalised, gets up to `N_FEATURES` OpenCV ORB keypoints (binary descriptors that compare
+   pixel pairs, hence blind to gamma and windowing).
+2. **Shortlist.** The strongest `INDEX_FEATURES` descriptors of every image go into a faiss
+   binary inverted-file index (Hamming distance). Each descriptor of a query image votes for the
+   image that owns its nearest neighbour; the `SHORTLIST` images with most votes (at least
+   `MIN_VOTES`) are the candidates. Cost per image is constant: no pair of images is compared
+   unless the index proposes it. (faiss rather than scikit-learn: scikit-learn has no index for
+   binary codes, and its Hamming metric on unpacked bits is brute force.)
+3. **Verification.** Candidate pairs are matched (Lowe's ratio test and a mutual check) and an
+   affine transform is fitted with RANSAC; a transform that no re-framing produces (rotation over
+   `MAX_ROTATION` degrees, scale outside 1/`MAX_SCALE`..`MAX_SCALE`, anisotropy over
+   `MAX_ANISOTROPY`, shear over `MAX_SHEAR`) counts as no match.
+
+A pair with at least `COPY_INLIERS` inliers is a **copy** (the same radiograph); one with
+`MATCH_INLIERS` to `COPY_INLIERS` - 1 is a **same-patient** match (a follow-up film of the same
+patient, or a heavily cropped copy: either way one patient). The thresholds come from the
+measured distributions in `benchmarks/DUPLICATES.md` (`benchmarks/duplicates.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "COPY_INLIERS",
+    "FEATURES_FILE",
+    "MATCH_INLIERS",
+    "LocalFeatures",
+    "Match",
+    "describe_overlap",
+    "extract_features",
+    "find_matches",
+    "local_features",
+    "overlap_pairs",
+    "verify_pair",
+]
+
+FEATURES_FILE = "duplicates.npz"
+"""A prepared dataset's keypoints (row-aligned with its manifest, keyed by each row's sha256)."""
+
+WORK_SIDE = 384
+"""Longer side (px) of the image the keypoints are found on."""
+N_FEATURES = 700
+"""ORB keypoints per image (verification uses all of them)."""
+INDEX_FEATURES = 700
+"""Strongest keypoints per image that vote in the shortlist index (all of them: with 300, 7 % of
+re-framed copies drop out of the shortlist, measured)."""
+VOTE_DISTANCE = 64
+"""A descriptor votes for its nearest neighbour's image only within this Hamming distance (of 256
+bits)."""
+SHORTLIST = 5
+"""Candidates verified per image."""
+MIN_VOTES = 7
+"""A candidate needs at least this many votes to be verified (measured: re-framed copies' 2nd
+percentile is 8; on the shared pool this leaves about one candidate per image)."""
+RATIO = 0.8
+"""Lowe's ratio test on the two nearest descriptors."""
+RANSAC_THRESHOLD = 0.004
+"""RANSAC reprojection threshold, as a fraction of the longer side (1.5 px at `WORK_SIDE`): a
+copy's keypoints land where the transform puts them; the anatomy of two patients only roughly."""
+GRID = 4
+MIN_CELLS = 6
+"""Inliers must fall in at least `MIN_CELLS` cells of a `GRID` x `GRID` grid over the first image:
+a burned-in label or a scanner's frame, the same in many films of one hospital, is not enough."""
+MAX_ROTATION = 15.0
+MAX_SCALE = 6.0
+MAX_ANISOTROPY = 1.5
+MAX_SHEAR = 0.15
+
+MATCH_INLIERS = 20
+"""Inliers (spread over `MIN_CELLS` cells) from which two films are one patient."""
+COPY_INLIERS = 80
+"""Inliers from which two films are one radiograph (measured: follow-up films of one patient at
+most 70)."""
+
+_LUT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class LocalFeatures:
+    """ORB keypoints of N images, concatenated: image i owns rows offsets[i]:offsets[i+1].
+
+    Points are in units of the image's longer side ((x, y) in [0, 1]); `sizes` is each image's
+    (width, height) in the same units; rows of one image are sorted strongest first."""
+
+    points: np.ndarray  # (M, 2) float32
+    descriptors: np.ndarray  # (M, 32) uint8
+    offsets: np.ndarray  # (N + 1,) int64
+    sizes: np.ndarray  # (N, 2) float32
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def image(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.points[s:e], self.descriptors[s:e]
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> LocalFeatures:
+        """The features of `rows`, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = [self.image(int(i)) for i in rows]
+        counts = np.array([len(p) for p, _ in parts], dtype=np.int64)
+        return LocalFeatures(
+            np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, 2), np.float32),
+            np.concatenate([d for _, d in parts]) if parts else np.zeros((0, 32), np.uint8),
+            np.concatenate([[0], np.cumsum(counts)]),
+            self.sizes[rows] if len(rows) else np.zeros((0, 2), np.float32),
+        )
+
+    @classmethod
+    def stack(cls, items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> LocalFeatures:
+        """From (points, descriptors, size) per image."""
+        counts = np.array([len(p) for p, _, _ in items], dtype=np.int64)
+        return cls(
+            np.concatenate([p for p, _, _ in items]) if items else np.zeros((0, 2), np.float32),
+            np.concatenate([d for _, d, _ in items]) if items else np.zeros((0, 32), np.uint8),
+            np.concatenate([[0], np.cumsum(counts)]),
+            np.stack([s for _, _, s in items]) if items else np.zeros((0, 2), np.float32),
+        )
+
+    def save(self, path: str | Path, keys: Sequence[str]) -> None:
+        """Write to `path` (atomically), with one key per image (e.g. its sha256)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, points=self.points, descriptors=self.descriptors, offsets=self.offsets,
+                 sizes=self.sizes, keys=np.asarray(list(keys), dtype=str))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, keys: Sequence[str]) -> LocalFeatures | None:
+        """The features saved at `path` if they were saved for exactly `keys`, else None."""
+        try:
+            with np.load(path) as z:
+                if z["keys"].tolist() != list(keys):
+                    return None
+                return cls(z["points"], z["descriptors"], z["offsets"], z["sizes"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def local_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(points, descriptors, size) of one (H, W) uint8 image; see the module docstring."""
+    import cv2
+
+    h, w = pixels.shape[:2]
+    s = WORK_SIDE / max(h, w)
+    img = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if s != 1:
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    img = cv2.equalizeHist(img)
+    orb = cv2.ORB_create(nfeatures=N_FEATURES, edgeThreshold=15, patchSize=15, fastThreshold=10)
+    kps, desc = orb.detectAndCompute(img, None)
+    side = float(max(img.shape))
+    shape = np.array([img.shape[1] / side, img.shape[0] / side], dtype=np.float32)
+    if desc is None or not kps:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), shape
+    order = np.argsort([-k.response for k in kps], kind="stable")
+    pts = np.array([kps[i].pt for i in order], dtype=np.float32) / side
+    return pts, np.ascontiguousarray(desc[order]), shape
+
+
+def extract_features(
+    images: Iterable[np.ndarray], *, total: int | None = None, progress: Progress | None = None
+) -> LocalFeatures:
+    """`local_features` of every image (threads: OpenCV releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = []
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        for i, item in enumerate(ex.map(local_features, images)):
+            items.append(item)
+            if progress and total:
+                progress(i + 1, total)
+    return LocalFeatures.stack(items)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Image `a` (of the query set) and image `b` (of the base set, or the query set itself)."""
+
+    a: int
+    b: int
+    kind: str  # "copy" | "same_patient"
+    inliers: int
+    votes: int
+    transform: dict[str, float]  # scale_x, scale_y, rotation (degrees), tx, ty (of a → b)
+
+    def evidence(self) -> dict[str, object]:
+        return {"kind": self.kind, "inliers": self.inliers, "votes": self.votes,
+                "transform": self.transform}
+
+
+def _transform(m: np.ndarray) -> dict[str, float] | None:
+    """The affine `m` (2x3) as scales, rotation and shift, or None when no re-framing makes it."""
+    a = m[:, :2]
+    sx, sy = float(np.hypot(a[0, 0], a[1, 0])), float(np.hypot(a[0, 1], a[1, 1]))
+    if np.linalg.det(a) <= 0 or min(sx, sy) <= 0:
+        return None
+    rot = float(np.degrees(np.arctan2(a[1, 0], a[0, 0])))
+    shear = abs(float(a[:, 0] @ a[:, 1])) / (sx * sy)
+    if (
+        abs(rot) > MAX_ROTATION
+        or not (1 / MAX_SCALE < sx < MAX_SCALE and 1 / MAX_SCALE < sy < MAX_SCALE)
+        or max(sx / sy, sy / sx) > MAX_ANISOTROPY
+        or shear > MAX_SHEAR
+    ):
+        return None
+    return {"scale_x": round(sx, 4), "scale_y": round(sy, 4), "rotation": round(rot, 2),
+            "tx": round(float(m[0, 2]), 4), "ty": round(float(m[1, 2]), 4)}
+
+
+def verify_pair(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> tuple[int, dict[str, float] | None]:
+    """(RANSAC inliers, transform) of the geometric match of two images' (points, descriptors);
+    (0, None) when no plausible re-framing maps one onto the other."""
+    import cv2
+
+    (pa, da), (pb, db) = a, b
+    if len(da) < 4 or len(db) < 4:
+        return 0, None
+    bf = cv2.BFMatcher(cv2.NORM_HAMMING)
+    forward = bf.knnMatch(da, db, k=2)
+    back = {m.queryIdx: m.trainIdx for m in bf.match(db, da)}
+    pairs = [
+        (m[0].queryIdx, m[0].trainIdx)
+        for m in forward
+        if len(m) == 2
+        and m[0].distance < RATIO * m[1].distance
+        and back.get(m[0].trainIdx) == m[0].queryIdx
+    ]
+    if len(pairs) < 4:
+        return 0, None
+    q, t = np.array(pairs).T
+    m, inl = cv2.estimateAffine2D(
+        pa[q], pb[t], method=cv2.RANSAC, ransacReprojThreshold=RANSAC_THRESHOLD,
+        maxIters=2000, confidence=0.995,
+    )
+    if m is None or inl is None:
+        return 0, None
+    tr = _transform(m)
+    if tr is None:
+        return 0, None
+    keep = inl.ravel() > 0
+    size = np.maximum(pa.max(axis=0), 1e-6)
+    cells = np.floor(pa[q][keep] / size * GRID).clip(0, GRID - 1).astype(np.int64)
+    tr["cells"] = int(len(np.unique(cells[:, 0] * GRID + cells[:, 1])))
+    return int(keep.sum()), tr
+
+
+def _index(base: LocalFeatures):
+    """A faiss binary index of every base image's strongest descriptors, and their owners."""
+    import faiss
+
+    rows, owners = [], []
+    for i in range(len(base)):
+        s, e = int(base.offsets[i]), int(base.offsets[i + 1])
+        e = min(e, s + INDEX_FEATURES)
+        rows.append(np.arange(s, e))
+        owners.append(np.full(e - s, i, dtype=np.int64))
+    sel = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    codes = np.ascontiguousarray(base.descriptors[sel])
+    owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    if len(codes) < 20_000:
+        index = faiss.IndexBinaryFlat(256)
+    else:
+        nlist = int(min(1024, max(64, np.sqrt(len(codes)))))
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(256), 256, nlist)
+        rng = np.random.default_rng(0)
+        index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 32), replace=False)])
+        index.nprobe = 2
+    if len(codes):
+        index.add(codes)
+    return index, owner
+
+
+def _votes(query: LocalFeatures, base: LocalFeatures, same: bool) -> dict[int, list[tuple[int, int]]]:
+    """Per query image, its candidate base images with their votes (most first)."""
+    index, owner = _index(base)
+    out: dict[int, list[tuple[int, int]]] = {}
+    if index.ntotal == 0:
+        return out
+    k = 4 if same else 2
+    q_rows, q_owner = [], []
+    for i in range(len(query)):
+        s, e = int(query.offsets[i]), int(query.offsets[i + 1])
+        e = min(e, s + INDEX_FEATURES)
+        q_rows.append(np.arange(s, e))
+        q_owner.append(np.full(e - s, i, dtype=np.int64))
+    rows = np.concatenate(q_rows) if q_rows else np.zeros(0, np.int64)
+    qo = np.concatenate(q_owner) if q_owner else np.zeros(0, np.int64)
+    codes_all = query.descriptors
+    chunk = 200_000
+    pair_codes = []
+    for start in range(0, len(rows), chunk):
+        r = rows[start : start + chunk]
+        dist, nn = index.search(np.ascontiguousarray(codes_all[r]), k)
+        own = np.where(nn >= 0, owner[np.clip(nn, 0, None)], -1)
+        qi = qo[start : start + chunk]
+        if same:  # the nearest neighbour owned by another image
+            other = (own != qi[:, None]) & (own >= 0)
+            first = np.argmax(other, axis=1)
+            has = other[np.arange(len(first)), first]
+            d = dist[np.arange(len(first)), first]
+            o = own[np.arange(len(first)), first]
+        else:
+            has, d, o = own[:, 0] >= 0, dist[:, 0], own[:, 0]
+        ok = has & (d <= VOTE_DISTANCE)
+        a, b = qi[ok], o[ok]
+        if same:
+            a, b = np.minimum(a, b), np.maximum(a, b)
+        pair_codes.append(a * len(base) + b)
+    codes = np.concatenate(pair_codes) if pair_codes else np.zeros(0, np.int64)
+    uniq, counts = np.unique(codes, return_counts=True)
+    keep = counts >= MIN_VOTES
+    for code, n in zip(uniq[keep], counts[keep], strict=True):
+        a, b = divmod(int(code), len(base))
+        out.setdefault(a, []).append((b, int(n)))
+        if same:
+            out.setdefault(b, []).append((a, int(n)))
+    for a in out:
+        out[a].sort(key=lambda x: (-x[1], x[0]))
+    return out
+
+
+def shortlist(query: LocalFeatures, base: LocalFeatures | None = None) -> dict[tuple[int, int], int]:
+    """The candidate pairs `find_matches` verifies, with their votes."""
+    same = base is None
+    cands = _votes(query, query if base is None else base, same)
+    todo: dict[tuple[int, int], int] = {}
+    for a, lst in cands.items():
+        for b, n in lst[:SHORTLIST]:
+            key = (min(a, b), max(a, b)) if same else (a, b)
+            todo[key] = max(todo.get(key, 0), n)
+    return todo
+
+
+def find_matches(
+    query: LocalFeatures,
+    base: LocalFeatures | None = None,
+    *,
+    progress: Progress | None = None,
+) -> list[Match]:
+    """Every verified pair (query image, base image) with at least `MATCH_INLIERS` inliers.
+
+    With `base=None`, pairs within `query` (a < b, each pair once). Sorted by (a, b)."""
+    same = base is None
+    base = query if base is None else base
+    todo = shortlist(query, None if same else base)
+    out = []
+    for done, ((a, b), n) in enumerate(sorted(todo.items()), start=1):
+        inliers, tr = verify_pair(query.image(a), base.image(b))
+        if tr is not None and inliers >= MATCH_INLIERS and tr["cells"] >= MIN_CELLS:
+            kind = "copy" if inliers >= COPY_INLIERS else "same_patient"
+            out.append(Match(a, b, kind, inliers, n, tr))
+        if progress:
+            progress(done, len(todo))
+    return out
+
+
+def overlap_pairs(
+    ext_features: LocalFeatures,
+    ext_paths: Sequence[str],
+    train_features: LocalFeatures,
+    train_paths: Sequence[str],
+) -> list[dict[str, object]]:
+    """Every image of an external set that is a copy of a training image or a film of a training
+    patient, with the training image it matched and the evidence (`find_matches` of the two)."""
+    return [
+        {"external": str(ext_paths[m.a]), "training": str(train_paths[m.b]),
+         "rule": "same radiograph" if m.kind == "copy" else "same patient", **m.evidence()}
+        for m in find_matches(ext_features, train_features)
+    ]
+
+
+def describe_overlap(pairs: Sequence[dict[str, object]], limit: int = 5) -> str:
+    """One line per pair (at most `limit`): 'ext.png ~ train.png (same radiograph, 212 inliers)'."""
+    shown = [
+        f"{Path(str(p['external'])).name} ~ {Path(str(p['training'])).name} "
+        f"({p['rule']}, {p['inliers']} inliers)"
+        for p in pairs[:limit]
+    ]
+    more = f"; ... and {len(pairs) - limit} more" if len(pairs) > limit else ""
+    return "; ".join(shown) + more

@@ -1,0 +1,118 @@
+"""The duplicate finder (data/_duplicates.py) on the shared films: re-framed copies are found at
+prepare and at --external, the NIH films (one per patient) yield no pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from automl_cxr.data import (
+    COPY_INLIERS,
+    MATCH_INLIERS,
+    decode_gray,
+    extract_features,
+    find_matches,
+    load_dataset,
+    prepare_table,
+    read_cohen,
+    read_csv_manifest,
+)
+from automl_cxr.data._reframe import reframe
+from automl_cxr.errors import DataError
+
+
+def _copy_of(path: str | Path, out: Path, seed: int) -> Path:
+    r = reframe(decode_gray(path).pixels, np.random.default_rng(seed))
+    out = out.with_suffix(r.suffix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(r.data)
+    return out
+
+
+def test_thresholds_are_ordered() -> None:
+    assert 0 < MATCH_INLIERS < COPY_INLIERS
+
+
+def test_nih_films_yield_no_pair(shared_data: Path) -> None:
+    """621 NIH films, each of another patient: not one copy, not one same-patient match."""
+    paths = sorted((shared_data / "nih" / "images").glob("*.png"))
+    assert len(paths) == 621
+    feats = extract_features((decode_gray(p).pixels for p in paths), total=len(paths))
+    assert find_matches(feats) == []
+
+
+def test_reframed_copy_in_a_second_source_is_merged_and_joins_the_patient(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    cohen = read_cohen(shared_data / "cohen").table
+    multi = cohen.groupby("patient_id").filter(lambda g: len(g) >= 2)
+    pid = sorted(multi["patient_id"].unique())[0]
+    first, second = multi[multi.patient_id == pid]["path"].iloc[:2]
+    others = cohen[~cohen.patient_id.isin([pid])].drop_duplicates("patient_id").iloc[:6]
+    nih = sorted((shared_data / "nih" / "images").glob("*.png"))[:6]
+    copy = _copy_of(first, tmp_path / "reprint" / "fig2", seed=3)
+    rows = [
+        {"path": first, "label": "covid", "patient_id": "p", "source": "cohen"},
+        {"path": second, "label": "covid", "patient_id": "p", "source": "cohen"},
+        {"path": str(copy), "label": "covid", "patient_id": "fig2", "source": "reprint"},
+        *(
+            {"path": p, "label": "covid", "patient_id": f"o{i}", "source": "cohen"}
+            for i, p in enumerate(others["path"])
+        ),
+        *(
+            {"path": str(p), "label": "normal", "patient_id": f"n{i}", "source": "nih"}
+            for i, p in enumerate(nih)
+        ),
+    ]
+    csv = tmp_path / "mixed.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    prepare_table(read_csv_manifest(csv), name="mixed", data_dir=tmp_path / "d", kind="csv",
+                  origin=str(csv))
+    ds = load_dataset("mixed", tmp_path / "d")
+    m = ds.manifest
+    assert len(ds) == len(rows) - 1  # the copy and its original are one image now
+    assert ds.meta["copies_removed"] == 1
+    pair = [p for p in ds.meta["near_duplicates"] if {Path(p["a"]).name, Path(p["b"]).name}
+            == {Path(first).name, copy.name}]
+    assert len(pair) == 1, ds.meta["near_duplicates"]
+    ev = pair[0]
+    assert ev["kind"] == "copy" and ev["action"] == "copies merged"
+    assert sorted(ev["sources"]) == ["cohen", "reprint"]
+    assert ev["inliers"] >= COPY_INLIERS and {"scale_x", "rotation"} <= set(ev["transform"])
+    # one split group holds the kept image, the patient's other film and the reprint's patient
+    kept = m[m.path.isin([first, str(copy)])]
+    assert len(kept) == 1
+    other_film = m[m.path == second]
+    assert kept["group_id"].iloc[0] == other_film["group_id"].iloc[0]
+    assert set(ev["patients"]) == {"mixed:p", "mixed:fig2"}
+    assert ds.groups.tolist().count(kept["group_id"].iloc[0]) == 2
+    # the finder's keypoints are saved row-aligned with the manifest
+    feats = ds.local_features()
+    assert len(feats) == len(ds)
+
+
+def test_reframed_copy_is_refused_as_external_and_dropped_on_request(
+    prepared_dir: Path, tmp_path: Path, shared_data: Path
+) -> None:
+    from automl_cxr.study._external import external_summary, prepare_externals
+
+    ds = load_dataset("binary_adult", prepared_dir)
+    src = ds.manifest["path"].iloc[5]
+    ext = tmp_path / "ext"
+    copy = _copy_of(src, ext / "covid" / "reprinted", seed=11)
+    # a child's film: no adult recipe holds it
+    other = sorted((shared_data / "kermany" / "chest_xray" / "test" / "NORMAL").iterdir())[:2]
+    (ext / "non_covid").mkdir()
+    for p in other:
+        (ext / "non_covid" / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(DataError, match=rf"not external: 1 of its 3 images .*{copy.name} ~ "
+                       rf"{Path(src).name} \(same (radiograph|patient), \d+ inliers\)"):
+        prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data")
+    (sets,) = [prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data",
+                                 drop_overlap=True)]
+    assert len(sets) == 1 and len(sets[0]) == 2
+    summary = external_summary(sets)["ext"]
+    assert [Path(p["external"]).name for p in summary["dropped_overlap"]] == [copy.name]
