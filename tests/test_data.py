@@ -77,9 +77,14 @@ def test_recipes_counts_shortfalls_and_patient_sampling(prepared_dir: Path) -> N
         assert (m[m.label == "covid"]["source"] == "cohen").all()
     # Sampled by patient: a covid patient in the selection has all of its images there, except
     # at most the one patient cut at the cap.
-    cohen = read_cohen(
-        load_dataset("three_class", prepared_dir).meta["sources_used"]["cohen"]
-    ).table
+    meta = load_dataset("three_class", prepared_dir).meta
+    cohen = read_cohen(meta["sources_used"]["cohen"]).table
+    # re-framed copies merged at prepare (the duplicate finder) are one image: count it once
+    merged_away = {
+        p for d in meta["near_duplicates"] if d["action"] == "copies merged"
+        for p in (d["a"], d["b"]) if p != d["kept"]
+    }
+    cohen = cohen[~cohen["path"].isin(merged_away)]
     per_patient_all = cohen[cohen.label == "covid"].groupby("patient_id").size()
     per_patient_sel = three.manifest[three.manifest.label == "covid"].groupby("patient_id").size()
     partial = [p for p, n in per_patient_sel.items() if n < per_patient_all[p]]
@@ -205,9 +210,10 @@ def test_folder_dataset_rejects_bad_files_or_skips_them(tmp_path: Path, shared_d
     )
     ds = load_dataset("mine", tmp_path / "d")
     assert sorted(Path(r["path"]).name for r in ds.meta["rejected"]) == sorted(bad)
-    # gray16 and gray16_12bit and the others are all copies of one Kermany image: exact
-    # duplicates are by bytes, so they stay (different bytes) but are merged into one group
-    assert len(ds) == 12 + len(good_extra)
+    # gray16 and gray16_12bit and the others are all copies of one Kermany image (different
+    # bytes): the duplicate finder merges them into one image
+    assert len(ds) == 12 + 1
+    assert ds.meta["copies_removed"] == len(good_extra)
     assert ds.classes == ["normal", "pneumonia"]
 
 
