@@ -49,8 +49,16 @@ def _stats(x: list[int]) -> dict:
     if not len(a):
         return {"n": 0}
     q = np.percentile(a, [2, 10, 50, 90, 99])
-    return {"n": len(a), "min": float(a.min()), "p2": q[0], "p10": q[1], "median": q[2],
-            "p90": q[3], "p99": q[4], "max": float(a.max())}
+    return {
+        "n": len(a),
+        "min": float(a.min()),
+        "p2": q[0],
+        "p10": q[1],
+        "median": q[2],
+        "p90": q[3],
+        "p99": q[4],
+        "max": float(a.max()),
+    }
 
 
 def main() -> None:
@@ -77,17 +85,22 @@ def main() -> None:
 
     def describe(m):
         ra, rb = pool.iloc[m.a], pool.iloc[m.b]
-        return {"a": Path(ra["path"]).name, "b": Path(rb["path"]).name,
-                "sources": [ra["source"], rb["source"]],
-                "patients": [str(ra["patient_id"]), str(rb["patient_id"])],
-                "same_patient_id": str(ra["patient_id"]) == str(rb["patient_id"]),
-                **m.evidence()}
+        return {
+            "a": Path(ra["path"]).name,
+            "b": Path(rb["path"]).name,
+            "sources": [ra["source"], rb["source"]],
+            "patients": [str(ra["patient_id"]), str(rb["patient_id"])],
+            "same_patient_id": str(ra["patient_id"]) == str(rb["patient_id"]),
+            **m.evidence(),
+        }
 
     pairs = [describe(m) for m in within]
     nih_pairs = [p for p in pairs if p["sources"] == ["nih", "nih"]]
     other_patient = [p for p in pairs if not p["same_patient_id"]]
-    print(f"pairs in the pool: {len(pairs)} ({len(nih_pairs)} within nih/, "
-          f"{len(other_patient)} between different patient ids)")
+    print(
+        f"pairs in the pool: {len(pairs)} ({len(nih_pairs)} within nih/, "
+        f"{len(other_patient)} between different patient ids)"
+    )
 
     rng = np.random.default_rng(args.seed)
     idx = rng.choice(len(imgs), args.copies, replace=False)
@@ -104,16 +117,24 @@ def main() -> None:
     t_cmatch = time.perf_counter() - t0
     short = shortlist(cfeats, feats)
     shortlisted = float(np.mean([(k, int(i)) in short for k, i in enumerate(idx)]))
-    print(f"original in the shortlist: {shortlisted:.3f}; candidates per copy "
-          f"{len(short) / args.copies:.1f}")
+    print(
+        f"original in the shortlist: {shortlisted:.3f}; candidates per copy "
+        f"{len(short) / args.copies:.1f}"
+    )
     hit = {(m.a, m.b): m for m in cm}
     found = [(k, int(i)) in hit for k, i in enumerate(idx)]
-    as_copy = [hit[(k, int(i))].kind == "copy" if (k, int(i)) in hit else False
-               for k, i in enumerate(idx)]
+    as_copy = [
+        hit[(k, int(i))].kind == "copy" if (k, int(i)) in hit else False for k, i in enumerate(idx)
+    ]
     recall = float(np.mean(found))
-    print(f"recall on {args.copies} re-framed copies: {recall:.3f} (as copy {np.mean(as_copy):.3f})")
-    missed = [{"original": Path(pool["path"].iloc[i]).name, "edits": edits[k]}
-              for k, i in enumerate(idx) if not found[k]]
+    print(
+        f"recall on {args.copies} re-framed copies: {recall:.3f} (as copy {np.mean(as_copy):.3f})"
+    )
+    missed = [
+        {"original": Path(pool["path"].iloc[i]).name, "edits": edits[k]}
+        for k, i in enumerate(idx)
+        if not found[k]
+    ]
 
     # Inlier distributions (direct verification, no shortlist).
     copy_inl = [verify_pair(cfeats.image(k), feats.image(int(i)))[0] for k, i in enumerate(idx)]
@@ -132,19 +153,30 @@ def main() -> None:
 
     n_all = len(imgs) + args.copies
     result = {
-        "command": "python benchmarks/duplicates.py " + " ".join(
-            f"--{k} {v}" for k, v in (("copies", args.copies), ("seed", args.seed))),
+        "command": "python benchmarks/duplicates.py "
+        + " ".join(f"--{k} {v}" for k, v in (("copies", args.copies), ("seed", args.seed))),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
         "thresholds": {"MATCH_INLIERS": MATCH_INLIERS, "COPY_INLIERS": COPY_INLIERS},
-        "recall": {"copies": args.copies, "found": recall, "shortlisted": shortlisted,
-                   "found_as_copy": float(np.mean(as_copy)), "missed": missed},
-        "pool": {"images": len(imgs), "pairs": len(pairs), "nih_pairs": nih_pairs,
-                 "pairs_between_patient_ids": other_patient,
-                 "pairs_same_patient_id": len(pairs) - len(other_patient)},
+        "recall": {
+            "copies": args.copies,
+            "found": recall,
+            "shortlisted": shortlisted,
+            "found_as_copy": float(np.mean(as_copy)),
+            "missed": missed,
+        },
+        "pool": {
+            "images": len(imgs),
+            "pairs": len(pairs),
+            "nih_pairs": nih_pairs,
+            "pairs_between_patient_ids": other_patient,
+            "pairs_same_patient_id": len(pairs) - len(other_patient),
+        },
         "votes_of_copies": _stats(votes),
-        "inliers": {"reframed_copies": _stats(copy_inl),
-                    "cohen_same_patient_pairs": _stats(follow),
-                    "random_different_patient_pairs": _stats(rnd)},
+        "inliers": {
+            "reframed_copies": _stats(copy_inl),
+            "cohen_same_patient_pairs": _stats(follow),
+            "random_different_patient_pairs": _stats(rnd),
+        },
         "seconds_per_1000_images": {
             "decode": round(t_decode / len(imgs) * 1000, 2),
             "features": round((t_feat + t_cfeat) / n_all * 1000, 2),

@@ -81,8 +81,11 @@ def test_recipes_counts_shortfalls_and_patient_sampling(prepared_dir: Path) -> N
     cohen = read_cohen(meta["sources_used"]["cohen"]).table
     # re-framed copies merged at prepare (the duplicate finder) are one image: count it once
     merged_away = {
-        p for d in meta["near_duplicates"] if d["action"] == "copies merged"
-        for p in (d["a"], d["b"]) if p != d["kept"]
+        p
+        for d in meta["near_duplicates"]
+        if d["action"] == "copies merged"
+        for p in (d["a"], d["b"])
+        if p != d["kept"]
     }
     cohen = cohen[~cohen["path"].isin(merged_away)]
     per_patient_all = cohen[cohen.label == "covid"].groupby("patient_id").size()

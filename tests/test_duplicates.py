@@ -69,14 +69,18 @@ def test_reframed_copy_in_a_second_source_is_merged_and_joins_the_patient(
     ]
     csv = tmp_path / "mixed.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
-    prepare_table(read_csv_manifest(csv), name="mixed", data_dir=tmp_path / "d", kind="csv",
-                  origin=str(csv))
+    prepare_table(
+        read_csv_manifest(csv), name="mixed", data_dir=tmp_path / "d", kind="csv", origin=str(csv)
+    )
     ds = load_dataset("mixed", tmp_path / "d")
     m = ds.manifest
     assert len(ds) == len(rows) - 1  # the copy and its original are one image now
     assert ds.meta["copies_removed"] == 1
-    pair = [p for p in ds.meta["near_duplicates"] if {Path(p["a"]).name, Path(p["b"]).name}
-            == {Path(first).name, copy.name}]
+    pair = [
+        p
+        for p in ds.meta["near_duplicates"]
+        if {Path(p["a"]).name, Path(p["b"]).name} == {Path(first).name, copy.name}
+    ]
     assert len(pair) == 1, ds.meta["near_duplicates"]
     ev = pair[0]
     assert ev["kind"] == "copy" and ev["action"] == "copies merged"
@@ -108,11 +112,103 @@ def test_reframed_copy_is_refused_as_external_and_dropped_on_request(
     (ext / "non_covid").mkdir()
     for p in other:
         (ext / "non_covid" / p.name).write_bytes(p.read_bytes())
-    with pytest.raises(DataError, match=rf"not external: 1 of its 3 images .*{copy.name} ~ "
-                       rf"{Path(src).name} \(same (radiograph|patient), \d+ inliers\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"not external: 1 of its 3 images .*{copy.name} ~ "
+        rf"{Path(src).name} \(same (radiograph|patient), \d+ inliers\)",
+    ):
         prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data")
-    (sets,) = [prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data",
-                                 drop_overlap=True)]
+    (sets,) = [prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data", drop_overlap=True)]
     assert len(sets) == 1 and len(sets[0]) == 2
     summary = external_summary(sets)["ext"]
     assert [Path(p["external"]).name for p in summary["dropped_overlap"]] == [copy.name]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_data_duplicates_writes_table_and_contact_sheet_that_renders(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import subprocess
+
+    from automl_cxr.cli import main
+
+    cohen = read_cohen(shared_data / "cohen").table.drop_duplicates("patient_id")
+    films = cohen["path"].iloc[:3].tolist()
+    folder = tmp_path / "mine"
+    (folder / "covid").mkdir(parents=True)
+    for p in films:
+        (folder / "covid" / Path(p).name).write_bytes(Path(p).read_bytes())
+    copy = _copy_of(films[0], folder / "covid" / "reprint", seed=5)
+    out = tmp_path / "report"
+    assert main(["data", "duplicates", str(folder), "--out", str(out), "--quiet"]) == 0
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 1
+    assert {Path(pairs["a"][0]).name, Path(pairs["b"][0]).name} == {copy.name, Path(films[0]).name}
+    assert pairs["inliers"][0] >= MATCH_INLIERS
+    page = (out / "contact_sheet.html").read_text()
+    assert page.count("<img ") == 1 and copy.name in page
+    # bad input: a clear error, non-zero exit
+    assert (
+        main(["data", "duplicates", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "d")])
+        != 0
+    )
+    assert "neither a folder, a CSV manifest nor a prepared dataset" in capsys.readouterr().err
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is missing (CI installs it: apt-get install -y chromium)")
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        page.replace(
+            "</body>",
+            "<script>window.addEventListener('load',function(){"
+            "var i=[].slice.call(document.images);"
+            "document.body.setAttribute('data-rendered',i.filter(function(x){return x.complete&&"
+            "x.naturalWidth>0}).length+'/'+i.length)})</script></body>",
+        )
+    )
+    proc = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "HOME": os.environ.get("HOME", "/tmp")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'data-rendered="1/1"' in proc.stdout
+
+
+def test_evaluate_data_refuses_a_reframed_training_image_before_any_work(
+    smoke_study: Path, prepared_dir: Path, tmp_path: Path, shared_data: Path
+) -> None:
+    """`evaluate --data` ran only a byte check; now the finder refuses a re-framed copy (before
+    retraining anything), naming the pair."""
+    from automl_cxr.deploy._commands import _check_overlap, open_trial
+    from automl_cxr.deploy._evaluate import load_external
+
+    ds = load_dataset("three_class", prepared_dir)
+    src = ds.manifest[ds.manifest.label == "normal"]["path"].iloc[4]
+    ext = tmp_path / "ext"
+    copy = _copy_of(src, ext / "normal" / "from_a_paper", seed=21)
+    nih = sorted((shared_data / "nih" / "images").glob("*.png"))[0]  # no paper recipe holds NIH
+    (ext / "normal" / nih.name).write_bytes(nih.read_bytes())
+    spec = open_trial(smoke_study, None, "best")
+    loaded = load_external(ext, spec.classes, 32)
+    with pytest.raises(DataError, match=rf"{copy.name} ~ {Path(src).name} \(same "):
+        _check_overlap(loaded, ext, spec, None, prepared_dir, False, None)
+    kept, check = _check_overlap(loaded, ext, spec, None, prepared_dir, True, None)
+    assert kept.table["path"].map(lambda p: Path(p).name).tolist() == [nih.name]
+    assert len(kept.images) == len(kept.labels) == 1
+    assert [Path(p["external"]).name for p in check["dropped"]] == [copy.name]

@@ -1,4 +1,4 @@
-"""`automl-cxr data prepare|info|fetch`."""
+"""`automl-cxr data prepare|info|fetch|duplicates`."""
 
 from __future__ import annotations
 
@@ -378,3 +378,87 @@ def fetch(
 
     for line in fetch_sources(dest, timeout=timeout):
         out_console.print(line)
+
+
+@data_app.command("duplicates")
+def duplicates(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A folder (one sub-folder per class), a CSV manifest, or a prepared dataset name."
+        ),
+    ],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="A prepared dataset (or folder / CSV) to compare TARGET with (default: pairs "
+            "within TARGET)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for pairs.csv and contact_sheet.html (default: duplicates-NAME)."
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Copies of one radiograph (cropped, padded, resized, re-windowed, re-encoded) and films of
+    one patient: a table and an HTML contact sheet with the matched keypoints."""
+    from automl_cxr.data import list_datasets, load_dataset
+    from automl_cxr.data._contact import contact_sheet, duplicate_pairs
+    from automl_cxr.data._duplicates import extract_features
+    from automl_cxr.data._image import decode_gray
+    from automl_cxr.data._sources import read_csv_manifest, read_folder
+
+    root = resolve_data_dir(data_dir)
+    path = Path(target)
+
+    def features_of(name: str):
+        if Path(name).is_dir() or (Path(name).is_file() and name.lower().endswith(".csv")):
+            p = Path(name)
+            table = read_folder(p).table if p.is_dir() else read_csv_manifest(p).table
+            paths = table["path"].astype(str).tolist()
+            with progress_bar(f"keypoints of {p.name}", enabled=not quiet) as bar:
+                feats = extract_features(
+                    (decode_gray(q).pixels for q in paths), total=len(paths), progress=bar
+                )
+            return p.stem if p.is_file() else p.name, paths, feats
+        if name in list_datasets(root):
+            ds = load_dataset(name, root)
+            with progress_bar(f"keypoints of {name}", enabled=not quiet) as bar:
+                feats = ds.local_features(progress=bar)
+            return name, ds.manifest["path"].astype(str).tolist(), feats
+        raise DataError(
+            f"{name!r} is neither a folder, a CSV manifest nor a prepared dataset in {root}; "
+            f"datasets there: {list_datasets(root)}"
+        )
+
+    name, paths, feats = features_of(str(path))
+    base = features_of(against) if against else None
+    with progress_bar("verifying candidates", enabled=not quiet) as bar:
+        pairs = duplicate_pairs(
+            feats, paths, base[2] if base else None, base[1] if base else None, progress=bar
+        )
+    out = out or Path(f"duplicates-{name}" + (f"-vs-{base[0]}" if base else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    pairs.to_csv(out / "pairs.csv", index=False)
+    index = {p: (feats, i) for i, p in enumerate(paths)}
+    if base:
+        index.update({p: (base[2], i) for i, p in enumerate(base[1])})
+
+    def lookup(p: str):
+        f, i = index[p]
+        return f.image(i)
+
+    title = f"duplicates in {name}" + (f" against {base[0]}" if base else "")
+    sheet = contact_sheet(pairs, out / "contact_sheet.html", features=lookup, title=title)
+    t = Table(title=f"{len(pairs)} pair(s): {title}")
+    for col in ("a", "b", "kind", "inliers"):
+        t.add_column(col, overflow="fold")
+    for r in pairs.head(20).itertuples(index=False):
+        t.add_row(Path(r.a).name, Path(r.b).name, r.kind.replace("_", " "), str(r.inliers))
+    if not quiet:
+        out_console.print(t)
+    typer.echo(f"wrote {out / 'pairs.csv'} and {sheet}")

@@ -123,6 +123,14 @@ def evaluate(
         str, typer.Option(help="With --model: torchscript|onnx|pytorch.")
     ] = "torchscript",
     data_dir: DataDirOpt = None,
+    drop_overlap: Annotated[
+        bool,
+        typer.Option(
+            "--drop-overlap",
+            help="Leave out images that are a copy of a training image or a film of a "
+            "training patient (listed) instead of refusing the set.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -144,6 +152,7 @@ def evaluate(
         seed=seed,
         runtime=runtime,
         log=_log(quiet or as_json),
+        drop_overlap=drop_overlap,
     )
     if as_json:
         _echo_json(res)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -188,10 +189,8 @@ class PreparedDataset:
                 total=len(paths),
                 progress=progress,
             )
-            try:
+            with contextlib.suppress(OSError):  # a read-only dataset folder: computed again
                 feats.save(path, keys)
-            except OSError:
-                pass  # a read-only dataset folder: computed again next time
         return feats
 
     def _decode_all(self, size: int, *, progress=None) -> np.ndarray:

@@ -41,6 +41,7 @@ __all__ = [
     "describe_overlap",
     "extract_features",
     "find_matches",
+    "inlier_matches",
     "local_features",
     "overlap_pairs",
     "verify_pair",
@@ -135,8 +136,14 @@ class LocalFeatures:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, points=self.points, descriptors=self.descriptors, offsets=self.offsets,
-                 sizes=self.sizes, keys=np.asarray(list(keys), dtype=str))
+        np.savez(
+            tmp,
+            points=self.points,
+            descriptors=self.descriptors,
+            offsets=self.offsets,
+            sizes=self.sizes,
+            keys=np.asarray(list(keys), dtype=str),
+        )
         tmp.replace(path)
 
     @classmethod
@@ -200,8 +207,12 @@ class Match:
     transform: dict[str, float]  # scale_x, scale_y, rotation (degrees), tx, ty (of a → b)
 
     def evidence(self) -> dict[str, object]:
-        return {"kind": self.kind, "inliers": self.inliers, "votes": self.votes,
-                "transform": self.transform}
+        return {
+            "kind": self.kind,
+            "inliers": self.inliers,
+            "votes": self.votes,
+            "transform": self.transform,
+        }
 
 
 def _transform(m: np.ndarray) -> dict[str, float] | None:
@@ -219,20 +230,26 @@ def _transform(m: np.ndarray) -> dict[str, float] | None:
         or shear > MAX_SHEAR
     ):
         return None
-    return {"scale_x": round(sx, 4), "scale_y": round(sy, 4), "rotation": round(rot, 2),
-            "tx": round(float(m[0, 2]), 4), "ty": round(float(m[1, 2]), 4)}
+    return {
+        "scale_x": round(sx, 4),
+        "scale_y": round(sy, 4),
+        "rotation": round(rot, 2),
+        "tx": round(float(m[0, 2]), 4),
+        "ty": round(float(m[1, 2]), 4),
+    }
 
 
-def verify_pair(
+def inlier_matches(
     a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
-) -> tuple[int, dict[str, float] | None]:
-    """(RANSAC inliers, transform) of the geometric match of two images' (points, descriptors);
-    (0, None) when no plausible re-framing maps one onto the other."""
+) -> tuple[np.ndarray, np.ndarray, dict[str, float] | None]:
+    """(points of a, points of b, transform) of the RANSAC inliers of two images' (points,
+    descriptors); empty arrays and None when no plausible re-framing maps one onto the other."""
     import cv2
 
+    none = (np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
     (pa, da), (pb, db) = a, b
     if len(da) < 4 or len(db) < 4:
-        return 0, None
+        return none
     bf = cv2.BFMatcher(cv2.NORM_HAMMING)
     forward = bf.knnMatch(da, db, k=2)
     back = {m.queryIdx: m.trainIdx for m in bf.match(db, da)}
@@ -244,22 +261,34 @@ def verify_pair(
         and back.get(m[0].trainIdx) == m[0].queryIdx
     ]
     if len(pairs) < 4:
-        return 0, None
+        return none
     q, t = np.array(pairs).T
     m, inl = cv2.estimateAffine2D(
-        pa[q], pb[t], method=cv2.RANSAC, ransacReprojThreshold=RANSAC_THRESHOLD,
-        maxIters=2000, confidence=0.995,
+        pa[q],
+        pb[t],
+        method=cv2.RANSAC,
+        ransacReprojThreshold=RANSAC_THRESHOLD,
+        maxIters=2000,
+        confidence=0.995,
     )
     if m is None or inl is None:
-        return 0, None
+        return none
     tr = _transform(m)
     if tr is None:
-        return 0, None
+        return none
     keep = inl.ravel() > 0
     size = np.maximum(pa.max(axis=0), 1e-6)
     cells = np.floor(pa[q][keep] / size * GRID).clip(0, GRID - 1).astype(np.int64)
     tr["cells"] = int(len(np.unique(cells[:, 0] * GRID + cells[:, 1])))
-    return int(keep.sum()), tr
+    return pa[q][keep], pb[t][keep], tr
+
+
+def verify_pair(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> tuple[int, dict[str, float] | None]:
+    """(RANSAC inliers, transform) of the geometric match of two images (`inlier_matches`)."""
+    pa, _, tr = inlier_matches(a, b)
+    return (len(pa), tr) if tr is not None else (0, None)
 
 
 def _index(base: LocalFeatures):
@@ -288,7 +317,9 @@ def _index(base: LocalFeatures):
     return index, owner
 
 
-def _votes(query: LocalFeatures, base: LocalFeatures, same: bool) -> dict[int, list[tuple[int, int]]]:
+def _votes(
+    query: LocalFeatures, base: LocalFeatures, same: bool
+) -> dict[int, list[tuple[int, int]]]:
     """Per query image, its candidate base images with their votes (most first)."""
     index, owner = _index(base)
     out: dict[int, list[tuple[int, int]]] = {}
@@ -337,7 +368,9 @@ def _votes(query: LocalFeatures, base: LocalFeatures, same: bool) -> dict[int, l
     return out
 
 
-def shortlist(query: LocalFeatures, base: LocalFeatures | None = None) -> dict[tuple[int, int], int]:
+def shortlist(
+    query: LocalFeatures, base: LocalFeatures | None = None
+) -> dict[tuple[int, int], int]:
     """The candidate pairs `find_matches` verifies, with their votes."""
     same = base is None
     cands = _votes(query, query if base is None else base, same)
@@ -381,8 +414,12 @@ def overlap_pairs(
     """Every image of an external set that is a copy of a training image or a film of a training
     patient, with the training image it matched and the evidence (`find_matches` of the two)."""
     return [
-        {"external": str(ext_paths[m.a]), "training": str(train_paths[m.b]),
-         "rule": "same radiograph" if m.kind == "copy" else "same patient", **m.evidence()}
+        {
+            "external": str(ext_paths[m.a]),
+            "training": str(train_paths[m.b]),
+            "rule": "same radiograph" if m.kind == "copy" else "same patient",
+            **m.evidence(),
+        }
         for m in find_matches(ext_features, train_features)
     ]
 

@@ -345,7 +345,9 @@ def _finish_pool(
     n_before = len(table)
     table, features, near, copy_conflicts = _merge_copies(table, features)
     dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
-    dup_info["copies_removed"] = n_before - len(table) - sum(len(c["paths"]) for c in copy_conflicts)
+    dup_info["copies_removed"] = (
+        n_before - len(table) - sum(len(c["paths"]) for c in copy_conflicts)
+    )
     merged = sorted(
         {g for g, n in table.groupby("group_id")["patient_id"].nunique().items() if n > 1}
     )

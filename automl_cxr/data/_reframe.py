@@ -112,8 +112,16 @@ def reframe(pixels: np.ndarray, rng: np.random.Generator) -> Reframed:
             text = str(rng.choice(_TEXTS))
             scale_f = max(ww, hh) / 400.0
             org = (int(rng.uniform(0.02, 0.6) * ww), int(rng.uniform(0.08, 0.95) * hh))
-            cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale_f, colour,
-                        max(1, int(2 * scale_f)), cv2.LINE_AA)
+            cv2.putText(
+                img,
+                text,
+                org,
+                cv2.FONT_HERSHEY_SIMPLEX,
+                scale_f,
+                colour,
+                max(1, int(2 * scale_f)),
+                cv2.LINE_AA,
+            )
             edits["mark"] = {"text": text}
         else:
             x0, y0 = int(rng.uniform(0.1, 0.9) * ww), int(rng.uniform(0.1, 0.9) * hh)

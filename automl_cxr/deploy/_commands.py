@@ -62,9 +62,14 @@ def run_evaluate(
     seed: int = 0,
     runtime: str = "torchscript",
     log: Log = None,
+    drop_overlap: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the chosen trial (retrained on the study's full training data with `fit_full`)
-    or an exported model (`model_dir`) on an external set."""
+    or an exported model (`model_dir`) on an external set.
+
+    Before any model runs, the set is checked with the duplicate finder against the training
+    dataset (when it is in the data directory): a copy of a training image or a film of a
+    training patient is refused, or left out with `drop_overlap` (listed in the result)."""
     from automl_cxr.settings import resolve_data_dir
 
     if study is None and model_dir is None:
@@ -89,6 +94,9 @@ def run_evaluate(
         if pre is not None:
             resolution = CANVAS
     ext = load_external(data, classes, resolution, label_map=label_map, skip_bad=skip_bad)
+    ext, overlap_check = _check_overlap(
+        ext, data, spec, exported, resolve_data_dir(data_dir), drop_overlap, log
+    )
     train_shas: set[str] | None = None
     train_sources: dict[str, Any] | None = None
     if exported is not None:
@@ -143,9 +151,62 @@ def run_evaluate(
             "rejected": ext.rejected,
             **result,
             "overlap": overlap,
-            "warnings": warnings,
+            "overlap_check": overlap_check,
+            "warnings": warnings
+            + ([overlap_check["warning"]] if overlap_check.get("warning") else []),
         }
     )
+
+
+def _check_overlap(ext, data, spec, exported, data_dir: Path, drop: bool, log: Log):
+    """The duplicate finder between the external set and the training dataset (see
+    `run_evaluate`); returns the (possibly reduced) set and what the check found."""
+    from automl_cxr.data import (
+        decode_gray,
+        describe_overlap,
+        extract_features,
+        load_dataset,
+        overlap_pairs,
+    )
+
+    dataset = None
+    if spec is not None:
+        dataset = training_data(spec, data_dir)
+    else:
+        info = exported.config.get("training_data") or {}
+        try:
+            cand = load_dataset(str(info.get("dataset")), data_dir)
+        except DataError:
+            cand = None
+        if cand is not None and cand.hash in (info.get("manifest_hash"), info.get("hash")):
+            dataset = cand
+    if dataset is None:
+        return ext, {
+            "ran": False,
+            "warning": "the copy / same-patient check against the training images did not run: "
+            "the model's training dataset is not in the data directory (pass --data-dir)",
+        }
+    paths = ext.table["path"].astype(str).tolist()
+    feats = extract_features((decode_gray(p).pixels for p in paths), total=len(paths))
+    pairs = overlap_pairs(
+        feats, paths, dataset.local_features(), dataset.manifest["path"].astype(str).tolist()
+    )
+    hit = {str(p["external"]) for p in pairs}
+    if pairs and not drop:
+        raise DataError(
+            f"{data} is not external: {len(hit)} of its {len(paths)} images are a copy of an "
+            f"image of dataset {dataset.name!r} (re-framed: cropped, padded, resized, "
+            "re-windowed or re-encoded) or a film of one of its patients (local keypoints, "
+            f"RANSAC-verified): {describe_overlap(pairs)}. Remove them, or pass --drop-overlap "
+            "to leave them out (listed in the result)"
+        )
+    if hit:
+        if len(hit) == len(paths):
+            raise DataError(f"every image of {data} overlaps dataset {dataset.name!r}")
+        ext = ext.without(hit)
+        if log:
+            log(f"left out {len(hit)} image(s) that overlap {dataset.name!r} (--drop-overlap)")
+    return ext, {"ran": True, "dataset": dataset.name, "dropped": pairs}
 
 
 def run_export(

@@ -96,6 +96,18 @@ class ExternalSet:
     def tensor(self) -> np.ndarray:
         return (self.images.astype(np.float32) / 255.0)[:, None]
 
+    def without(self, paths: set[str]) -> ExternalSet:
+        """The set without the rows of `paths`."""
+        keep = ~self.table["path"].astype(str).isin(paths).to_numpy()
+        return ExternalSet(
+            self.table[keep].reset_index(drop=True),
+            self.images[keep],
+            self.labels[keep],
+            self.classes,
+            self.label_map,
+            self.rejected,
+        )
+
 
 def load_external(
     data: str | Path,

@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from automl_cxr.data import (
     PreparedDataset,
     SourceTable,
@@ -39,6 +37,7 @@ __all__ = [
 
 EXTERNAL_DIR = "external"
 """Sub-folder of the data directory that holds the prepared external sets."""
+
 
 def external_name(path: str | Path) -> str:
     """The name an external set is recorded under: its folder name or CSV file stem, made of
@@ -160,8 +159,10 @@ def prepare_externals(
             ext = ext.subset(keep, tag="drop-overlap")
             ext.meta["dropped_overlap"] = pairs
             if log:
-                log(f"external set {name!r}: left out {len(hit)} image(s) that overlap "
-                    f"{dataset.name!r} (--drop-overlap)")
+                log(
+                    f"external set {name!r}: left out {len(hit)} image(s) that overlap "
+                    f"{dataset.name!r} (--drop-overlap)"
+                )
         out.append(ext)
     return out
 
