@@ -12,14 +12,15 @@ import pytest
 from automl_cxr.data import (
     COPY_INLIERS,
     MATCH_INLIERS,
+    LocalFeatures,
     decode_gray,
-    extract_features,
     find_matches,
     load_dataset,
     prepare_table,
     read_cohen,
     read_csv_manifest,
 )
+from automl_cxr.data._duplicates import features_for
 from automl_cxr.data._reframe import reframe
 from automl_cxr.errors import DataError
 
@@ -40,7 +41,8 @@ def test_nih_films_yield_no_pair(shared_data: Path) -> None:
     """621 NIH films, each of another patient: not one copy, not one same-patient match."""
     paths = sorted((shared_data / "nih" / "images").glob("*.png"))
     assert len(paths) == 621
-    feats = extract_features((decode_gray(p).pixels for p in paths), total=len(paths))
+    imgs = [decode_gray(p) for p in paths]
+    feats = LocalFeatures.stack([features_for(i.pixels, i.sha256) for i in imgs])
     assert find_matches(feats) == []
 
 

@@ -110,7 +110,7 @@ def test_a_reencoded_training_image_is_refused_as_external(
     prepared_dir: Path, tmp_path: Path, shared_data: Path
 ) -> None:
     """A JPEG re-encode (and resize) of a training image passed the byte check before; the
-    prepare step's near-duplicate rule now refuses it, naming the pair."""
+    duplicate finder now refuses it, naming the pair."""
     from PIL import Image
 
     from automl_cxr.errors import DataError
@@ -128,5 +128,5 @@ def test_a_reencoded_training_image_is_refused_as_external(
         ext / "covid" / "copy.jpg", quality=70
     )
     Image.open(other).convert("L").save(ext / "non_covid" / "elsewhere.png")
-    with pytest.raises(DataError, match=r"not external: 1 of its images .* copy\.jpg ~ "):
+    with pytest.raises(DataError, match=r"not external: 1 of its 2 images .* copy\.jpg ~ "):
         prepare_externals([ext], dataset=ds, data_dir=tmp_path / "data")

@@ -177,18 +177,25 @@ class PreparedDataset:
     def local_features(self, *, progress=None):
         """The duplicate finder's keypoints of every row (`data/_duplicates.py`): those `data
         prepare` saved, or computed from the files once and saved beside the manifest."""
-        from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, extract_features
+        from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, features_for
 
         keys = self.manifest["sha256"].astype(str).tolist()
         path = self.root / FEATURES_FILE
         feats = LocalFeatures.load(path, keys) if path.is_file() else None
         if feats is None:
             paths = self.manifest["path"].tolist()
-            feats = extract_features(
-                (decode_gray(p, min_side=1).pixels for p in paths),
-                total=len(paths),
-                progress=progress,
-            )
+
+            def one(path: str):
+                img = decode_gray(path, min_side=1)
+                return features_for(img.pixels, img.sha256)
+
+            items = []
+            with ThreadPoolExecutor(max_workers=2) as ex:
+                for k, item in enumerate(ex.map(one, paths)):
+                    items.append(item)
+                    if progress:
+                        progress(k + 1, len(paths))
+            feats = LocalFeatures.stack(items)
             with contextlib.suppress(OSError):  # a read-only dataset folder: computed again
                 feats.save(path, keys)
         return feats

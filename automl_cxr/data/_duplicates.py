@@ -26,6 +26,7 @@ measured distributions in `benchmarks/DUPLICATES.md` (`benchmarks/duplicates.py`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,11 @@ __all__ = [
     "LocalFeatures",
     "Match",
     "describe_overlap",
+    "cache_dir",
     "extract_features",
+    "features_for",
     "find_matches",
+    "find_matches_keyed",
     "inlier_matches",
     "local_features",
     "overlap_pairs",
@@ -72,7 +76,7 @@ RANSAC_THRESHOLD = 0.004
 copy's keypoints land where the transform puts them; the anatomy of two patients only roughly."""
 GRID = 4
 MIN_CELLS = 6
-"""Inliers must fall in at least `MIN_CELLS` cells of a `GRID` x `GRID` grid over the first image:
+"""Inliers must fall in at least `MIN_CELLS` cells of a `GRID` x `GRID` grid over either image:
 a burned-in label or a scanner's frame, the same in many films of one hospital, is not enough."""
 MAX_ROTATION = 15.0
 MAX_SCALE = 6.0
@@ -277,10 +281,17 @@ def inlier_matches(
     if tr is None:
         return none
     keep = inl.ravel() > 0
-    size = np.maximum(pa.max(axis=0), 1e-6)
-    cells = np.floor(pa[q][keep] / size * GRID).clip(0, GRID - 1).astype(np.int64)
-    tr["cells"] = int(len(np.unique(cells[:, 0] * GRID + cells[:, 1])))
+    tr["cells"] = max(_cells(pa[q][keep], pa), _cells(pb[t][keep], pb))
     return pa[q][keep], pb[t][keep], tr
+
+
+def _cells(points: np.ndarray, frame: np.ndarray) -> int:
+    """Cells of a `GRID` x `GRID` grid over the image (bounded by its keypoints `frame`) that
+    hold at least one of `points`. Counted in both images, the larger is kept: a cropped copy
+    covers all of its own frame but only part of the original's."""
+    size = np.maximum(frame.max(axis=0), 1e-6)
+    cells = np.floor(points / size * GRID).clip(0, GRID - 1).astype(np.int64)
+    return int(len(np.unique(cells[:, 0] * GRID + cells[:, 1])))
 
 
 def verify_pair(
@@ -325,7 +336,7 @@ def _votes(
     out: dict[int, list[tuple[int, int]]] = {}
     if index.ntotal == 0:
         return out
-    k = 4 if same else 2
+    k = 8 if same else 2
     q_rows, q_owner = [], []
     for i in range(len(query)):
         s, e = int(query.offsets[i]), int(query.offsets[i + 1])
@@ -433,3 +444,93 @@ def describe_overlap(pairs: Sequence[dict[str, object]], limit: int = 5) -> str:
     ]
     more = f"; ... and {len(pairs) - limit} more" if len(pairs) > limit else ""
     return "; ".join(shown) + more
+
+
+# ----------------------------------------------------------------------------- reuse
+# Preparing the same pool again (another recipe, another seed, a test run) costs nothing: the
+# keypoints of an image are kept by its sha256, the pairs of a pool by the sha256 of all its
+# images, both under the finder's version (its parameters), in the user's cache folder.
+
+_PARAMS = (
+    WORK_SIDE,
+    N_FEATURES,
+    INDEX_FEATURES,
+    VOTE_DISTANCE,
+    SHORTLIST,
+    MIN_VOTES,
+    RATIO,
+    RANSAC_THRESHOLD,
+    GRID,
+    MIN_CELLS,
+    MAX_ROTATION,
+    MAX_SCALE,
+    MAX_ANISOTROPY,
+    MAX_SHEAR,
+    MATCH_INLIERS,
+    COPY_INLIERS,
+    2,
+)
+
+
+def _version() -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(_PARAMS).encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    """`$AUTOML_CXR_CACHE`, else `~/.cache/automl-cxr` (`$XDG_CACHE_HOME` honoured)."""
+    import os
+
+    if os.environ.get("AUTOML_CXR_CACHE"):
+        return Path(os.environ["AUTOML_CXR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "automl-cxr"
+
+
+def features_for(pixels: np.ndarray, sha256: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`local_features` of an image whose bytes hash to `sha256`, kept in the cache folder."""
+    import contextlib
+
+    path = cache_dir() / f"keypoints-{_version()}" / sha256[:2] / f"{sha256}.npz"
+    with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as z:
+        return z["points"], z["descriptors"], z["size"]
+    pts, desc, size = local_features(pixels)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, points=pts, descriptors=desc, size=size)
+        tmp.replace(path)
+    return pts, desc, size
+
+
+def find_matches_keyed(
+    features: LocalFeatures, keys: Sequence[str], *, progress: Progress | None = None
+) -> list[Match]:
+    """`find_matches(features)` (pairs within one set), kept in the cache folder under the
+    sha256 of the set's `keys` (one distinct key per image, e.g. its sha256)."""
+    import contextlib
+    import hashlib
+    import json
+
+    keys = [str(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        return find_matches(features, progress=progress)
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+    path = cache_dir() / f"pairs-{_version()}" / f"{digest}.json"
+    index = {k: i for i, k in enumerate(keys)}
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        out = []
+        for r in json.loads(path.read_text()):
+            a, b = sorted((index[r["a"]], index[r["b"]]))
+            out.append(Match(a, b, r["kind"], r["inliers"], r["votes"], r["transform"]))
+        return sorted(out, key=lambda m: (m.a, m.b))
+    matches = find_matches(features, progress=progress)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps([{"a": keys[m.a], "b": keys[m.b], **m.evidence()} for m in matches])
+        )
+        tmp.replace(path)
+    return matches

@@ -18,7 +18,12 @@ import numpy as np
 import pandas as pd
 
 from automl_cxr.data._dataset import MANIFEST_COLUMNS, canonical_order, row_order_digest
-from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, find_matches, local_features
+from automl_cxr.data._duplicates import (
+    FEATURES_FILE,
+    LocalFeatures,
+    features_for,
+    find_matches_keyed,
+)
 from automl_cxr.data._image import MIN_SIDE, decode_gray
 from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
 from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
@@ -62,7 +67,7 @@ def _decode_one(path: str, min_side: int) -> tuple[dict, tuple | None, str | Non
         "format": img.format,
         "notes": "; ".join(img.notes),
     }
-    return info, local_features(img.pixels), None
+    return info, features_for(img.pixels, img.sha256), None
 
 
 def scan_images(
@@ -165,7 +170,7 @@ def _merge_copies(
     are a label conflict (all dropped). A same-patient match (a follow-up film) joins the two
     patients' split groups and keeps both images. Returns the table with `group_id`, its
     features, the matches (with evidence and what was done) and the label conflicts."""
-    matches = find_matches(features, progress=progress)
+    matches = find_matches_keyed(features, table["sha256"].astype(str), progress=progress)
     paths, patients = table["path"].tolist(), table["patient_id"].astype(str).tolist()
     img = _Union(map(str, range(len(table))))
     for m in matches:
