@@ -199,14 +199,15 @@ def test_evaluate_data_refuses_a_reframed_training_image_before_any_work(
     retraining anything), naming the pair."""
     from automl_cxr.deploy._commands import _check_overlap, open_trial
     from automl_cxr.deploy._evaluate import load_external
+    from automl_cxr.deploy._select import training_data
 
-    ds = load_dataset("three_class", prepared_dir)
+    spec = open_trial(smoke_study, None, "best")
+    ds = training_data(spec, prepared_dir)  # the images the trial trained on (a subsample)
     src = ds.manifest[ds.manifest.label == "normal"]["path"].iloc[4]
     ext = tmp_path / "ext"
     copy = _copy_of(src, ext / "normal" / "from_a_paper", seed=21)
     nih = sorted((shared_data / "nih" / "images").glob("*.png"))[0]  # no paper recipe holds NIH
     (ext / "normal" / nih.name).write_bytes(nih.read_bytes())
-    spec = open_trial(smoke_study, None, "best")
     loaded = load_external(ext, spec.classes, 32)
     with pytest.raises(DataError, match=rf"{copy.name} ~ {Path(src).name} \(same "):
         _check_overlap(loaded, ext, spec, None, prepared_dir, False, None)
