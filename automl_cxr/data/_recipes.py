@@ -273,7 +273,7 @@ register_recipe(
             "Confounding that remains: every COVID-19 image still comes from Cohen's "
             "collection, and NIH (87 % of non-COVID) holds no COVID-19; every NIH image "
             "predates COVID-19 (2017). Cramér's V source-label is about 0.85 (binary: 1.0).",
-            "Unknown ages are kept (Cohen: 130 images; of its images with a known age, 416 of "
+            "Unknown ages are kept (Cohen: 129 images; of its images with a known age, 416 of "
             "417 are adults) and counted per pool key in dataset.json `age_filter`.",
             "Cohen findings that do not say whether they are COVID-19 (todo, Unknown, "
             "Pneumonia unspecified) are never used; Pneumocystis, Lipoid and ARDS (filed "
