@@ -145,6 +145,8 @@ def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, LocalFeatures, dict]:
 
 
 class _Union:
+    """Union-find over names; a set's representative is its smallest name."""
+
     def __init__(self, items: Iterable[str]) -> None:
         self.parent = {p: p for p in items}
 
@@ -264,19 +266,11 @@ def site_groups(manifest: pd.DataFrame) -> pd.Series:
     """Each row's site, with sites that share a split group (a patient imaged at both) merged
     into one: the smallest site name of the merged set. Grouping a site-held-out split by this
     keeps every patient on one side."""
-    parent: dict[str, str] = {s: s for s in manifest["site"].unique()}
-
-    def find(s: str) -> str:
-        while parent[s] != s:
-            parent[s] = parent[parent[s]]
-            s = parent[s]
-        return s
-
-    for sites in manifest.groupby("group_id")["site"].unique():
-        roots = sorted({find(s) for s in sites})
-        for r in roots[1:]:
-            parent[r] = roots[0]
-    return manifest["site"].map(find).rename("site_group")
+    sites = _Union(manifest["site"].unique())
+    for members in manifest.groupby("group_id")["site"].unique():
+        for s in members[1:]:
+            sites.join(members[0], s)
+    return manifest["site"].map(sites.find).rename("site_group")
 
 
 def patients_at_several_sites(manifest: pd.DataFrame) -> dict:
