@@ -406,24 +406,18 @@ def duplicates(
 ) -> None:
     """Copies of one radiograph (cropped, padded, resized, re-windowed, re-encoded) and films of
     one patient: a table and an HTML contact sheet with the matched keypoints."""
-    from automl_cxr.data import list_datasets, load_dataset
+    from automl_cxr.data import features_of_files, list_datasets, load_dataset
     from automl_cxr.data._contact import contact_sheet, duplicate_pairs
-    from automl_cxr.data._duplicates import extract_features
-    from automl_cxr.data._image import decode_gray
-    from automl_cxr.data._sources import read_csv_manifest, read_folder
+    from automl_cxr.deploy._evaluate import read_external
 
     root = resolve_data_dir(data_dir)
-    path = Path(target)
 
     def features_of(name: str):
-        if Path(name).is_dir() or (Path(name).is_file() and name.lower().endswith(".csv")):
-            p = Path(name)
-            table = read_folder(p).table if p.is_dir() else read_csv_manifest(p).table
-            paths = table["path"].astype(str).tolist()
+        p = Path(name)
+        if p.is_dir() or (p.is_file() and p.suffix.lower() == ".csv"):
+            paths = read_external(p)["path"].astype(str).tolist()
             with progress_bar(f"keypoints of {p.name}", enabled=not quiet) as bar:
-                feats = extract_features(
-                    (decode_gray(q).pixels for q in paths), total=len(paths), progress=bar
-                )
+                feats = features_of_files(paths, progress=bar)
             return p.stem if p.is_file() else p.name, paths, feats
         if name in list_datasets(root):
             ds = load_dataset(name, root)
@@ -435,7 +429,7 @@ def duplicates(
             f"datasets there: {list_datasets(root)}"
         )
 
-    name, paths, feats = features_of(str(path))
+    name, paths, feats = features_of(target)
     base = features_of(against) if against else None
     with progress_bar("verifying candidates", enabled=not quiet) as bar:
         pairs = duplicate_pairs(

@@ -18,17 +18,12 @@ from automl_cxr.data._duplicates import (
     Match,
     describe_overlap,
     extract_features,
+    features_of_files,
     find_matches,
     overlap_pairs,
+    overlap_to_drop,
 )
-from automl_cxr.data._image import (
-    MIN_SIDE,
-    DecodedImage,
-    decode_gray,
-    resize_square,
-    thumbnail,
-    thumbnail_pairs,
-)
+from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
     default_recipes,
@@ -59,8 +54,10 @@ __all__ = [
     "Match",
     "describe_overlap",
     "extract_features",
+    "features_of_files",
     "find_matches",
     "overlap_pairs",
+    "overlap_to_drop",
     "CACHE_VERSION",
     "COHEN_FINDINGS",
     "MANIFEST_COLUMNS",
@@ -93,6 +90,4 @@ __all__ = [
     "save_npy_atomic",
     "scan_images",
     "site_groups",
-    "thumbnail",
-    "thumbnail_pairs",
 ]

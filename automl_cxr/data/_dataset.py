@@ -27,6 +27,7 @@ __all__ = [
     "load_dataset",
     "row_order_digest",
     "save_npy_atomic",
+    "save_npz_atomic",
 ]
 
 CACHE_VERSION = 2
@@ -38,11 +39,20 @@ hash only, could hand back another row's pixels after the rows were reordered)."
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     """`np.save` to `path` through a temporary file in its folder (created if missing) and an
     atomic rename: concurrent workers never read half a file."""
+    _write_atomic(path, lambda fh: np.save(fh, arr))
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """`np.savez` to `path`, atomically like `save_npy_atomic`."""
+    _write_atomic(path, lambda fh: np.savez(fh, **arrays))
+
+
+def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,25 +187,13 @@ class PreparedDataset:
     def local_features(self, *, progress=None):
         """The duplicate finder's keypoints of every row (`data/_duplicates.py`): those `data
         prepare` saved, or computed from the files once and saved beside the manifest."""
-        from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, features_for
+        from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures, features_of_files
 
         keys = self.manifest["sha256"].astype(str).tolist()
         path = self.root / FEATURES_FILE
         feats = LocalFeatures.load(path, keys) if path.is_file() else None
         if feats is None:
-            paths = self.manifest["path"].tolist()
-
-            def one(path: str):
-                img = decode_gray(path, min_side=1)
-                return features_for(img.pixels, img.sha256)
-
-            items = []
-            with ThreadPoolExecutor(max_workers=2) as ex:
-                for k, item in enumerate(ex.map(one, paths)):
-                    items.append(item)
-                    if progress:
-                        progress(k + 1, len(paths))
-            feats = LocalFeatures.stack(items)
+            feats = features_of_files(self.manifest["path"].tolist(), progress=progress)
             with contextlib.suppress(OSError):  # a read-only dataset folder: computed again
                 feats.save(path, keys)
         return feats

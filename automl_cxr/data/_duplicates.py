@@ -26,12 +26,20 @@ measured distributions in `benchmarks/DUPLICATES.md` (`benchmarks/duplicates.py`
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from automl_cxr.data._dataset import save_npz_atomic
+from automl_cxr.data._image import decode_gray
+from automl_cxr.errors import DataError
 
 __all__ = [
     "COPY_INLIERS",
@@ -43,11 +51,13 @@ __all__ = [
     "cache_dir",
     "extract_features",
     "features_for",
+    "features_of_files",
     "find_matches",
     "find_matches_keyed",
     "inlier_matches",
     "local_features",
     "overlap_pairs",
+    "overlap_to_drop",
     "verify_pair",
 ]
 
@@ -139,18 +149,14 @@ class LocalFeatures:
 
     def save(self, path: str | Path, keys: Sequence[str]) -> None:
         """Write to `path` (atomically), with one key per image (e.g. its sha256)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
+        save_npz_atomic(
+            Path(path),
             points=self.points,
             descriptors=self.descriptors,
             offsets=self.offsets,
             sizes=self.sizes,
             keys=np.asarray(list(keys), dtype=str),
         )
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path, keys: Sequence[str]) -> LocalFeatures | None:
@@ -190,14 +196,31 @@ def extract_features(
     images: Iterable[np.ndarray], *, total: int | None = None, progress: Progress | None = None
 ) -> LocalFeatures:
     """`local_features` of every image (threads: OpenCV releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     items = []
     with ThreadPoolExecutor(max_workers=2) as ex:
         for i, item in enumerate(ex.map(local_features, images)):
             items.append(item)
             if progress and total:
                 progress(i + 1, total)
+    return LocalFeatures.stack(items)
+
+
+def features_of_files(
+    paths: Sequence[str | Path], *, progress: Progress | None = None
+) -> LocalFeatures:
+    """`features_for` of every file (decoded here; keypoints reused from the cache by the
+    file's sha256)."""
+
+    def one(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        img = decode_gray(path, min_side=1)
+        return features_for(img.pixels, img.sha256)
+
+    items = []
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        for i, item in enumerate(ex.map(one, paths)):
+            items.append(item)
+            if progress:
+                progress(i + 1, len(paths))
     return LocalFeatures.stack(items)
 
 
@@ -304,19 +327,25 @@ def verify_pair(
     return (len(pa), tr) if tr is not None else (0, None)
 
 
+def _strongest(feats: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of every image's `INDEX_FEATURES` strongest keypoints, and the image owning each."""
+    rows, owners = [], []
+    for i in range(len(feats)):
+        s, e = int(feats.offsets[i]), int(feats.offsets[i + 1])
+        e = min(e, s + INDEX_FEATURES)
+        rows.append(np.arange(s, e))
+        owners.append(np.full(e - s, i, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(owners)
+
+
 def _index(base: LocalFeatures):
     """A faiss binary index of every base image's strongest descriptors, and their owners."""
     import faiss
 
-    rows, owners = [], []
-    for i in range(len(base)):
-        s, e = int(base.offsets[i]), int(base.offsets[i + 1])
-        e = min(e, s + INDEX_FEATURES)
-        rows.append(np.arange(s, e))
-        owners.append(np.full(e - s, i, dtype=np.int64))
-    sel = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    sel, owner = _strongest(base)
     codes = np.ascontiguousarray(base.descriptors[sel])
-    owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
     if len(codes) < 20_000:
         index = faiss.IndexBinaryFlat(256)
     else:
@@ -341,14 +370,7 @@ def _votes(
     if index.ntotal == 0:
         return out
     k = 8 if same else 2
-    q_rows, q_owner = [], []
-    for i in range(len(query)):
-        s, e = int(query.offsets[i]), int(query.offsets[i + 1])
-        e = min(e, s + INDEX_FEATURES)
-        q_rows.append(np.arange(s, e))
-        q_owner.append(np.full(e - s, i, dtype=np.int64))
-    rows = np.concatenate(q_rows) if q_rows else np.zeros(0, np.int64)
-    qo = np.concatenate(q_owner) if q_owner else np.zeros(0, np.int64)
+    rows, qo = _strongest(query)
     codes_all = query.descriptors
     chunk = 200_000
     pair_codes = []
@@ -439,6 +461,35 @@ def overlap_pairs(
     ]
 
 
+def overlap_to_drop(
+    pairs: Sequence[dict[str, object]],
+    *,
+    what: str,
+    images: int,
+    dataset: str,
+    drop: bool,
+    recorded: str,
+) -> set[str]:
+    """The external paths of `pairs` (`overlap_pairs`) to leave out of `what` (a set of `images`
+    images checked against `dataset`): an error naming the pairs unless `drop`, and an error when
+    nothing would be left. `recorded` says where the dropped images are listed."""
+    hit = {str(p["external"]) for p in pairs}
+    if hit and not drop:
+        raise DataError(
+            f"{what} is not external: {len(hit)} of its {images} images are a copy of an image "
+            f"of dataset {dataset!r} (re-framed: cropped, padded, resized, re-windowed or "
+            "re-encoded) or a film of one of its patients (local keypoints, RANSAC-verified): "
+            f"{describe_overlap(pairs)}. Remove them, or pass --drop-overlap to leave them out "
+            f"({recorded})"
+        )
+    if hit and len(hit) == images:
+        raise DataError(
+            f"{what}: every image overlaps dataset {dataset!r}; nothing is left after "
+            "--drop-overlap"
+        )
+    return hit
+
+
 def describe_overlap(pairs: Sequence[dict[str, object]], limit: int = 5) -> str:
     """One line per pair (at most `limit`): 'ext.png ~ train.png (same radiograph, 212 inliers)'."""
     shown = [
@@ -477,15 +528,11 @@ _PARAMS = (
 
 
 def _version() -> str:
-    import hashlib
-
     return hashlib.sha256(repr(_PARAMS).encode()).hexdigest()[:12]
 
 
 def cache_dir() -> Path:
     """`$AUTOML_CXR_CACHE`, else `~/.cache/automl-cxr` (`$XDG_CACHE_HOME` honoured)."""
-    import os
-
     if os.environ.get("AUTOML_CXR_CACHE"):
         return Path(os.environ["AUTOML_CXR_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -494,17 +541,12 @@ def cache_dir() -> Path:
 
 def features_for(pixels: np.ndarray, sha256: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`local_features` of an image whose bytes hash to `sha256`, kept in the cache folder."""
-    import contextlib
-
     path = cache_dir() / f"keypoints-{_version()}" / sha256[:2] / f"{sha256}.npz"
     with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as z:
         return z["points"], z["descriptors"], z["size"]
     pts, desc, size = local_features(pixels)
     with contextlib.suppress(OSError):  # an unwritable cache only costs time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, points=pts, descriptors=desc, size=size)
-        tmp.replace(path)
+        save_npz_atomic(path, points=pts, descriptors=desc, size=size)
     return pts, desc, size
 
 
@@ -513,10 +555,6 @@ def find_matches_keyed(
 ) -> list[Match]:
     """`find_matches(features)` (pairs within one set), kept in the cache folder under the
     sha256 of the set's `keys` (one distinct key per image, e.g. its sha256)."""
-    import contextlib
-    import hashlib
-    import json
-
     keys = [str(k) for k in keys]
     if len(set(keys)) != len(keys):
         return find_matches(features, progress=progress)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +13,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from automl_cxr.data._dicom import decode_dicom, is_dicom_bytes
 from automl_cxr.errors import ImageDecodeError
 
-__all__ = [
-    "MIN_SIDE",
-    "DecodedImage",
-    "decode_gray",
-    "resize_square",
-    "thumbnail",
-    "thumbnail_pairs",
-]
+__all__ = ["MIN_SIDE", "DecodedImage", "decode_gray", "resize_square"]
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
@@ -147,24 +139,3 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
         return pixels
     img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
-
-
-def thumbnail(pixels: np.ndarray, size: int = 32) -> np.ndarray:
-    """A small float32 thumbnail, zero mean and unit norm, for near-duplicate detection."""
-    t = resize_square(pixels, size).astype(np.float32).ravel()
-    t -= t.mean()
-    n = float(np.linalg.norm(t))
-    return t / n if n > 0 else t
-
-
-def thumbnail_pairs(
-    a: np.ndarray, b: np.ndarray, threshold: float, *, block: int = 1024
-) -> Iterator[tuple[int, int, float]]:
-    """(i, j, correlation) of every pair of `thumbnail` rows `a[i]`, `b[j]` (flattened, as
-    `thumbnail` returns them) correlating above `threshold`, in row order of `a`; computed
-    `block` rows of `a` at a time so memory stays (block x len(b))."""
-    for start in range(0, len(a), block):
-        sims = a[start : start + block] @ b.T
-        rows, cols = np.nonzero(sims > threshold)
-        for r, c in zip(rows, cols, strict=True):
-            yield start + int(r), int(c), float(sims[r, c])

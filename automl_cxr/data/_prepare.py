@@ -85,14 +85,14 @@ def scan_images(
     """
     paths = pool["path"].tolist()
     infos: list[dict] = [{}] * len(paths)
-    thumbs: list[tuple | None] = [None] * len(paths)
+    feats: list[tuple | None] = [None] * len(paths)
     rejected: list[dict[str, str]] = []
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as ex:
         for i, (info, th, err) in enumerate(ex.map(lambda p: _decode_one(p, min_side), paths)):
             if err is not None:
                 rejected.append({"path": paths[i], "reason": err})
-            infos[i], thumbs[i] = info, th
+            infos[i], feats[i] = info, th
             if progress:
                 progress(i + 1, len(paths))
     if rejected and not skip_bad:
@@ -103,7 +103,7 @@ def scan_images(
             "Fix or remove them, or pass --skip-bad to leave them out (they are then listed "
             "in the dataset's rejects report)."
         )
-    ok = [i for i, t in enumerate(thumbs) if t is not None]
+    ok = [i for i, t in enumerate(feats) if t is not None]
     table = pool.iloc[ok].reset_index(drop=True)
     extra = (
         pd.DataFrame([infos[i] for i in ok])
@@ -111,7 +111,7 @@ def scan_images(
         else pd.DataFrame(columns=["sha256", "width", "height", "format", "notes"])
     )
     table = pd.concat([table, extra.reset_index(drop=True)], axis=1)
-    return ScanResult(table, LocalFeatures.stack([thumbs[i] for i in ok]), rejected)
+    return ScanResult(table, LocalFeatures.stack([feats[i] for i in ok]), rejected)
 
 
 def _dedupe(scan: ScanResult) -> tuple[pd.DataFrame, LocalFeatures, dict]:

@@ -161,13 +161,7 @@ def run_evaluate(
 def _check_overlap(ext, data, spec, exported, data_dir: Path, drop: bool, log: Log):
     """The duplicate finder between the external set and the training dataset (see
     `run_evaluate`); returns the (possibly reduced) set and what the check found."""
-    from automl_cxr.data import (
-        decode_gray,
-        describe_overlap,
-        extract_features,
-        load_dataset,
-        overlap_pairs,
-    )
+    from automl_cxr.data import features_of_files, load_dataset, overlap_pairs, overlap_to_drop
 
     dataset = None
     if spec is not None:
@@ -187,22 +181,21 @@ def _check_overlap(ext, data, spec, exported, data_dir: Path, drop: bool, log: L
             "the model's training dataset is not in the data directory (pass --data-dir)",
         }
     paths = ext.table["path"].astype(str).tolist()
-    feats = extract_features((decode_gray(p).pixels for p in paths), total=len(paths))
     pairs = overlap_pairs(
-        feats, paths, dataset.local_features(), dataset.manifest["path"].astype(str).tolist()
+        features_of_files(paths),
+        paths,
+        dataset.local_features(),
+        dataset.manifest["path"].astype(str).tolist(),
     )
-    hit = {str(p["external"]) for p in pairs}
-    if pairs and not drop:
-        raise DataError(
-            f"{data} is not external: {len(hit)} of its {len(paths)} images are a copy of an "
-            f"image of dataset {dataset.name!r} (re-framed: cropped, padded, resized, "
-            "re-windowed or re-encoded) or a film of one of its patients (local keypoints, "
-            f"RANSAC-verified): {describe_overlap(pairs)}. Remove them, or pass --drop-overlap "
-            "to leave them out (listed in the result)"
-        )
+    hit = overlap_to_drop(
+        pairs,
+        what=str(data),
+        images=len(paths),
+        dataset=dataset.name,
+        drop=drop,
+        recorded="listed in the result",
+    )
     if hit:
-        if len(hit) == len(paths):
-            raise DataError(f"every image of {data} overlaps dataset {dataset.name!r}")
         ext = ext.without(hit)
         if log:
             log(f"left out {len(hit)} image(s) that overlap {dataset.name!r} (--drop-overlap)")

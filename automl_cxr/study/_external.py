@@ -20,9 +20,9 @@ from typing import Any
 from automl_cxr.data import (
     PreparedDataset,
     SourceTable,
-    describe_overlap,
     load_dataset,
     overlap_pairs,
+    overlap_to_drop,
     prepare_table,
 )
 from automl_cxr.errors import ConfigError, DataError
@@ -139,23 +139,16 @@ def prepare_externals(
             dataset.local_features(),
             dataset.manifest["path"].astype(str).tolist(),
         )
-        if pairs and not drop_overlap:
-            n = len({p["external"] for p in pairs})
-            raise DataError(
-                f"external set {name!r} ({p}) is not external: {n} of its {len(ext)} images are "
-                f"a copy of an image of dataset {dataset.name!r} (re-framed: cropped, padded, "
-                "resized, re-windowed or re-encoded) or a film of one of its patients "
-                f"(local keypoints, RANSAC-verified): {describe_overlap(pairs)}. Remove them, "
-                "or pass --drop-overlap to leave them out (recorded in the study)"
-            )
-        if pairs:
-            hit = {p["external"] for p in pairs}
+        hit = overlap_to_drop(
+            pairs,
+            what=f"external set {name!r} ({p})",
+            images=len(ext),
+            dataset=dataset.name,
+            drop=drop_overlap,
+            recorded="recorded in the study",
+        )
+        if hit:
             keep = [i for i, q in enumerate(ext.manifest["path"].astype(str)) if q not in hit]
-            if not keep:
-                raise DataError(
-                    f"external set {name!r} ({p}): every image overlaps dataset "
-                    f"{dataset.name!r}; nothing is left after --drop-overlap"
-                )
             ext = ext.subset(keep, tag="drop-overlap")
             ext.meta["dropped_overlap"] = pairs
             if log:
