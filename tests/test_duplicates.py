@@ -215,3 +215,21 @@ def test_evaluate_data_refuses_a_reframed_training_image_before_any_work(
     assert kept.table["path"].map(lambda p: Path(p).name).tolist() == [nih.name]
     assert len(kept.images) == len(kept.labels) == 1
     assert [Path(p["external"]).name for p in check["dropped"]] == [copy.name]
+
+
+def test_cached_pairs_keep_the_direction_their_transform_maps(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's pairs are reused from the cache in another row order; a pair read back names
+    the image its transform maps from as `a` (it was sorted, silently flipping the transform)."""
+    from automl_cxr.data._duplicates import find_matches_keyed
+
+    monkeypatch.setenv("AUTOML_CXR_CACHE", str(tmp_path / "cache"))
+    film = read_cohen(shared_data / "cohen").table["path"].iloc[0]
+    copy = _copy_of(film, tmp_path / "copy", seed=5)
+    items = [features_for(decode_gray(p).pixels, decode_gray(p).sha256) for p in (film, copy)]
+    (first,) = find_matches_keyed(LocalFeatures.stack(items), ["film", "copy"])
+    assert (first.a, first.b) == (0, 1)
+    (again,) = find_matches_keyed(LocalFeatures.stack(items[::-1]), ["copy", "film"])
+    assert (again.a, again.b) == (1, 0)  # still film → copy
+    assert again.transform == first.transform and again.inliers == first.inliers

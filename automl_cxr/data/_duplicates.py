@@ -554,7 +554,8 @@ def find_matches_keyed(
     features: LocalFeatures, keys: Sequence[str], *, progress: Progress | None = None
 ) -> list[Match]:
     """`find_matches(features)` (pairs within one set), kept in the cache folder under the
-    sha256 of the set's `keys` (one distinct key per image, e.g. its sha256)."""
+    sha256 of the set's `keys` (one distinct key per image, e.g. its sha256). A pair read back
+    keeps the direction it was verified in, so its transform maps `a` onto `b`."""
     keys = [str(k) for k in keys]
     if len(set(keys)) != len(keys):
         return find_matches(features, progress=progress)
@@ -564,9 +565,18 @@ def find_matches_keyed(
     with contextlib.suppress(OSError, ValueError, KeyError):
         out = []
         for r in json.loads(path.read_text()):
-            a, b = sorted((index[r["a"]], index[r["b"]]))
-            out.append(Match(a, b, r["kind"], r["inliers"], r["votes"], r["transform"]))
-        return sorted(out, key=lambda m: (m.a, m.b))
+            # a and b as found: `transform` maps a onto b (in another row order a may be > b)
+            out.append(
+                Match(
+                    index[r["a"]],
+                    index[r["b"]],
+                    r["kind"],
+                    r["inliers"],
+                    r["votes"],
+                    r["transform"],
+                )
+            )
+        return sorted(out, key=lambda m: (min(m.a, m.b), max(m.a, m.b)))
     matches = find_matches(features, progress=progress)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
