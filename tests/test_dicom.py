@@ -22,10 +22,11 @@ from pydicom.uid import (  # noqa: E402
     generate_uid,
 )
 
+from automl_cxr.cli import main  # noqa: E402
 from automl_cxr.data import decode_gray  # noqa: E402
 from automl_cxr.data._dicom import dicom_split_groups, is_dicom  # noqa: E402
-from automl_cxr.data._sources import read_folder  # noqa: E402
-from automl_cxr.errors import ImageDecodeError  # noqa: E402
+from automl_cxr.data._sources import read_csv_manifest, read_folder  # noqa: E402
+from automl_cxr.errors import DataError, ImageDecodeError  # noqa: E402
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -105,6 +106,55 @@ def test_window_centre_width(xray: np.ndarray, tmp_path: Path) -> None:
     assert (img.pixels == 0).mean() > 0.01 and (img.pixels == 255).mean() > 0.01  # clipped
 
 
+def test_presentation_lut_inverse_decodes_like_the_png(xray: np.ndarray, tmp_path: Path) -> None:
+    """A MONOCHROME2 file stored inverted with PresentationLUTShape INVERSE shows bone bright;
+    MONOCHROME1 with INVERSE (the pairing DX files use) is inverted once, not twice."""
+    inv = _dataset(255 - xray, PresentationLUTShape="INVERSE")
+    img = decode_gray(_write(inv, tmp_path / "inverse.dcm"))
+    assert np.array_equal(img.pixels, _scaled(xray))
+    assert any("Presentation LUT INVERSE" in n for n in img.notes)
+    m1 = _dataset(255 - xray, photometric="MONOCHROME1", PresentationLUTShape="INVERSE")
+    assert np.array_equal(decode_gray(_write(m1, tmp_path / "m1inv.dcm")).pixels, _scaled(xray))
+    ident = _dataset(xray, PresentationLUTShape="IDENTITY")
+    assert np.array_equal(decode_gray(_write(ident, tmp_path / "id.dcm")).pixels, _scaled(xray))
+
+
+def test_pixel_padding_left_out_of_the_scaling(xray: np.ndarray, tmp_path: Path) -> None:
+    """Padding (here 0 around a 12-bit image whose real values start at 1000) does not set
+    the contrast: the exposed field scales as without padding, the padding is black."""
+    raw = xray.astype(np.uint16) * 8 + 1000
+    padded = raw.copy()
+    padded[:, :40] = 0
+    img = decode_gray(_write(_dataset(padded, bits=12, PixelPaddingValue=0), tmp_path / "pad.dcm"))
+    assert np.array_equal(img.pixels[:, 40:], _scaled(raw[:, 40:]))
+    assert (img.pixels[:, :40] == 0).all()
+    assert any("padding" in n for n in img.notes)
+
+
+def test_colour_dicom_with_a_window_is_a_listed_rejection(xray: np.ndarray, tmp_path: Path) -> None:
+    rgb = np.repeat(xray[..., None], 3, axis=2)
+    ds = _dataset(xray, WindowCenter=128, WindowWidth=200)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    path = _write(ds, tmp_path / "colour.dcm")
+    with pytest.raises(ImageDecodeError, match="colour DICOM \\(RGB\\) with a VOI LUT"):
+        decode_gray(path)
+    del ds.WindowCenter, ds.WindowWidth  # without a window: converted to gray
+    assert np.array_equal(decode_gray(_write(ds, tmp_path / "c2.dcm")).pixels, _scaled(xray))
+    root = tmp_path / "folder" / "normal"
+    root.mkdir(parents=True)
+    path.rename(root / "colour.dcm")
+    (tmp_path / "folder" / "covid").mkdir()
+    Image.fromarray(xray).save(tmp_path / "folder" / "covid" / "a.png")
+    Image.fromarray(xray[::-1]).save(root / "b.png")
+    out = tmp_path / "prep"
+    args = ["data", "prepare", "--folder", str(tmp_path / "folder"), "--data-dir", str(out)]
+    assert main([*args, "--name", "c"]) == 2  # listed with its reason, no traceback
+    assert main([*args, "--name", "c", "--skip-bad"]) == 0
+    listed = "".join(p.read_text() for p in (out / "c").iterdir() if p.suffix in {".json", ".csv"})
+    assert "colour DICOM (RGB) with a VOI LUT" in listed
+
+
 def test_jpeg_baseline_and_jpeg2000_compressed(xray: np.ndarray, tmp_path: Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(xray).save(buf, format="JPEG", quality=95)
@@ -168,6 +218,21 @@ def test_patient_id_becomes_the_split_group(xray: np.ndarray, tmp_path: Path) ->
     assert set(table.loc[table["path"].map(is_dicom), "view"]) == {"PA"}
     given = dicom_split_groups(table.assign(patient_id="x"), keep_given=True)
     assert set(given["patient_id"]) == {"x"}
+
+
+def test_missing_patient_id_is_refused_not_split_by_study(xray: np.ndarray, tmp_path: Path) -> None:
+    """Without PatientID each study would be its own split group (one patient's studies on
+    both sides of a split): refused, naming the file; patient ids from a CSV are taken."""
+    root = tmp_path / "folder"
+    (root / "normal").mkdir(parents=True)
+    ds = _dataset(xray)
+    del ds.PatientID
+    _write(ds, root / "normal" / "anon.dcm")
+    with pytest.raises(DataError, match="have no PatientID.*anon.dcm.*CSV manifest"):
+        read_folder(root)
+    csv = tmp_path / "ids.csv"
+    csv.write_text("path,label,patient_id\nfolder/normal/anon.dcm,normal,P9\n")
+    assert list(read_csv_manifest(csv).table["patient_id"]) == ["ids:P9"]
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,18 @@ JPEG files, with the display pipeline a PACS viewer applies.
    JPEG-LS, JPEG 2000, RLE) through the pylibjpeg plugins.
 3. The modality LUT (``RescaleSlope``/``RescaleIntercept`` or a Modality LUT Sequence), then
    the VOI LUT (a VOI LUT Sequence, else the first ``WindowCenter``/``WindowWidth``) when the
-   file has one — pydicom's ``apply_modality_lut`` / ``apply_voi_lut``.
+   file has one, then the Presentation LUT (``PresentationLUTShape`` INVERSE or a sequence) —
+   pydicom's ``apply_modality_lut`` / ``apply_voi_lut`` / ``apply_presentation_lut``. A colour
+   file with a window is rejected (a window is defined for one gray channel).
 4. The result is scaled to 0..255 by its real range (so 12-bit data in 16-bit words is not
-   crushed to black), and ``PhotometricInterpretation`` MONOCHROME1 (white = low values) is
-   inverted so bone is always bright.
+   crushed to black) with ``PixelPaddingValue`` pixels left out of the range and shown black,
+   and ``PhotometricInterpretation`` MONOCHROME1 (white = low values) is inverted so bone is
+   always bright — once, whether or not the file also says ``PresentationLUTShape`` INVERSE.
 
-``PatientID`` (else ``StudyInstanceUID``) of each file becomes its split group when a source
-table is built (:func:`dicom_split_groups`), so a patient's files never straddle folds.
+``PatientID`` of each file becomes its split group when a source table is built
+(:func:`dicom_split_groups`), so a patient's files never straddle folds. A file without one
+is refused unless patient ids are given in a CSV manifest: ``StudyInstanceUID`` would make
+each study its own group and split a patient's studies across folds.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from automl_cxr.errors import ImageDecodeError, MissingDependency
+from automl_cxr.errors import DataError, ImageDecodeError, MissingDependency
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -88,6 +93,18 @@ def _check_radiograph(ds: Any) -> str | None:
     return None
 
 
+def _padding_mask(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    """Pixels holding ``PixelPaddingValue`` (up to ``PixelPaddingRangeLimit`` when given), in
+    stored values before any LUT: the area outside the exposed field, which must not set the
+    contrast. None when the file declares no padding or no pixel holds it."""
+    if "PixelPaddingValue" not in ds or arr.ndim != 2:
+        return None
+    a = int(ds.PixelPaddingValue)
+    b = int(getattr(ds, "PixelPaddingRangeLimit", a))
+    mask = (arr >= min(a, b)) & (arr <= max(a, b))
+    return mask if mask.any() else None
+
+
 def decode_dicom(path: str | Path, data: bytes) -> tuple[np.ndarray, str, list[str]]:
     """(8-bit gray pixels, mode description, notes) of a DICOM radiograph's bytes.
 
@@ -96,7 +113,7 @@ def decode_dicom(path: str | Path, data: bytes) -> tuple[np.ndarray, str, list[s
     """
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -121,20 +138,45 @@ def decode_dicom(path: str | Path, data: bytes) -> tuple[np.ndarray, str, list[s
         raise ImageDecodeError(path, f"cannot decode DICOM pixel data ({name}): {msg}") from None
     notes: list[str] = []
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    windowed = "VOILUTSequence" in ds or "WindowCenter" in ds
     if arr.ndim == 3:  # colour (RGB / YBR after pydicom's conversion)
+        if windowed:
+            raise ImageDecodeError(
+                path,
+                f"colour DICOM ({photometric}) with a VOI LUT / window: a window is defined "
+                "for one gray channel, so the display this file asks for is undefined "
+                "(allowed: MONOCHROME1/2 with or without a window, colour without one)",
+            )
         arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         notes.append(f"{photometric} converted to gray")
+    padding = _padding_mask(arr, ds)
     values = apply_modality_lut(arr, ds).astype(np.float64)
     if "RescaleSlope" in ds or "ModalityLUTSequence" in ds:
         notes.append("modality LUT applied")
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+    if windowed:
         values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
         notes.append("VOI LUT / window applied")
-    lo, hi = float(values.min()), float(values.max())
+    shape = str(getattr(ds, "PresentationLUTShape", "") or "").strip().upper()
+    if "PresentationLUTSequence" in ds or shape in ("IDENTITY", "INVERSE"):
+        # P-values: the display the file asks for. INVERSE is the same inversion that
+        # MONOCHROME1 implies (PS3.3 C.8.11.6.1.2 pairs them), so it is applied once.
+        values = np.asarray(apply_presentation_lut(values, ds), dtype=np.float64)
+        if shape == "INVERSE":
+            notes.append("Presentation LUT INVERSE applied")
+        elif "PresentationLUTSequence" in ds:
+            notes.append("Presentation LUT applied")
+        invert = False
+    else:
+        invert = photometric == "MONOCHROME1"
+    real = values[~padding] if padding is not None else values
+    lo, hi = (float(real.min()), float(real.max())) if real.size else (0.0, 0.0)
     out = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-    if photometric == "MONOCHROME1":
+    if invert:
         out = 255.0 - out
         notes.append("MONOCHROME1 inverted")
+    if padding is not None:
+        out[padding] = 0.0
+        notes.append(f"{int(padding.sum())} padding pixel(s) left out of the scaling, shown black")
     bits = int(getattr(ds, "BitsStored", 8) or 8)
     if bits > 8:
         notes.append(f"{bits}-bit rescaled by its real range")
@@ -155,23 +197,35 @@ def dicom_header(path: str | Path) -> dict[str, str]:
 
 
 def dicom_split_groups(table: Any, *, keep_given: bool = False) -> Any:
-    """A source table whose DICOM rows take their ``patient_id`` from the file: PatientID,
-    else StudyInstanceUID (prefixed by the source), and their ``view`` from ViewPosition.
-    With `keep_given` (the user supplied patient ids) only the view is filled in."""
+    """A source table whose DICOM rows take their ``patient_id`` from the file's PatientID
+    (prefixed by the source) and their ``view`` from ViewPosition. With `keep_given` (the user
+    supplied patient ids) only the view is filled in.
+
+    Raises DataError naming the files when a DICOM file has no PatientID and no id was given.
+    """
     if table is None or len(table) == 0 or "path" not in table:
         return table
     mask = [is_dicom(p) for p in table["path"]]
     if not any(mask):
         return table
     table = table.copy()
+    anonymous: list[str] = []
     for i in np.flatnonzero(mask):
         idx = table.index[i]
         h = dicom_header(table.at[idx, "path"])
         if not keep_given:
-            key = h["PatientID"] or h["StudyInstanceUID"]
-            if key:
+            if h["PatientID"]:
                 src = str(table.at[idx, "source"]) if "source" in table else "dicom"
-                table.at[idx, "patient_id"] = f"{src}:{key}"
+                table.at[idx, "patient_id"] = f"{src}:{h['PatientID']}"
+            else:
+                anonymous.append(str(table.at[idx, "path"]))
         if "view" in table and not str(table.at[idx, "view"] or "") and h["ViewPosition"]:
             table.at[idx, "view"] = h["ViewPosition"]
+    if anonymous:
+        raise DataError(
+            f"{len(anonymous)} DICOM file(s) have no PatientID, e.g. {anonymous[:3]}: without "
+            "it a patient's films cannot be kept on one side of a split (grouping by "
+            "StudyInstanceUID would put each study of one patient in its own group). Give "
+            "patient ids in a CSV manifest with columns path,label,patient_id"
+        )
     return table
