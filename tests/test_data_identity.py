@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from automl_cxr.cli import main
 from automl_cxr.data import (
@@ -18,6 +19,7 @@ from automl_cxr.data import (
     read_csv_manifest,
     resize_square,
 )
+from automl_cxr.errors import DataError
 
 SIZE = 32
 
@@ -121,6 +123,28 @@ def test_manifest_written_and_loaded_in_canonical_order(tmp_path: Path, prepared
     assert set(back.manifest["site"]) == {"cohen", "kermany"}  # one site per source
     assert (back.manifest[back.manifest.source == "kermany"]["age_group"] == "child").all()
     np.testing.assert_array_equal(back.labels, ds.labels)
+
+
+def test_hand_edited_manifest_is_refused(tmp_path: Path, prepared_dir: Path) -> None:
+    """A manifest changed after `data prepare` (a label flipped, a row dropped) no longer matches
+    the hash its image and feature caches are keyed by: an error naming it, not misaligned rows.
+    Fails on the code before the check (it loaded both)."""
+    src = prepared_dir / "three_class"
+    on_disk = pd.read_csv(src / "manifest.csv", dtype=str, keep_default_na=False)
+    meta = (src / "dataset.json").read_text()
+    flipped = on_disk.copy()
+    first = flipped.index[flipped["label"] == "covid"][0]
+    flipped.loc[first, "label"] = "normal"
+    for name, table in (("flipped", flipped), ("dropped", on_disk.iloc[1:])):
+        (tmp_path / name).mkdir()
+        table.to_csv(tmp_path / name / "manifest.csv", index=False)
+        (tmp_path / name / "dataset.json").write_text(meta)
+        with pytest.raises(DataError, match="does not match the manifest_hash.*Prepare it again"):
+            load_dataset(name, tmp_path)
+    (tmp_path / "same").mkdir()
+    on_disk.sample(frac=1, random_state=0).to_csv(tmp_path / "same" / "manifest.csv", index=False)
+    (tmp_path / "same" / "dataset.json").write_text(meta)
+    assert load_dataset("same", tmp_path).hash == load_dataset("three_class", prepared_dir).hash
 
 
 def test_manifest_columns_load_with_their_types(prepared_dir: Path) -> None:

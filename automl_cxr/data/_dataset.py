@@ -25,6 +25,7 @@ __all__ = [
     "canonical_order",
     "list_datasets",
     "load_dataset",
+    "manifest_hash",
     "row_order_digest",
     "save_npy_atomic",
     "save_npz_atomic",
@@ -68,6 +69,20 @@ def canonical_order(manifest: pd.DataFrame) -> pd.DataFrame:
 def row_order_digest(manifest: pd.DataFrame) -> str:
     """A hash of the row order (the sha256 column in order): the image cache's second key."""
     return hashlib.sha256("\n".join(manifest["sha256"].astype(str)).encode()).hexdigest()
+
+
+def manifest_hash(manifest: pd.DataFrame) -> str:
+    """Content hash of a manifest: image bytes, label and split group of every row.
+
+    The hash itself is order-free; every manifest is written (and loaded) in one canonical row
+    order (`canonical_order`: by sha256, then path), so one hash means one row order."""
+    lines = sorted(
+        f"{s}\t{lab}\t{g}"
+        for s, lab, g in zip(
+            manifest["sha256"], manifest["label"], manifest["group_id"], strict=True
+        )
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _with_demographics(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -266,4 +281,16 @@ def load_dataset(name: str, data_dir: str | Path) -> PreparedDataset:
         # Written by an older version in another order (or edited by hand): the canonical
         # order makes one manifest hash mean one row order for every cache keyed by it.
         manifest = canonical_order(manifest)
+    if {"sha256", "label", "group_id"} <= set(manifest.columns) and "manifest_hash" in meta:
+        # Image and feature caches are keyed by the recorded hash: rows edited by hand would
+        # be served another row's pixels or features.
+        found = manifest_hash(manifest)
+        if found != meta["manifest_hash"]:
+            raise DataError(
+                f"dataset {name!r} at {root}: manifest.csv does not match the manifest_hash "
+                f"recorded in dataset.json ({meta['manifest_hash'][:12]}…, rows hash to "
+                f"{found[:12]}…): it was edited after `data prepare`, and the cached images "
+                "and features keyed by that hash would no longer line up with its rows. "
+                "Prepare it again (or exclude rows with `data prepare --exclude`)"
+            )
     return PreparedDataset(root, _with_demographics(manifest), meta)

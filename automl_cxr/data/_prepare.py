@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from automl_cxr.data._dataset import MANIFEST_COLUMNS, canonical_order, row_order_digest
+from automl_cxr.data._dataset import (
+    MANIFEST_COLUMNS,
+    canonical_order,
+    manifest_hash,
+    row_order_digest,
+)
 from automl_cxr.data._duplicates import (
     FEATURES_FILE,
     LocalFeatures,
@@ -219,20 +224,6 @@ def _merge_copies(
     groups = [pats.find(p) for p in patients]
     out = table.assign(group_id=groups)[keep].reset_index(drop=True)
     return out, features.take(np.flatnonzero(keep)), report, conflicts
-
-
-def manifest_hash(manifest: pd.DataFrame) -> str:
-    """Content hash of a manifest: image bytes, label and split group of every row.
-
-    The hash itself is order-free; every manifest is written (and loaded) in one canonical row
-    order (`canonical_order`: by sha256, then path), so one hash means one row order."""
-    lines = sorted(
-        f"{s}\t{lab}\t{g}"
-        for s, lab, g in zip(
-            manifest["sha256"], manifest["label"], manifest["group_id"], strict=True
-        )
-    )
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _summary(manifest: pd.DataFrame) -> dict:
