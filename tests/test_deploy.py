@@ -137,7 +137,14 @@ def test_export_writes_models_and_card(
     assert ba["mean"] == pytest.approx(trial.value)
     assert 0.0 <= ba["ci_low"] <= ba["mean"] <= ba["ci_high"] <= 1.0
     assert card["data"]["manifest_hash"] == load_dataset("three_class", prepared_dir).hash
-    assert card["data"]["training_hash"] == trial.user_attrs["dataset_hash"]
+    assert card["data"]["study_data_hash"] == trial.user_attrs["dataset_hash"]
+    # calibrated by default: trained on all but the calibration holdout's patients
+    hold = json.loads((exported / "config.json").read_text())["calibration_holdout"]
+    from automl_cxr.deploy._commands import open_trial
+    from automl_cxr.deploy._select import training_data
+
+    n = len(training_data(open_trial(smoke_study), prepared_dir))
+    assert card["data"]["images"] == hold["trained_on"] == n - hold["images"]
     assert card["data"]["recipe"]["name"] == "three_class"
     assert card["diagnostics"]["source_probe"]["auc"] >= 0.9
     assert "not a medical device" in card["intended_use"]

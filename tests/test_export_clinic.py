@@ -1,6 +1,7 @@
-"""`export` with temperature scaling, an operating point and Caruana ensemble selection, all
-fitted on the smoke study's stored out-of-fold predictions; `predict` and `evaluate` apply the
-operating point. Real shared X-rays, tiny models."""
+"""`export` with temperature scaling and an operating point fitted on the exported model's own
+predictions on a calibration holdout (cross-fitted figures on the card), Caruana ensemble
+selection on the smoke study's stored out-of-fold predictions; `predict` and `evaluate` apply
+the operating point. Real shared X-rays, tiny models."""
 
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ import torch
 from automl_cxr.cli import main
 from automl_cxr.data import load_dataset, read_cohen
 from automl_cxr.deploy import ExportedModel, load_image, load_study, predict_images, select_trial
+from automl_cxr.deploy._clinic import calibration_holdout
+from automl_cxr.deploy._commands import open_trial
 from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
+from automl_cxr.deploy._select import training_data
 from automl_cxr.oof import (
     apply_temperature,
     caruana_select,
+    choose_threshold,
+    crossfit_operating_point,
+    crossfit_parts,
+    crossfit_temperature,
     decide,
+    ece,
     fit_temperature,
     load_oof,
     load_study_oof,
@@ -48,42 +57,99 @@ def images(shared_data: Path) -> list[Path]:
     return cohen + normal
 
 
-def test_temperature_and_threshold_come_from_the_oof_of_the_exported_trial(
-    smoke_study: Path, with_point: Path, capsys
+def test_temperature_and_threshold_come_from_the_exported_model_on_its_holdout(
+    smoke_study: Path, prepared_dir: Path, with_point: Path, capsys
 ) -> None:
+    """Issue 24 §2: the temperature and the threshold are fitted on the exported model's own
+    predictions on patients it never trained on, and the card's figures are cross-fitted
+    within them. The previous code fitted both on the fold models' pooled out-of-fold
+    predictions and scored them in-sample, and wrote no `calibration_holdout`."""
     capsys.readouterr()
     cfg = json.loads((with_point / "config.json").read_text())
     card = json.loads((with_point / "model_card.json").read_text())
-    study = load_study(smoke_study)
-    best = select_trial(study, "best")
-    oof = load_oof(best, smoke_study, required=True).valid()
-    fit = fit_temperature(oof.probs, oof.labels)
-    assert cfg["calibration"]["temperature"] == pytest.approx(fit["temperature"])
-    cal = apply_temperature(oof.probs, fit["temperature"])
-    k = cfg["classes"].index("covid")
-    op = cfg["operating_point"]
-    assert op["positive"] == "covid" and op["rule"] == "sensitivity" and op["target"] == 0.9
-    # the threshold achieves the asked sensitivity on the data it was chosen on
-    pos = oof.labels == k
-    assert np.mean(cal[pos, k] >= op["threshold"]) >= 0.9
-    assert card["operating_point"]["sensitivity"] == pytest.approx(
-        np.mean(cal[pos, k] >= op["threshold"])
-    )
-    c = card["calibration"]
-    assert c["before"]["ece"] >= 0 and c["after"]["ece"] >= 0
-    assert c["after"]["nll"] <= c["before"]["nll"] + 1e-9
-    md = (with_point / "model_card.md").read_text()
-    assert "## Calibration" in md and "## Operating point" in md and "expected sensitivity" in md
-    # the temperature is in the graphs: TorchScript = softmax(inner logits / T)
+    spec = open_trial(smoke_study)
+    ds = training_data(spec, prepared_dir)
+    fit_rows, cal_rows = calibration_holdout(ds, spec.seed)
+    assert not set(ds.groups[fit_rows]) & set(ds.groups[cal_rows])  # whole patients
+    hold = cfg["calibration_holdout"]
+    assert hold["images"] == len(cal_rows) and hold["trained_on"] == len(fit_rows)
+    assert cfg["training_data"]["images"] == len(fit_rows)
+    listed = set((with_point / "training_images.sha256").read_text().split())
+    assert listed == set(ds.manifest["sha256"])  # holdout images listed as seen
+    # the holdout through the exported graph, as `predict` feeds it, without its temperature
     m = ExportedModel(with_point, runtime="pytorch")
     net = m.torch_model()
     assert isinstance(net, TemperatureScaled)
-    x = torch.rand(2, 1, m.resolution, m.resolution, generator=torch.Generator().manual_seed(0))
+    paths = ds.manifest["path"].to_numpy()[cal_rows]
+    x = torch.from_numpy(np.stack([load_image(p, m.resolution).tensor for p in paths]))
     with torch.no_grad():
-        inner = torch.softmax(net.model(x) / fit["temperature"], 1).numpy()
+        raw = torch.softmax(net.model(x), 1).numpy().astype(np.float64)
+    raw /= raw.sum(axis=1, keepdims=True)
+    labels, groups = ds.labels[cal_rows], ds.groups[cal_rows]
+    t = fit_temperature(raw, labels)["temperature"]
+    assert cfg["calibration"]["temperature"] == pytest.approx(t, rel=1e-3)
+    c = card["calibration"]
+    assert "calibration holdout" in c["fitted_on"] and c["before"]["n"] == len(cal_rows)
+    assert c["before"]["ece"] == pytest.approx(ece(raw, labels), abs=1e-3)
+    parts, _ = crossfit_parts(labels, groups, seed=spec.seed)
+    cf = crossfit_temperature(raw, labels, groups, parts, n_boot=50)
+    assert c["after"]["ece"] == pytest.approx(cf["after"]["ece"], abs=1e-3)
+    assert c["after_in_sample"]["ece"] == pytest.approx(cf["in_sample_after"]["ece"], abs=1e-3)
+    k = cfg["classes"].index("covid")
+    op = cfg["operating_point"]
+    assert op["positive"] == "covid" and op["rule"] == "sensitivity" and op["target"] == 0.9
+    cal = apply_temperature(raw, t)
+    pos = labels == k
+    assert np.mean(cal[pos, k] >= op["threshold"] - 1e-6) >= 0.9  # in-sample: met by design
+    want = crossfit_operating_point(
+        raw, labels, k, "sensitivity", 0.9, groups, parts, temperature=True, n_boot=50
+    )
+    assert card["operating_point"]["sensitivity"] == pytest.approx(want["sensitivity"])
+    assert card["operating_point"]["specificity"] == pytest.approx(want["specificity"])
+    md = (with_point / "model_card.md").read_text()
+    assert "## Calibration" in md and "## Operating point" in md
+    assert "after, cross-fitted" in md and "after, in-sample" in md and "(cross-fitted)" in md
+    # the temperature is in the graphs: every runtime = softmax(inner logits / T)
+    xr = torch.rand(2, 1, m.resolution, m.resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inner = torch.softmax(net.model(xr) / cfg["calibration"]["temperature"], 1).numpy()
     for runtime in ("torchscript", "onnx", "pytorch"):
-        got = ExportedModel(with_point, runtime=runtime).predict_proba(x.numpy())
+        got = ExportedModel(with_point, runtime=runtime).predict_proba(xr.numpy())
         assert np.allclose(got, inner, atol=1e-4)
+
+
+def test_crossfitted_figures_are_fitted_on_other_parts(oof_valid) -> None:
+    """Each part's temperature and threshold come from the other parts only: recomputed by
+    hand on a stored out-of-fold table."""
+    v = oof_valid
+    k = v.classes.index("covid")
+    parts, how = crossfit_parts(v.labels, v.groups, v.folds)
+    assert how == "validation folds" and len(np.unique(parts)) == 2
+    cf = crossfit_temperature(v.probs, v.labels, v.groups, parts, n_boot=50)
+    op = crossfit_operating_point(v.probs, v.labels, k, "youden", None, v.groups, parts)
+    called = np.zeros(len(v.labels), dtype=bool)
+    for rec, orec in zip(cf["per_part"], op["per_part"], strict=True):
+        other, held = parts != rec["part"], parts == rec["part"]
+        t = fit_temperature(v.probs[other], v.labels[other])["temperature"]
+        assert rec["temperature"] == pytest.approx(t)
+        assert np.allclose(cf["calibrated"][held], apply_temperature(v.probs[held], t))
+        thr = choose_threshold(v.probs[other, k], v.labels[other] == k, "youden", None)
+        assert orec["threshold"] == pytest.approx(thr)
+        called[held] = v.probs[held, k] >= thr
+    pos = v.labels == k
+    assert op["sensitivity"] == pytest.approx(called[pos].mean())
+    assert op["specificity"] == pytest.approx((~called[~pos]).mean())
+    # one fold only (a holdout): stratified patient parts instead, whole patients each
+    parts1, how1 = crossfit_parts(v.labels, v.groups, np.zeros(len(v.labels), dtype=int))
+    assert "patient parts" in how1
+    for p in np.unique(parts1):
+        assert not set(v.groups[parts1 == p]) & set(v.groups[parts1 != p])
+
+
+@pytest.fixture(scope="module")
+def oof_valid(smoke_study: Path):
+    study = load_study(smoke_study)
+    return load_oof(select_trial(study, "best"), smoke_study, required=True).valid()
 
 
 def test_predict_reports_argmax_and_thresholded(with_point: Path, images: list[Path]) -> None:

@@ -5,6 +5,7 @@ search ever seeing them (issues 12 §3–4 and 13 items 7, 8, 10)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,69 @@ def test_resume_with_another_protocol_is_refused_naming_each_field(
         run_search(_settings(prepared_dir, db, dataset="binary_adult", trials=n + 1, cv="site",
                              study_name=study.study_name))  # fmt: skip
     assert len(load_study(str(db)).trials) == n  # nothing was added
+
+
+def test_resume_compares_space_sampler_pruner_device_precision_and_versions(
+    smoke_study: Path, prepared_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Fields added by issue 24 §5: each differing one is named, nothing is added. Fails on the
+    previous code (a resume with another sampler, pruner, space or torch version ran)."""
+    db = tmp_path / "s.db"
+    db.write_bytes(smoke_study.read_bytes())
+    study = load_study(str(db))
+    proto, n = study.user_attrs["protocol"], len(study.trials)
+    assert proto["sampler"] == "tpe" and proto["pruner"] == "hyperband"
+    assert proto["device"] == "cpu" and proto["precision"] in ("fp32", "bf16")
+    assert len(proto["space_hash"]) == 64 and set(proto["versions"]) == {
+        "automl_cxr",
+        "torch",
+        "timm",
+    }
+    space = tmp_path / "other.yaml"
+    space.write_text("lr: {low: 1.0e-4, high: 1.0e-3, log: true}\n")
+    with pytest.raises(StorageError) as exc:
+        run_search(
+            _settings(prepared_dir, db, trials=n + 1, sampler="random", pruner="none", space=space)
+        )
+    msg = str(exc.value)
+    assert "sampler: the study has 'tpe', this run 'random' (pass --sampler tpe)" in msg
+    assert "pruner: the study has 'hyperband', this run 'none' (pass --pruner hyperband)" in msg
+    assert "space: the study searched a space with content hash" in msg
+    import automl_cxr.study._protocol as protocol
+
+    real = protocol.package_versions()
+    monkeypatch.setattr(
+        protocol, "package_versions", lambda: {**real, "torch": "1.0.0"}, raising=True
+    )
+    with pytest.raises(StorageError, match=re.escape(f"torch {real['torch']} → 1.0.0")):
+        run_search(_settings(prepared_dir, db, trials=n + 1))
+    assert len(load_study(str(db)).trials) == n
+
+
+def test_a_study_whose_settings_were_cut_short_gets_them_all(
+    prepared_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A crash while the study's settings are stored (here at `objectives`) leaves no `dataset`
+    marker, which is written last: the next run stores every attribute, protocol included.
+    On the previous code the marker came first and the next run refused the study
+    ("optimises None")."""
+    db = tmp_path / "cut.db"
+    real = optuna.study.Study.set_user_attr
+
+    def crash(self, key, value):
+        if key == "objectives":
+            raise KeyboardInterrupt
+        real(self, key, value)
+
+    monkeypatch.setattr(optuna.study.Study, "set_user_attr", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_settings(prepared_dir, db, trials=1))
+    assert "dataset" not in load_study(str(db)).user_attrs
+    monkeypatch.setattr(optuna.study.Study, "set_user_attr", real)
+    run_search(_settings(prepared_dir, db, trials=1))
+    attrs = load_study(str(db)).user_attrs
+    assert attrs["dataset"] == "three_class" and attrs["objectives"] == ["balanced_accuracy"]
+    assert attrs["protocol"]["sampler"] == "tpe"
 
 
 def test_bad_metric_is_refused_before_any_work(prepared_dir: Path, tmp_path: Path) -> None:

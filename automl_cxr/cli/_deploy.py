@@ -242,15 +242,18 @@ def export(
         str | None,
         typer.Option(
             "--operating-point",
-            help="Threshold on the positive class chosen on the out-of-fold predictions: "
-            "sensitivity=0.95, specificity=0.9 or youden.",
+            help="Threshold on the positive class, chosen on the exported model's predictions on "
+            "a calibration holdout of patients it does not train on: sensitivity=0.95, "
+            "specificity=0.9 or youden.",
         ),
     ] = None,
     calibrate: Annotated[
         bool,
         typer.Option(
             "--calibrate/--no-calibrate",
-            help="Bake in temperature scaling fitted on the out-of-fold predictions.",
+            help="Bake in temperature scaling fitted on the exported model's predictions on a "
+            "calibration holdout (about 1/5 of the patients, left out of its training); "
+            "--no-calibrate without --operating-point trains on all the data.",
         ),
     ] = True,
     ensemble_select: Annotated[
@@ -264,8 +267,9 @@ def export(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Retrain the chosen trial on all its data (or keep its fold ensemble); write TorchScript,
-    ONNX, weights, config and a model card (research only, not a medical device)."""
+    """Retrain the chosen trial (or its fold ensemble), calibrated on patients it does not
+    train on; write TorchScript, ONNX, weights, config and a model card (research only, not a
+    medical device)."""
     from automl_cxr.deploy import run_export
 
     res = run_export(
@@ -324,8 +328,8 @@ def export(
         if cal:
             b, a = cal["before"], cal["after"]
             out_console.print(
-                f"temperature scaling T = {cal['temperature']:.3f}: out-of-fold ECE "
-                f"{b['ece']:.3f} → {a['ece']:.3f}",
+                f"temperature scaling T = {cal['temperature']:.3f}: holdout ECE "
+                f"{b['ece']:.3f} → {a['ece']:.3f} (cross-fitted)",
                 highlight=False,
             )
         op = res.get("operating_point")
@@ -333,7 +337,7 @@ def export(
             out_console.print(
                 f"operating point {op['rule']}"
                 + ("" if op["target"] is None else f"={op['target']}")
-                + f": {op['positive']} if p >= {op['threshold']:.4f}; expected sensitivity "
+                + f": {op['positive']} if p >= {op['threshold']:.4f}; cross-fitted sensitivity "
                 f"{op['sensitivity']:.3f} [{op['sensitivity_ci_low']:.3f}, "
                 f"{op['sensitivity_ci_high']:.3f}], specificity {op['specificity']:.3f} "
                 f"[{op['specificity_ci_low']:.3f}, {op['specificity_ci_high']:.3f}]",

@@ -150,7 +150,8 @@ class PreparedDataset:
         idx = np.asarray(indices, dtype=np.int64)
         manifest = self.manifest.iloc[idx].reset_index(drop=True)
         sub_hash = hashlib.sha256(f"{self.hash}:{tag}:{idx.tolist()}".encode()).hexdigest()
-        meta = {**self.meta, "manifest_hash": sub_hash, "subset_of": self.hash, "subset": tag}
+        root = self.meta.get("subset_of") or self.hash  # the prepared dataset on disk
+        meta = {**self.meta, "manifest_hash": sub_hash, "subset_of": root, "subset": tag}
         meta["classes"] = {k: int(v) for k, v in manifest["label"].value_counts().items()}
         parent = self
 

@@ -164,7 +164,8 @@ def build_card(
             else None,
             "origin": meta.get("origin"),
             "manifest_hash": meta.get("subset_of") or dataset.hash,
-            "training_hash": dataset.hash,
+            "training_hash": dataset.hash,  # the rows the exported model trained on
+            "study_data_hash": spec.user_attrs.get("dataset_hash"),  # the search's rows
             "subset": meta.get("subset"),
             "images": len(dataset),
             "classes": counts,
@@ -245,6 +246,7 @@ def _clinic_lines(card: dict[str, Any]) -> list[str]:
     cal = card.get("calibration")
     if cal:
         b, a = cal["before"], cal["after"]
+        ins = cal.get("after_in_sample")
         lines += ["", "## Calibration", ""]
         lines.append(
             f"Temperature scaling: T = {cal['temperature']:.3f}, fitted on {cal['fitted_on']}; "
@@ -255,35 +257,51 @@ def _clinic_lines(card: dict[str, Any]) -> list[str]:
             "| | ECE [95% CI] | Brier | NLL |",
             "| --- | --- | ---: | ---: |",
             f"| before | {_ci_text(b, 'ece')} | {_fmt(b['brier'])} | {_fmt(b['nll'])} |",
-            f"| after | {_ci_text(a, 'ece')} | {_fmt(a['brier'])} | {_fmt(a['nll'])} |",
+            f"| after, cross-fitted | {_ci_text(a, 'ece')} | {_fmt(a['brier'])} | "
+            f"{_fmt(a['nll'])} |",
+        ]
+        if ins:
+            lines.append(
+                f"| after, in-sample | {_ci_text(ins, 'ece')} | {_fmt(ins['brier'])} | "
+                f"{_fmt(ins['nll'])} |"
+            )
+        lines += [
             "",
-            f"ECE: top-label expected calibration error ({b['n_bins']} bins) of the "
-            f"{b['n']} out-of-fold predictions, 95% CI from a bootstrap over {b['n_groups']} "
-            "patients. The 'after' row is scored on the predictions T was fitted on "
-            "(optimistic); the fold models' calibration transfers to the exported model only "
-            "approximately.",
+            f"ECE: top-label expected calibration error ({b['n_bins']} bins) of the exported "
+            f"model's predictions on the {b['n']} holdout images, 95% CI from a bootstrap over "
+            f"{b['n_groups']} patients. Cross-fitted ({cal.get('crossfit', 'parts')}): each "
+            "part scored with a temperature fitted on the other parts. The in-sample row is "
+            "scored on the predictions its temperature was fitted on (optimistic).",
         ]
     op = card.get("operating_point")
     if op:
         target = "" if op.get("target") is None else f"={op['target']}"
+        ins = op.get("in_sample") or {}
         lines += ["", "## Operating point", ""]
         lines.append(
             f"`{op['rule']}{target}` on `{op['positive']}`: called {op['positive']} when its "
             f"probability is >= {op['threshold']:.4f} (else the most probable other class); "
-            f"chosen on the {op['n_positive'] + op['n_negative']} out-of-fold predictions"
+            f"chosen on {op['chosen_on']}"
             + (" after temperature scaling" if op.get("calibrated") else "")
             + "."
         )
         lines += [
             "",
-            f"- expected sensitivity {_ci_text(op, 'sensitivity')}",
-            f"- expected specificity {_ci_text(op, 'specificity')}",
+            f"- expected sensitivity {_ci_text(op, 'sensitivity')} (cross-fitted)",
+            f"- expected specificity {_ci_text(op, 'specificity')} (cross-fitted)",
+        ]
+        if ins:
+            lines.append(
+                f"- in-sample (chosen and scored on the same images): sensitivity "
+                f"{_fmt(ins['sensitivity'])}, specificity {_fmt(ins['specificity'])}"
+            )
+        lines += [
             f"- at the arg-max instead: sensitivity {_fmt(op['argmax_sensitivity'])}, "
             f"specificity {_fmt(op['argmax_specificity'])}",
             "",
-            "95% CIs: bootstrap over patients with the threshold fixed. The threshold was chosen "
-            "on these predictions, so the asked value is met there by construction; check it on "
-            "an external set (`automl-cxr evaluate --model DIR`).",
+            f"Cross-fitted ({op.get('crossfit', 'parts')}): each part's threshold chosen on the "
+            "other parts, the pooled held-out calls scored; 95% CIs: bootstrap over patients. "
+            "Check it on an external set (`automl-cxr evaluate --model DIR`).",
         ]
     return lines
 

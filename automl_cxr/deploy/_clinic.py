@@ -1,9 +1,13 @@
-"""What `export` takes from the study's stored out-of-fold predictions: temperature scaling,
-an operating point on the positive class, and Caruana ensemble selection across trials.
+"""What `export` fits after training: Caruana ensemble selection across trials (on the
+study's stored out-of-fold predictions), and the temperature and operating point of the object
+it exports.
 
-Everything is fitted on out-of-fold predictions of the study's trials (never on data the card
-reports as external), then baked into the exported graph (temperature) and its config
-(threshold), and described in the model card.
+The temperature and the threshold are fitted on the exported object's own predictions on a
+calibration holdout: whole patients (about a fifth, stratified) left out of its training
+(full retrain, fold ensemble or selected ensemble alike). Out-of-fold predictions of the K
+fold models describe other models: a full retrain trains on other data for other epochs and
+an average of fold models is softer than each. The card's figures are cross-fitted within the
+holdout, the in-sample ones beside them.
 """
 
 from __future__ import annotations
@@ -22,18 +26,27 @@ from automl_cxr.deploy._select import TrialSpec, trial_spec
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.oof import (
     apply_temperature,
-    calibration_summary,
     caruana_select,
+    choose_threshold,
+    crossfit_operating_point,
+    crossfit_parts,
+    crossfit_temperature,
     fit_temperature,
-    load_oof,
     load_study_oof,
     metric_scorer,
     nested_selection,
-    operating_point,
     parse_operating_point,
 )
 
-__all__ = ["ExportPlan", "plan_export"]
+__all__ = [
+    "HOLDOUT_PARTS",
+    "ExportPlan",
+    "calibrate_export",
+    "calibration_holdout",
+    "check_export_options",
+    "holdout_probabilities",
+    "plan_export",
+]
 
 Log = Callable[[str], None] | None
 
@@ -119,6 +132,39 @@ def _select(
     return model, card, {"members": cfgs}, mixed, first
 
 
+HOLDOUT_PARTS = 5
+"""The calibration holdout is one of this many stratified patient groups (about 20 %)."""
+
+
+def calibration_holdout(dataset: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the exported model trains on, rows that calibrate it): whole patients, stratified
+    by label, one of `HOLDOUT_PARTS` groups held out (scikit-learn's StratifiedGroupKFold)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, g = np.asarray(dataset.labels), np.asarray(dataset.groups).astype(str)
+    n = min(HOLDOUT_PARTS, len(np.unique(g)))
+    if n < 2:
+        raise ConfigError(
+            f"a calibration holdout needs at least 2 patients, but the training data has {n}: "
+            "export with --no-calibrate and without --operating-point"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
+    fit, held = next(splitter.split(np.zeros(len(y)), y, g))
+    return np.sort(fit), np.sort(held)
+
+
+def check_export_options(spec: TrialSpec, point: str | None) -> tuple[str | None, float | None]:
+    """The operating point's (rule, target), refused before any work when it is malformed or
+    the study has no positive class."""
+    rule, target = parse_operating_point(point) if point else (None, None)
+    if rule is not None and spec.positive not in spec.classes:
+        raise ConfigError(
+            f"--operating-point needs the study's positive class, but study "
+            f"{spec.study_name!r} has none among {spec.classes}"
+        )
+    return rule, target
+
+
 def plan_export(
     study: optuna.Study,
     trial: FrozenTrial,
@@ -126,64 +172,111 @@ def plan_export(
     storage: str | Path,
     dataset: Any,
     *,
-    calibrate: bool = True,
-    point: str | None = None,
     ensemble_select: int | None = None,
     log: Log = None,
 ) -> ExportPlan:
-    """Temperature, operating point and (optionally) a selected ensemble for one export."""
+    """The selected ensemble of one export (Caruana over the study's out-of-fold predictions,
+    members retrained on `dataset`), or an empty plan: the trial's own model."""
     plan = ExportPlan()
-    rule, target = parse_operating_point(point) if point else (None, None)
-    if rule is not None and spec.positive not in spec.classes:
-        raise ConfigError(
-            f"--operating-point needs the study's positive class, but study "
-            f"{spec.study_name!r} has none among {spec.classes}"
-        )
     if ensemble_select is not None:
-        model, card, cfg, probs, rows = _select(study, storage, spec, ensemble_select, dataset, log)
+        model, card, cfg, _, _ = _select(study, storage, spec, ensemble_select, dataset, log)
         plan.model = model
         plan.card["selected_ensemble"] = card
         plan.config["selected_ensemble"] = cfg
-        what = "the selected ensemble's weighted out-of-fold predictions"
-    else:
-        oof = load_oof(trial, storage, required=rule is not None)
-        if oof is None:
-            if calibrate:
-                plan.warnings.append(
-                    f"trial {trial.number} has no stored out-of-fold predictions: exported "
-                    "without temperature scaling"
-                )
-            return plan
-        rows = oof.valid()
-        probs = rows.probs
-        what = f"trial {trial.number}'s pooled out-of-fold predictions"
+    return plan
+
+
+def holdout_probabilities(
+    model: Any, spec: TrialSpec, dataset: Any, rows: np.ndarray
+) -> np.ndarray:
+    """The exported object's probabilities on `rows` of `dataset`: the module every exported
+    graph computes (levers included, no temperature yet) on the images as `predict` feeds
+    them (decoded, resized, 0..1)."""
+    import torch
+
+    from automl_cxr.deploy._export import deployable
+
+    module, resolution, _ = deployable(model, spec, dataset)
+    images = np.asarray(dataset.images(resolution))[rows]
+    if images.ndim == 3:  # the cache holds (N, R, R); graphs take (B, 1, R, R)
+        images = images[:, None]
+    module = module.eval().cpu()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 32):
+            x = torch.from_numpy(images[i : i + 32].astype(np.float32) / 255.0)
+            out.append(torch.softmax(module(x).float(), dim=1).numpy())
+    probs = np.concatenate(out).astype(np.float64)
+    return probs / probs.sum(axis=1, keepdims=True)  # float32 softmax: sums off by ~1e-7
+
+
+def calibrate_export(
+    plan: ExportPlan,
+    model: Any,
+    spec: TrialSpec,
+    dataset: Any,
+    rows: np.ndarray,
+    *,
+    calibrate: bool,
+    point: str | None,
+    n_boot: int = 500,
+) -> None:
+    """Fit the temperature and the operating point of the exported object on its calibration
+    holdout `rows` (patients it never trained on) and describe them in `plan`: the figures are
+    cross-fitted within the holdout (fitted on four of five patient parts, scored on the
+    fifth), the in-sample ones beside them, labelled."""
+    rule, target = check_export_options(spec, point)
+    probs = holdout_probabilities(model, spec, dataset, rows)
+    labels = np.asarray(dataset.labels)[rows]
+    groups = np.asarray(dataset.groups)[rows]
+    parts, how = crossfit_parts(labels, groups, seed=spec.seed)
+    n_groups = len(np.unique(groups))
+    what = (
+        f"a calibration holdout of {len(rows)} images from {n_groups} patients (about "
+        f"1/{HOLDOUT_PARTS} of the training patients, stratified), which the exported model "
+        "never trained on"
+    )
     calibrated = probs
     if calibrate:
-        fit = fit_temperature(probs, rows.labels)
-        t = fit["temperature"]
-        calibrated = apply_temperature(probs, t)
+        t = fit_temperature(probs, labels)["temperature"]
         plan.temperature = t
-        keep = ("ece", "ece_ci_low", "ece_ci_high", "brier", "nll", "n", "n_groups", "n_bins")
-        before = calibration_summary(probs, rows.labels, groups=rows.groups)
-        after = calibration_summary(calibrated, rows.labels, groups=rows.groups)
+        calibrated = apply_temperature(probs, t)
+        cf = crossfit_temperature(probs, labels, groups, parts, n_boot=n_boot, seed=spec.seed)
         plan.card["calibration"] = {
             "method": "temperature scaling",
             "temperature": t,
-            "fitted_on": f"{what} ({len(rows.labels)} images, never the reported external data)",
-            "before": {k: before[k] for k in keep},
-            "after": {k: after[k] for k in keep},
+            "fitted_on": what,
+            "object": "the exported model itself (its own predictions on the holdout)",
+            "crossfit": how,
+            "before": cf["before"],
+            "after": cf["after"],
+            "after_in_sample": cf["in_sample_after"],
+            "per_part": cf["per_part"],
         }
     if rule is not None:
         k = spec.classes.index(spec.positive)
-        op = operating_point(calibrated, rows.labels, k, rule, target, groups=rows.groups)
-        op.update(positive=spec.positive, calibrated=calibrate, chosen_on=what)
+        cf_op = crossfit_operating_point(
+            probs, labels, k, rule, target, groups, parts, temperature=calibrate, n_boot=n_boot
+        )
+        ins = cf_op.pop("in_sample")
+        threshold = choose_threshold(calibrated[:, k], labels == k, rule, target)
+        op = {
+            **cf_op,
+            "threshold": threshold,
+            "positive": spec.positive,
+            "calibrated": calibrate,
+            "chosen_on": what,
+            "crossfit": how,
+            "in_sample": ins,
+            "argmax_sensitivity": ins["argmax_sensitivity"],
+            "argmax_specificity": ins["argmax_specificity"],
+        }
         plan.card["operating_point"] = op
         plan.config["operating_point"] = {
             "rule": rule,
             "target": target,
             "positive": spec.positive,
-            "threshold": op["threshold"],
+            "threshold": threshold,
             "sensitivity": op["sensitivity"],
             "specificity": op["specificity"],
         }
-    return plan

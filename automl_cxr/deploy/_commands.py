@@ -217,12 +217,20 @@ def run_export(
     ensemble_select: int | None = None,
     log: Log = None,
 ) -> dict[str, Any]:
-    """Retrain the chosen trial on all of its training data (or, with `ensemble`, keep its K
-    fold models, averaged; with `ensemble_select` N, the Caruana ensemble of N rounds over the
+    """Retrain the chosen trial on its training data (or, with `ensemble`, keep its K fold
+    models, averaged; with `ensemble_select` N, the Caruana ensemble of N rounds over the
     study's trials) and export it with a model card. `calibrate` bakes in temperature scaling
-    fitted on the out-of-fold predictions; `operating_point` (``sensitivity=0.95``,
-    ``specificity=0.9``, ``youden``) a threshold on the positive class chosen on them."""
-    from automl_cxr.deploy._clinic import plan_export
+    and `operating_point` (``sensitivity=0.95``, ``specificity=0.9``, ``youden``) a threshold on
+    the positive class, both fitted on the exported object's own predictions on a calibration
+    holdout of whole patients it does not train on (see `_clinic`); without either it trains on
+    all of the data."""
+    from automl_cxr.deploy._clinic import (
+        calibrate_export,
+        calibration_holdout,
+        check_export_options,
+        plan_export,
+    )
+    from automl_cxr.deploy._export import train_for_export
     from automl_cxr.diagnostics import source_diagnostics
     from automl_cxr.settings import resolve_data_dir
 
@@ -233,41 +241,56 @@ def run_export(
     s = load_study(study, study_name)
     chosen = select_trial(s, trial)
     spec = trial_spec(s, chosen, storage=study)
+    check_export_options(spec, operating_point)  # before any training
     dataset = training_data(spec, resolve_data_dir(data_dir))
-    plan = plan_export(
-        s,
-        chosen,
-        spec,
-        study,
-        dataset,
-        calibrate=calibrate,
-        point=operating_point,
-        ensemble_select=ensemble_select,
-        log=log,
-    )
+    fit_ds, cal_rows = dataset, None
+    if calibrate or operating_point is not None:
+        fit_rows, cal_rows = calibration_holdout(dataset, spec.seed)
+        fit_ds = dataset.subset(fit_rows, tag=f"export-fit-{spec.seed}")
+    plan = plan_export(s, chosen, spec, study, fit_ds, ensemble_select=ensemble_select, log=log)
     diag = None
     if probe:
         diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)
-    if log:
-        log(
-            f"retraining trial {spec.number} ({spec.model.backbone}) "
-            + (
-                f"on each of its {spec.train.n_folds} folds (fold ensemble)"
-                if ensemble
-                else f"on all {len(dataset)} training images"
+    model = plan.model
+    if model is None:
+        if log:
+            held = "" if cal_rows is None else f" ({len(cal_rows)} held out to calibrate it)"
+            log(
+                f"retraining trial {spec.number} ({spec.model.backbone}) "
+                + (
+                    f"on each of its {spec.train.n_folds} folds of {len(fit_ds)} images "
+                    "(fold ensemble)"
+                    if ensemble
+                    else f"on {len(fit_ds)} of {len(dataset)} training images"
+                )
+                + held
             )
+        model, _ = train_for_export(spec, fit_ds, ensemble=ensemble, log=log)
+    seen: list[str] = []
+    if cal_rows is not None:
+        if log:
+            log(f"calibrating on the {len(cal_rows)} held-out images")
+        calibrate_export(
+            plan, model, spec, dataset, cal_rows, calibrate=calibrate, point=operating_point
         )
+        seen = dataset.manifest["sha256"].astype(str).to_numpy()[cal_rows].tolist()
+        plan.config["calibration_holdout"] = {
+            "images": len(cal_rows),
+            "patients": int(len(set(np.asarray(dataset.groups)[cal_rows]))),
+            "trained_on": len(fit_ds),
+        }
     config = export_trial(
         spec,
-        dataset,
+        fit_ds,
         out_dir,
-        model=plan.model,
+        model=model,
         diagnostics=diag,
         onnx_exporter=onnx_exporter,
         ensemble=ensemble,
         temperature=plan.temperature,
         card_extra=plan.card,
         config_extra=plan.config,
+        seen_images=seen,
         log=log,
     )
     return json_safe(

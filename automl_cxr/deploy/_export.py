@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ __all__ = [
     "export_trial",
     "export_torchscript",
     "export_onnx",
+    "deployable",
+    "train_for_export",
 ]
 
 EXPORT_FORMAT = "automl-cxr-model/1"
@@ -252,6 +254,42 @@ def export_model(
     return config
 
 
+def train_for_export(
+    spec: Any, dataset: Any, *, ensemble: bool = False, log: Callable[[str], None] | None = None
+) -> tuple[CxrModel | CxrEnsemble, list[dict] | None]:
+    """The model an export ships, trained on `dataset`: the trial's configuration retrained on
+    all of it (as many epochs as its cross-validation scored), or with `ensemble` its K fold
+    models (the trial's own splits, `fit_folds`) averaged, with each fold's metrics."""
+    from automl_cxr.engine import fit_folds, fit_full
+
+    if ensemble:
+        members, folds = fit_folds(dataset, spec.model, spec.train, log=log)
+        ens = CxrEnsemble(members)
+        ens.fold_metrics = folds  # for the card, when the model is handed to export_trial
+        return ens, folds
+    # With early stopping: the median epoch its folds chose, recorded by the search.
+    cv_epochs = spec.user_attrs.get("full_fit_epochs") if spec.train.early_stopping else None
+    model = fit_full(
+        dataset, spec.model, spec.train, epochs=int(cv_epochs) if cv_epochs else None, log=log
+    )
+    return model, None
+
+
+def deployable(
+    model: Any, spec: Any, dataset: Any, temperature: float | None = None
+) -> tuple[Any, int, dict[str, Any]]:
+    """(the module every exported graph computes, its input resolution, config extras): the
+    temperature baked in (softmax(logits / T)) and the roi/intensity levers as its first layer
+    (input then at the canvas resolution)."""
+    if temperature is not None:
+        model = TemperatureScaled(model, temperature)
+    pp_spec, pre = preprocess_for(spec.train, Path(dataset.root).parent, spec.resolution)
+    if pre is None:
+        return model, spec.resolution, {}
+    record = preprocess_record(pp_spec, pre, spec.resolution)
+    return Preprocessed(pre, model), CANVAS, {"preprocess": record}
+
+
 def export_trial(
     spec: Any,
     dataset: Any,
@@ -264,37 +302,21 @@ def export_trial(
     temperature: float | None = None,
     card_extra: dict[str, Any] | None = None,
     config_extra: dict[str, Any] | None = None,
+    seen_images: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export a study trial's configuration with its model card: retrained on all its training
     data (`fit_full`), or with `ensemble` its K cross-validation fold models (`fit_folds`: the
     trial's own splits) averaged, unless a trained `model` is given. Also writes
-    `training_images.sha256` (the training images' file hashes, for leakage checks of external
-    sets; no pixels)."""
-    from automl_cxr.engine import fit_folds, fit_full
-
+    `training_images.sha256` (the file hashes of the training images and of `seen_images`,
+    e.g. a calibration holdout, for leakage checks of external sets; no pixels)."""
     folds: list[dict] | None = None
-    if model is None and ensemble:
-        members, folds = fit_folds(dataset, spec.model, spec.train, log=log)
-        model = CxrEnsemble(members)
-    elif model is None:
-        # As many epochs as the trial's cross-validation scored (with early stopping: the
-        # median epoch its folds chose, recorded by the search), not a number CV never saw.
-        cv_epochs = spec.user_attrs.get("full_fit_epochs") if spec.train.early_stopping else None
-        model = fit_full(
-            dataset, spec.model, spec.train, epochs=int(cv_epochs) if cv_epochs else None, log=log
-        )
+    if model is None:
+        model, folds = train_for_export(spec, dataset, ensemble=ensemble, log=log)
     training_info = dict(getattr(model, "training_info", None) or {})
     if isinstance(model, CxrEnsemble) and folds is None:
-        folds = [{} for _ in range(len(model))]  # a given ensemble: members' scores unknown
-    if temperature is not None:  # baked into every graph: softmax(logits / T)
-        model = TemperatureScaled(model, temperature)
-    resolution, pp_extra = spec.resolution, {}
-    pp_spec, pre = preprocess_for(spec.train, Path(dataset.root).parent, spec.resolution)
-    if pre is not None:  # the roi/intensity levers run inside every exported graph
-        model = Preprocessed(pre, model)
-        resolution = CANVAS
-        pp_extra = {"preprocess": preprocess_record(pp_spec, pre, spec.resolution)}
+        folds = getattr(model, "fold_metrics", None) or [{} for _ in range(len(model))]
+    model, resolution, pp_extra = deployable(model, spec, dataset, temperature)
     total, trainable = model.param_counts()
     roots = source_roots(dataset.manifest)
 
@@ -331,7 +353,7 @@ def export_trial(
         },
         onnx_exporter=onnx_exporter,
     )
-    shas = sorted(set(dataset.manifest["sha256"].astype(str)))
+    shas = sorted(set(dataset.manifest["sha256"].astype(str)) | set(seen_images))
     (Path(out_dir) / "training_images.sha256").write_text("\n".join(shas) + "\n")
     return config
 

@@ -42,6 +42,7 @@ _EXPORTS = {
     "resolve_device": "automl_cxr.engine._trial",
     "cpu_bf16_supported": "automl_cxr.engine._trial",
     "row_identities": "automl_cxr.engine._trial",
+    "run_precision": "automl_cxr.engine._trial",
     "run_trial": "automl_cxr.engine._trial",
 }
 
@@ -76,6 +77,7 @@ __all__ = [
     "resolve_device",
     "roc_curves",
     "row_identities",
+    "run_precision",
     "run_trial",
     "scalar_metrics",
     "site_groups",
@@ -128,5 +130,6 @@ if TYPE_CHECKING:  # pragma: no cover
         fit_full,
         resolve_device,
         row_identities,
+        run_precision,
         run_trial,
     )

@@ -47,6 +47,7 @@ __all__ = [
     "fit_full",
     "resolve_device",
     "row_identities",
+    "run_precision",
     "run_trial",
 ]
 
@@ -132,6 +133,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for, but CUDA is not available here")
     return dev
+
+
+def amp_plan(device: torch.device, amp: bool, cpu_amp: bool) -> tuple[bool, torch.dtype]:
+    """(autocast on, its dtype) for a run on `device`: AMP on CUDA (bf16 where the GPU has it,
+    else fp16); on CPU bfloat16 only when asked for and native."""
+    if device.type == "cuda":
+        return amp, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return bool(amp and cpu_amp and device.type == "cpu" and cpu_bf16_supported()), torch.bfloat16
+
+
+def run_precision(device: str, *, cpu_amp: bool, amp: bool = True) -> str:
+    """What a run's trials compute in, for its protocol: "fp32", "bf16", "fp16", or "amp" for
+    GPUs this process cannot see (a Ray cluster's: bf16 or fp16 by GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "amp" if amp else "fp32"
+    on, dtype = amp_plan(resolve_device(device), amp, cpu_amp)
+    return ("bf16" if dtype == torch.bfloat16 else "fp16") if on else "fp32"
 
 
 def _predict(net: nn.Module, x: torch.Tensor, prep, batch: int, autocast) -> np.ndarray:
@@ -271,12 +289,7 @@ class _Session:
             )
         self.cfg, self.dataset, self.log = cfg, dataset, log
         self.device = device = resolve_device(cfg.device)
-        if device.type == "cuda":
-            self.use_amp = cfg.amp
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.use_amp = cfg.amp and cfg.cpu_amp and device.type == "cpu" and cpu_bf16_supported()
-            self.amp_dtype = torch.bfloat16
+        self.use_amp, self.amp_dtype = amp_plan(device, cfg.amp, cfg.cpu_amp)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
         )

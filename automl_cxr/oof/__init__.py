@@ -16,6 +16,12 @@ from automl_cxr.oof._calibration import (
     group_bootstrap_weights,
     reliability_curve,
 )
+from automl_cxr.oof._crossfit import (
+    CROSSFIT_PARTS,
+    crossfit_operating_point,
+    crossfit_parts,
+    crossfit_temperature,
+)
 from automl_cxr.oof._ensemble import caruana_select, fold_score, metric_scorer, nested_selection
 from automl_cxr.oof._store import (
     ARTIFACTS_ENV,
@@ -35,10 +41,16 @@ from automl_cxr.oof._threshold import (
     decide,
     operating_point,
     parse_operating_point,
+    rates_at,
 )
 
 __all__ = [
     "ARTIFACTS_ENV",
+    "CROSSFIT_PARTS",
+    "crossfit_operating_point",
+    "crossfit_parts",
+    "crossfit_temperature",
+    "rates_at",
     "DEFAULT_BINS",
     "RULES",
     "apply_temperature",

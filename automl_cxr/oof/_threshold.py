@@ -8,9 +8,10 @@ positive-class probability is ``>= threshold`` (the same convention), otherwise 
 arg-max of the other classes (:func:`decide`).
 
 Expected sensitivity and specificity at the chosen point come with patient-level bootstrap
-95 % CIs (whole split groups resampled, threshold held fixed). The point is chosen on the very
-predictions it is scored on, so the sensitivity asked for is met there by construction: an
-external set (``evaluate``) is the honest check.
+95 % CIs (whole split groups resampled, threshold held fixed). `operating_point` chooses the
+point on the very predictions it scores, so the sensitivity asked for is met there by
+construction; `automl_cxr.oof._crossfit` chooses it on other folds than it scores, and an
+external set (``evaluate``) is the honest check beyond the training sources.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import numpy as np
 from automl_cxr.errors import ConfigError
 from automl_cxr.oof._calibration import group_bootstrap_weights
 
-__all__ = ["RULES", "choose_threshold", "decide", "operating_point", "parse_operating_point"]
+__all__ = [
+    "RULES",
+    "choose_threshold",
+    "decide",
+    "operating_point",
+    "parse_operating_point",
+    "rates_at",
+]
 
 RULES = ("sensitivity", "specificity", "youden")
 
@@ -82,6 +90,46 @@ def decide(probs: np.ndarray, positive_index: int, threshold: float) -> np.ndarr
     return np.where(p[:, positive_index] >= threshold, positive_index, others.argmax(axis=1))
 
 
+def rates_at(
+    called: np.ndarray,
+    is_pos: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Sensitivity and specificity of fixed positive calls, with patient-bootstrap 95 % CIs
+    (whole groups resampled; NaN where a class is absent)."""
+    called = np.asarray(called, dtype=bool)
+    pos = np.asarray(is_pos, dtype=bool)
+    g = np.arange(len(pos)) if groups is None else np.asarray(groups)
+    w = group_bootstrap_weights(g, n_boot, seed)
+
+    def rate(hit: np.ndarray, base: np.ndarray) -> tuple[float, float, float]:
+        if not base.any():
+            return float("nan"), float("nan"), float("nan")
+        est = float(hit[base].mean())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = (w @ (hit & base)) / (w @ base)
+        lo, hi = np.nanpercentile(reps, [2.5, 97.5])
+        return est, float(lo), float(hi)
+
+    sens = rate(called, pos)
+    spec = rate(~called, ~pos)
+    return {
+        "sensitivity": sens[0],
+        "sensitivity_ci_low": sens[1],
+        "sensitivity_ci_high": sens[2],
+        "specificity": spec[0],
+        "specificity_ci_low": spec[1],
+        "specificity_ci_high": spec[2],
+        "n_positive": int(pos.sum()),
+        "n_negative": int((~pos).sum()),
+        "n_groups": len(np.unique(g)),
+        "n_boot": n_boot,
+    }
+
+
 def operating_point(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -93,39 +141,19 @@ def operating_point(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Choose the threshold and report sensitivity/specificity there with bootstrap CIs."""
+    """Choose the threshold and report sensitivity/specificity there with bootstrap CIs, on
+    the same predictions (in-sample; `crossfit_operating_point` scores held-out parts)."""
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     pos = y == positive_index
     t = choose_threshold(p[:, positive_index], pos, rule, target)
     called = p[:, positive_index] >= t
-    g = np.arange(len(y)) if groups is None else np.asarray(groups)
-    w = group_bootstrap_weights(g, n_boot, seed)
-
-    def rate(hit: np.ndarray, base: np.ndarray) -> tuple[float, float, float]:
-        est = float(hit[base].mean())
-        with np.errstate(invalid="ignore", divide="ignore"):
-            reps = (w @ (hit & base)) / (w @ base)
-        lo, hi = np.nanpercentile(reps, [2.5, 97.5])
-        return est, float(lo), float(hi)
-
-    sens = rate(called, pos)
-    spec = rate(~called, ~pos)
     argmax_called = p.argmax(axis=1) == positive_index
     return {
         "rule": rule,
         "target": target,
         "threshold": t,
-        "sensitivity": sens[0],
-        "sensitivity_ci_low": sens[1],
-        "sensitivity_ci_high": sens[2],
-        "specificity": spec[0],
-        "specificity_ci_low": spec[1],
-        "specificity_ci_high": spec[2],
+        **rates_at(called, pos, groups, n_boot=n_boot, seed=seed),
         "argmax_sensitivity": float(argmax_called[pos].mean()),
         "argmax_specificity": float((~argmax_called)[~pos].mean()),
-        "n_positive": int(pos.sum()),
-        "n_negative": int((~pos).sum()),
-        "n_groups": len(np.unique(g)),
-        "n_boot": n_boot,
     }

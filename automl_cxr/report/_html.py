@@ -22,6 +22,7 @@ from automl_cxr.report._figures import FIGURE_TITLES
 from automl_cxr.report._paper import PAPER_CAVEAT
 from automl_cxr.report._records import STATES
 from automl_cxr.report._tables import (
+    OPERATING_NOTE,
     calibration_legend,
     compare_rows,
     counts_text,
@@ -236,9 +237,7 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
             f'<section id="operating"><h2>Operating point on '
             f"{_e(data.oof.operating[0]['positive'])} (out-of-fold)</h2>"
             + _table(h, r, numeric=(0, 2, 3, 4, 5))
-            + '<p class="note">Chosen and scored on the same out-of-fold predictions; CIs: '
-            "patient-level bootstrap with the threshold fixed; the ROC figure marks it. "
-            "<code>export --operating-point</code> bakes one into a model.</p></section>"
+            + f'<p class="note">{_e(OPERATING_NOTE)} The ROC figure marks it.</p></section>'
         )
     h, r = ensemble_rows(data)
     if r:

@@ -11,13 +11,15 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from automl_cxr.errors import ConfigError
 from automl_cxr.oof import (
     calibration_summary,
     caruana_select,
+    crossfit_operating_point,
+    crossfit_parts,
     load_study_oof,
     metric_scorer,
     nested_selection,
-    operating_point,
     parse_operating_point,
 )
 
@@ -90,7 +92,13 @@ def build_oof_report(
         if rule is None or positive not in v.classes:
             continue
         k = v.class_index(positive)
-        op = operating_point(v.probs, v.labels, k, rule, target, groups=v.groups, n_boot=n_boot)
+        op = _crossfit_point(v, k, rule, target, n_boot)
+        if op is None:
+            rep.notes.append(
+                f"trial {n}: no operating point ({point}): its predictions lack a positive or "
+                "a negative row in every cross-fit"
+            )
+            continue
         op.update(number=n, positive=positive, point=point, fpr=1.0 - op["specificity"])
         rep.operating.append(op)
     if len(have) >= 2:
@@ -100,6 +108,30 @@ def build_oof_report(
     else:
         rep.notes.append("ensemble selection needs at least 2 trials with stored predictions")
     return rep
+
+
+def _crossfit_point(v: Any, k: int, rule: str, target: float | None, n_boot: int) -> dict | None:
+    """The operating point of one trial's out-of-fold predictions, cross-fitted over its
+    validation folds: sensitivity/specificity of thresholds chosen on the other folds, with
+    the in-sample figures (chosen and scored on all folds) and the in-sample threshold (the one
+    `export` would bake in) beside them."""
+    parts, how = crossfit_parts(v.labels, v.groups, v.folds)
+    try:
+        cf = crossfit_operating_point(
+            v.probs, v.labels, k, rule, target, v.groups, parts, n_boot=n_boot
+        )
+    except ConfigError:
+        return None
+    ins = cf.pop("in_sample")
+    return {
+        **cf,
+        "threshold": ins["threshold"],
+        "crossfit": how,
+        "in_sample_sensitivity": ins["sensitivity"],
+        "in_sample_specificity": ins["specificity"],
+        "argmax_sensitivity": ins["argmax_sensitivity"],
+        "argmax_specificity": ins["argmax_specificity"],
+    }
 
 
 def ensemble_summary(

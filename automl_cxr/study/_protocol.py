@@ -2,13 +2,18 @@
 
 A study stores its *protocol* when it is created: the data (content hash), the seed, what a
 fold holds out (`cv`), the profile's training protocol (resolution, epochs, folds, holdout,
-early stopping, subsampling) and a hash of every fold's members. A later run under the same
-study name (a resume, a parallel worker, a Ray driver) must match it field by field, or it would
-silently mix protocols in one leaderboard; the error names every differing field.
+early stopping, subsampling), a hash of every fold's members, the search space's content hash,
+sampler and pruner, the device and precision trials compute in, and the versions of the
+packages that compute them. A later run under the same study name (a resume, a parallel
+worker, a Ray driver) must match it field by field, or it would silently mix protocols in one
+leaderboard; the error names every differing field. Studies written before a field existed
+are not compared on it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +26,8 @@ __all__ = [
     "check_metrics",
     "check_protocol",
     "fold_members",
+    "package_versions",
+    "space_hash",
     "study_protocol",
 ]
 
@@ -37,6 +44,12 @@ PROTOCOL_FIELDS = (
     "early_stopping",
     "max_per_class",
     "pretrained",
+    "space_hash",
+    "sampler",
+    "pruner",
+    "device",
+    "precision",
+    "versions",
     "folds",
 )
 """Fields compared on resume, in the order differences are reported."""
@@ -45,13 +58,41 @@ _HOW_TO_MATCH = {
     "seed": "--seed",
     "cv": "--cv",
     "profile": "--profile",
+    "sampler": "--sampler",
+    "pruner": "--pruner",
 }
+
+VERSIONED = ("automl_cxr", "torch", "timm")
+"""Packages whose version changes what a trial measures (weights, kernels, layers)."""
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of `VERSIONED` in this process."""
+    import timm
+    import torch
+
+    from automl_cxr import __version__
+
+    return {"automl_cxr": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def space_hash(space: Any) -> str:
+    """Content hash of a search space (its `to_dict()`, keys sorted)."""
+    data = space.to_dict() if hasattr(space, "to_dict") else space
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def study_protocol(
-    dataset: PreparedDataset, profile: Profile, *, seed: int, cv: str
+    dataset: PreparedDataset,
+    profile: Profile,
+    *,
+    seed: int,
+    cv: str,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The protocol of a run: plain JSON data, with the folds' members as hashes.
+    """The protocol of a run: plain JSON data, with the folds' members as hashes. `run` adds
+    what the search settings decide (`space_hash`, `sampler`, `pruner`, `device`,
+    `precision`); package versions are this process's.
 
     Computing the folds here (once; the engine caches them for the trials) also checks that
     the dataset supports `cv` (site-held-out folds need a `site` column and at least two
@@ -76,6 +117,8 @@ def study_protocol(
         "early_stopping": profile.early_stopping,
         "max_per_class": profile.max_per_class,
         "pretrained": profile.pretrained,
+        **dict(run or {}),
+        "versions": package_versions(),
         "folds": [
             {
                 "fold": int(s.fold),
@@ -125,6 +168,23 @@ def protocol_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) 
                     "cv, so the data or the splitter changed)"
                 )
         elif a != b:
+            if key == "space_hash":
+                lines.append(
+                    f"space: the study searched a space with content hash {str(a)[:12]}, this "
+                    f"run's has {str(b)[:12]} (pass the study's --space)"
+                )
+                continue
+            if key == "versions":
+                diff = ", ".join(
+                    f"{k} {a.get(k)} → {b.get(k)}"
+                    for k in sorted({*a, *b})
+                    if isinstance(a, Mapping) and isinstance(b, Mapping) and a.get(k) != b.get(k)
+                )
+                lines.append(
+                    f"versions: the study's trials were measured with other packages ({diff}); "
+                    "install the study's versions to resume it"
+                )
+                continue
             if key == "dataset_hash":
                 a, b = str(a)[:12], str(b)[:12]
                 lines.append(

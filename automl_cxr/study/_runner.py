@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from automl_cxr.data import PreparedDataset, load_dataset
-from automl_cxr.engine import FeatureCache
+from automl_cxr.engine import FeatureCache, resolve_device, run_precision
 from automl_cxr.errors import SearchAborted, StorageError
 from automl_cxr.study._external import external_summary, prepare_externals
 from automl_cxr.study._objective import Objective, subsample
@@ -32,7 +32,7 @@ from automl_cxr.study._optuna import (  # noqa: F401  (re-exported for older imp
     make_sampler,
 )
 from automl_cxr.study._profiles import Profile, default_profile, get_profile, profile_workers
-from automl_cxr.study._protocol import check_metrics, study_protocol
+from automl_cxr.study._protocol import check_metrics, space_hash, study_protocol
 from automl_cxr.study._recovery import (  # noqa: F401  (re-exported for older imports)
     MAX_RETRIES,
     enqueue_retry,
@@ -59,6 +59,22 @@ SQLITE_WORKERS_HINT = 4
 """More local workers than this on one SQLite file: recommend a journal file or PostgreSQL."""
 
 
+def _run_protocol(settings: SearchSettings, profile: Profile, space: SearchSpace) -> dict:
+    """The protocol fields the settings decide: space, sampler, pruner, device, precision.
+    Ray trials run where the cluster places them: on a GPU exactly when they ask for one."""
+    if settings.backend == "ray":
+        device = "cuda" if (settings.gpus_per_trial or 0) > 0 else "cpu"
+    else:
+        device = resolve_device("auto").type
+    return {
+        "space_hash": space_hash(space),
+        "sampler": settings.sampler,
+        "pruner": settings.pruner,
+        "device": device,
+        "precision": run_precision(device, cpu_amp=profile.cpu_amp),
+    }
+
+
 def run_search(
     settings: SearchSettings,
     *,
@@ -79,7 +95,13 @@ def run_search(
     check_segmenter(space, settings.data_dir)
     dataset = subsample(full, profile.max_per_class, settings.seed)
     # The folds (and whether the data allows --cv site) before any study row is written.
-    protocol = study_protocol(dataset, profile, seed=settings.seed, cv=settings.cv)
+    protocol = study_protocol(
+        dataset,
+        profile,
+        seed=settings.seed,
+        cv=settings.cv,
+        run=_run_protocol(settings, profile, space),
+    )
     if log:
         for w in protocol["fold_warnings"]:
             log(f"warning: {w}")

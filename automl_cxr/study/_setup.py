@@ -71,8 +71,8 @@ def load_or_create(
     external_sets: dict[str, Any] | None = None,
 ) -> optuna.Study:
     """Create the study (storing what it searches, on what data, under which protocol) or
-    resume it (refusing other data, objectives or protocol — seed, cv, profile, folds; see
-    `_protocol` —, recording a changed space in `space_history`)."""
+    resume it (refusing other data, objectives or protocol — seed, cv, profile, folds, space,
+    sampler, pruner, device, precision, package versions; see `_protocol`)."""
     multi = len(settings.objectives) > 1
     sampler = study_sampler(settings.sampler, settings.seed, multi=multi)
     n_folds = len(protocol["folds"]) if protocol else None
@@ -94,8 +94,10 @@ def load_or_create(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(settings.objectives))
+        # `dataset` marks a study whose settings are stored: it is written last, so a crash
+        # part-way leaves a study without it, whose next run writes them all again (Optuna's
+        # storages have no multi-attribute transaction; each attribute is atomic).
         for k, v in {
-            "dataset": dataset.name,
             "dataset_hash": dataset.hash,
             "classes": dataset.classes,
             "positive": dataset.positive,
@@ -113,6 +115,7 @@ def load_or_create(
             "paper": PAPER_HEADLINE,
             "cv": settings.cv,
             **({"protocol": protocol} if protocol else {}),
+            "dataset": dataset.name,
         }.items():
             study.set_user_attr(k, v)
     else:
@@ -131,11 +134,6 @@ def load_or_create(
                 f"study {name!r} optimises {attrs.get('objectives')}, not {settings.objectives}: "
                 "use another --study-name"
             )
-        if attrs.get("space") is not None and attrs["space"] != space.to_dict():
-            # The space may change between runs (Optuna allows it); keep what each run used.
-            history = [*attrs.get("space_history", []), attrs["space"]]
-            study.set_user_attr("space_history", history)
-            study.set_user_attr("space", space.to_dict())
     if external_sets is not None and attrs.get("external_sets") != external_sets:
         study.set_user_attr("external_sets", external_sets)
     return study
