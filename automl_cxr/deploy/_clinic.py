@@ -76,9 +76,9 @@ def _select(
     rounds: int,
     dataset: Any,
     log: Log,
-) -> tuple[WeightedEnsemble, dict[str, Any], dict[str, Any], np.ndarray, Any]:
+) -> tuple[WeightedEnsemble, dict[str, Any], dict[str, Any]]:
     """Caruana selection over the COMPLETE trials with stored predictions and the exported
-    trial's input resolution; members retrained on all the training data."""
+    trial's input resolution; members retrained on `dataset`."""
     from automl_cxr.engine import fit_full
 
     oofs = load_study_oof(study, storage)
@@ -108,7 +108,6 @@ def _select(
         members.append(fit_full(dataset, mspec.model, mspec.train, log=log))
         cfgs.append({"trial": n, "weight": w, "model": mspec.model.to_dict()})
     model = WeightedEnsemble(members, [w for _, w in sel["weights"].items()])
-    mixed = sum(probs[n] * w for n, w in sel["weights"].items())
     card = {
         "metric": metric,
         "n_rounds": rounds,
@@ -129,7 +128,7 @@ def _select(
     excluded = len(oofs) - len(same_res)
     if excluded:
         card["excluded"] = f"{excluded} trial(s) at another resolution"
-    return model, card, {"members": cfgs}, mixed, first
+    return model, card, {"members": cfgs}
 
 
 HOLDOUT_PARTS = 5
@@ -179,7 +178,7 @@ def plan_export(
     members retrained on `dataset`), or an empty plan: the trial's own model."""
     plan = ExportPlan()
     if ensemble_select is not None:
-        model, card, cfg, _, _ = _select(study, storage, spec, ensemble_select, dataset, log)
+        model, card, cfg = _select(study, storage, spec, ensemble_select, dataset, log)
         plan.model = model
         plan.card["selected_ensemble"] = card
         plan.config["selected_ensemble"] = cfg
