@@ -329,7 +329,8 @@ def export(
             b, a = cal["before"], cal["after"]
             out_console.print(
                 f"temperature scaling T = {cal['temperature']:.3f}: holdout ECE "
-                f"{b['ece']:.3f} → {a['ece']:.3f} (cross-fitted)",
+                f"{b['ece']:.3f} → {a['ece']:.3f} (cross-fitted)"
+                + ("" if cal.get("applied", True) else "; not applied (held-out NLL rose)"),
                 highlight=False,
             )
         op = res.get("operating_point")

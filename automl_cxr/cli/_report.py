@@ -142,7 +142,12 @@ def _paper_table(data) -> Table:
 
 def _print_report(data, files: list[Path]) -> None:
     from automl_cxr.report._paper import PAPER_CAVEAT
-    from automl_cxr.report._tables import counts_text, ensemble_text, mark_legend
+    from automl_cxr.report._tables import (
+        counts_text,
+        describe_test_split,
+        ensemble_text,
+        mark_legend,
+    )
 
     c = out_console
     c.print(f"[bold]study[/] {data.study_name}  ({data.storage})", highlight=False, soft_wrap=False)
@@ -173,6 +178,8 @@ def _print_report(data, files: list[Path]) -> None:
             f"(bootstrap CIs in the files); gap = CV - {data.externals[0]}.",
             **prose,
         )
+    for line in describe_test_split(data):
+        c.print(line, highlight=False)
     for line in ensemble_text(data):
         c.print(line, highlight=False, soft_wrap=False)
     if len(data.paper):

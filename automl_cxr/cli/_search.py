@@ -167,6 +167,15 @@ def search(
             "a training patient (listed in the study) instead of refusing the set.",
         ),
     ] = False,
+    test: Annotated[
+        str | None,
+        typer.Option(
+            "--test",
+            help="Set aside a test split before anything else, whole patients or sites by the "
+            "seed: patient:0.2 or site:0.2. The search never sees it; report and the model "
+            "card show the best-by-CV trial's figure on it.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Show Ray's own messages (default: a log file).")
@@ -212,6 +221,7 @@ def search(
             else None
         ),
         drop_overlap=drop_overlap,
+        test=test,
         verbose=verbose,
     )
     if cpus_per_trial:

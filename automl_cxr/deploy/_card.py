@@ -210,6 +210,10 @@ def _ci_text(d: dict[str, Any], key: str) -> str:
     return f"{_fmt(d.get(key))} [{_fmt(d.get(key + '_ci_low'))}, {_fmt(d.get(key + '_ci_high'))}]"
 
 
+def _est_ci(d: dict[str, Any]) -> str:
+    return f"{_fmt(d.get('estimate'))} [{_fmt(d.get('ci_low'))}, {_fmt(d.get('ci_high'))}]"
+
+
 def _clinic_lines(card: dict[str, Any]) -> list[str]:
     """Calibration, operating point and ensemble selection sections of the card."""
     lines: list[str] = []
@@ -243,14 +247,36 @@ def _clinic_lines(card: dict[str, Any]) -> list[str]:
                 f"[{_fmt(_clip(b['ci_low']), '.4f')}, {_fmt(_clip(b['ci_high']), '.4f')}] "
                 "(95% t-interval over folds, clipped to [0, 1])"
             )
+    ts = card.get("test_split")
+    if ts:
+        lines += ["", "## Test split (never seen by the search)", ""]
+        held = ", ".join(f"{c} {n}" for c, n in (ts.get("classes") or {}).items())
+        lines.append(
+            f"`search --test {ts['spec']}` set {ts['images']} images of {ts['patients']} "
+            f"patients ({held}) aside before the search; no choice of the search saw them."
+        )
+        lines.append("")
+        lines.append(f"- this exported model: {ts['metric']} {_est_ci(ts['exported'])}")
+        if ts.get("trial_fold_models"):
+            lines.append(
+                f"- the trial's fold models (as the search scored it): {ts['metric']} "
+                f"{_est_ci(ts['trial_fold_models'])}"
+            )
+        lines += ["", "95% CIs: bootstrap over the test split's patients."]
     cal = card.get("calibration")
     if cal:
         b, a = cal["before"], cal["after"]
         ins = cal.get("after_in_sample")
         lines += ["", "## Calibration", ""]
+        applied = cal.get("applied", True)
         lines.append(
             f"Temperature scaling: T = {cal['temperature']:.3f}, fitted on {cal['fitted_on']}; "
-            "baked into model.ts / model.onnx (softmax(logits / T))."
+            + (
+                "baked into model.ts / model.onnx (softmax(logits / T))."
+                if applied
+                else "**not applied**: on held-out patients (cross-fitted) it raised the NLL, "
+                "so the exported probabilities are the model's own."
+            )
         )
         lines += [
             "",

@@ -46,6 +46,7 @@ __all__ = [
     "check_export_options",
     "holdout_probabilities",
     "plan_export",
+    "score_on_test",
 ]
 
 Log = Callable[[str], None] | None
@@ -209,6 +210,57 @@ def holdout_probabilities(
     return probs / probs.sum(axis=1, keepdims=True)  # float32 softmax: sums off by ~1e-7
 
 
+def score_on_test(
+    plan: ExportPlan,
+    model: Any,
+    spec: TrialSpec,
+    test: Any,
+    *,
+    trial: FrozenTrial,
+    storage: str | Path,
+    n_boot: int = 1000,
+) -> None:
+    """The study's test split (`search --test`, never seen by the search) in the card: the
+    exported object's figure on it (temperature included, arg-max decisions) and the trial's
+    own fold models' (stored by the search), each with a patient-bootstrap 95 % CI."""
+    from automl_cxr.engine import bootstrap_metrics
+    from automl_cxr.oof import load_oof
+
+    metric = _primary_metric(spec)
+    labels = np.asarray(test.labels)
+    to_study = np.array([spec.classes.index(c) for c in test.classes], dtype=np.int64)
+    labels = to_study[labels]
+
+    def figure(probs: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+        b = bootstrap_metrics(
+            labels, probs, spec.classes, positive=spec.positive, groups=groups, n_boot=n_boot
+        )
+        m = b["metrics"].get(metric) or {}
+        return {
+            "estimate": m.get("estimate"),
+            "ci_low": m.get("ci_low"),
+            "ci_high": m.get("ci_high"),
+            "metrics": {k: v["estimate"] for k, v in b["metrics"].items()},
+        }
+
+    probs = holdout_probabilities(model, spec, test, np.arange(len(test)))
+    if plan.temperature is not None:
+        probs = apply_temperature(probs, plan.temperature)
+    info = (spec.study_attrs.get("protocol") or {}).get("test") or {}
+    out: dict[str, Any] = {
+        "spec": info.get("spec"),
+        "images": len(test),
+        "patients": int(len(set(np.asarray(test.groups)))),
+        "classes": info.get("classes"),
+        "metric": metric,
+        "exported": figure(probs, np.asarray(test.groups)),
+    }
+    oof = load_oof(trial, storage)
+    if oof is not None and oof.test is not None and len(oof.test.labels) == len(test):
+        out["trial_fold_models"] = figure(oof.test.probs, oof.test.groups)
+    plan.card["test_split"] = out
+
+
 def calibrate_export(
     plan: ExportPlan,
     model: Any,
@@ -236,14 +288,25 @@ def calibrate_export(
         "never trained on"
     )
     calibrated = probs
+    scaled = False
     if calibrate:
         t = fit_temperature(probs, labels)["temperature"]
-        plan.temperature = t
-        calibrated = apply_temperature(probs, t)
         cf = crossfit_temperature(probs, labels, groups, parts, n_boot=n_boot, seed=spec.seed)
+        # Baked in only when it helps on held-out patients: a temperature that raises the
+        # cross-fitted NLL would make the exported probabilities worse, not better.
+        scaled = cf["after"]["nll"] <= cf["before"]["nll"]
+        if scaled:
+            plan.temperature = t
+            calibrated = apply_temperature(probs, t)
+        else:
+            plan.warnings.append(
+                f"temperature scaling not applied: on held-out patients it raised the NLL "
+                f"({cf['before']['nll']:.4f} → {cf['after']['nll']:.4f}, cross-fitted)"
+            )
         plan.card["calibration"] = {
             "method": "temperature scaling",
             "temperature": t,
+            "applied": scaled,
             "fitted_on": what,
             "object": "the exported model itself (its own predictions on the holdout)",
             "crossfit": how,
@@ -255,7 +318,7 @@ def calibrate_export(
     if rule is not None:
         k = spec.classes.index(spec.positive)
         cf_op = crossfit_operating_point(
-            probs, labels, k, rule, target, groups, parts, temperature=calibrate, n_boot=n_boot
+            probs, labels, k, rule, target, groups, parts, temperature=scaled, n_boot=n_boot
         )
         ins = cf_op.pop("in_sample")
         threshold = choose_threshold(calibrated[:, k], labels == k, rule, target)
@@ -263,7 +326,7 @@ def calibrate_export(
             **cf_op,
             "threshold": threshold,
             "positive": spec.positive,
-            "calibrated": calibrate,
+            "calibrated": scaled,
             "chosen_on": what,
             "crossfit": how,
             "in_sample": ins,

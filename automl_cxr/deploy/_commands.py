@@ -229,8 +229,10 @@ def run_export(
         calibration_holdout,
         check_export_options,
         plan_export,
+        score_on_test,
     )
     from automl_cxr.deploy._export import train_for_export
+    from automl_cxr.deploy._select import test_split_data
     from automl_cxr.diagnostics import source_diagnostics
     from automl_cxr.settings import resolve_data_dir
 
@@ -279,6 +281,11 @@ def run_export(
             "patients": int(len(set(np.asarray(dataset.groups)[cal_rows]))),
             "trained_on": len(fit_ds),
         }
+    test = test_split_data(spec, resolve_data_dir(data_dir))
+    if test is not None:
+        if log:
+            log(f"scoring the exported model on the study's test split ({len(test)} images)")
+        score_on_test(plan, model, spec, test, trial=chosen, storage=study)
     config = export_trial(
         spec,
         fit_ds,
@@ -304,6 +311,7 @@ def run_export(
             "calibration": plan.card.get("calibration"),
             "operating_point": plan.card.get("operating_point"),
             "selected_ensemble": plan.card.get("selected_ensemble"),
+            "test_split": plan.card.get("test_split"),
             "warnings": (
                 (diag or {}).get("warnings")
                 or [

@@ -14,9 +14,17 @@ from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.engine import TrainConfig
 from automl_cxr.errors import ConfigError, DataError, StorageError
 from automl_cxr.models import ModelConfig
-from automl_cxr.study import OBJECTIVE_KEYS, load_study, storage_url, subsample
+from automl_cxr.study import OBJECTIVE_KEYS, load_study, storage_url
+from automl_cxr.study._testsplit import search_data
 
-__all__ = ["TrialSpec", "load_study", "select_trial", "trial_spec", "training_data"]
+__all__ = [
+    "TrialSpec",
+    "load_study",
+    "select_trial",
+    "test_split_data",
+    "trial_spec",
+    "training_data",
+]
 
 
 def _primary_index(study: optuna.Study) -> int:
@@ -161,16 +169,29 @@ def trial_spec(study: optuna.Study, trial: FrozenTrial, *, storage: str | Path =
 
 
 def training_data(spec: TrialSpec, data_dir: str | Path) -> PreparedDataset:
-    """The exact images the trial was trained and evaluated on: the prepared dataset,
-    subsampled as the study's profile did (`max_per_class`, seed). Its content hash must equal
-    the one the trial recorded, or a DataError says what changed."""
+    """The exact images the trial was trained and evaluated on: the prepared dataset less the
+    study's test split (if any), subsampled as the study's profile did (`max_per_class`,
+    seed). Its content hash must equal the one the trial recorded, or a DataError says what
+    changed."""
+    return _search_split(spec, data_dir)[0]
+
+
+def test_split_data(spec: TrialSpec, data_dir: str | Path) -> PreparedDataset | None:
+    """The study's test split (`search --test`), or None when it has none."""
+    return _search_split(spec, data_dir)[1]
+
+
+def _search_split(
+    spec: TrialSpec, data_dir: str | Path
+) -> tuple[PreparedDataset, PreparedDataset | None]:
     full = load_dataset(spec.dataset, data_dir)
     max_per_class = spec.profile.get("max_per_class")
+    test = ((spec.study_attrs.get("protocol") or {}).get("test") or {}).get("spec")
     candidates = []
     for seed in dict.fromkeys((spec.seed, spec.train.seed)):
-        ds = subsample(full, max_per_class, seed)
+        ds, held, _ = search_data(full, max_per_class, seed, test)
         if spec.dataset_hash is None or ds.hash == spec.dataset_hash:
-            return ds
+            return ds, held
         candidates.append(ds.hash[:12])
     raise DataError(
         f"the prepared dataset {spec.dataset!r} in {data_dir} is not the data study "

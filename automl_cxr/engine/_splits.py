@@ -402,8 +402,10 @@ def _holdout_split(y: np.ndarray, g: np.ndarray, fraction: float, seed: int) -> 
 
     ``StratifiedGroupKFold`` can only give fractions ``1/k``, so patients are assigned here: each
     patient is filed under its most frequent label; per label, patients are shuffled and added to
-    validation while that brings the label's validation image count closer to its target. Every
-    label keeps at least one patient on each side.
+    validation when that brings the label's validation image count closer to its target. Every
+    label keeps at least one patient on each side: when no group brings it closer (every one
+    is over twice the target, e.g. a hospital holding most of a class), the smallest is taken,
+    never a group that would move most of a class out of training.
     """
     rng = np.random.default_rng(seed)
     uniq_g, g_idx = np.unique(g, return_inverse=True)
@@ -421,11 +423,14 @@ def _holdout_split(y: np.ndarray, g: np.ndarray, fraction: float, seed: int) -> 
         members = members[rng.permutation(members.size)]
         target = fraction * sizes[members].sum()
         taken = 0
-        for j, gi in enumerate(members[:-1]):  # the last patient always stays in train
-            if j > 0 and abs(taken + sizes[gi] - target) >= abs(taken - target):
+        for gi in members[:-1]:  # the last patient always stays in train
+            if abs(taken + sizes[gi] - target) >= abs(taken - target):
                 continue
             val_groups[gi] = True
             taken += int(sizes[gi])
+        if not taken:
+            smallest = min(members, key=lambda gi: (sizes[gi], gi))
+            val_groups[smallest] = True
     in_val = val_groups[g_idx]
     return Split(fold=0, train=np.flatnonzero(~in_val), val=np.flatnonzero(in_val))
 

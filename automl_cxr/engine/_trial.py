@@ -98,6 +98,10 @@ class TrialResult:
     # the roi/intensity preprocessing: its cache key and, per dataset, images that fell back
     # to `full` because no plausible lungs were found (never dropped)
     preprocess: dict = field(default_factory=dict)
+    # the fold models' averaged probabilities on the search's test split (`run_trial(test=)`),
+    # rows in the test set's manifest order; stored beside the out-of-fold predictions and
+    # never recorded as a user attribute, so nothing can rank trials by it
+    test_probs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def value(self) -> float:
@@ -867,6 +871,7 @@ def run_trial(
     feature_cache: FeatureCache | None = None,
     external: PreparedDataset | None = None,
     externals: Sequence[PreparedDataset] = (),
+    test: PreparedDataset | None = None,
     log: Callable[[str], None] | None = None,
     share_from: int | None = None,
 ) -> TrialResult:
@@ -878,8 +883,10 @@ def run_trial(
     corrected resampled t 95 % CI over folds. `externals` (and the older single `external`)
     are each evaluated once at the end with the ensemble of the fold models (average of their
     probabilities) and never used for any choice; an external's classes may be a subset of the
-    study's. `splits` records per fold: `fold`, `n_train`, `n_val`, `train_hash`, `val_hash`
-    (sha256 over the members' image hashes, see `row_identities`), `val_indices`,
+    study's. `test` (the search's test split) is predicted the same way into `test_probs` and
+    nothing else: no metric of it is computed or recorded here. `splits` records per fold:
+    `fold`, `n_train`, `n_val`, `train_hash`, `val_hash` (sha256 over the members' image
+    hashes, see `row_identities`), `val_indices`,
     `inner_val_indices` (None without early stopping), `trained_hash` / `n_trained_images`
     (the rows actually fed to training), `epochs_run`, `best_epoch`, `cv` and, with
     `cv="site"`, `val_sites`. `share_from` (the shallowest frozen depth a search draws for
@@ -889,6 +896,8 @@ def run_trial(
     classes = dataset.classes
     ext_sets = ([external] if external is not None else []) + list(externals)
     ext_y = [_external_labels(e, classes) for e in ext_sets]
+    if test is not None:
+        _external_labels(test, classes)  # its classes must be the study's
     started = time.perf_counter()
     splits, warnings = _trial_splits(dataset, cfg)
     sites = dataset_sites(dataset)[0] if cfg.cv == "site" else None
@@ -905,11 +914,12 @@ def run_trial(
     fits: list[_Fit] = []
     oof = np.full((len(dataset), len(classes)), np.nan, dtype=np.float64)
     oof_folds = np.full(len(dataset), -1, dtype=np.int8)
+    predicted = ext_sets + ([test] if test is not None else [])  # by every fold's model
     ext_images = [
         torch.from_numpy(np.array(session.dataset_images(e))).unsqueeze(1).to(device)
-        for e in ext_sets
+        for e in predicted
     ]
-    ext_probs: list[list[np.ndarray]] = [[] for _ in ext_sets]
+    ext_probs: list[list[np.ndarray]] = [[] for _ in predicted]
     setup_seconds = time.perf_counter() - started
     for w in warnings:
         if log:
@@ -944,6 +954,7 @@ def run_trial(
         )
         for src in sorted(set(sources[seen]))
     }
+    test_probs = np.mean(ext_probs.pop(), axis=0) if test is not None else None
     ext_results: dict[str, dict] = {}
     for e, y_e, probs_e in zip(ext_sets, ext_y, ext_probs, strict=True):
         p = np.mean(probs_e, axis=0)
@@ -993,6 +1004,7 @@ def run_trial(
         oof_probs=oof,
         oof_folds=oof_folds,
         preprocess=session.pp_info,
+        test_probs=test_probs,
     )
     total = time.perf_counter() - started
     fit_seconds = sum(f.wall for f in fits)

@@ -8,7 +8,10 @@ out-of-fold predictions, row-aligned to the dataset it ran on:
 ``labels``     (N,) int16 — true class index;
 ``folds``      (N,) int8 — the validation fold of each row (-1: never validated);
 ``groups``     (N,) int32 — split-group (patient) code, for patient-level bootstraps;
-``classes``, ``dataset_hash`` — the class order and the manifest hash the rows follow.
+``classes``, ``dataset_hash`` — the class order and the manifest hash the rows follow;
+``test_log_probs``, ``test_labels``, ``test_groups``, ``test_hash`` — with ``search --test``,
+               the fold models' averaged predictions on the test split (its manifest order),
+               read back as :class:`TestPredictions`; the study records no metric of them.
 
 Row order is the dataset manifest's (after the profile's subsampling), identified by the
 manifest hash the trial records (``dataset_hash``). Log-probabilities in float16 keep ~3
@@ -45,6 +48,7 @@ __all__ = [
     "OOF_ATTR",
     "OOF_FORMAT",
     "OofPredictions",
+    "TestPredictions",
     "artifact_dir",
     "artifact_store",
     "load_oof",
@@ -114,6 +118,16 @@ def artifact_store(
 
 
 @dataclass
+class TestPredictions:
+    """A trial's fold models' averaged probabilities on the search's test split."""
+
+    probs: np.ndarray  # (M, C) float64
+    labels: np.ndarray  # (M,) int
+    groups: np.ndarray  # (M,) int split-group codes
+    dataset_hash: str  # the test split's hash
+
+
+@dataclass
 class OofPredictions:
     """One trial's pooled out-of-fold predictions (rows in the dataset manifest's order)."""
 
@@ -124,6 +138,7 @@ class OofPredictions:
     folds: np.ndarray  # (N,) int, -1 where never validated
     groups: np.ndarray  # (N,) int split-group codes
     dataset_hash: str
+    test: TestPredictions | None = None
 
     @property
     def validated(self) -> np.ndarray:
@@ -140,6 +155,7 @@ class OofPredictions:
             self.folds[m],
             self.groups[m],
             self.dataset_hash,
+            self.test,
         )
 
     def class_index(self, name: str | None) -> int:
@@ -149,8 +165,28 @@ class OofPredictions:
         return self.classes.index(name)
 
 
-def oof_arrays(result: Any, dataset: Any) -> dict[str, np.ndarray]:
-    """The arrays of the artifact for one trial result on `dataset` (see the module doc)."""
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.log(np.clip(probs, 1e-7, 1.0))
+    logp[np.isnan(probs).any(axis=1)] = np.nan
+    return np.maximum(logp, _LOG_FLOOR).astype(np.float16)
+
+
+def _group_codes(dataset: Any) -> np.ndarray:
+    return np.unique(np.asarray(dataset.groups).astype(str), return_inverse=True)[1].astype(
+        np.int32
+    )
+
+
+def _probs(log_probs: np.ndarray) -> np.ndarray:
+    probs = np.exp(log_probs.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        return probs / probs.sum(axis=1, keepdims=True)
+
+
+def oof_arrays(result: Any, dataset: Any, test: Any = None) -> dict[str, np.ndarray]:
+    """The arrays of the artifact for one trial result on `dataset` (and its `test` split's
+    predictions, when the search has one; see the module doc)."""
     probs = np.asarray(result.oof_probs, dtype=np.float64)
     if probs.shape != (len(dataset), len(dataset.classes)):
         raise DataError(
@@ -170,22 +206,36 @@ def oof_arrays(result: Any, dataset: Any) -> dict[str, np.ndarray]:
             f"out-of-fold folds and predictions disagree: {int((folds >= 0).sum())} rows have "
             f"a fold, {int(seen.sum())} have predictions"
         )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logp = np.log(np.clip(probs, 1e-7, 1.0))
-    logp[~seen] = np.nan
-    codes = np.unique(np.asarray(dataset.groups).astype(str), return_inverse=True)[1]
-    return {
-        "log_probs": np.maximum(logp, _LOG_FLOOR).astype(np.float16),
+    out = {
+        "log_probs": _log_probs(probs),
         "labels": np.asarray(dataset.labels, dtype=np.int16),
         "folds": folds.astype(np.int8),
-        "groups": codes.astype(np.int32),
+        "groups": _group_codes(dataset),
         "classes": np.asarray(list(dataset.classes)),
         "dataset_hash": np.asarray(str(dataset.hash)),
         "format": np.asarray(OOF_FORMAT, dtype=np.int16),
     }
+    test_probs = getattr(result, "test_probs", None)
+    if test is not None and test_probs is not None:
+        tp = np.asarray(test_probs, dtype=np.float64)
+        if tp.shape != (len(test), len(dataset.classes)):
+            raise DataError(
+                f"test predictions of shape {tp.shape} do not match the test split "
+                f"({len(test)} rows, {len(dataset.classes)} classes)"
+            )
+        to_study = np.array([dataset.classes.index(c) for c in test.classes], dtype=np.int64)
+        out |= {
+            "test_log_probs": _log_probs(tp),
+            "test_labels": to_study[np.asarray(test.labels)].astype(np.int16),
+            "test_groups": _group_codes(test),
+            "test_hash": np.asarray(str(test.hash)),
+        }
+    return out
 
 
-def save_oof(trial: optuna.Trial, result: Any, dataset: Any) -> dict[str, Any] | None:
+def save_oof(
+    trial: optuna.Trial, result: Any, dataset: Any, test: Any = None
+) -> dict[str, Any] | None:
     """Store a finished trial's out-of-fold predictions as an artifact of the trial and record
     where in its ``oof`` user attribute (``{stored, artifact_id, bytes, rows, validated, …}``).
     Returns that record (None when the result carries no predictions)."""
@@ -205,7 +255,7 @@ def save_oof(trial: optuna.Trial, result: Any, dataset: Any) -> dict[str, Any] |
         }
         trial.set_user_attr(OOF_ATTR, info)
         return info
-    arrays = oof_arrays(result, dataset)
+    arrays = oof_arrays(result, dataset, test)
     try:
         with tempfile.TemporaryDirectory(prefix="automl-cxr-oof-") as tmp:
             path = Path(tmp) / f"oof_trial{trial.number}.npz"
@@ -231,6 +281,7 @@ def save_oof(trial: optuna.Trial, result: Any, dataset: Any) -> dict[str, Any] |
         "validated": int((arrays["folds"] >= 0).sum()),
         "dataset_hash": str(dataset.hash),
         "classes": list(dataset.classes),
+        "test_rows": int(len(arrays["test_labels"])) if "test_labels" in arrays else 0,
     }
     trial.set_user_attr(OOF_ATTR, info)
     return info
@@ -273,18 +324,23 @@ def load_oof(
     except Exception as exc:  # a missing or damaged file: any reader error
         missing(f"artifact {info.get('artifact_id')} unreadable in {artifact_dir(storage)}: {exc}")
         return None
-    logp = z["log_probs"].astype(np.float64)
-    probs = np.exp(logp)
-    with np.errstate(invalid="ignore"):
-        probs = probs / probs.sum(axis=1, keepdims=True)
+    test = None
+    if "test_log_probs" in z:
+        test = TestPredictions(
+            probs=_probs(z["test_log_probs"]),
+            labels=z["test_labels"].astype(np.int64),
+            groups=z["test_groups"].astype(np.int64),
+            dataset_hash=str(z["test_hash"]),
+        )
     return OofPredictions(
         number=trial.number,
         classes=[str(c) for c in z["classes"]],
-        probs=probs,
+        probs=_probs(z["log_probs"]),
         labels=z["labels"].astype(np.int64),
         folds=z["folds"].astype(np.int64),
         groups=z["groups"].astype(np.int64),
         dataset_hash=str(z["dataset_hash"]),
+        test=test,
     )
 
 

@@ -104,6 +104,7 @@ class ReportData:
                 "leaderboard": self.leaderboard_records(),
                 "operating_points": self.oof.operating if self.oof else [],
                 "ensemble": self.oof.ensemble if self.oof else None,
+                "test": self.oof.test if self.oof else None,
             }
         )
 

@@ -26,6 +26,7 @@ from automl_cxr.report._tables import (
     calibration_legend,
     compare_rows,
     counts_text,
+    describe_test_split,
     ensemble_rows,
     ensemble_text,
     group_rows,
@@ -238,6 +239,14 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
             f"{_e(data.oof.operating[0]['positive'])} (out-of-fold)</h2>"
             + _table(h, r, numeric=(0, 2, 3, 4, 5))
             + f'<p class="note">{_e(OPERATING_NOTE)} The ROC figure marks it.</p></section>'
+        )
+    lines = describe_test_split(data)
+    if lines:
+        toc.insert(3, ("test", "Test split"))
+        sections.append(
+            '<section id="test"><h2>Test split (never seen by the search)</h2>'
+            + "".join(f"<p>{_e(t)}</p>" for t in lines)
+            + "</section>"
         )
     h, r = ensemble_rows(data)
     if r:

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from automl_cxr.engine import bootstrap_metrics
 from automl_cxr.errors import ConfigError
 from automl_cxr.oof import (
     calibration_summary,
@@ -23,7 +24,7 @@ from automl_cxr.oof import (
     parse_operating_point,
 )
 
-__all__ = ["DEFAULT_OPERATING_POINT", "OofReport", "build_oof_report"]
+__all__ = ["DEFAULT_OPERATING_POINT", "OofReport", "build_oof_report", "score_test_split"]
 
 DEFAULT_OPERATING_POINT = "youden"
 ENSEMBLE_ROUNDS = 20
@@ -38,6 +39,7 @@ class OofReport:
     reliability: list[dict] = field(default_factory=list)
     operating: list[dict] = field(default_factory=list)
     ensemble: dict | None = None
+    test: dict | None = None  # the search's test split: best-by-CV trial and ensemble on it
     notes: list[str] = field(default_factory=list)
     n_stored: int = 0
 
@@ -107,7 +109,65 @@ def build_oof_report(
         )
     else:
         rep.notes.append("ensemble selection needs at least 2 trials with stored predictions")
+    rep.test = score_test_split(study, oofs, ranked, rep.ensemble, metric, positive, n_boot)
     return rep
+
+
+def _test_figure(test: Any, probs: Any, classes: list[str], metric: str, positive, n_boot):
+    """The metric on the test split with its patient-bootstrap 95 % CI, and every scalar."""
+    b = bootstrap_metrics(
+        test.labels, probs, classes, positive=positive, groups=test.groups, n_boot=n_boot
+    )
+    m = b["metrics"].get(metric) or {}
+    return {
+        "estimate": m.get("estimate"),
+        "ci_low": m.get("ci_low"),
+        "ci_high": m.get("ci_high"),
+        "metrics": {k: v["estimate"] for k, v in b["metrics"].items()},
+        "n_units": b["n_units"],
+    }
+
+
+def score_test_split(
+    study: optuna.Study,
+    oofs: dict[int, Any],
+    ranked: list[int],
+    ensemble: dict | None,
+    metric: str,
+    positive: str | None,
+    n_boot: int = 500,
+) -> dict | None:
+    """The search's test split (`search --test`): the best-by-cross-validation trial's figure
+    on it (its fold models averaged) beside its CV estimate, and the selected ensemble's
+    (members' test predictions mixed with the selected weights) beside its nested estimate.
+    None when the study has no test split."""
+    info = (study.user_attrs.get("protocol") or {}).get("test")
+    if not info:
+        return None
+    out: dict[str, Any] = {"info": info, "metric": metric}
+    best = ranked[0] if ranked else None
+    o = oofs.get(best) if best is not None else None
+    if o is None or o.test is None:
+        out["note"] = "the best-by-CV trial has no stored test predictions"
+        return out
+    trial = study.trials[best]
+    cv = ((trial.user_attrs.get("metrics") or {}).get("summary") or {}).get("metrics", {})
+    cv_m = cv.get(metric) or {}
+    out["best"] = {
+        "number": best,
+        **_test_figure(o.test, o.test.probs, o.classes, metric, positive, n_boot),
+        "cv": {k: cv_m.get(k) for k in ("mean", "ci_low", "ci_high")},
+    }
+    weights = (ensemble or {}).get("weights") or {}
+    if weights and all(int(n) in oofs and oofs[int(n)].test is not None for n in weights):
+        mix = sum(oofs[int(n)].test.probs * float(w) for n, w in weights.items())
+        nested = ((ensemble or {}).get("nested") or {}).get("ensemble") or {}
+        out["ensemble"] = {
+            "members": {int(n): float(w) for n, w in weights.items()},
+            **_test_figure(o.test, mix, o.classes, metric, positive, n_boot),
+            "nested": {k: nested.get(k) for k in ("mean", "ci_low", "ci_high")},
+        }
+    return out
 
 
 def _crossfit_point(v: Any, k: int, rule: str, target: float | None, n_boot: int) -> dict | None:

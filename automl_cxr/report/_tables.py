@@ -30,6 +30,7 @@ __all__ = [
     "markdown_table",
     "OPERATING_NOTE",
     "operating_rows",
+    "describe_test_split",
     "paper_table_markdown",
     "report_files",
     "report_markdown",
@@ -297,6 +298,54 @@ def ensemble_text(data: ReportData) -> list[str]:
     return out
 
 
+def _ci(f: dict | None) -> str:
+    if not f or f.get("estimate", f.get("mean")) is None:
+        return "n/a"
+    est = f.get("estimate", f.get("mean"))
+    lo, hi = f.get("ci_low"), f.get("ci_high")
+    if lo is None or hi is None:
+        return f"{est:.4f}"
+    return fmt_ci(est, max(0.0, lo), min(1.0, hi))
+
+
+def describe_test_split(data: ReportData) -> list[str]:
+    """Sentences on the search's test split: what it holds, the best-by-CV trial's figure on
+    it beside its CV estimate, the selected ensemble's beside its nested estimate."""
+    t = data.oof.test if data.oof else None
+    if not t:
+        return []
+    info = t["info"]
+    held = ", ".join(f"{c} {n}" for c, n in info["classes"].items())
+    sites = info.get("sites") or []
+    where = f", {len(sites)} whole sites" if sites else ""
+    one = [c for c, n in info["classes"].items() if n == 0]
+    out = [
+        f"Test split ({info['spec']}, drawn by seed {info['seed']} before the search and never "
+        f"seen by it): {info['n']} images of {info['patients']} patients ({held}{where})."
+        + (
+            f" It holds no {', '.join(one)} image: metrics are those of the classes it holds."
+            if one
+            else ""
+        )
+    ]
+    if t.get("note"):
+        out.append(f"No test figure: {t['note']}.")
+        return out
+    m, b = t["metric"], t["best"]
+    out.append(
+        f"Best-by-CV trial {b['number']} (its fold models averaged): {m} on the test split "
+        f"{_ci(b)} (patient bootstrap, {b['n_units']} patients) vs its CV estimate {_ci(b['cv'])}."
+    )
+    e = t.get("ensemble")
+    if e:
+        out.append(
+            f"Selected ensemble (trials {', '.join(map(str, e['members']))}): {m} on the test "
+            f"split {_ci(e)} vs its nested estimate {_ci(e['nested'])}."
+        )
+    out.append("These are the figures a paper or a clinic can quote for this search.")
+    return out
+
+
 def calibration_legend() -> str:
     return (
         "ECE: top-label expected calibration error of the pooled out-of-fold probabilities "
@@ -316,6 +365,9 @@ def clinic_markdown(data: ReportData) -> str:
             + markdown_table(h, r)
             + f"\n{OPERATING_NOTE}\n"
         )
+    lines = describe_test_split(data)
+    if lines:
+        out.append("\n## Test split\n\n" + "".join(f"{t}\n" for t in lines))
     h, r = ensemble_rows(data)
     if r:
         out.append("\n## Ensemble selection across trials\n\n" + markdown_table(h, r))

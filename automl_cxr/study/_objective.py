@@ -94,10 +94,12 @@ class Objective:
         log: Callable[[str], None] | None = None,
         cv: str = "patient",
         externals: Sequence[PreparedDataset] = (),
+        test: PreparedDataset | None = None,
     ) -> None:
         self.dataset = dataset
         self.cv = cv
         self.externals = list(externals)
+        self.test = test  # the search's test split: predicted and stored, never scored here
         self.space = space
         self.profile = profile
         self.metrics = list(metrics)
@@ -256,6 +258,7 @@ class Objective:
                 report=report,
                 feature_cache=self.feature_cache,
                 externals=self.externals,
+                test=self.test,
                 log=self.log,
                 share_from=self.shallowest_frozen(plan.model.backbone),
             )
@@ -286,7 +289,7 @@ class Objective:
         finally:
             _free_device_memory()
         self.record(trial, result)
-        save_oof(trial, result, self.dataset)  # out-of-fold predictions (automl_cxr.oof)
+        save_oof(trial, result, self.dataset, self.test)  # out-of-fold (and test) predictions
         values = []
         for m in self.metrics:
             if m in OBJECTIVE_KEYS:

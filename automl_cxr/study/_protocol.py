@@ -50,6 +50,7 @@ PROTOCOL_FIELDS = (
     "device",
     "precision",
     "versions",
+    "test",
     "folds",
 )
 """Fields compared on resume, in the order differences are reported."""
@@ -168,6 +169,13 @@ def protocol_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) 
                     "cv, so the data or the splitter changed)"
                 )
         elif a != b:
+            if key == "test":
+                was, now = _test_spec(a), _test_spec(b)
+                lines.append(
+                    f"test: the study's test split is {was!r}, this run's {now!r} (pass "
+                    + (f"--test {was})" if was else "no --test)")
+                )
+                continue
             if key == "space_hash":
                 lines.append(
                     f"space: the study searched a space with content hash {str(a)[:12]}, this "
@@ -196,6 +204,10 @@ def protocol_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) 
             hint = f" (pass {flag} {a})" if flag and a is not None else ""
             lines.append(f"{key}: the study has {a!r}, this run {b!r}{hint}")
     return lines
+
+
+def _test_spec(test: Any) -> str | None:
+    return test.get("spec") if isinstance(test, Mapping) else None
 
 
 def check_protocol(stored: Mapping[str, Any], current: Mapping[str, Any], name: str) -> None:

@@ -88,6 +88,7 @@ def run_ray(
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     log: Callable[[str], None] | None = None,
     externals: Sequence[PreparedDataset] = (),
+    test: PreparedDataset | None = None,
 ) -> None:
     """Run trials through Ray Tune until `study` holds `settings.trials` finished trials.
 
@@ -132,10 +133,11 @@ def run_ray(
             cwd=os.getcwd(),
             cv=settings.cv,
             externals=tuple((e.name, str(e.root.parent.resolve())) for e in externals),
+            test=settings.test,
         )
         objective = Objective(
             dataset, space, profile, metrics=settings.objectives, seed=settings.seed,
-            cv=settings.cv, externals=externals,
+            cv=settings.cv, externals=externals, test=test,
         )  # fmt: skip
         target = settings.trials
         driver = Driver(

@@ -16,12 +16,13 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from automl_cxr.errors import StorageError
 from automl_cxr.study._compat import attach_trial, heartbeat_thread
-from automl_cxr.study._objective import Objective, subsample
+from automl_cxr.study._objective import Objective
 from automl_cxr.study._optuna import make_pruner
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._recovery import process_record, worker_record
 from automl_cxr.study._space import SearchSpace
 from automl_cxr.study._storage import open_storage
+from automl_cxr.study._testsplit import search_data
 
 __all__ = ["FINAL", "METRIC", "STEP", "Job", "trainable"]
 
@@ -60,6 +61,7 @@ class Job:
     cwd: str
     cv: str = "patient"
     externals: tuple[tuple[str, str], ...] = ()  # (name, folder) of each prepared external set
+    test: str | None = None  # the search's --test split, drawn here as in the driver
 
 
 class _Abandoned(BaseException):
@@ -95,11 +97,12 @@ _PROCESS: dict[str, Any] = {}
 def _worker_dataset(job: Job):
     from automl_cxr.data import load_dataset
 
-    key = f"{job.data_dir}|{job.dataset}|{job.max_per_class}|{job.seed}"
+    key = f"{job.data_dir}|{job.dataset}|{job.max_per_class}|{job.seed}|{job.test}"
     if _PROCESS.get("dataset_key") != key:
         _PROCESS.pop("dataset", None)
         full = load_dataset(job.dataset, Path(job.data_dir))
-        _PROCESS["dataset"] = subsample(full, job.max_per_class, job.seed)
+        dataset, test, _ = search_data(full, job.max_per_class, job.seed, job.test)
+        _PROCESS["dataset"], _PROCESS["test"] = dataset, test
         _PROCESS["dataset_key"] = key
     return _PROCESS["dataset"]
 
@@ -236,6 +239,7 @@ def _worker_objective(job: Job, device: str) -> Objective:
         feature_cache=_worker_cache(job),
         cv=job.cv,
         externals=_worker_externals(job),
+        test=_PROCESS.get("test"),
     )
 
 

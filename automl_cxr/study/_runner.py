@@ -21,7 +21,7 @@ from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.engine import FeatureCache, resolve_device, run_precision
 from automl_cxr.errors import SearchAborted, StorageError
 from automl_cxr.study._external import external_summary, prepare_externals
-from automl_cxr.study._objective import Objective, subsample
+from automl_cxr.study._objective import Objective
 from automl_cxr.study._optuna import (  # noqa: F401  (re-exported for older imports)
     FINISHED,
     PRUNERS,
@@ -52,11 +52,24 @@ from automl_cxr.study._setup import (  # noqa: F401  (re-exported for older impo
 )
 from automl_cxr.study._space import SearchSpace
 from automl_cxr.study._storage import close_storage, open_storage, storage_url
+from automl_cxr.study._testsplit import search_data
 
 __all__ = ["SQLITE_WORKERS_HINT", "run_search"]
 
 SQLITE_WORKERS_HINT = 4
 """More local workers than this on one SQLite file: recommend a journal file or PostgreSQL."""
+
+
+def _test_line(info: dict) -> str:
+    held = ", ".join(f"{c} {n}" for c, n in info["classes"].items())
+    sites = info.get("sites") or []
+    where = f" from {len(sites)} sites ({', '.join(sites[:3])}{', …' if len(sites) > 3 else ''})"
+    where = where if sites else ""
+    return (
+        f"test split {info['spec']}: {info['n']} images of {info['patients']} patients{where} "
+        f"({held}) set aside before the search; it trains and validates on the other "
+        f"{info['n_search']}"
+    )
 
 
 def _run_protocol(settings: SearchSettings, profile: Profile, space: SearchSpace) -> dict:
@@ -93,14 +106,19 @@ def run_search(
     full = load_dataset(settings.dataset, settings.data_dir)  # the manifest: nothing decoded
     check_metrics(settings.objectives, full.classes, full.positive, dataset=full.name)
     check_segmenter(space, settings.data_dir)
-    dataset = subsample(full, profile.max_per_class, settings.seed)
+    # The test split first (whole patients or sites, by seed), then the profile's subsample.
+    dataset, test, test_info = search_data(
+        full, profile.max_per_class, settings.seed, settings.test
+    )
+    if test_info and log:
+        log(_test_line(test_info))
     # The folds (and whether the data allows --cv site) before any study row is written.
     protocol = study_protocol(
         dataset,
         profile,
         seed=settings.seed,
         cv=settings.cv,
-        run=_run_protocol(settings, profile, space),
+        run={**_run_protocol(settings, profile, space), "test": test_info},
     )
     if log:
         for w in protocol["fold_warnings"]:
@@ -155,6 +173,7 @@ def run_search(
                 on_trial=on_trial,
                 log=log,
                 externals=externals,
+                test=test,
             )
         elif settings.workers > 1:
             note = _sqlite_note(settings, storage_arg)
@@ -164,7 +183,7 @@ def run_search(
                     log(note)
             _run_local_workers(settings, storage_arg, name, settings.workers, study, on_trial)
         else:
-            _run_here(settings, study, dataset, space, profile, before, on_trial, externals)
+            _run_here(settings, study, dataset, space, profile, before, on_trial, externals, test)
     close_storage(storage)
     return _summary(settings, study, name, storage_arg, start, before, notes)
 
@@ -178,6 +197,7 @@ def _run_here(
     before: int,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
     externals: list[PreparedDataset],
+    test: PreparedDataset | None = None,
 ) -> None:
     """Trials one after another in this process (`study.optimize`), failed ones retried."""
     start = time.time()
@@ -190,6 +210,7 @@ def _run_here(
         feature_cache=FeatureCache(settings.feature_cache_bytes, settings.feature_cache_dir),
         cv=settings.cv,
         externals=externals,
+        test=test,
     )
     stop = objective.stop = threading.Event()
     objective.max_trials = settings.trials

@@ -51,6 +51,7 @@ class SearchSettings:
     externals: Sequence[str | Path] = ()  # external sets scored after each COMPLETE trial
     external_label_map: Mapping[str, str] | None = None  # their labels onto the study's
     drop_overlap: bool = False  # leave out external images that overlap the training data
+    test: str | None = None  # "patient:F" / "site:F": a test split the search never sees
     verbose: bool = False  # Ray's own messages on the console (else in a log file)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,10 @@ class SearchSettings:
         if self.cv not in CV_MODES:
             raise ConfigError(f"cv must be one of {list(CV_MODES)}, but got cv={self.cv!r}")
         self.externals = [str(e) for e in self.externals]
+        if self.test is not None:
+            from automl_cxr.study._testsplit import parse_test
+
+            parse_test(self.test)
         dupes = sorted({e for e in self.externals if self.externals.count(e) > 1})
         if dupes:
             raise ConfigError(f"--external names the same set twice: {dupes}")
