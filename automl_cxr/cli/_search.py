@@ -176,6 +176,14 @@ def search(
             "card show the best-by-CV trial's figure on it.",
         ),
     ] = None,
+    trial_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--trial-timeout",
+            help="Seconds one trial may run; a longer one is stopped and marked FAIL with "
+            "that reason (--timeout only stops starting new trials).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Show Ray's own messages (default: a log file).")
@@ -222,6 +230,7 @@ def search(
         ),
         drop_overlap=drop_overlap,
         test=test,
+        trial_timeout=trial_timeout,
         verbose=verbose,
     )
     if cpus_per_trial:

@@ -292,6 +292,7 @@ class _Session:
                 f"but got num_classes={model_config.num_classes}"
             )
         self.cfg, self.dataset, self.log = cfg, dataset, log
+        self.deadline: tuple[float, float] | None = None  # (time.monotonic() limit, seconds)
         self.device = device = resolve_device(cfg.device)
         self.use_amp, self.amp_dtype = amp_plan(device, cfg.amp, cfg.cpu_amp)
         self.scaler = torch.amp.GradScaler(
@@ -511,6 +512,12 @@ class _Session:
                         adv = site.loss(idx, yb)
                         if adv is not None:
                             loss = loss + adv
+                if self.deadline is not None and time.monotonic() > self.deadline[0]:
+                    raise TrialFailed(
+                        f"stopped in fold {fold} epoch {epoch}: the trial ran longer than its "
+                        f"time limit of {self.deadline[1]:g} s (--trial-timeout)",
+                        kind="timeout",
+                    )
                 if not torch.isfinite(loss):
                     raise TrialFailed(
                         f"training loss became {loss.item()} in fold {fold} epoch {epoch} "
@@ -874,6 +881,7 @@ def run_trial(
     test: PreparedDataset | None = None,
     log: Callable[[str], None] | None = None,
     share_from: int | None = None,
+    time_limit: float | None = None,
 ) -> TrialResult:
     """Train and evaluate one configuration with grouped cross-validation (`cfg.cv`: by patient,
     or by acquisition site).
@@ -889,8 +897,10 @@ def run_trial(
     hashes, see `row_identities`), `val_indices`,
     `inner_val_indices` (None without early stopping), `trained_hash` / `n_trained_images`
     (the rows actually fed to training), `epochs_run`, `best_epoch`, `cv` and, with
-    `cv="site"`, `val_sites`. `share_from` (the shallowest frozen depth a search draws for
-    this backbone) only changes how cached features are computed, never the results.
+    `cv="site"`, `val_sites`. `time_limit` (seconds, from the start) fails the trial with
+    `TrialFailed(kind="timeout")` at the first training step past it. `share_from` (the
+    shallowest frozen depth a search draws for this backbone) only changes how cached features
+    are computed, never the results.
     """
     cfg = train_config
     classes = dataset.classes
@@ -904,6 +914,9 @@ def run_trial(
     session = _Session(
         dataset, model_config, cfg, feature_cache=feature_cache, log=log, share_from=share_from
     )
+    if time_limit is not None:  # from the start of the trial; checked before every step
+        begun = time.monotonic() - (time.perf_counter() - started)
+        session.deadline = (begun + float(time_limit), float(time_limit))
     model, device = session.model, session.device
     total_params, trainable_params = model.param_counts()
     y_all = dataset.labels

@@ -95,11 +95,13 @@ class Objective:
         cv: str = "patient",
         externals: Sequence[PreparedDataset] = (),
         test: PreparedDataset | None = None,
+        trial_timeout: float | None = None,
     ) -> None:
         self.dataset = dataset
         self.cv = cv
         self.externals = list(externals)
         self.test = test  # the search's test split: predicted and stored, never scored here
+        self.trial_timeout = trial_timeout  # seconds; a longer trial fails (kind "timeout")
         self.space = space
         self.profile = profile
         self.metrics = list(metrics)
@@ -261,6 +263,7 @@ class Objective:
                 test=self.test,
                 log=self.log,
                 share_from=self.shallowest_frozen(plan.model.backbone),
+                time_limit=self.trial_timeout,
             )
         except TrialFailed as exc:
             trial.set_user_attr("fail_reason", exc.reason)

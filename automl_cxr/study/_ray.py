@@ -134,6 +134,7 @@ def run_ray(
             cv=settings.cv,
             externals=tuple((e.name, str(e.root.parent.resolve())) for e in externals),
             test=settings.test,
+            trial_timeout=settings.trial_timeout,
         )
         objective = Objective(
             dataset, space, profile, metrics=settings.objectives, seed=settings.seed,
@@ -149,6 +150,7 @@ def run_ray(
             on_trial=on_trial,
             stopped=scheduler.stopped,
             scheduler_name=settings.scheduler,
+            trial_timeout=settings.trial_timeout,
         )
         driver.errors = scheduler.errors
         if log:

@@ -33,8 +33,18 @@ from automl_cxr.study._recovery import (
 )
 from automl_cxr.study._storage import HEARTBEAT_INTERVAL
 
-__all__ = ["DRIVERS", "RETRIED", "AskTellSearcher", "Driver", "Live", "describe_tune_error"]
+__all__ = [
+    "DRIVERS",
+    "HUNG_GRACE",
+    "RETRIED",
+    "AskTellSearcher",
+    "Driver",
+    "Live",
+    "describe_tune_error",
+]
 
+HUNG_GRACE = 120.0
+"""Seconds past `--trial-timeout` after which the driver gives a silent trial up as hung."""
 RETRIED = ("transient", "died")
 """`fail_kind`s whose trial is re-run with the same parameters (at most `MAX_RETRIES` times)."""
 DIED = (
@@ -89,6 +99,7 @@ class Driver:
         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
         stopped: set[str],
         scheduler_name: str | None,
+        trial_timeout: float | None = None,
     ) -> None:
         self.study = study
         self.storage = storage_of(study)
@@ -103,6 +114,8 @@ class Driver:
         self.errors: dict[str, BaseException | None] = {}  # Tune trial id → its Ray error
         self.failed_in_a_row = 0
         self.error: BaseException | None = None
+        self.trial_timeout = trial_timeout
+        self.unrecorded: list[Live] = []  # outcomes that could not be written: failed at close
         self._lock = threading.Lock()
 
     # -- what Tune's Searcher API calls -----------------------------------------------------
@@ -163,6 +176,23 @@ class Driver:
         except Exception as exc:  # never let a storage hiccup kill the Tune loop
             if self.error is None:
                 self.error = exc
+            self._fail_unrecorded(live, exc)
+
+    def _fail_unrecorded(self, live: Live, exc: BaseException) -> None:
+        """The outcome of `live` could not be recorded: mark it FAIL with the reason (straight
+        through the storage), or, if even that fails, leave it for `close_unfinished`, so a
+        trial is never left RUNNING by the driver."""
+        reason = (
+            "the Ray driver could not record this trial's outcome: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
+        )
+        try:
+            if not self.storage.get_trial(live.trial_id).state.is_finished():
+                self._set_attr(live.trial_id, "fail_reason", reason)
+                self.storage.set_trial_state_values(live.trial_id, TrialState.FAIL)
+        except Exception:
+            with self._lock:
+                self.unrecorded.append(live)
 
     # -- outcome --------------------------------------------------------------------------
     def _finish(self, tune_id: str, live: Live, result: dict, error: bool) -> None:
@@ -235,7 +265,8 @@ class Driver:
                 with self._lock:
                     ids = [lv.trial_id for lv in self.live.values()]
                 for tid in ids:
-                    record_heartbeat(storage, tid)
+                    if not self._fail_if_hung(tid):
+                        record_heartbeat(storage, tid)
 
         thread = threading.Thread(target=beat, name="automl-cxr-heartbeat", daemon=True)
         thread.start()
@@ -245,10 +276,36 @@ class Driver:
             stop.set()
             thread.join(timeout=5)
 
+    def _fail_if_hung(self, trial_id: int) -> bool:
+        """With `trial_timeout`: a live trial still RUNNING `HUNG_GRACE` seconds past it (its
+        worker checks the limit at every training step, so it is stuck, e.g. in a dead
+        collective or I/O) is marked FAIL with that reason and no longer kept alive by this
+        driver's heartbeat. Returns whether it was."""
+        if self.trial_timeout is None:
+            return False
+        with contextlib.suppress(Exception):
+            t = self.storage.get_trial(trial_id)
+            if t.state.is_finished() or t.datetime_start is None:
+                return t.state.is_finished()
+            ran = time.time() - t.datetime_start.timestamp()
+            if ran > self.trial_timeout + HUNG_GRACE:
+                self._set_attr(
+                    trial_id,
+                    "fail_reason",
+                    f"no outcome {ran:.0f} s after it started (--trial-timeout "
+                    f"{self.trial_timeout:g} s, checked at every training step): the worker "
+                    "is stuck; stopped waiting for it",
+                )
+                self._set_attr(trial_id, "fail_kind", "timeout")
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                return True
+        return False
+
     def close_unfinished(self) -> None:
         """Trials still RUNNING after Tune returned (interrupted, Tune error) → FAIL."""
         with self._lock:
-            live, self.live = list(self.live.values()), {}
+            live, self.live = list(self.live.values()) + self.unrecorded, {}
+            self.unrecorded = []
         for lv in live:
             with contextlib.suppress(Exception):
                 t = self.storage.get_trial(lv.trial_id)

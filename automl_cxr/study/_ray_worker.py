@@ -62,6 +62,7 @@ class Job:
     cv: str = "patient"
     externals: tuple[tuple[str, str], ...] = ()  # (name, folder) of each prepared external set
     test: str | None = None  # the search's --test split, drawn here as in the driver
+    trial_timeout: float | None = None  # seconds (--trial-timeout)
 
 
 class _Abandoned(BaseException):
@@ -240,6 +241,7 @@ def _worker_objective(job: Job, device: str) -> Objective:
         cv=job.cv,
         externals=_worker_externals(job),
         test=_PROCESS.get("test"),
+        trial_timeout=job.trial_timeout,
     )
 
 

@@ -211,6 +211,7 @@ def _run_here(
         cv=settings.cv,
         externals=externals,
         test=test,
+        trial_timeout=settings.trial_timeout,
     )
     stop = objective.stop = threading.Event()
     objective.max_trials = settings.trials

@@ -52,6 +52,7 @@ class SearchSettings:
     external_label_map: Mapping[str, str] | None = None  # their labels onto the study's
     drop_overlap: bool = False  # leave out external images that overlap the training data
     test: str | None = None  # "patient:F" / "site:F": a test split the search never sees
+    trial_timeout: float | None = None  # seconds; a trial running longer fails with the reason
     verbose: bool = False  # Ray's own messages on the console (else in a log file)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,11 @@ class SearchSettings:
         if self.cv not in CV_MODES:
             raise ConfigError(f"cv must be one of {list(CV_MODES)}, but got cv={self.cv!r}")
         self.externals = [str(e) for e in self.externals]
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise ConfigError(
+                f"trial_timeout must be a positive number of seconds, but got "
+                f"trial_timeout={self.trial_timeout}"
+            )
         if self.test is not None:
             from automl_cxr.study._testsplit import parse_test
 
