@@ -326,6 +326,8 @@ def dashboard(
                 f"({res['skipped']} already), figures {', '.join(res['figures']) or 'unchanged'}",
                 highlight=False,
             )
+            for problem in res.get("problems") or []:
+                err_console.print(f"warning: study {name}: {problem}", highlight=False)
     store = artifact_store(study)
     err_console.print(
         f"optuna-dashboard on http://{host}:{port}/dashboard for {storage_url(study)} "

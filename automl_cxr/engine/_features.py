@@ -27,6 +27,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class FeatureCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.discarded: list[str] = []  # damaged files deleted and recomputed, with the reason
 
     @property
     def bytes_used(self) -> int:
@@ -107,8 +109,17 @@ class FeatureCache:
         if path is not None and path.is_file():
             try:
                 t = torch.load(path, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError):
-                path.unlink(missing_ok=True)  # torn file: recompute
+            except Exception as exc:  # torch.load raises many kinds on a torn file
+                # a torn or damaged file: recomputed, and said (the trial's feature_cache
+                # record lists it), never silently
+                path.unlink(missing_ok=True)
+                why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                self.discarded.append(f"{path.name}: {type(exc).__name__}: {why}")
+                warnings.warn(
+                    f"feature cache file {path} was damaged ({type(exc).__name__}); recomputing it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return None
             self._remember(key, t)
             self.hits += 1
@@ -231,6 +242,7 @@ def frozen_inputs(
     info = {
         "used": True,
         "hit": hit,
+        **({"discarded_files": list(cache.discarded)} if cache.discarded else {}),
         "kind": kind,
         "key": key,
         "key_parts": {k: v for k, v in parts.items() if k not in ("mean", "std")},

@@ -322,8 +322,17 @@ def load_oof(
     try:
         z = _read(store, str(info["artifact_id"]))
     except Exception as exc:  # a missing or damaged file: any reader error
-        missing(f"artifact {info.get('artifact_id')} unreadable in {artifact_dir(storage)}: {exc}")
-        return None
+        where = f"artifact {info.get('artifact_id')} in {artifact_dir(storage)}"
+        gone = isinstance(exc, FileNotFoundError) or type(exc).__name__ == "ArtifactNotFound"
+        if gone:
+            missing(f"{where} is missing")
+            return None
+        # present but damaged: never quietly treated as absent
+        raise DataError(
+            f"trial {trial.number}: its stored out-of-fold predictions ({where}) are damaged "
+            f"({type(exc).__name__}: {exc}); delete the file to drop them, or run the trial "
+            "again"
+        ) from None
     test = None
     if "test_log_probs" in z:
         test = TestPredictions(
@@ -345,14 +354,24 @@ def load_oof(
 
 
 def load_study_oof(
-    study: optuna.Study, storage: str | Path | optuna.storages.BaseStorage
+    study: optuna.Study,
+    storage: str | Path | optuna.storages.BaseStorage,
+    *,
+    problems: list[str] | None = None,
 ) -> dict[int, OofPredictions]:
     """Stored out-of-fold predictions of every COMPLETE trial, keyed by trial number; only
-    trials on the same rows (dataset hash and folds) as the first one found are kept."""
+    trials on the same rows (dataset hash and folds) as the first one found are kept. A
+    damaged artifact is left out and its error appended to `problems` (raised without it)."""
     out: dict[int, OofPredictions] = {}
     ref: OofPredictions | None = None
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        o = load_oof(t, storage)
+        try:
+            o = load_oof(t, storage)
+        except DataError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            continue
         if o is None:
             continue
         if ref is None:

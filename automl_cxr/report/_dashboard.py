@@ -30,6 +30,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automl_cxr.errors import DataError, StorageError
 from automl_cxr.oof import artifact_store, calibration_summary, load_oof
 from automl_cxr.report._records import params_text
 
@@ -246,17 +247,23 @@ def publish_dashboard(
     the study's key figures and leaderboard note. Returns what was done."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
+    problems: list[str] = []  # what could not be published, said by the CLI
     try:
         store = artifact_store(storage, create=True)
-    except OSError:  # no writable folder beside the study: notes and figures only
+    except OSError as exc:  # no writable folder beside the study: notes and figures only
         store = None
+        problems.append(f"no trial images: the artifact folder cannot be created ({exc})")
     attrs = study._storage.get_study_system_attrs(study._study_id)
     done, skipped = [], 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if not force and attrs.get(f"{_MARK}{t._trial_id}") == _VERSION:
             skipped += 1
             continue
-        oof = load_oof(t, storage)
+        try:
+            oof = load_oof(t, storage)
+        except DataError as exc:  # damaged: the note and images go without it, and it is said
+            oof = None
+            problems.append(str(exc))
         cal = None
         if oof is not None:
             v = oof.valid()
@@ -278,8 +285,9 @@ def publish_dashboard(
 
         try:
             data = build_report_data(study, storage=str(storage))
-        except Exception:  # nothing ranked yet: notes only
+        except StorageError as exc:  # nothing ranked yet: notes only
             data = None
+            problems.append(f"no study figures: {exc}")
         if data is not None:
             figs = build_figures(data)
             for key in DASHBOARD_FIGURES:
@@ -293,4 +301,10 @@ def publish_dashboard(
                 "patient-grouped folds, 95% CI). Trial notes hold the per-fold tables; the "
                 "figures below are the report's (`automl-cxr report`).\n\n" + markdown_table(h, r),
             )
-    return {"published": done, "skipped": skipped, "figures": saved, "artifacts": store is not None}
+    return {
+        "published": done,
+        "skipped": skipped,
+        "figures": saved,
+        "artifacts": store is not None,
+        "problems": problems,
+    }

@@ -60,10 +60,12 @@ def build_oof_report(
     n_boot: int = 500,
 ) -> OofReport:
     """Everything from the out-of-fold predictions of the ranked trials in `board`."""
-    oofs = load_study_oof(study, storage)
+    damaged: list[str] = []
+    oofs = load_study_oof(study, storage, problems=damaged)
     ranked = [int(n) for n in board["number"]] if len(board) else []
     have = [n for n in ranked if n in oofs]
     rep = OofReport(calibration=pd.DataFrame(columns=_CAL_COLS), n_stored=len(have))
+    rep.notes.extend(damaged)
     if not have:
         if ranked:
             rep.notes.append(

@@ -292,7 +292,15 @@ class Objective:
         finally:
             _free_device_memory()
         self.record(trial, result)
-        save_oof(trial, result, self.dataset, self.test)  # out-of-fold (and test) predictions
+        try:  # out-of-fold (and test) predictions; the trial's scores stand without them
+            save_oof(trial, result, self.dataset, self.test)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("oof", {"stored": False, "reason": f"saving failed: {why}"})
+            if self.log:
+                self.log(
+                    f"warning: trial {trial.number}: out-of-fold predictions not stored ({why})"
+                )
         values = []
         for m in self.metrics:
             if m in OBJECTIVE_KEYS:
