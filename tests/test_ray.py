@@ -635,6 +635,7 @@ def test_two_node_cluster_on_postgresql_survives_a_lost_node(
 
     # The console shows our lines only; Ray's own messages are in the log file it names.
     assert "Traceback" not in err and "tune_controller" not in err, err[-3000:]
+    assert "Raylet is terminated" not in err and "(raylet)" not in err, err[-3000:]
     assert f"trial {killed} FAIL" in err
     log_line = next(line for line in err.splitlines() if "Ray's own messages go to" in line)
     ray_log = Path(log_line.split("go to ", 1)[1].split(" (", 1)[0])

@@ -187,7 +187,7 @@ def run_ray(
         DRIVERS[key] = driver
         if log and ray_log is not None:
             log(f"Ray's own messages go to {ray_log} (--verbose shows them here)")
-        with driver.heartbeats(), _tune_env(), _ray_logs_to(ray_log):
+        with driver.heartbeats(), _tune_env(), _ray_logs_to(ray_log), _core_to(ray_log):
             tuner.fit()
     finally:
         DRIVERS.pop(key, None)
@@ -261,6 +261,28 @@ def _stderr_to(path: Path | None) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def _core_to(path: Path | None) -> Iterator[None]:
+    """While Tune runs: what Ray's C++ core writes to file descriptor 2 (e.g. the "(raylet)
+    Raylet is terminated" block when a node dies) is appended to `path`, while Python's
+    `sys.stderr` (this search's own lines, warnings) stays on the console. None: unchanged."""
+    if path is None:
+        yield
+        return
+    import sys
+
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    before = sys.stderr
+    sys.stderr = console
+    try:
+        with _stderr_to(path):
+            yield
+    finally:
+        sys.stderr = before
+        console.close()
 
 
 def ray_log_path(study_name: str) -> Path:
