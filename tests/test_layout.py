@@ -62,3 +62,17 @@ def _cycle(package: str) -> list[str] | None:
 @pytest.mark.parametrize("package", ["deploy", "report"])
 def test_no_import_cycles(package: str) -> None:
     assert _cycle(package) is None, f"import cycle in {package}: {' -> '.join(_cycle(package))}"
+
+
+def test_license_is_an_spdx_expression_with_its_file() -> None:
+    """setuptools deprecates the table form of `project.license` (builds stop working after
+    2027-02-18): an SPDX string and the license file it ships."""
+    import tomllib
+
+    from packaging.licenses import canonicalize_license_expression
+
+    repo = PKG.parent
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    assert isinstance(project["license"], str)
+    assert canonicalize_license_expression(project["license"]) == project["license"]
+    assert all((repo / f).is_file() for f in project["license-files"])
