@@ -41,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from automl_cxr.errors import DataError, StorageError
-from automl_cxr.study._storage import storage_url
+from automl_cxr.study._storage import storage_location, storage_url
 
 __all__ = [
     "ARTIFACTS_ENV",
@@ -63,22 +63,6 @@ ARTIFACTS_ENV = "AUTOML_CXR_ARTIFACTS"
 _LOG_FLOOR = float(np.log(1e-7))
 
 
-def _location(storage: Any) -> str | None:
-    """The storage URL (``sqlite:///…``, ``journal:…``) of an Optuna storage object."""
-    backend = getattr(storage, "_backend", None)
-    if backend is not None and not hasattr(storage, "_file_path"):
-        inner = _location(backend)
-        if inner is not None:
-            return inner
-    url = getattr(storage, "url", None)
-    if isinstance(url, str):
-        return url
-    path = getattr(storage, "_file_path", None)
-    if isinstance(path, str):
-        return "journal:" + str(Path(path).resolve())
-    return None
-
-
 def artifact_dir(storage: str | Path | optuna.storages.BaseStorage) -> Path | None:
     """The artifact folder of a study storage (path, URL or storage object), or None when it
     has no place on disk (a server database without ``$AUTOML_CXR_ARTIFACTS``, in-memory)."""
@@ -88,7 +72,7 @@ def artifact_dir(storage: str | Path | optuna.storages.BaseStorage) -> Path | No
     if isinstance(storage, (str, Path)):
         url: str | None = storage_url(storage)
     else:
-        url = _location(storage)
+        url = storage_location(storage)
     if not url:
         return None
     if url.startswith("sqlite:///"):

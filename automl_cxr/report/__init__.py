@@ -15,7 +15,10 @@ Files of a report folder: ``index.html`` (self-contained interactive page), ``re
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 from automl_cxr.errors import AutomlCxrError
 from automl_cxr.report._data import LEADERBOARD_COLUMNS, ReportData, build_report_data
@@ -160,3 +163,17 @@ def make_report(
     files = report_files(data, page)
     target = Path(out) if out is not None else default_out_dir(data.study_name)
     return data, write_files(target, files)
+
+
+class _CallableReportModule(types.ModuleType):
+    """`automl_cxr.report` is both this subpackage and the Python API's `report(study)`: once
+    the subpackage is imported, Python binds `automl_cxr.report` to it, so calling the module
+    calls the API function (`import automl_cxr as ac; ac.report(study)` works either way)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from automl_cxr.api import report
+
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableReportModule

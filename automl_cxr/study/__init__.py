@@ -46,6 +46,7 @@ _EXPORTS = {
     "builtin_space": "automl_cxr.study._space",
     "load_study": "automl_cxr.study._storage",
     "open_storage": "automl_cxr.study._storage",
+    "storage_location": "automl_cxr.study._storage",
     "storage_url": "automl_cxr.study._storage",
     "study_names": "automl_cxr.study._storage",
 }
@@ -76,6 +77,7 @@ __all__ = [
     "reconcile_dead_trials",
     "resolve_space",
     "run_search",
+    "storage_location",
     "storage_url",
     "study_names",
     "subsample",
@@ -111,4 +113,10 @@ if TYPE_CHECKING:  # pragma: no cover
         builtin_space,
         load_space,
     )
-    from automl_cxr.study._storage import load_study, open_storage, storage_url, study_names  # noqa: F401
+    from automl_cxr.study._storage import (  # noqa: F401
+        load_study,
+        open_storage,
+        storage_location,
+        storage_url,
+        study_names,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -14,6 +15,7 @@ __all__ = [
     "close_storage",
     "load_study",
     "open_storage",
+    "storage_location",
     "storage_url",
     "study_names",
 ]
@@ -180,3 +182,19 @@ def load_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
             f"{', '.join(sorted(names))}"
         )
     return optuna.load_study(study_name=study_name, storage=backend)
+
+
+def storage_location(storage: Any) -> str | None:
+    """The storage URL (``sqlite:///…``, ``journal:…``) of an Optuna storage object."""
+    backend = getattr(storage, "_backend", None)
+    if backend is not None and not hasattr(storage, "_file_path"):
+        inner = storage_location(backend)
+        if inner is not None:
+            return inner
+    url = getattr(storage, "url", None)
+    if isinstance(url, str):
+        return url
+    path = getattr(storage, "_file_path", None)
+    if isinstance(path, str):
+        return "journal:" + str(Path(path).resolve())
+    return None
