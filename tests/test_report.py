@@ -818,3 +818,43 @@ def test_console_report_fits_80_columns(study_db: Path, data, tmp_path: Path) ->
         json.loads(js.stdout)["leaderboard"]
         == json.loads(json.dumps(data.summary()))["leaderboard"]
     )
+
+
+_MEASURE = (
+    "<script>window.addEventListener('load',function(){setTimeout(function(){"
+    "var t=document.querySelector('#leaderboard table');"
+    "var rows=[].slice.call(t.querySelectorAll('tbody tr')).map(function(r){"
+    "return r.getBoundingClientRect().height});"
+    "var o=document.createElement('pre');o.id='measure';o.textContent=JSON.stringify({"
+    "viewport:document.documentElement.clientWidth,"
+    "page:document.documentElement.scrollWidth,"
+    "table:Math.ceil(t.getBoundingClientRect().right),maxRow:Math.max.apply(null,rows)});"
+    "document.body.appendChild(o)},300)});</script>"
+)
+
+
+@pytest.mark.browser
+def test_leaderboard_fits_1280_px_without_horizontal_scrolling(report_dir: Path, tmp_path: Path):
+    """Issue 26 §3: at 1400 px the leaderboard ran past the right edge and squeezed the
+    configuration into a one-word column (rows several hundred px tall). The configuration is
+    now a second row and intervals a second line: the page fits 1280 px, rows stay short."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is missing (CI installs it: apt-get install -y chromium)")
+    page = (report_dir / "index.html").read_text()
+    probe = tmp_path / "measure.html"
+    probe.write_text(page.replace("</body>", _MEASURE + "</body>", 1))
+    proc = _chromium(
+        [
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-extensions", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000", "--window-size=1280,900", "--dump-dom",
+            probe.as_uri(),
+        ]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'<pre id="measure">([^<]*)</pre>', proc.stdout)
+    assert found, proc.stdout[-2000:]
+    m = json.loads(found.group(1))
+    assert m["page"] <= m["viewport"], m  # no horizontal scrolling
+    assert m["table"] <= m["viewport"], m
+    assert m["maxRow"] <= 80, m  # no row squeezed into a tall, narrow column

@@ -65,7 +65,9 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.eq td{background:#eef6ee}
 tr.paper td{background:#f3effa;font-style:italic}
 .mark{color:#1b7f3b;font-weight:700;white-space:nowrap}
-.params{font-size:.75rem;color:#4a5261;max-width:420px}
+.params{font-size:.75rem;color:#4a5261;overflow-wrap:anywhere}
+tr.lead td{border-bottom:none}
+.ci{font-size:.75rem;color:#4a5261;white-space:nowrap}
 .plot{width:100%;min-height:300px}
 details summary{cursor:pointer;margin:8px 0;color:#2457a6}
 """
@@ -102,23 +104,38 @@ def _table(
     extra: Sequence[str] | None = None,
     extra_header: str | None = None,
 ) -> str:
+    """An HTML table. A numeric cell "x [lo, hi]" shows its interval on a second line; `extra`
+    (e.g. a trial's configuration) is a second row under each row, across every column, so a
+    long text never squeezes a column (the leaderboard fits 1280 px: tested in Chromium)."""
     num = set(numeric)
+    width = len(header)
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    if extra is not None:
-        head += f"<th>{_e(extra_header or '')}</th>"
     body = []
     for i, row in enumerate(rows):
         cells = []
         for j, c in enumerate(row):
             if j == 1 and header[1] == "" and c:
                 cells.append(f'<td class="mark">{_e(c)}</td>')
+            elif j in num:
+                text = _e(c)
+                if " [" in text:  # estimate, then its interval below it
+                    est, ci = text.split(" [", 1)
+                    text = f'{est}<br><span class="ci">[{ci}</span>'
+                cells.append(f'<td class="num">{text}</td>')
             else:
-                cells.append(f'<td class="num">{_e(c)}</td>' if j in num else f"<td>{_e(c)}</td>")
-        if extra is not None:
-            cells.append(f'<td class="params">{_e(extra[i])}</td>')
-        cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
+                cells.append(f"<td>{_e(c)}</td>")
+        cls = row_class[i] if row_class and row_class[i] else ""
         title = f' title="{_e(row_title[i])}"' if row_title else ""
-        body.append(f"<tr{cls}{title}>{''.join(cells)}</tr>")
+        lead = " lead" if extra is not None else ""
+        attr = f' class="{cls}{lead}"' if cls or lead else ""
+        body.append(f"<tr{attr}{title}>{''.join(cells)}</tr>")
+        if extra is not None:
+            label = f"{_e(extra_header)}: " if extra_header else ""
+            sub = f"{cls} sub".strip()
+            body.append(
+                f'<tr class="{sub}"><td></td><td colspan="{width - 1}" '
+                f'class="params">{label}{_e(extra[i])}</td></tr>'
+            )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
