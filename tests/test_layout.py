@@ -76,3 +76,25 @@ def test_license_is_an_spdx_expression_with_its_file() -> None:
     assert isinstance(project["license"], str)
     assert canonicalize_license_expression(project["license"]) == project["license"]
     assert all((repo / f).is_file() for f in project["license-files"])
+
+
+def test_numbers_are_read_by_one_set_of_rules() -> None:
+    """Issue 25: the finite-float / clip helper lived six times; one module now, and no
+    module defines its own `float(x)` + `isfinite` reader again."""
+    from automl_cxr._numbers import clip01, finite_or_nan, finite_or_none, fmt_num
+
+    assert finite_or_none("0.5") == 0.5 and finite_or_none(float("inf")) is None
+    assert finite_or_none(None) is None and finite_or_none(True) is None
+    assert finite_or_nan("x") != finite_or_nan("x")  # NaN
+    assert clip01(1.2) == 1.0 and clip01(-0.1) == 0.0 and clip01("n/a") is None
+    assert fmt_num(0.12345, ".2f") == "0.12" and fmt_num(None) == "-"
+    copies = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "_numbers.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and len(node.body) <= 6:
+                src = ast.unparse(node)
+                if "float(x)" in src and ("isfinite" in src or "v != v" in src):
+                    copies.append(f"{path.relative_to(PKG)}:{node.name}")
+    assert not copies, copies

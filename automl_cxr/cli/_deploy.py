@@ -5,7 +5,6 @@ this module only parses options and formats what they return."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from automl_cxr._numbers import clip01, fmt_num
 from automl_cxr.cli import app
 from automl_cxr.cli._common import err_console, out_console, parse_key_values
 from automl_cxr.errors import ConfigError
@@ -42,19 +42,8 @@ def _log(quiet: bool):
     return None if quiet else (lambda s: err_console.print(escape(s), highlight=False))
 
 
-def _num(x: Any, spec: str = ".3f") -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if not math.isfinite(v) else format(v, spec)
-
-
-def _clip(x: Any) -> Any:
-    try:
-        return min(1.0, max(0.0, float(x)))
-    except (TypeError, ValueError):
-        return x
+_num = fmt_num
+_clip = clip01
 
 
 def _ci(lo: Any, hi: Any) -> str:

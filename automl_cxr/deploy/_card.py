@@ -4,9 +4,9 @@ configuration scored (with intervals), what may be wrong with it, and what it is
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from typing import Any
 
+from automl_cxr._numbers import clip01, finite_or_none
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine import SCALAR_METRICS
 
@@ -50,16 +50,8 @@ _LIMITATIONS = (
 )
 
 
-def _f(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _clip(v: float | None) -> float | None:
-    return None if v is None else min(1.0, max(0.0, v))
+_f = finite_or_none
+_clip = clip01
 
 
 def _cv_metrics(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:

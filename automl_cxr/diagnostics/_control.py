@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from automl_cxr._numbers import finite_or_nan
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine import TrainConfig, corrected_paired_ttest, run_trial
 from automl_cxr.errors import ConfigError
@@ -107,12 +108,7 @@ def _chance(metric: str, n_classes: int) -> float:
     return 0.5 if metric == "auc" else 1.0 / n_classes
 
 
-def _num(x: Any) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return math.nan
-    return v
+_num = finite_or_nan
 
 
 def control_verdict(

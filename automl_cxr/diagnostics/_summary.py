@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from automl_cxr._numbers import finite_or_none
 from automl_cxr.data import PreparedDataset
 from automl_cxr.diagnostics._source import source_diagnostics
 
 __all__ = ["diagnose_dataset", "per_source_table"]
 
 
-def _f(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+_f = finite_or_none
 
 
 def per_source_table(by_source: dict[str, Any] | None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automl_cxr._numbers import clip01, fmt_num
 from automl_cxr.errors import DataError, StorageError
 from automl_cxr.oof import artifact_store, calibration_summary, load_oof
 from automl_cxr.report._records import params_text
@@ -41,21 +42,11 @@ _MARK = "automl-cxr:dashboard:"
 _VERSION = "1"
 
 
-def _c(x: Any) -> Any:
-    """A t-interval bound clipped to [0, 1] (every metric here is a proportion or an AUC)."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return x
-    return v if v != v else min(1.0, max(0.0, v))
+_c = clip01  # every metric here is a proportion or an AUC
 
 
 def _f(x: Any, spec: str = ".4f") -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if v != v else format(v, spec)
+    return fmt_num(x, spec)
 
 
 def trial_note(trial: FrozenTrial, calibration: Mapping[str, Any] | None = None) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 from optuna.trial import FrozenTrial
 
+from automl_cxr._numbers import finite_or_nan
 from automl_cxr.errors import ConfigError
 from automl_cxr.study import OBJECTIVE_KEYS
 
@@ -79,15 +80,8 @@ def resolve_metric(
     return metric
 
 
-def to_float(x: Any) -> float:
-    """A float, NaN for None/non-numbers (stored NaNs come back as None)."""
-    if x is None or isinstance(x, bool):
-        return _NAN
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return _NAN
-    return f if math.isfinite(f) else _NAN
+to_float = finite_or_nan
+"""A float, NaN for None/non-numbers (stored NaNs come back as None)."""
 
 
 def clip01(x: float) -> float:
