@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from automl_cxr._progress import progress_bar
+
 __all__ = ["Model", "Report", "export", "load_model", "prepare", "report", "search"]
 
 
@@ -88,8 +90,7 @@ def prepare(
     if found["cohen"] is None and found["kermany"] is None:
         raise DataError(f"{src} holds neither cohen/ nor kermany/ (nih/ is optional)")
     out = resolve_data_dir(data_dir)
-    bar = _progress("decoding images") if progress else None
-    try:
+    with progress_bar("decoding images", enabled=progress, console=_console()) as update:
         paths = prepare_recipes(
             cohen=found["cohen"],
             kermany=found["kermany"],
@@ -98,12 +99,9 @@ def prepare(
             recipes=list(recipes) if recipes else None,
             seed=seed,
             skip_bad=skip_bad,
-            progress=bar.update if bar else None,
+            progress=update,
             exclude=exclude,
         )
-    finally:
-        if bar:
-            bar.close()
     rows = []
     for p in paths:
         ds = load_dataset(p.name, out)
@@ -111,26 +109,6 @@ def prepare(
             {"dataset": ds.name, "images": len(ds), **ds.meta.get("classes", {}), "path": str(p)}
         )
     return pd.DataFrame(rows).fillna(0)
-
-
-class _progress:
-    """A rich progress bar driven by `update(done, total)`."""
-
-    def __init__(self, description: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self._bar = Progress(
-            description, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=_console(), transient=True,
-        )  # fmt: skip
-        self._task = self._bar.add_task(description, total=None)
-        self._bar.start()
-
-    def update(self, done: int, total: int) -> None:
-        self._bar.update(self._task, completed=done, total=total)
-
-    def close(self) -> None:
-        self._bar.stop()
 
 
 def search(

@@ -70,3 +70,26 @@ def test_quickstart_example_runs(shared_data: Path, tmp_path: Path) -> None:
     assert "Best-by-CV trial" in out and "predicted" in out
     assert (tmp_path / "qs" / "report" / "index.html").is_file()
     assert (tmp_path / "qs" / "model" / "model.onnx").is_file()
+
+
+def test_progress_bar_shows_count_rate_and_time_left() -> None:
+    """Issue 26 §1: long work (decoding every image) shows a rate and the time left; one bar
+    for the CLI and the Python API."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from automl_cxr._progress import progress_bar
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    with progress_bar("decoding images", console=console) as update:
+        for i in range(1, 6):
+            time.sleep(0.02)
+            update(i * 100, 1000)
+        drawn = buf.getvalue()
+    assert "decoding images" in drawn and "/1000" in drawn
+    assert "/s" in drawn  # the rate
+    with progress_bar("quiet", enabled=False) as update:
+        assert update is None

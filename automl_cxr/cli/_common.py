@@ -6,8 +6,8 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from automl_cxr._progress import progress_bar as _progress_bar
 from automl_cxr.errors import ConfigError
 
 __all__ = ["err_console", "out_console", "parse_key_values", "progress_bar"]
@@ -19,22 +19,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 @contextlib.contextmanager
 def progress_bar(description: str, *, enabled: bool = True) -> Iterator:
     """Yields a `(done, total)` callback that drives a rich progress bar on stderr."""
-    if not enabled:
-        yield None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as prog:
-        task = prog.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
-
+    with _progress_bar(description, enabled=enabled, console=err_console) as update:
         yield update
 
 
