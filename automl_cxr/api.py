@@ -48,8 +48,9 @@ def _storage_of(study: Any) -> str:
     if isinstance(study, str | Path):
         return str(study)
     from automl_cxr.study import storage_location
+    from automl_cxr.study._compat import storage_of
 
-    url = storage_location(study._storage)
+    url = storage_location(storage_of(study))
     if url is None:
         from automl_cxr.errors import StorageError
 

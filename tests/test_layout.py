@@ -98,3 +98,14 @@ def test_numbers_are_read_by_one_set_of_rules() -> None:
                 if "float(x)" in src and ("isfinite" in src or "v != v" in src):
                     copies.append(f"{path.relative_to(PKG)}:{node.name}")
     assert not copies, copies
+
+
+def test_study_and_diagnostics_use_the_data_layers_public_names() -> None:
+    """Issue 25: `study/_setup.py` imported the private `data._diagnostics`; the layers above
+    the data layer import its public names only (the CLI may reach its own helpers)."""
+    offenders = []
+    for sub in ("study", "diagnostics", "engine", "oof", "report", "deploy", "lungs"):
+        for path in (PKG / sub).rglob("*.py"):
+            if any(m.startswith("automl_cxr.data._") for m in _imports(path)):
+                offenders.append(str(path.relative_to(PKG)))
+    assert not offenders, offenders

@@ -196,7 +196,7 @@ def _info_rows(info: dict) -> list[tuple[str, str]]:
 
 
 def _info_payload(ds) -> dict:
-    from automl_cxr.data._diagnostics import (
+    from automl_cxr.data import (
         age_by_class,
         site_label_table,
         source_label_alignment,

@@ -11,6 +11,12 @@ from automl_cxr.data._dataset import (
     row_order_digest,
     save_npy_atomic,
 )
+from automl_cxr.data._diagnostics import (
+    ALIGNMENT_WARN_AT,
+    age_by_class,
+    site_label_table,
+    source_label_alignment,
+)
 from automl_cxr.data._duplicates import (
     COPY_INLIERS,
     MATCH_INLIERS,
@@ -48,6 +54,10 @@ from automl_cxr.data._sources import (
 )
 
 __all__ = [
+    "ALIGNMENT_WARN_AT",
+    "age_by_class",
+    "site_label_table",
+    "source_label_alignment",
     "COPY_INLIERS",
     "MATCH_INLIERS",
     "LocalFeatures",

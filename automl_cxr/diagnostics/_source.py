@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from automl_cxr.data import PreparedDataset
-from automl_cxr.data._diagnostics import ALIGNMENT_WARN_AT, source_label_alignment
+from automl_cxr.data import ALIGNMENT_WARN_AT, PreparedDataset, source_label_alignment
 from automl_cxr.errors import ConfigError
 
 __all__ = [

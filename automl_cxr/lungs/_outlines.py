@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from automl_cxr.data._image import decode_gray, resize_square
+from automl_cxr.data import decode_gray, resize_square
 from automl_cxr.errors import DataError
 
 __all__ = ["LungOutlines", "read_outlines"]

@@ -14,8 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from automl_cxr.data import PreparedDataset
-from automl_cxr.data._diagnostics import source_label_alignment
+from automl_cxr.data import PreparedDataset, source_label_alignment
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.study._optuna import make_pruner, study_sampler
 from automl_cxr.study._profiles import Profile
