@@ -81,15 +81,9 @@ def prepare(
     --sources``): one row per dataset with its name, image count, per-class counts and folder.
     `sources` holds ``cohen/``, ``kermany/`` and optionally ``nih/`` (default: as the CLI)."""
     from automl_cxr.data import load_dataset, prepare_recipes
-    from automl_cxr.errors import DataError
-    from automl_cxr.settings import default_sources_dir, resolve_data_dir
+    from automl_cxr.settings import resolve_data_dir, source_folders
 
-    src = Path(sources) if sources is not None else default_sources_dir()
-    if not src.is_dir():
-        raise DataError(f"sources folder {src} does not exist")
-    found = {k: (src / k if (src / k).is_dir() else None) for k in ("cohen", "kermany", "nih")}
-    if found["cohen"] is None and found["kermany"] is None:
-        raise DataError(f"{src} holds neither cohen/ nor kermany/ (nih/ is optional)")
+    found = source_folders(sources)
     out = resolve_data_dir(data_dir)
     with progress_bar("decoding images", enabled=progress, console=_console()) as update:
         paths = prepare_recipes(

@@ -54,3 +54,19 @@ def default_sources_dir() -> Path:
         f"{tried}). Run `automl-cxr data fetch` on a connected machine, or put `cohen/` and "
         "`kermany/` in a folder and pass it with --sources DIR or AUTOML_CXR_SOURCES."
     )
+
+
+def source_folders(sources: str | Path | None = None) -> dict[str, Path | None]:
+    """The public sources' folders under `sources` (default: `default_sources_dir()`):
+    ``{"cohen", "kermany", "nih"}`` → the folder, or None where it is absent. DataError when
+    the folder is missing or holds neither cohen/ nor kermany/ (nih/ is optional)."""
+    src = Path(sources) if sources is not None else default_sources_dir()
+    if not src.is_dir():
+        raise DataError(f"sources folder {src} does not exist")
+    found = {k: (src / k if (src / k).is_dir() else None) for k in ("cohen", "kermany", "nih")}
+    if found["cohen"] is None and found["kermany"] is None:
+        raise DataError(
+            f"{src} holds neither cohen/ nor kermany/ (nih/ is optional); run "
+            "`automl-cxr data fetch` or point --sources at the folder holding them"
+        )
+    return found

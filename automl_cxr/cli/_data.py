@@ -12,7 +12,7 @@ from rich.table import Table
 from automl_cxr.cli import app
 from automl_cxr.cli._common import err_console, out_console, parse_key_values, progress_bar
 from automl_cxr.errors import ConfigError, DataError
-from automl_cxr.settings import default_sources_dir, resolve_data_dir
+from automl_cxr.settings import resolve_data_dir, source_folders
 
 data_app = typer.Typer(help="Prepare datasets and inspect them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -127,17 +127,8 @@ def prepare(
             ]
     else:
         if cohen is None and kermany is None and nih is None:
-            src = sources or default_sources_dir()
-            if not src.is_dir():
-                raise DataError(f"sources folder {src} does not exist")
-            cohen = src / "cohen" if (src / "cohen").is_dir() else None
-            kermany = src / "kermany" if (src / "kermany").is_dir() else None
-            nih = src / "nih" if (src / "nih").is_dir() else None
-            if cohen is None and kermany is None:
-                raise DataError(
-                    f"{src} holds neither cohen/ nor kermany/ (nih/ is optional); run "
-                    "`automl-cxr data fetch` or point --sources at the folder holding them"
-                )
+            found = source_folders(sources)
+            cohen, kermany, nih = found["cohen"], found["kermany"], found["nih"]
         counts = _parse_counts(count)
         with progress_bar("decoding images", enabled=not quiet) as cb:
             paths = prepare_recipes(

@@ -138,19 +138,15 @@ HOLDOUT_PARTS = 5
 
 def calibration_holdout(dataset: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows the exported model trains on, rows that calibrate it): whole patients, stratified
-    by label, one of `HOLDOUT_PARTS` groups held out (scikit-learn's StratifiedGroupKFold)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    y, g = np.asarray(dataset.labels), np.asarray(dataset.groups).astype(str)
-    n = min(HOLDOUT_PARTS, len(np.unique(g)))
+    by label, the first of `HOLDOUT_PARTS` patient parts (`crossfit_parts`) held out."""
+    n = len(np.unique(np.asarray(dataset.groups).astype(str)))
     if n < 2:
         raise ConfigError(
             f"a calibration holdout needs at least 2 patients, but the training data has {n}: "
             "export with --no-calibrate and without --operating-point"
         )
-    splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
-    fit, held = next(splitter.split(np.zeros(len(y)), y, g))
-    return np.sort(fit), np.sort(held)
+    parts, _ = crossfit_parts(dataset.labels, dataset.groups, n_parts=HOLDOUT_PARTS, seed=seed)
+    return np.flatnonzero(parts != 0), np.flatnonzero(parts == 0)
 
 
 def check_export_options(spec: TrialSpec, point: str | None) -> tuple[str | None, float | None]:
@@ -167,7 +163,6 @@ def check_export_options(spec: TrialSpec, point: str | None) -> tuple[str | None
 
 def plan_export(
     study: optuna.Study,
-    trial: FrozenTrial,
     spec: TrialSpec,
     storage: str | Path,
     dataset: Any,
@@ -223,25 +218,18 @@ def score_on_test(
     """The study's test split (`search --test`, never seen by the search) in the card: the
     exported object's figure on it (temperature included, arg-max decisions) and the trial's
     own fold models' (stored by the search), each with a patient-bootstrap 95 % CI."""
-    from automl_cxr.engine import bootstrap_metrics
+    from automl_cxr.engine import metric_figure
     from automl_cxr.oof import load_oof
 
     metric = _primary_metric(spec)
-    labels = np.asarray(test.labels)
     to_study = np.array([spec.classes.index(c) for c in test.classes], dtype=np.int64)
-    labels = to_study[labels]
+    labels = to_study[np.asarray(test.labels)]
 
     def figure(probs: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
-        b = bootstrap_metrics(
-            labels, probs, spec.classes, positive=spec.positive, groups=groups, n_boot=n_boot
-        )
-        m = b["metrics"].get(metric) or {}
-        return {
-            "estimate": m.get("estimate"),
-            "ci_low": m.get("ci_low"),
-            "ci_high": m.get("ci_high"),
-            "metrics": {k: v["estimate"] for k, v in b["metrics"].items()},
-        }
+        return metric_figure(
+            labels, probs, spec.classes, metric, positive=spec.positive, groups=groups,
+            n_boot=n_boot,
+        )  # fmt: skip
 
     probs = holdout_probabilities(model, spec, test, np.arange(len(test)))
     if plan.temperature is not None:

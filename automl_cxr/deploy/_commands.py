@@ -232,7 +232,7 @@ def run_export(
         score_on_test,
     )
     from automl_cxr.deploy._export import train_for_export
-    from automl_cxr.deploy._select import test_split_data
+    from automl_cxr.deploy._select import search_split
     from automl_cxr.diagnostics import source_diagnostics
     from automl_cxr.settings import resolve_data_dir
 
@@ -244,12 +244,12 @@ def run_export(
     chosen = select_trial(s, trial)
     spec = trial_spec(s, chosen, storage=study)
     check_export_options(spec, operating_point)  # before any training
-    dataset = training_data(spec, resolve_data_dir(data_dir))
+    dataset, test = search_split(spec, resolve_data_dir(data_dir))
     fit_ds, cal_rows = dataset, None
     if calibrate or operating_point is not None:
         fit_rows, cal_rows = calibration_holdout(dataset, spec.seed)
         fit_ds = dataset.subset(fit_rows, tag=f"export-fit-{spec.seed}")
-    plan = plan_export(s, chosen, spec, study, fit_ds, ensemble_select=ensemble_select, log=log)
+    plan = plan_export(s, spec, study, fit_ds, ensemble_select=ensemble_select, log=log)
     diag = None
     if probe:
         diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)
@@ -281,7 +281,6 @@ def run_export(
             "patients": int(len(set(np.asarray(dataset.groups)[cal_rows]))),
             "trained_on": len(fit_ds),
         }
-    test = test_split_data(spec, resolve_data_dir(data_dir))
     if test is not None:
         if log:
             log(f"scoring the exported model on the study's test split ({len(test)} images)")

@@ -20,8 +20,8 @@ from automl_cxr.study._testsplit import search_data
 __all__ = [
     "TrialSpec",
     "load_study",
+    "search_split",
     "select_trial",
-    "test_split_data",
     "trial_spec",
     "training_data",
 ]
@@ -173,17 +173,13 @@ def training_data(spec: TrialSpec, data_dir: str | Path) -> PreparedDataset:
     study's test split (if any), subsampled as the study's profile did (`max_per_class`,
     seed). Its content hash must equal the one the trial recorded, or a DataError says what
     changed."""
-    return _search_split(spec, data_dir)[0]
+    return search_split(spec, data_dir)[0]
 
 
-def test_split_data(spec: TrialSpec, data_dir: str | Path) -> PreparedDataset | None:
-    """The study's test split (`search --test`), or None when it has none."""
-    return _search_split(spec, data_dir)[1]
-
-
-def _search_split(
+def search_split(
     spec: TrialSpec, data_dir: str | Path
 ) -> tuple[PreparedDataset, PreparedDataset | None]:
+    """(`training_data`, the study's test split from `search --test` or None), split once."""
     full = load_dataset(spec.dataset, data_dir)
     max_per_class = spec.profile.get("max_per_class")
     test = ((spec.study_attrs.get("protocol") or {}).get("test") or {}).get("spec")

@@ -80,6 +80,7 @@ __all__ = [
     "fold_metric",
     "available_metrics",
     "bootstrap_metrics",
+    "metric_figure",
     "compute_metrics",
     "corrected_paired_ttest",
     "flatten_per_class",
@@ -430,6 +431,30 @@ def corrected_paired_ttest(
 
 
 # ----------------------------------------------------------------------------- bootstrap
+
+
+def metric_figure(
+    y_true: Sequence[int] | np.ndarray,
+    y_prob: Sequence[Sequence[float]] | np.ndarray,
+    classes: Sequence[str],
+    metric: str,
+    *,
+    positive: str | None = "covid",
+    groups: Sequence[str] | np.ndarray | None = None,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """One metric as a figure to quote: its estimate and (patient-)bootstrap 95 % interval,
+    with every scalar metric's estimate and the number of resampled units
+    (:func:`bootstrap_metrics`)."""
+    b = bootstrap_metrics(y_true, y_prob, classes, positive=positive, groups=groups, n_boot=n_boot)
+    m = b["metrics"].get(metric) or {}
+    return {
+        "estimate": m.get("estimate"),
+        "ci_low": m.get("ci_low"),
+        "ci_high": m.get("ci_high"),
+        "metrics": {k: v["estimate"] for k, v in b["metrics"].items()},
+        "n_units": b["n_units"],
+    }
 
 
 def bootstrap_metrics(

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from automl_cxr.engine import bootstrap_metrics
+from automl_cxr.engine import metric_figure
 from automl_cxr.errors import ConfigError
 from automl_cxr.oof import (
     calibration_summary,
@@ -117,17 +117,9 @@ def build_oof_report(
 
 def _test_figure(test: Any, probs: Any, classes: list[str], metric: str, positive, n_boot):
     """The metric on the test split with its patient-bootstrap 95 % CI, and every scalar."""
-    b = bootstrap_metrics(
-        test.labels, probs, classes, positive=positive, groups=test.groups, n_boot=n_boot
+    return metric_figure(
+        test.labels, probs, classes, metric, positive=positive, groups=test.groups, n_boot=n_boot
     )
-    m = b["metrics"].get(metric) or {}
-    return {
-        "estimate": m.get("estimate"),
-        "ci_low": m.get("ci_low"),
-        "ci_high": m.get("ci_high"),
-        "metrics": {k: v["estimate"] for k, v in b["metrics"].items()},
-        "n_units": b["n_units"],
-    }
 
 
 def score_test_split(
