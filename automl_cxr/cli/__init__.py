@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from automl_cxr.cli._common import err_console as _err
 from automl_cxr.errors import AutomlCxrError
 
 __all__ = ["app", "main"]
@@ -19,8 +19,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-_err = Console(stderr=True, soft_wrap=True)
 
 
 def _register() -> None:
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False)
     except AutomlCxrError as exc:
         # The message is literal text: `[postgres]` in a pip extra is no markup tag.
-        _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         _err.print("[bold red]interrupted[/]")

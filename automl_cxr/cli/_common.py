@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -10,10 +11,37 @@ from rich.console import Console
 from automl_cxr._progress import progress_bar as _progress_bar
 from automl_cxr.errors import ConfigError
 
-__all__ = ["err_console", "out_console", "parse_key_values", "progress_bar"]
+__all__ = ["err_console", "name_lines", "out_console", "parse_key_values", "progress_bar"]
 
-out_console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+
+def _console(*, stderr: bool) -> Console:
+    """A console that wraps long messages at word boundaries on a terminal (to its width) and
+    keeps each message on one line when the output is piped or redirected (logs, grep, CI)."""
+    console = Console(stderr=stderr)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
+out_console = _console(stderr=False)
+err_console = _console(stderr=True)
+
+
+def name_lines(text: str, width: int) -> str:
+    """`text` with every word longer than `width` broken into lines after its `_` (never inside a
+    name part), so a narrow table column shows `tf_efficientnet_` / `lite1`, not `..._l` / `ite1`.
+    """
+    words = []
+    for word in text.split(" "):
+        if len(word) <= width:
+            words.append(word)
+            continue
+        lines = [""]
+        for part in re.split(r"(?<=_)", word):
+            if lines[-1] and len(lines[-1]) + len(part) > width:
+                lines.append("")
+            lines[-1] += part
+        words.append("\n".join(lines))
+    return " ".join(words)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def _ci(lo: Any, hi: Any) -> str:
 
 def _warn(lines: list[str] | None) -> None:
     for w in lines or []:
-        err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def _echo_json(payload: Any) -> None:
@@ -161,7 +161,6 @@ def evaluate(
     c.print(
         f"[bold]external evaluation[/] of {who} ({how}) on {res['data']}",
         highlight=False,
-        soft_wrap=True,
     )
     c.print(
         f"{res['n_images']} images: "
@@ -202,7 +201,7 @@ def evaluate(
             ct.add_row(cls, *[str(v) for v in row])
         c.print(ct)
     for note in res.get("notes") or []:
-        c.print(f"note: {note}", style="dim", highlight=False, soft_wrap=True)
+        c.print(f"note: {note}", style="dim", highlight=False)
     _warn(res["warnings"])
 
 
@@ -421,7 +420,7 @@ def _print_diagnose(res: dict[str, Any]) -> None:
     c = out_console
 
     def say(text: str, **kw: Any) -> None:
-        c.print(text, highlight=False, soft_wrap=True, **kw)
+        c.print(text, highlight=False, **kw)
 
     s = res["study"]
     say(

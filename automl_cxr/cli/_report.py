@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from automl_cxr.cli import app
-from automl_cxr.cli._common import err_console, out_console
+from automl_cxr.cli._common import err_console, name_lines, out_console
 
 
 def _num(x, spec: str) -> str:
@@ -42,7 +42,7 @@ def _external_table(data) -> Table:
     table.add_column("trial", justify="right", no_wrap=True)
     table.add_column("CV", justify="right", no_wrap=True)
     for name in data.externals:
-        table.add_column(name, justify="right", overflow="fold", min_width=6)
+        table.add_column(name_lines(name, 14), justify="right", overflow="fold", min_width=6)
     table.add_column("gap", justify="right", no_wrap=True)
     first = f"ext_{data.externals[0]}"
     for r in board.to_dict(orient="records"):
@@ -76,7 +76,9 @@ def _console_table(data) -> Table:
         ("ms", "right"),
     ):
         table.add_column(name, justify=justify, no_wrap=True)
-    table.add_column("backbone / frozen / head", justify="left", overflow="fold", ratio=1)
+    table.add_column(
+        "backbone / frozen / head", justify="left", overflow="fold", ratio=1, min_width=16
+    )
     for r in board.to_dict(orient="records"):
         mark = {True: "≈", False: "", None: "?"}[r["not_worse"]]
         table.add_row(
@@ -89,7 +91,7 @@ def _console_table(data) -> Table:
             _num(r["covid_specificity"], ".3f"),
             _num(r.get("ece"), ".3f"),
             _num(r["latency_ms"], ".1f"),
-            f"{r['backbone']} {r['frozen_depth'] or '-'} {r['head']}",
+            name_lines(f"{r['backbone']} {r['frozen_depth'] or '-'} {r['head']}", 16),
             style="green" if r["not_worse"] else None,
         )
     return table
@@ -112,7 +114,7 @@ def _paper_table(data) -> Table:
         padding=(0, 1),
         collapse_padding=True,
     )
-    table.add_column("", justify="left", overflow="fold", ratio=1, min_width=14)
+    table.add_column("", justify="left", overflow="fold", ratio=1, min_width=16)
     table.add_column("trial", justify="right", no_wrap=True)
     for name in _PAPER_HEADERS:
         table.add_column(name, justify="right", no_wrap=True)
@@ -122,6 +124,7 @@ def _paper_table(data) -> Table:
             label += f" ({r['backbone']})"
         elif r["source"] == "paper" and r.get("backbone"):
             label += f", {r['backbone']}"
+        label = name_lines(label, 16)
         cells = []
         for k in PAPER_KEYS:
             v, lo, hi = r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"]
