@@ -104,3 +104,37 @@ def test_piped_output_keeps_messages_on_one_line(prepared_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (line,) = [s for s in proc.stderr.splitlines() if s.startswith("warning: source and")]
     assert "DeGrave" in line and len(line) > 200
+
+
+def _small_csv(shared_data: Path, path: Path) -> Path:
+    """Twelve Cohen COVID-19 and twelve NIH films as a user's CSV manifest."""
+    import pandas as pd
+
+    covid = sorted((shared_data / "cohen" / "images").glob("*.jp*g"))[:12]
+    normal = sorted((shared_data / "nih" / "images").glob("*.png"))[:12]
+    rows = [(str(p), "covid", f"c{i}") for i, p in enumerate(covid)]
+    rows += [(str(p), "normal", f"n{i}") for i, p in enumerate(normal)]
+    pd.DataFrame(rows, columns=["path", "label", "patient_id"]).to_csv(path, index=False)
+    return path
+
+
+def test_prepare_is_one_line_when_piped_and_detailed_on_a_terminal(
+    shared_data: Path, tmp_path: Path, capsys
+) -> None:
+    """Issue 26 §1: `data prepare` shows its progress and details on a terminal, and prints one
+    final line with --quiet or when its output is not a terminal."""
+    from automl_cxr.cli import main
+
+    csv = _small_csv(shared_data, tmp_path / "x.csv")
+    args = ["data", "prepare", "--csv", str(csv), "--name", "mine"]
+    assert main([*args, "--data-dir", str(tmp_path / "piped")]) == 0  # capsys: not a terminal
+    cap = capsys.readouterr()
+    assert cap.out.count("\n") == 1 and cap.out.startswith("prepared 1 dataset(s) in"), cap.out
+    assert "mine 24 images" in cap.out and cap.err == ""
+    shown = _run([*args, "--data-dir", str(tmp_path / "tty")], 80, tmp_path)
+    assert any(line.startswith("prepared mine: 24 images (covid 12, normal 12)") for line in shown)
+    assert any("decoding images" in line and "24/24" in line for line in shown), shown
+    quiet = _run([*args, "--data-dir", str(tmp_path / "q"), "--quiet"], 80, tmp_path)
+    said = " ".join(line for line in quiet if line.strip())  # one message, wrapped at 80
+    assert said.startswith("prepared 1 dataset(s) in") and said.count("prepared") == 1, said
+    assert "decoding" not in said

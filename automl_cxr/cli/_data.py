@@ -105,6 +105,10 @@ def prepare(
 
     out = resolve_data_dir(data_dir)
     _check_writable(out)
+    # On a terminal: a progress bar (rate, time left) and each dataset's details. With --quiet
+    # or when the output is piped or redirected: warnings and one final line.
+    verbose = not quiet and err_console.is_terminal
+    counts: dict = {}
     if folder is not None or csv is not None:
         if folder is not None and csv is not None:
             raise ConfigError("pass either --folder or --csv, not both")
@@ -113,7 +117,7 @@ def prepare(
         if exclude:
             raise ConfigError("--exclude applies to the recipes (--sources), not --folder/--csv")
         table = read_folder(folder) if folder is not None else read_csv_manifest(csv)
-        with progress_bar("decoding images", enabled=not quiet) as cb:
+        with progress_bar("decoding images", enabled=verbose) as cb:
             paths = [
                 prepare_table(
                     table,
@@ -130,7 +134,7 @@ def prepare(
             found = source_folders(sources)
             cohen, kermany, nih = found["cohen"], found["kermany"], found["nih"]
         counts = _parse_counts(count)
-        with progress_bar("decoding images", enabled=not quiet) as cb:
+        with progress_bar("decoding images", enabled=verbose) as cb:
             paths = prepare_recipes(
                 cohen=cohen,
                 kermany=kermany,
@@ -143,30 +147,51 @@ def prepare(
                 progress=cb,
                 exclude=exclude or (),
             )
+    _print_prepared(paths, out, counts, verbose=verbose)
+
+
+def _print_prepared(paths: list[Path], out: Path, counts: dict, *, verbose: bool) -> None:
+    """Each prepared dataset's counts, shortfalls, exclusions and rejects (verbose), or one
+    line for all. Warnings either way: a CSV/folder's notes, and a target the user set with
+    --count that the sources cannot meet (the recipes' own shortfalls are in `data info`)."""
+    summary, n_short, n_rejected = [], 0, 0
     for p in paths:
         meta = json.loads((p / "dataset.json").read_text())
         counts_txt = ", ".join(f"{k} {v}" for k, v in meta["classes"].items())
-        out_console.print(
-            f"[green]prepared[/] {meta['name']}: {meta['images']} images ({counts_txt}) → {p}"
-        )
+        summary.append(f"{meta['name']} {meta['images']}")
+        n_rejected += len(meta["rejected"])
+        if verbose:
+            out_console.print(
+                f"[green]prepared[/] {meta['name']}: {meta['images']} images ({counts_txt}) → {p}"
+            )
         if meta.get("kind") in ("csv", "folder"):
             for note in meta.get("notes") or []:
                 err_console.print(f"[bold yellow]warning:[/] {note}", highlight=False)
         for lab, s in meta.get("shortfalls", {}).items():
-            out_console.print(
-                f"  [yellow]shortfall[/] {lab}: target {s['target']}, "
-                f"only {s['available']} available"
-            )
+            n_short += 1
+            text = f"{lab}: target {s['target']}, only {s['available']} available"
+            if verbose:
+                out_console.print(f"  [yellow]shortfall[/] {text}")
+            elif lab in counts or lab.split(":")[-1] in counts:
+                err_console.print(
+                    f"[bold yellow]warning:[/] shortfall {text} (--count)", highlight=False
+                )
         ex = meta.get("excluded_sets")
-        if ex:
+        if ex and verbose:
             out_console.print(
                 f"  [yellow]excluded[/] {ex['images_removed']} image(s) of "
                 f"{ex['patients_removed']} patient(s) ({ex['images_matched']} matched by --exclude)"
             )
-        if meta["rejected"]:
+        if meta["rejected"] and verbose:
             out_console.print(
                 f"  [yellow]rejected[/] {len(meta['rejected'])} file(s) (see data info)"
             )
+    if not verbose:
+        out_console.print(
+            f"prepared {len(paths)} dataset(s) in {out} ({', '.join(summary)} images; "
+            f"{n_short} shortfall(s), {n_rejected} file(s) rejected: see `automl-cxr data info`)",
+            highlight=False,
+        )
 
 
 def _info_rows(info: dict) -> list[tuple[str, str]]:
