@@ -579,7 +579,7 @@ def test_site_cv_falls_back_with_a_warning_in_the_result(cohen_sites) -> None:
 
 
 def pd_nunique_sites(ds) -> int:
-    from automl_cxr.engine import site_groups
+    from automl_cxr.data import site_groups
 
     sites = ds.manifest["site"].replace("", "cohen:unknown").to_numpy()
     return min(np.unique(site_groups(ds.groups, sites)[ds.labels == c]).size for c in (0, 1))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import StratifiedKFold
 
+from automl_cxr.data import site_groups
 from automl_cxr.engine import _splits
 from automl_cxr.engine._splits import (
     Split,
@@ -249,7 +250,7 @@ def _cohen_sites() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_site_groups_merge_sites_that_share_a_patient() -> None:
     patients = ["p1", "p1", "p2", "p3", "p3", "p4"]
     sites = ["A", "B", "C", "C", "D", "E"]
-    g = _splits.site_groups(patients, sites)
+    g = site_groups(patients, sites)
     assert g.tolist() == ["A+B", "A+B", "C+D", "C+D", "C+D", "E"]
 
 
@@ -257,7 +258,7 @@ def test_site_splits_on_real_cohen_locations_hold_out_sites_and_patients() -> No
     y, p, s = _cohen_sites()
     splits, warnings = _splits.make_site_splits(y, p, s, n_folds=3, seed=0)
     assert len(splits) == 3 and warnings == []
-    groups = _splits.site_groups(p, s)
+    groups = site_groups(p, s)
     covered = np.concatenate([sp.val for sp in splits])
     assert np.array_equal(np.sort(covered), np.arange(y.size))
     for sp in splits:
@@ -272,7 +273,7 @@ def test_site_splits_on_real_cohen_locations_hold_out_sites_and_patients() -> No
 
 def test_site_splits_fall_back_to_the_largest_feasible_k_with_a_warning() -> None:
     y, p, s = _cohen_sites()
-    other_sites = _splits.site_groups(p, s)[y == "other"]
+    other_sites = site_groups(p, s)[y == "other"]
     k_max = np.unique(other_sites).size
     splits, warnings = _splits.make_site_splits(y, p, s, n_folds=k_max + 5, seed=0)
     assert len(splits) <= k_max and warnings

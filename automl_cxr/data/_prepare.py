@@ -253,15 +253,27 @@ def _summary(manifest: pd.DataFrame) -> dict:
     }
 
 
-def site_groups(manifest: pd.DataFrame) -> pd.Series:
-    """Each row's site, with sites that share a split group (a patient imaged at both) merged
-    into one: the smallest site name of the merged set. Grouping a site-held-out split by this
-    keeps every patient on one side."""
-    sites = _Union(manifest["site"].unique())
-    for members in manifest.groupby("group_id")["site"].unique():
-        for s in members[1:]:
-            sites.join(members[0], s)
-    return manifest["site"].map(sites.find).rename("site_group")
+def site_groups(
+    patients: Sequence[str] | np.ndarray, sites: Sequence[str] | np.ndarray
+) -> np.ndarray:
+    """One group id per image: its site, with sites that share a patient merged (union-find).
+
+    A patient seen at two sites joins them, so a site-held-out split grouped by this can never
+    put one patient on both sides. Group ids are the sorted, ``+``-joined site names of each
+    merged set (a site that shares no patient keeps its own name). Pass the split groups
+    (`group_id`) as `patients` to keep near-duplicate merges together too.
+    """
+    p = np.asarray(patients).astype(str)
+    s = np.asarray(sites).astype(str)
+    union = _Union(np.unique(s).tolist())
+    first_site: dict[str, str] = {}
+    for pi, si in zip(p.tolist(), s.tolist(), strict=True):
+        union.join(first_site.setdefault(pi, si), si)
+    members: dict[str, list[str]] = {}
+    for x in union.parent:
+        members.setdefault(union.find(x), []).append(x)
+    name = {root: "+".join(sorted(xs)) for root, xs in members.items()}
+    return np.array([name[union.find(x)] for x in s.tolist()], dtype=object)
 
 
 def patients_at_several_sites(manifest: pd.DataFrame) -> dict:

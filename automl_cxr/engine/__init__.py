@@ -32,7 +32,6 @@ _EXPORTS = {
     "make_site_splits": "automl_cxr.engine._splits",
     "make_splits": "automl_cxr.engine._splits",
     "members_hash": "automl_cxr.engine._splits",
-    "site_groups": "automl_cxr.engine._splits",
     "split_summary": "automl_cxr.engine._splits",
     "Reporter": "automl_cxr.engine._trial",
     "TrialResult": "automl_cxr.engine._trial",
@@ -82,7 +81,6 @@ __all__ = [
     "run_precision",
     "run_trial",
     "scalar_metrics",
-    "site_groups",
     "split_summary",
     "summarize_folds",
 ]
@@ -120,7 +118,6 @@ if TYPE_CHECKING:  # pragma: no cover
         make_site_splits,
         make_splits,
         members_hash,
-        site_groups,
         split_summary,
     )  # noqa: F401
     from automl_cxr.engine._trial import (  # noqa: F401

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from automl_cxr.data import site_groups
 from automl_cxr.errors import ConfigError, DataError
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "make_site_splits",
     "make_splits",
     "members_hash",
-    "site_groups",
     "split_summary",
 ]
 
@@ -136,37 +136,6 @@ def make_splits(
             raise DataError(f"fold {s.fold} has an empty train or validation set")
     assert_no_patient_leakage(splits, g)
     return splits
-
-
-def site_groups(
-    patients: Sequence[str] | np.ndarray, sites: Sequence[str] | np.ndarray
-) -> np.ndarray:
-    """One group id per image: its site, with sites that share a patient merged (union-find).
-
-    A patient seen at two sites joins them, so a group can never be split without splitting a
-    patient. Group ids are the sorted, ``+``-joined site names of each merged set.
-    """
-    p = np.asarray(patients).astype(str)
-    s = np.asarray(sites).astype(str)
-    parent: dict[str, str] = {x: x for x in np.unique(s).tolist()}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    first_site: dict[str, str] = {}
-    for pi, si in zip(p.tolist(), s.tolist(), strict=True):
-        other = first_site.setdefault(pi, si)
-        a, b = find(other), find(si)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    members: dict[str, list[str]] = {}
-    for x in parent:
-        members.setdefault(find(x), []).append(x)
-    name = {root: "+".join(sorted(xs)) for root, xs in members.items()}
-    return np.array([name[find(x)] for x in s.tolist()], dtype=object)
 
 
 def make_site_splits(

@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from automl_cxr import __version__
-from automl_cxr.data import PreparedDataset
+from automl_cxr.data import PreparedDataset, site_groups
 from automl_cxr.engine._adversarial import SiteTraining
 from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
@@ -32,7 +32,7 @@ from automl_cxr.engine._metrics import (
     scalar_metrics,
     summarize_folds,
 )
-from automl_cxr.engine._splits import make_site_splits, make_splits, members_hash, site_groups
+from automl_cxr.engine._splits import make_site_splits, make_splits, members_hash
 from automl_cxr.errors import ConfigError, DataError, TrialFailed
 from automl_cxr.lungs import preprocess_for, preprocessed_images
 from automl_cxr.models import CxrModel, ModelConfig, build_model

@@ -32,13 +32,11 @@ class SegmenterTraining:
 def site_holdout(outlines: LungOutlines, fraction: float, seed: int) -> np.ndarray:
     """A boolean mask of held-out rows: whole Cohen sites (sites that share a patient merged,
     so no patient straddles), drawn by seed until about `fraction` of the images."""
-    import pandas as pd
     from sklearn.model_selection import GroupShuffleSplit
 
     from automl_cxr.data import site_groups
 
-    frame = pd.DataFrame({"group_id": outlines.patients, "site": outlines.sites})
-    groups = site_groups(frame).to_numpy()
+    groups = site_groups(outlines.patients, outlines.sites)
     split = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     _, test = next(split.split(np.zeros(len(groups)), groups=groups))
     out = np.zeros(len(groups), dtype=bool)
