@@ -457,3 +457,19 @@ def test_paired_comparison_nan_and_edge_cases() -> None:
         paired_comparison([0.1, 0.2], [0.1, 0.2, 0.3])
     with pytest.raises(ConfigError, match="alternative='bigger'"):
         paired_comparison([0.1, 0.2], [0.1, 0.2], alternative="bigger")
+
+
+def test_one_cluster_bootstrap_for_metrics_calibration_and_thresholds() -> None:
+    """Issue 25: the patient bootstrap is written once (engine), chunked or not the same
+    seeded stream; every replicate draws as many patients as there are, all their images."""
+    from automl_cxr.engine import bootstrap_weights, group_bootstrap_weights
+
+    groups = np.array(["p1", "p2", "p2", "p3", "p4", "p4", "p4", "p5"], dtype=object)
+    whole = group_bootstrap_weights(groups, 37, seed=3)
+    _, inv = np.unique(groups.astype(str), return_inverse=True)
+    chunked = np.concatenate(list(bootstrap_weights(inv, 5, 37, 3, chunk=4)))
+    assert whole.shape == (37, 8) and np.array_equal(whole, chunked)
+    # a patient's images carry one weight; the weights count 5 patient draws per replicate
+    assert (whole[:, 1] == whole[:, 2]).all() and (whole[:, 4] == whole[:, 6]).all()
+    per_patient = whole[:, [0, 1, 3, 4, 7]]
+    assert (per_patient.sum(axis=1) == 5).all()

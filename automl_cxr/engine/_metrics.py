@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,8 @@ __all__ = [
     "fold_metric",
     "available_metrics",
     "bootstrap_metrics",
+    "bootstrap_weights",
+    "group_bootstrap_weights",
     "metric_figure",
     "compute_metrics",
     "corrected_paired_ttest",
@@ -457,6 +459,30 @@ def metric_figure(
     }
 
 
+def bootstrap_weights(
+    unit_of_row: np.ndarray, n_units: int, n_boot: int, seed: int = 0, *, chunk: int | None = None
+) -> Iterator[np.ndarray]:
+    """Row weights of a cluster bootstrap, `chunk` replicates (rows of a (chunk, N) array) at a
+    time: each replicate draws `n_units` units (patients, or images) with replacement, and a
+    row's weight is how often its unit was drawn. One seeded stream whatever the chunking."""
+    rng = np.random.default_rng(seed)
+    chunk = n_boot if chunk is None else chunk
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = rng.integers(0, n_units, size=(b, n_units))
+        offsets = (np.arange(b) * n_units)[:, None]
+        unit_w = np.bincount((draws + offsets).ravel(), minlength=b * n_units).reshape(b, n_units)
+        yield unit_w[:, unit_of_row].astype(float)
+
+
+def group_bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, N) row weights of a patient (cluster) bootstrap over `groups`: each replicate
+    draws as many groups as there are, with replacement (:func:`bootstrap_weights`)."""
+    g = np.asarray(groups)
+    _, inv = np.unique(g.astype(str) if g.dtype == object else g, return_inverse=True)
+    return next(bootstrap_weights(inv.ravel(), int(inv.max()) + 1, n_boot, seed))
+
+
 def bootstrap_metrics(
     y_true: Sequence[int] | np.ndarray,
     y_prob: Sequence[Sequence[float]] | np.ndarray,
@@ -505,16 +531,12 @@ def bootstrap_metrics(
     estimates = scalar_metrics(point)
     pos_idx = cls.index(positive) if positive is not None and positive in cls else None
 
-    rng = np.random.default_rng(seed)
     evaluator = _WeightedEvaluator(yt, yp)
     chunk = max(1, _BOOT_CHUNK_CELLS // max(n, n_units))
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        draws = rng.integers(0, n_units, size=(b, n_units))
-        offsets = (np.arange(b) * n_units)[:, None]
-        unit_w = np.bincount((draws + offsets).ravel(), minlength=b * n_units).reshape(b, n_units)
-        parts.append(evaluator.scalars(unit_w[:, unit_of_image].astype(float), cls, pos_idx))
+    parts = [
+        evaluator.scalars(w, cls, pos_idx)
+        for w in bootstrap_weights(unit_of_image, n_units, n_boot, seed, chunk=chunk)
+    ]
     samples = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)

@@ -13,7 +13,6 @@ from automl_cxr.oof._calibration import (
     calibration_summary,
     ece,
     fit_temperature,
-    group_bootstrap_weights,
     reliability_curve,
 )
 from automl_cxr.oof._crossfit import (
@@ -62,7 +61,6 @@ __all__ = [
     "ece",
     "fit_temperature",
     "fold_score",
-    "group_bootstrap_weights",
     "metric_scorer",
     "nested_selection",
     "operating_point",

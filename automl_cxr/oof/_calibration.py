@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from automl_cxr.engine._metrics import group_bootstrap_weights
 from automl_cxr.errors import ConfigError
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "calibration_summary",
     "ece",
     "fit_temperature",
-    "group_bootstrap_weights",
     "nll",
     "reliability_curve",
 ]
@@ -67,17 +67,6 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_BINS) -> fl
             validate_args=False,
         )
     )
-
-
-def group_bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(n_boot, N) row weights of a cluster bootstrap: each replicate draws as many groups as
-    there are, with replacement; a row's weight is how often its group was drawn."""
-    codes, inv = np.unique(np.asarray(groups), return_inverse=True)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(codes), size=(n_boot, len(codes)))
-    counts = np.zeros((n_boot, len(codes)))
-    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
-    return counts[:, inv]
 
 
 def _weighted_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from automl_cxr.engine._metrics import group_bootstrap_weights
 from automl_cxr.errors import ConfigError
-from automl_cxr.oof._calibration import group_bootstrap_weights
 
 __all__ = [
     "RULES",
