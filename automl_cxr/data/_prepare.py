@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -342,10 +343,13 @@ def _finish_pool(
     pool = pd.concat([t.table for t in tables], ignore_index=True)
     if pool.empty:
         raise DataError("the sources hold no images")
+    t0 = time.perf_counter()
     scan = scan_images(pool, skip_bad=skip_bad, progress=progress)
+    t1 = time.perf_counter()
     table, features, dup_info = _dedupe(scan)
     n_before = len(table)
     table, features, near, copy_conflicts = _merge_copies(table, features)
+    t2 = time.perf_counter()
     dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
     dup_info["copies_removed"] = (
         n_before - len(table) - sum(len(c["paths"]) for c in copy_conflicts)
@@ -360,6 +364,10 @@ def _finish_pool(
         "merged_patient_groups": merged,
         "excluded": {t.name: t.excluded for t in tables if t.excluded},
         "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
+        # wall seconds of this run's stages (benchmarks/scale.py): decoding, checks and the
+        # duplicate finder's keypoints; exact-duplicate removal and the finder's shortlist and
+        # geometric verification
+        "timings": {"scan_s": round(t1 - t0, 2), "duplicates_s": round(t2 - t1, 2)},
     }
     return table.assign(_feature_row=np.arange(len(table))), info, features
 
