@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 from automl_cxr.cli import main
-from automl_cxr.data import decode_gray, load_dataset, read_cohen
+from automl_cxr.data import decode_gray, load_dataset, map_labels, read_cohen
 from automl_cxr.deploy import (
     ExportedModel,
     load_image,
     load_study,
-    map_labels,
     open_trial,
     select_trial,
     training_data,

@@ -14,7 +14,7 @@ from automl_cxr.errors import AutomlCxrError, MissingDependency
 def test_missing_database_driver_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, prepared_dir: Path, capsys
 ) -> None:
-    from automl_cxr.study._storage import open_storage
+    from automl_cxr._storage import open_storage
 
     for driver in ("psycopg", "psycopg2"):  # as if the postgres extra were not installed
         monkeypatch.setitem(sys.modules, driver, None)
@@ -47,7 +47,7 @@ def test_a_plain_postgresql_url_opens() -> None:
 
     import optuna
 
-    from automl_cxr.study._storage import close_storage, open_storage
+    from automl_cxr._storage import close_storage, open_storage
 
     url = os.environ.get("AUTOML_CXR_TEST_POSTGRES")
     if not url:

@@ -109,3 +109,34 @@ def test_study_and_diagnostics_use_the_data_layers_public_names() -> None:
             if any(m.startswith("automl_cxr.data._") for m in _imports(path)):
                 offenders.append(str(path.relative_to(PKG)))
     assert not offenders, offenders
+
+
+# The layers in data-flow order; a layer may import only the ones before it (issue 25).
+_LAYERS = ("data", "models", "engine", "oof", "lungs", "study", "report", "deploy")
+
+
+@pytest.mark.parametrize(
+    ("lower", "upper"),
+    [
+        ("data", "engine"),
+        ("data", "study"),
+        ("data", "deploy"),
+        ("engine", "study"),
+        ("engine", "oof"),
+        ("engine", "deploy"),
+        ("oof", "study"),
+        ("oof", "deploy"),
+        ("study", "deploy"),
+    ],
+)
+def test_imports_never_climb(lower: str, upper: str) -> None:
+    """A lower layer never imports a higher one, even inside a function: `study/_external.py`
+    read external sets through `deploy._evaluate`, `oof/_calibration.py` owned the patient
+    bootstrap the engine also wrote, `engine/_splits.py` its own `site_groups`."""
+    climbing = sorted(
+        f"{path.relative_to(PKG)} imports {m}"
+        for path in (PKG / lower).rglob("*.py")
+        for m in _imports(path)
+        if m == f"automl_cxr.{upper}" or m.startswith(f"automl_cxr.{upper}.")
+    )
+    assert not climbing, climbing

@@ -422,9 +422,8 @@ def duplicates(
 ) -> None:
     """Copies of one radiograph (cropped, padded, resized, re-windowed, re-encoded) and films of
     one patient: a table and an HTML contact sheet with the matched keypoints."""
-    from automl_cxr.data import features_of_files, list_datasets, load_dataset
+    from automl_cxr.data import features_of_files, list_datasets, load_dataset, read_external
     from automl_cxr.data._contact import contact_sheet, duplicate_pairs
-    from automl_cxr.deploy._evaluate import read_external
 
     root = resolve_data_dir(data_dir)
 

@@ -29,6 +29,7 @@ from automl_cxr.data._duplicates import (
     overlap_pairs,
     overlap_to_drop,
 )
+from automl_cxr.data._external import external_overlap, map_labels, read_external
 from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
@@ -91,6 +92,9 @@ __all__ = [
     "prepare_table",
     "read_cohen",
     "read_csv_manifest",
+    "read_external",
+    "map_labels",
+    "external_overlap",
     "read_folder",
     "read_kermany",
     "read_nih",

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from automl_cxr.deploy._evaluate import evaluate_predictions, external_overlap, load_external
+from automl_cxr.data import external_overlap
+from automl_cxr.deploy._evaluate import evaluate_predictions, load_external
 from automl_cxr.deploy._export import export_trial, source_roots
 from automl_cxr.deploy._predict import ExportedModel, softmax
 from automl_cxr.deploy._select import TrialSpec, load_study, select_trial, training_data, trial_spec

@@ -40,8 +40,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automl_cxr._storage import storage_location, storage_url
 from automl_cxr.errors import DataError, StorageError
-from automl_cxr.study._storage import storage_location, storage_url
 
 __all__ = [
     "ARTIFACTS_ENV",

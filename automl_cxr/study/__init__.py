@@ -44,11 +44,11 @@ _EXPORTS = {
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
     "builtin_space": "automl_cxr.study._space",
-    "load_study": "automl_cxr.study._storage",
-    "open_storage": "automl_cxr.study._storage",
-    "storage_location": "automl_cxr.study._storage",
-    "storage_url": "automl_cxr.study._storage",
-    "study_names": "automl_cxr.study._storage",
+    "load_study": "automl_cxr._storage",
+    "open_storage": "automl_cxr._storage",
+    "storage_location": "automl_cxr._storage",
+    "storage_url": "automl_cxr._storage",
+    "study_names": "automl_cxr._storage",
 }
 
 __all__ = [
@@ -88,6 +88,13 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from automl_cxr._storage import (  # noqa: F401
+        load_study,
+        open_storage,
+        storage_location,
+        storage_url,
+        study_names,
+    )
     from automl_cxr.study._objective import (
         OBJECTIVE_KEYS,
         Objective,
@@ -112,11 +119,4 @@ if TYPE_CHECKING:  # pragma: no cover
         SearchSpace,
         builtin_space,
         load_space,
-    )
-    from automl_cxr.study._storage import (  # noqa: F401
-        load_study,
-        open_storage,
-        storage_location,
-        storage_url,
-        study_names,
     )

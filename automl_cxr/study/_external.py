@@ -82,7 +82,7 @@ def prepare_externals(
     duplicate finder of `data/_duplicates.py`), unless `drop_overlap`: those images are then left
     out and listed in the set's `dropped_overlap`.
     """
-    from automl_cxr.deploy._evaluate import external_overlap, map_labels, read_external
+    from automl_cxr.data import external_overlap, map_labels, read_external
 
     label_map = dict(label_map or {})
     tables = []

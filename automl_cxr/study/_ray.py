@@ -48,6 +48,7 @@ from typing import Any
 
 import optuna
 
+from automl_cxr._storage import storage_url
 from automl_cxr.data import PreparedDataset
 from automl_cxr.errors import ConfigError
 from automl_cxr.study._objective import Objective
@@ -64,7 +65,6 @@ from automl_cxr.study._ray_scheduler import (  # noqa: F401  (re-exported)
 from automl_cxr.study._ray_worker import METRIC, STEP, Job, trainable
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace
-from automl_cxr.study._storage import storage_url
 
 __all__ = [
     "METRIC",

@@ -15,6 +15,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from automl_cxr._storage import HEARTBEAT_INTERVAL
 from automl_cxr.errors import AutomlCxrError, SearchAborted
 from automl_cxr.study._compat import (
     fail_stale_trials,
@@ -31,7 +32,6 @@ from automl_cxr.study._recovery import (
     last_fail_reason,
     worker_record,
 )
-from automl_cxr.study._storage import HEARTBEAT_INTERVAL
 
 __all__ = [
     "DRIVERS",

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
+from automl_cxr._storage import open_storage
 from automl_cxr.errors import StorageError
 from automl_cxr.study._compat import attach_trial, heartbeat_thread
 from automl_cxr.study._objective import Objective
@@ -21,7 +22,6 @@ from automl_cxr.study._optuna import make_pruner
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._recovery import process_record, worker_record
 from automl_cxr.study._space import SearchSpace
-from automl_cxr.study._storage import open_storage
 from automl_cxr.study._testsplit import search_data
 
 __all__ = ["FINAL", "METRIC", "STEP", "Job", "trainable"]

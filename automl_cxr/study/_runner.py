@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from automl_cxr._storage import close_storage, open_storage, storage_url
 from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.engine import FeatureCache, resolve_device, run_precision
 from automl_cxr.errors import SearchAborted, StorageError
@@ -51,7 +52,6 @@ from automl_cxr.study._setup import (  # noqa: F401  (re-exported for older impo
     resolve_space,
 )
 from automl_cxr.study._space import SearchSpace
-from automl_cxr.study._storage import close_storage, open_storage, storage_url
 from automl_cxr.study._testsplit import search_data
 
 __all__ = ["SQLITE_WORKERS_HINT", "run_search"]
