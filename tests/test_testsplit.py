@@ -162,3 +162,32 @@ def test_bad_test_option_is_a_clear_cli_error(prepared_dir: Path, tmp_path: Path
     err = capsys.readouterr().err
     assert "--test must be patient:F or site:F" in err and "'hospital:0.2'" in err
     assert "Traceback" not in err and not (tmp_path / "x.db").exists()
+
+
+def test_the_search_and_the_report_describe_a_test_split_in_the_same_words() -> None:
+    """Issue 25: the runner's console line and the report each wrote what a test split holds;
+    one function (`describe_held`) says it for both."""
+    from automl_cxr.report._tables import describe_test_split
+    from automl_cxr.study import describe_held
+    from automl_cxr.study._runner import _test_line
+
+    info = {
+        "spec": "site:0.2",
+        "seed": 0,
+        "n": 148,
+        "patients": 120,
+        "n_search": 667,
+        "classes": {"covid": 60, "non_covid": 88},
+        "sites": ["cohen:a", "cohen:b", "cohen:c", "nih"],
+    }
+    held = describe_held(info)
+    assert held == (
+        "148 images of 120 patients (covid 60, non_covid 88) from 4 whole sites "
+        "(cohen:a, cohen:b, cohen:c, …)"
+    )
+
+    class _Data:
+        oof = type("O", (), {"test": {"info": info, "note": "no fold models"}})()
+
+    assert held in _test_line(info)
+    assert held in describe_test_split(_Data())[0]

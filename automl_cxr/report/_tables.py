@@ -314,14 +314,13 @@ def describe_test_split(data: ReportData) -> list[str]:
     t = data.oof.test if data.oof else None
     if not t:
         return []
+    from automl_cxr.study import describe_held
+
     info = t["info"]
-    held = ", ".join(f"{c} {n}" for c, n in info["classes"].items())
-    sites = info.get("sites") or []
-    where = f", {len(sites)} whole sites" if sites else ""
     one = [c for c, n in info["classes"].items() if n == 0]
     out = [
         f"Test split ({info['spec']}, drawn by seed {info['seed']} before the search and never "
-        f"seen by it): {info['n']} images of {info['patients']} patients ({held}{where})."
+        f"seen by it): {describe_held(info)}."
         + (
             f" It holds no {', '.join(one)} image: metrics are those of the classes it holds."
             if one

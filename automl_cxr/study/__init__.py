@@ -44,6 +44,7 @@ _EXPORTS = {
     "SearchSpace": "automl_cxr.study._space",
     "load_space": "automl_cxr.study._space",
     "builtin_space": "automl_cxr.study._space",
+    "describe_held": "automl_cxr.study._testsplit",
     "load_study": "automl_cxr._storage",
     "open_storage": "automl_cxr._storage",
     "storage_location": "automl_cxr._storage",
@@ -52,6 +53,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "describe_held",
     "FINISHED",
     "OBJECTIVE_KEYS",
     "PRUNERS",
@@ -120,3 +122,4 @@ if TYPE_CHECKING:  # pragma: no cover
         builtin_space,
         load_space,
     )
+    from automl_cxr.study._testsplit import describe_held  # noqa: F401

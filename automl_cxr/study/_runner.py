@@ -52,7 +52,7 @@ from automl_cxr.study._setup import (  # noqa: F401  (re-exported for older impo
     resolve_space,
 )
 from automl_cxr.study._space import SearchSpace
-from automl_cxr.study._testsplit import search_data
+from automl_cxr.study._testsplit import describe_held, search_data
 
 __all__ = ["SQLITE_WORKERS_HINT", "run_search"]
 
@@ -61,14 +61,9 @@ SQLITE_WORKERS_HINT = 4
 
 
 def _test_line(info: dict) -> str:
-    held = ", ".join(f"{c} {n}" for c, n in info["classes"].items())
-    sites = info.get("sites") or []
-    where = f" from {len(sites)} sites ({', '.join(sites[:3])}{', …' if len(sites) > 3 else ''})"
-    where = where if sites else ""
     return (
-        f"test split {info['spec']}: {info['n']} images of {info['patients']} patients{where} "
-        f"({held}) set aside before the search; it trains and validates on the other "
-        f"{info['n_search']}"
+        f"test split {info['spec']}: {describe_held(info)} set aside before the search; it "
+        f"trains and validates on the other {info['n_search']}"
     )
 
 

@@ -23,9 +23,22 @@ from typing import Any
 from automl_cxr.data import PreparedDataset
 from automl_cxr.errors import ConfigError
 
-__all__ = ["TEST_KINDS", "parse_test", "search_data", "split_test"]
+__all__ = ["TEST_KINDS", "describe_held", "parse_test", "search_data", "split_test"]
 
 TEST_KINDS = ("patient", "site")
+
+
+def describe_held(info: dict) -> str:
+    """What a test split holds, from its record: "148 images of 120 patients (covid 60,
+    non_covid 88) from 6 whole sites (a, b, c, …)" — the search's console line and the report
+    say it in these words."""
+    held = ", ".join(f"{c} {n}" for c, n in info["classes"].items())
+    sites = info.get("sites") or []
+    where = ""
+    if sites:
+        where = f" from {len(sites)} whole sites ({', '.join(sites[:3])}"
+        where += ", …)" if len(sites) > 3 else ")"
+    return f"{info['n']} images of {info['patients']} patients ({held}){where}"
 
 
 def parse_test(text: str) -> tuple[str, float]:
