@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 
+from automl_cxr._compat import journal_file, wrapped_storage
 from automl_cxr.errors import MissingDependency, StorageError
 
 __all__ = [
@@ -186,15 +187,13 @@ def load_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
 
 def storage_location(storage: Any) -> str | None:
     """The storage URL (``sqlite:///…``, ``journal:…``) of an Optuna storage object."""
-    backend = getattr(storage, "_backend", None)
-    if backend is not None and not hasattr(storage, "_file_path"):
-        inner = storage_location(backend)
-        if inner is not None:
-            return inner
-    url = getattr(storage, "url", None)
-    if isinstance(url, str):
-        return url
-    path = getattr(storage, "_file_path", None)
-    if isinstance(path, str):
+    path = journal_file(storage)
+    if path is not None:
         return "journal:" + str(Path(path).resolve())
-    return None
+    inner = wrapped_storage(storage)  # a cached or journal storage around its backend
+    if inner is not None:
+        found = storage_location(inner)
+        if found is not None:
+            return found
+    url = getattr(storage, "url", None)  # RDBStorage's public URL
+    return url if isinstance(url, str) else None

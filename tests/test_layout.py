@@ -140,3 +140,31 @@ def test_imports_never_climb(lower: str, upper: str) -> None:
         if m == f"automl_cxr.{upper}" or m.startswith(f"automl_cxr.{upper}.")
     )
     assert not climbing, climbing
+
+
+_OPTUNA_PRIVATE = {"_storage", "_study_id", "_trial_id", "_backend", "_file_path"}
+
+
+def test_optuna_private_attributes_only_in_compat() -> None:
+    """Issue 25: Optuna's private attributes (a study's storage and id, a trial's id, a
+    journal's file) are read in `automl_cxr/_compat.py` only, where each helper names what it
+    reaches into; the dashboard publisher, the OOF store, the report and the storage helpers
+    each read some of them directly."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in _OPTUNA_PRIVATE:
+                offenders.append(f"{path.relative_to(PKG)}:{node.lineno} .{node.attr}")
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "getattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in _OPTUNA_PRIVATE
+            ):
+                offenders.append(
+                    f"{path.relative_to(PKG)}:{node.lineno} getattr {node.args[1].value}"
+                )
+    assert not offenders, offenders

@@ -40,6 +40,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automl_cxr._compat import storage_of
 from automl_cxr._storage import storage_location, storage_url
 from automl_cxr.errors import DataError, StorageError
 
@@ -225,7 +226,7 @@ def save_oof(
     Returns that record (None when the result carries no predictions)."""
     if getattr(result, "oof_probs", None) is None:
         return None
-    storage = trial.study._storage
+    storage = storage_of(trial.study)
     try:
         store = artifact_store(storage, create=True)
     except OSError as exc:  # a full or read-only disk must not fail a trained trial

@@ -23,13 +23,13 @@ import io
 import json
 import uuid
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automl_cxr._compat import dashboard_artifact, dashboard_note, storage_of, study_id, trial_id
 from automl_cxr._numbers import clip01, fmt_num
 from automl_cxr.errors import DataError, StorageError
 from automl_cxr.oof import artifact_store, calibration_summary, load_oof
@@ -226,8 +226,7 @@ def _register(study: optuna.Study, store: Any, trial: FrozenTrial, name: str, da
     artifact_id = str(uuid.uuid4())
     store.write(artifact_id, io.BytesIO(data))
     meta = {"artifact_id": artifact_id, "filename": name, "mimetype": "image/png", "encoding": None}
-    key = f"dashboard:artifacts:{trial._trial_id}:{artifact_id}"
-    study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
+    dashboard_artifact(study, trial, artifact_id, meta)
     return artifact_id
 
 
@@ -244,10 +243,10 @@ def publish_dashboard(
     except OSError as exc:  # no writable folder beside the study: notes and figures only
         store = None
         problems.append(f"no trial images: the artifact folder cannot be created ({exc})")
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = storage_of(study).get_study_system_attrs(study_id(study))
     done, skipped = [], 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if not force and attrs.get(f"{_MARK}{t._trial_id}") == _VERSION:
+        if not force and attrs.get(f"{_MARK}{trial_id(t)}") == _VERSION:
             skipped += 1
             continue
         try:
@@ -259,14 +258,13 @@ def publish_dashboard(
         if oof is not None:
             v = oof.valid()
             cal = calibration_summary(v.probs, v.labels, groups=v.groups, n_boot=300)
-        shim = SimpleNamespace(storage=study._storage, study=study, _trial_id=t._trial_id)
-        save_note(shim, trial_note(t, cal))
+        dashboard_note(study, t, trial_note(t, cal))
         names = []
         if store is not None:
             for name, png in _images(t, oof).items():
                 _register(study, store, t, name, png)
                 names.append(name)
-        study._storage.set_study_system_attr(study._study_id, f"{_MARK}{t._trial_id}", _VERSION)
+        storage_of(study).set_study_system_attr(study_id(study), f"{_MARK}{trial_id(t)}", _VERSION)
         done.append({"trial": t.number, "artifacts": names})
     saved: list[str] = []
     if figures and (done or force):

@@ -21,6 +21,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from automl_cxr._compat import storage_of
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT, OofReport, build_oof_report
 from automl_cxr.report._paper import paper_table
@@ -184,7 +185,7 @@ def build_report_data(
         )
     oof = build_oof_report(
         study,
-        storage or study._storage,
+        storage or storage_of(study),
         board,
         metric=metric,
         positive=attrs.get("positive"),

@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from automl_cxr._compat import set_user_attrs
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine import (
     SCALAR_METRICS,
@@ -28,7 +29,6 @@ from automl_cxr.engine import (
 from automl_cxr.errors import AutomlCxrError, TrialFailed
 from automl_cxr.models import ModelConfig, get_backbone, num_stages
 from automl_cxr.oof import save_oof
-from automl_cxr.study._compat import set_user_attrs
 from automl_cxr.study._external import external_attr_key
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._record import OBJECTIVE_KEYS, json_safe

@@ -1,4 +1,5 @@
-"""Every use of Optuna's private API, in one place (checked against the bound in pyproject).
+"""Every use of Optuna's private API, in one place (checked against the bound in pyproject),
+below every layer that needs one (oof, study, report); tests/test_layout.py finds any other.
 
 Each helper names what it reaches into. When Optuna changes one of these, only this module
 changes; the upper bound on `optuna` in `pyproject.toml` is raised after the tests pass here.
@@ -18,6 +19,10 @@ import optuna
 
 __all__ = [
     "attach_trial",
+    "dashboard_artifact",
+    "dashboard_note",
+    "journal_file",
+    "study_id",
     "fail_stale_trials",
     "heartbeat_enabled",
     "heartbeat_thread",
@@ -26,6 +31,7 @@ __all__ = [
     "set_user_attrs",
     "storage_of",
     "trial_id",
+    "wrapped_storage",
 ]
 
 _T = TypeVar("_T", bound=optuna.trial.Trial)
@@ -35,6 +41,45 @@ def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The study's storage. Private: `Study._storage` (no public accessor; needed to write a
     trial's attributes or state by id from another process than the one that asked for it)."""
     return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    """The storage-wide study id. Private: `Study._study_id` (needed for study system
+    attributes, which have no public setter)."""
+    return study._study_id
+
+
+def journal_file(storage: Any) -> str | None:
+    """The log file of a journal storage, or None. Private: `JournalFileBackend._file_path`."""
+    path = getattr(storage, "_file_path", None)
+    return path if isinstance(path, str) else None
+
+
+def wrapped_storage(storage: Any) -> Any | None:
+    """The backend a storage wraps (`_CachedStorage`, `JournalStorage`), or None. Private:
+    their `_backend`."""
+    return getattr(storage, "_backend", None)
+
+
+def dashboard_note(study: optuna.Study, trial: optuna.trial.FrozenTrial, body: str) -> None:
+    """optuna-dashboard's `save_note` on a finished trial. Its public signature wants a live
+    `Trial`; it reads only `.storage`, `.study` and the private `_trial_id`, so a stand-in
+    with those three serves a FrozenTrial."""
+    from types import SimpleNamespace
+
+    from optuna_dashboard import save_note
+
+    save_note(SimpleNamespace(storage=study._storage, study=study, _trial_id=trial._trial_id), body)
+
+
+def dashboard_artifact(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, artifact_id: str, meta: Mapping[str, Any]
+) -> None:
+    """List a stored file under a finished trial in optuna-dashboard: its own study system
+    attribute (`dashboard:artifacts:<trial id>:<artifact id>`), the key its artifact view reads;
+    Optuna's public `upload_artifact` keeps its records under other keys."""
+    key = f"dashboard:artifacts:{trial._trial_id}:{artifact_id}"
+    study._storage.set_study_system_attr(study._study_id, key, json.dumps(dict(meta)))
 
 
 def trial_id(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> int:
