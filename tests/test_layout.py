@@ -168,3 +168,16 @@ def test_optuna_private_attributes_only_in_compat() -> None:
                     f"{path.relative_to(PKG)}:{node.lineno} getattr {node.args[1].value}"
                 )
     assert not offenders, offenders
+
+
+def test_manifest_columns_extend_the_source_columns_written_once() -> None:
+    """Issue 25: the manifest's column list and the source tables' were two lists that had to
+    agree; the manifest's is now derived (same order: hashes and caches depend on it)."""
+    from automl_cxr.data._dataset import MANIFEST_COLUMNS
+    from automl_cxr.data._sources import COLUMNS
+
+    assert [c for c in MANIFEST_COLUMNS if c in COLUMNS] == COLUMNS
+    assert [
+        *("path", "label", "patient_id", "group_id", "source", "view", "license", "sha256"),
+        *("width", "height", "split", "finding", "age", "sex", "age_group", "site"),
+    ] == MANIFEST_COLUMNS

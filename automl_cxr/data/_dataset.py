@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from automl_cxr.data._image import decode_gray, resize_square
+from automl_cxr.data._sources import COLUMNS
 from automl_cxr.errors import DataError
 
 __all__ = [
@@ -229,27 +230,14 @@ class PreparedDataset:
         return out
 
 
-MANIFEST_COLUMNS = [
-    "path",
-    "label",
-    "patient_id",
-    "group_id",
-    "source",
-    "view",
-    "license",
-    "sha256",
-    "width",
-    "height",
-    "split",
-    "finding",
-    "age",
-    "sex",
-    "age_group",
-    "site",
-]
-"""Manifest columns. `age` is in years (blank: unknown), `sex` M/F/blank, `age_group`
-adult/child/blank (Kermany's children have no age per image, but are children), `site` the
-acquisition site (distinct across sources: `nih`, `kermany`, `cohen:<location>`)."""
+_ADDED_AT_PREPARE = {"patient_id": ("group_id",), "license": ("sha256", "width", "height")}
+MANIFEST_COLUMNS = [c for col in COLUMNS for c in (col, *_ADDED_AT_PREPARE.get(col, ()))]
+"""Manifest columns: a source table's columns (`data._sources.COLUMNS`, written once there)
+with what `data prepare` adds after its patient id (`group_id`: patients joined by duplicates)
+and license (`sha256`, `width`, `height`). `age` is in years (blank: unknown), `sex`
+M/F/blank, `age_group` adult/child/blank (Kermany's children have no age per image, but are
+children), `site` the acquisition site (distinct across sources: `nih`, `kermany`,
+`cohen:<location>`)."""
 _NUMERIC_COLUMNS = ("width", "height", "age")
 _TEXT_COLUMNS = {c: str for c in MANIFEST_COLUMNS if c not in _NUMERIC_COLUMNS}
 
