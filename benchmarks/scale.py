@@ -22,7 +22,10 @@ it would do with a collection that copies its films. Disk: ~0.45 MB per image (a
   trial and per image, peak RSS summed over the whole process tree (parent and workers);
 - `automl-cxr report` on that study: wall time, page size.
 
-RSS is read from /proc every 0.2 s for the process and all its descendants.
+Memory is read from /proc every 0.2 s for the process and all its descendants: the peak of
+the summed RSS (a page shared by the workers, e.g. the memory-mapped image cache, counts once
+per worker) and of the summed PSS (shared pages split between the processes that map them:
+what the tree really holds).
 """
 
 from __future__ import annotations
@@ -117,8 +120,10 @@ def make_inputs(n: int, folder: Path) -> Path:
 # ----------------------------------------------------------------------------- measuring
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants (from /proc)."""
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes summed over `pid` and all its descendants (from /proc). RSS counts a
+    page shared by two workers (the memory-mapped image cache) twice; PSS splits it between
+    them, so the PSS sum is what the tree really holds."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -128,17 +133,20 @@ def _tree_rss(pid: int) -> int:
             except (OSError, ValueError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         todo.extend(children.get(p, []))
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 def run_measured(cmd: list[str], log: Path) -> dict:
@@ -146,12 +154,13 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     t0 = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        peak, done = 0, threading.Event()
+        peak, peak_pss, done = 0, 0, threading.Event()
 
         def poll() -> None:
-            nonlocal peak
+            nonlocal peak, peak_pss
             while not done.is_set():
-                peak = max(peak, _tree_rss(proc.pid))
+                rss, pss = _tree_memory(proc.pid)
+                peak, peak_pss = max(peak, rss), max(peak_pss, pss)
                 done.wait(0.2)
 
         th = threading.Thread(target=poll, daemon=True)
@@ -161,7 +170,11 @@ def run_measured(cmd: list[str], log: Path) -> dict:
         th.join()
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak / 2**30, 2)}
+    return {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "peak_rss_gb": round(peak / 2**30, 2),
+        "peak_pss_gb": round(peak_pss / 2**30, 2),
+    }
 
 
 def measure(n: int, work: Path, trials: int) -> dict:
