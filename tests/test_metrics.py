@@ -25,7 +25,6 @@ from automl_cxr.engine._metrics import (
     compute_metrics,
     corrected_paired_ttest,
     flatten_per_class,
-    paired_comparison,
     roc_curves,
     scalar_metrics,
     summarize_folds,
@@ -328,7 +327,7 @@ def test_corrected_paired_ttest_by_hand() -> None:
     greater = corrected_paired_ttest(a, b, 400, 100, alternative="greater")
     assert greater["p_value"] == pytest.approx(stats.t.sf(t, 4))
     # the correction can only make the test less certain than the naive paired t-test
-    assert r["p_value"] > paired_comparison(a, b)["p_value"]
+    assert r["p_value"] > stats.ttest_rel(a, b).pvalue
     assert corrected_paired_ttest(a, a, 400, 100)["p_value"] == 1.0
     assert math.isnan(corrected_paired_ttest([0.8], [0.7], 400, 100)["p_value"])
     with pytest.raises(ConfigError, match="n_train must be a positive size"):
@@ -430,33 +429,32 @@ def test_bootstrap_chunking_does_not_change_the_result(monkeypatch: pytest.Monke
 # ----------------------------------------------------------------------------- paired t-test
 
 
-def test_paired_comparison_against_scipy() -> None:
+def test_one_paired_t_test_the_plain_one_is_its_zero_overlap_case() -> None:
+    """Issue 25: `paired_comparison` (the plain paired t-test) sat beside the corrected one and
+    was used nowhere but here; it is gone. With no training overlap (n_val/n_train -> 0) the
+    corrected test is scipy's `ttest_rel`."""
+    import automl_cxr.engine as engine
+
+    assert not hasattr(engine, "paired_comparison")
     rng = np.random.default_rng(10)
     a = rng.uniform(0.8, 0.9, 10)
     b = a - rng.uniform(0.0, 0.03, 10)
-    r = paired_comparison(a, b)
+    r = corrected_paired_ttest(a, b, n_train=1e12, n_val=1e-12)
     ref = stats.ttest_rel(a, b)
     assert r["t"] == pytest.approx(ref.statistic) and r["p_value"] == pytest.approx(ref.pvalue)
     assert r["mean_diff"] == pytest.approx(np.mean(a - b)) and r["n"] == 10
-    greater = paired_comparison(a, b, alternative="greater")
+    greater = corrected_paired_ttest(a, b, 1e12, 1e-12, alternative="greater")
     assert greater["p_value"] == pytest.approx(stats.ttest_rel(a, b, alternative="greater").pvalue)
-    assert _plain(r)
-
-
-def test_paired_comparison_nan_and_edge_cases() -> None:
-    a = [0.8, float("nan"), 0.85, 0.9, 0.7]
-    b = [0.75, 0.8, float("nan"), 0.88, 0.71]
-    r = paired_comparison(a, b)
+    # NaN folds are dropped pairwise
+    x = [0.8, float("nan"), 0.85, 0.9, 0.7]
+    y = [0.75, 0.8, float("nan"), 0.88, 0.71]
+    r = corrected_paired_ttest(x, y, 1e12, 1e-12)
     ref = stats.ttest_rel([0.8, 0.9, 0.7], [0.75, 0.88, 0.71])
     assert r["n"] == 3 and r["p_value"] == pytest.approx(ref.pvalue)
-    assert paired_comparison(a, a) == {"mean_diff": 0.0, "t": 0.0, "p_value": 1.0, "n": 4}
-    short = paired_comparison([0.8], [0.7])
-    assert short["n"] == 1 and math.isnan(short["p_value"])
-    assert short["mean_diff"] == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="same length, but got 2 and 3"):
-        paired_comparison([0.1, 0.2], [0.1, 0.2, 0.3])
+        corrected_paired_ttest([0.1, 0.2], [0.1, 0.2, 0.3], 10, 5)
     with pytest.raises(ConfigError, match="alternative='bigger'"):
-        paired_comparison([0.1, 0.2], [0.1, 0.2], alternative="bigger")
+        corrected_paired_ttest([0.1, 0.2], [0.1, 0.2], 10, 5, alternative="bigger")
 
 
 def test_one_cluster_bootstrap_for_metrics_calibration_and_thresholds() -> None:

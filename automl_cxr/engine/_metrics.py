@@ -54,7 +54,7 @@ fold sizes are known the interval uses the corrected resampled t of Nadeau & Ben
 "Inference for the generalization error"), whose variance is ``std**2 * (1/J + n_val/n_train)``
 for ``J`` folds instead of ``std**2 / J`` (``ci_method`` in the summary says which was used).
 :func:`corrected_paired_ttest` is the same correction for comparing two configurations on the
-same folds; :func:`paired_comparison` is the plain paired t-test (independent folds).
+same folds (with no training overlap it is the plain paired t-test).
 :func:`bootstrap_metrics` gives percentile bootstrap intervals over images or patients (for
 external sets, which are one sample evaluated once).
 """
@@ -86,7 +86,6 @@ __all__ = [
     "compute_metrics",
     "corrected_paired_ttest",
     "flatten_per_class",
-    "paired_comparison",
     "roc_curves",
     "scalar_metrics",
     "summarize_folds",
@@ -343,37 +342,6 @@ def summarize_folds(
     }
 
 
-def paired_comparison(
-    a_folds: Sequence[float] | np.ndarray,
-    b_folds: Sequence[float] | np.ndarray,
-    *,
-    alternative: str = "two-sided",
-) -> dict[str, float | int]:
-    """Paired t-test (``scipy.stats.ttest_rel``) of per-fold scores ``a`` against ``b``.
-
-    Folds where either score is NaN are dropped. Returns ``{"mean_diff": mean(a - b), "t",
-    "p_value", "n": pairs used}``. With fewer than 2 pairs ``t`` and ``p_value`` are NaN; when every
-    difference is exactly 0 (e.g. a trial against itself) ``t = 0`` and ``p_value = 1``.
-    ``alternative`` is passed to scipy (``"two-sided"``, ``"less"``, ``"greater"``).
-    """
-    a, b = _paired_folds(a_folds, b_folds, alternative)
-    ok = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[ok], b[ok]
-    n = int(a.size)
-    diff = a - b
-    mean_diff = float(diff.mean()) if n else _NAN
-    if n < 2:
-        t, p = _NAN, _NAN
-    elif np.all(diff == 0):
-        t, p = 0.0, 1.0
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = stats.ttest_rel(a, b, alternative=alternative)
-        t, p = float(res.statistic), float(res.pvalue)
-    return {"mean_diff": mean_diff, "t": t, "p_value": p, "n": n}
-
-
 def corrected_paired_ttest(
     a_folds: Sequence[float] | np.ndarray,
     b_folds: Sequence[float] | np.ndarray,
@@ -388,8 +356,9 @@ def corrected_paired_ttest(
     With ``d = a - b`` over the ``J`` folds where neither is NaN, ``t = mean(d) / sqrt((1/J +
     n_val/n_train) * var(d))`` (``var`` with ``ddof=1``) on ``J - 1`` degrees of freedom:
     the ``n_val/n_train`` term accounts for the overlap of the folds' training sets that the
-    plain paired t-test (:func:`paired_comparison`) ignores. ``n_train``/``n_val`` are the
-    training/validation sizes, one number or one per fold (their mean ratio is used).
+    plain paired t-test (``scipy.stats.ttest_rel``, the limit ``n_val/n_train -> 0``) ignores.
+    ``n_train``/``n_val`` are the training/validation sizes, one number or one per fold (their
+    mean ratio is used).
 
     Returns ``{"mean_diff", "t", "p_value", "n", "test_train_ratio", "method":
     "corrected_t"}``; NaN ``t``/``p_value`` with fewer than 2 pairs, ``t = 0, p = 1`` when every
