@@ -149,11 +149,11 @@ def _tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_measured(cmd: list[str], log: Path) -> dict:
-    """Run `cmd`, return wall seconds and the peak RSS of its process tree."""
+def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run `cmd`, return wall seconds and the peak RSS and PSS of its process tree."""
     t0 = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         peak, peak_pss, done = 0, 0, threading.Event()
 
         def poll() -> None:
@@ -187,6 +187,8 @@ def measure(n: int, work: Path, trials: int) -> dict:
         [*exe, "data", "prepare", "--csv", str(csv), "--name", name, "--data-dir", str(data)]
         + ["--quiet"],
         work / f"prepare_{n}.log",
+        # a cold run: no keypoints or verified pairs of an earlier run in the user's cache
+        env={**os.environ, "AUTOML_CXR_CACHE": str(work / f"cache_{n}_{time.time_ns()}")},
     )
     meta = json.loads((data / name / "dataset.json").read_text())
     timings = meta.get("timings", {})
