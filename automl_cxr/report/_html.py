@@ -77,15 +77,21 @@ _JS = """
   var figs = JSON.parse(document.getElementById('figure-data').textContent);
   var config = {responsive: true, displaylogo: false, showLink: false,
                 modeBarButtonsToRemove: ['sendDataToCloud']};
-  Object.keys(figs).forEach(function (key) {
-    var el = document.getElementById('plot-' + key);
+  var keys = Object.keys(figs);
+  // The text and tables paint first; then one figure per frame, in page order, so the page
+  // is readable at once and stays responsive while the figures are drawn.
+  function draw(i) {
+    if (i >= keys.length) { return; }
+    var el = document.getElementById('plot-' + keys[i]);
     try {
-      Plotly.newPlot(el, figs[key].data, figs[key].layout, config);
+      Plotly.newPlot(el, figs[keys[i]].data, figs[keys[i]].layout, config);
     } catch (err) {
       el.textContent = 'This figure could not be drawn: ' + err;
-      console.error('figure ' + key + ': ' + err);
+      console.error('figure ' + keys[i] + ': ' + err);
     }
-  });
+    setTimeout(function () { draw(i + 1); }, 0);
+  }
+  requestAnimationFrame(function () { setTimeout(function () { draw(0); }, 0); });
 })();
 """
 
@@ -299,10 +305,12 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style>"
-        f"<script>{get_plotlyjs()}</script></head><body>"
+        "</head><body>"
         f'<header><h1>{_e(title)}</h1><div class="meta">{meta}</div></header><main>'
         f'<div class="counts" id="counts" title="{_e(counts_text(data.counts))}">{counts}</div>'
         f"{warning}{running}<nav>{nav}</nav>{''.join(sections)}</main>"
+        # plotly.js (4.6 MB) after the content: the text paints before it is compiled
+        f"<script>{get_plotlyjs()}</script>"
         f'<script type="application/json" id="figure-data">{_figure_json(figures)}</script>'
         f"<script>{_JS}</script></body></html>\n"
     )
