@@ -232,15 +232,17 @@ def test_parallel_workers_share_frozen_features_and_report_progress(
     )
     db = tmp_path / "share.db"
     res = _run(
-        "search", "--dataset", "binary", "--trials", "6", "--profile", "smoke",
+        "search", "--dataset", "binary", "--trials", "12", "--profile", "smoke",
         "--space", str(space), "--storage", str(db), "--data-dir", str(prepared_dir),
         "--workers", "2", "--cpus-per-trial", "1", "--pruner", "none",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     study = _study(db)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    # exactly --trials: a worker starts no trial that another one's running trial fills
-    assert len(done) == 6 and len(study.trials) == 6
+    # exactly --trials: a worker starts no trial that another one's running trial fills.
+    # (12, not 6: under a loaded CI one worker once finished all 6 head-only trials while the
+    # other was still reading the shared features, and the two-pid check below failed.)
+    assert len(done) == 12 and len(study.trials) == 12
     assert len({t.user_attrs["worker"]["pid"] for t in done}) == 2
     caches = [t.user_attrs["feature_cache"] for t in done]
     assert {c["kind"] for c in caches} == {"pooled"} and len({c["key"] for c in caches}) == 1
@@ -624,7 +626,8 @@ def test_study_package_has_no_import_cycle_and_keeps_optuna_internals_in_compat(
     package = REPO / "automl_cxr" / "study"
     graph: dict[str, set[str]] = {}
     private: list[str] = []
-    for path in sorted(package.glob("*.py")):
+    # Optuna's internals live in automl_cxr/_compat.py, below the study package (issue 25)
+    for path in [*sorted(package.glob("*.py")), REPO / "automl_cxr" / "_compat.py"]:
         tree = ast.parse(path.read_text())
         graph[path.stem] = set()
         for node in ast.walk(tree):

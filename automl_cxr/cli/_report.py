@@ -79,9 +79,10 @@ def _console_table(data) -> Table:
     table.add_column(
         "backbone / frozen / head", justify="left", overflow="fold", ratio=1, min_width=16
     )
+    rows = []
     for r in board.to_dict(orient="records"):
         mark = {True: "≈", False: "", None: "?"}[r["not_worse"]]
-        table.add_row(
+        cells = [
             str(r["rank"]),
             mark,
             str(r["number"]),
@@ -91,10 +92,24 @@ def _console_table(data) -> Table:
             _num(r["covid_specificity"], ".3f"),
             _num(r.get("ece"), ".3f"),
             _num(r["latency_ms"], ".1f"),
-            name_lines(f"{r['backbone']} {r['frozen_depth'] or '-'} {r['head']}", 16),
-            style="green" if r["not_worse"] else None,
-        )
+        ]
+        rows.append((cells, f"{r['backbone']} {r['frozen_depth'] or '-'} {r['head']}", r))
+    # Break a backbone name (after its `_`) only when the last column is narrower than it.
+    room = _room(table, [c for c, _, _ in rows])
+    for cells, config, r in rows:
+        table.add_row(*cells, name_lines(config, room), style="green" if r["not_worse"] else None)
     return table
+
+
+def _room(table: Table, rows: list[list[str]], floor: int = 16) -> int:
+    """Characters left on the console for a table's last column, after the columns before it
+    (their widest header or cell, one space of padding on each side between columns)."""
+    widths = [
+        max([len(str(col.header))] + [len(row[i]) for row in rows])
+        for i, col in enumerate(table.columns[: len(rows[0]) if rows else 0])
+    ]
+    used = sum(widths) + 2 * len(widths)
+    return max(floor, out_console.width - used)
 
 
 _PAPER_HEADERS = ("accuracy", "COVID acc.", "COVID sens.", "COVID spec.")
@@ -118,13 +133,13 @@ def _paper_table(data) -> Table:
     table.add_column("trial", justify="right", no_wrap=True)
     for name in _PAPER_HEADERS:
         table.add_column(name, justify="right", no_wrap=True)
+    rows = []
     for r in data.paper.to_dict(orient="records"):
         label = str(r["row"])
         if r["source"] != "paper" and r.get("backbone") and str(r["backbone"]) not in label:
             label += f" ({r['backbone']})"
         elif r["source"] == "paper" and r.get("backbone"):
             label += f", {r['backbone']}"
-        label = name_lines(label, 16)
         cells = []
         for k in PAPER_KEYS:
             v, lo, hi = r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"]
@@ -134,12 +149,16 @@ def _paper_table(data) -> Table:
             ci = _ci(None if lo != lo else 100 * lo, None if hi != hi else 100 * hi, ".1f")
             cells.append(f"{100 * v:.2f}%" + (f"\n{ci}" if ci else ""))
         trial = r["trial"]
-        table.add_row(
-            label,
-            "-" if trial is None or trial != trial else str(int(trial)),
-            *cells,
-            style="cyan" if r["source"] == "paper" else None,
-        )
+        trial = "-" if trial is None or trial != trial else str(int(trial))
+        rows.append((label, [trial, *cells], r["source"] == "paper"))
+    # the label column gets what the numbers leave; a name breaks after `_` only beyond that
+    widths = [
+        max([len(col.header)] + [len(line) for _, c, _ in rows for line in c[i].split("\n")])
+        for i, col in enumerate(table.columns[1:])
+    ]
+    room = max(16, out_console.width - sum(widths) - 2 * len(widths) - 2)
+    for label, cells, paper in rows:
+        table.add_row(name_lines(label, room), *cells, style="cyan" if paper else None)
     return table
 
 
