@@ -177,12 +177,11 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     }
 
 
-def measure(n: int, work: Path, trials: int) -> dict:
+def measure(n: int, work: Path, trials: int, row: dict, save) -> None:
     exe = [sys.executable, "-m", "automl_cxr"]
     csv = make_inputs(n, work / "images")
     data = work / "data"
     name = f"scale{n}"
-    row: dict = {"images": n}
     prep = run_measured(
         [*exe, "data", "prepare", "--csv", str(csv), "--name", name, "--data-dir", str(data)]
         + ["--quiet"],
@@ -201,6 +200,7 @@ def measure(n: int, work: Path, trials: int) -> dict:
         "copies_merged": meta.get("copies_removed", 0),
     }
     print(f"  prepare {row['prepare']}", flush=True)
+    save()
     db = work / f"study_{n}.db"
     search = run_measured(
         [*exe, "search", "--dataset", name, "--profile", "cpu", "--trials", str(trials)]
@@ -220,6 +220,7 @@ def measure(n: int, work: Path, trials: int) -> dict:
         "ms_per_trial_per_image": round(1000 * search["wall_s"] / max(1, len(done)) / n, 3),
     }
     print(f"  search {row['search']}", flush=True)
+    save()
     rep = run_measured(
         [*exe, "report", str(db), "--out", str(work / f"report_{n}")], work / f"report_{n}.log"
     )
@@ -227,7 +228,7 @@ def measure(n: int, work: Path, trials: int) -> dict:
     row["report"] = {**rep, "page_mb": round(page.stat().st_size / 1e6, 2)}
     print(f"  report {row['report']}", flush=True)
     row["disk_gb"] = round(sum(p.stat().st_size for p in (work / "images").glob("img*")) / 2**30, 2)
-    return row
+    save()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,24 +242,28 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="automl-cxr-scale-"))
     rows = []
+
+    def save() -> None:  # after every stage: a long run that stops keeps what it measured
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                    f"{platform.platform()}",
+                    "python": platform.python_version(),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
     try:
         for n in sizes:
             print(f"N = {n}", flush=True)
-            rows.append(measure(n, work, args.trials))
-            args.json.write_text(
-                json.dumps(
-                    {
-                        "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
-                        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                        f"{platform.platform()}",
-                        "python": platform.python_version(),
-                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                        "rows": rows,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+            rows.append({"images": n})
+            measure(n, work, args.trials, rows[-1], save)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
