@@ -69,7 +69,9 @@ def dashboard_note(study: optuna.Study, trial: optuna.trial.FrozenTrial, body: s
 
     from optuna_dashboard import save_note
 
-    save_note(SimpleNamespace(storage=study._storage, study=study, _trial_id=trial._trial_id), body)
+    save_note(
+        SimpleNamespace(storage=storage_of(study), study=study, _trial_id=trial_id(trial)), body
+    )
 
 
 def dashboard_artifact(
@@ -78,8 +80,8 @@ def dashboard_artifact(
     """List a stored file under a finished trial in optuna-dashboard: its own study system
     attribute (`dashboard:artifacts:<trial id>:<artifact id>`), the key its artifact view reads;
     Optuna's public `upload_artifact` keeps its records under other keys."""
-    key = f"dashboard:artifacts:{trial._trial_id}:{artifact_id}"
-    study._storage.set_study_system_attr(study._study_id, key, json.dumps(dict(meta)))
+    key = f"dashboard:artifacts:{trial_id(trial)}:{artifact_id}"
+    storage_of(study).set_study_system_attr(study_id(study), key, json.dumps(dict(meta)))
 
 
 def trial_id(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> int:
@@ -139,7 +141,8 @@ def set_user_attrs(trial: optuna.trial.Trial, attrs: Mapping[str, Any]) -> None:
     writes for several rows) and `Trial._cached_frozen_trial` (kept in step with the storage,
     as `Trial.set_user_attr` does)."""
     storage = getattr(trial, "storage", None)  # a FixedTrial has none
-    backend = getattr(storage, "_backend", storage)
+    inner = wrapped_storage(storage)
+    backend = storage if inner is None else inner
     try:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session

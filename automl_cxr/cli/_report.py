@@ -95,21 +95,21 @@ def _console_table(data) -> Table:
         ]
         rows.append((cells, f"{r['backbone']} {r['frozen_depth'] or '-'} {r['head']}", r))
     # Break a backbone name (after its `_`) only when the last column is narrower than it.
-    room = _room(table, [c for c, _, _ in rows])
+    room = _room([str(col.header) for col in table.columns[:-1]], [c for c, _, _ in rows])
     for cells, config, r in rows:
         table.add_row(*cells, name_lines(config, room), style="green" if r["not_worse"] else None)
     return table
 
 
-def _room(table: Table, rows: list[list[str]], floor: int = 16) -> int:
-    """Characters left on the console for a table's last column, after the columns before it
-    (their widest header or cell, one space of padding on each side between columns)."""
+def _room(headers: list[str], rows: list[list[str]], *, edges: int = 0, floor: int = 16) -> int:
+    """Characters left on the console for a table's remaining column, after the columns given
+    by their headers and cells (each as wide as its widest line, one space of padding on each
+    side) and `edges` characters of border."""
     widths = [
-        max([len(str(col.header))] + [len(row[i]) for row in rows])
-        for i, col in enumerate(table.columns[: len(rows[0]) if rows else 0])
+        max([len(h)] + [len(line) for row in rows for line in row[i].split("\n")])
+        for i, h in enumerate(headers)
     ]
-    used = sum(widths) + 2 * len(widths)
-    return max(floor, out_console.width - used)
+    return max(floor, out_console.width - sum(widths) - 2 * len(widths) - edges)
 
 
 _PAPER_HEADERS = ("accuracy", "COVID acc.", "COVID sens.", "COVID spec.")
@@ -152,11 +152,7 @@ def _paper_table(data) -> Table:
         trial = "-" if trial is None or trial != trial else str(int(trial))
         rows.append((label, [trial, *cells], r["source"] == "paper"))
     # the label column gets what the numbers leave; a name breaks after `_` only beyond that
-    widths = [
-        max([len(col.header)] + [len(line) for _, c, _ in rows for line in c[i].split("\n")])
-        for i, col in enumerate(table.columns[1:])
-    ]
-    room = max(16, out_console.width - sum(widths) - 2 * len(widths) - 2)
+    room = _room([str(col.header) for col in table.columns[1:]], [c for _, c, _ in rows], edges=2)
     for label, cells, paper in rows:
         table.add_row(name_lines(label, room), *cells, style="cyan" if paper else None)
     return table

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from automl_cxr.engine._metrics import group_bootstrap_weights
+from automl_cxr.engine import group_bootstrap_weights
 from automl_cxr.errors import ConfigError
 
 __all__ = [
