@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from automl_cxr._compat import journal_file, wrapped_storage
+from automl_cxr._compat.optuna import journal_file, wrapped_storage
 from automl_cxr.errors import MissingDependency, StorageError
 
 __all__ = [

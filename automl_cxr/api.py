@@ -47,7 +47,7 @@ def _storage_of(study: Any) -> str:
     """The storage path/URL of an Optuna study object, or the path/URL given."""
     if isinstance(study, str | Path):
         return str(study)
-    from automl_cxr._compat import storage_of
+    from automl_cxr._compat.optuna import storage_of
     from automl_cxr.study import storage_location
 
     url = storage_location(storage_of(study))

@@ -111,63 +111,158 @@ def test_study_and_diagnostics_use_the_data_layers_public_names() -> None:
     assert not offenders, offenders
 
 
-# The layers in data-flow order; a layer may import only the ones before it (issue 25).
-_LAYERS = ("data", "models", "engine", "oof", "lungs", "study", "report", "deploy")
-
-
-@pytest.mark.parametrize(
-    ("lower", "upper"),
-    [
-        ("data", "engine"),
-        ("data", "study"),
-        ("data", "deploy"),
-        ("engine", "study"),
-        ("engine", "oof"),
-        ("engine", "deploy"),
-        ("oof", "study"),
-        ("oof", "deploy"),
-        ("study", "deploy"),
-    ],
+# The layers in data-flow order (docs/ARCHITECTURE.md); a module may import only its own
+# layer and the ones before it (issue 25). The root package (`automl_cxr/__init__.py`, the
+# lazy facade) and `__main__` stand above all.
+LAYERS = (
+    "errors",
+    "settings",
+    "_numbers",
+    "_lazy",
+    "_progress",
+    "_compat",
+    "_storage",
+    "data",
+    "models",
+    "lungs",
+    "engine",
+    "oof",
+    "diagnostics",
+    "study",
+    "report",
+    "deploy",
+    "api",
+    "cli",
 )
-def test_imports_never_climb(lower: str, upper: str) -> None:
+# The one upward reference: calling the `automl_cxr.report` module (which shadows the API's
+# `report` function once imported) forwards to `automl_cxr.api.report`.
+_ALLOWED_UP = {("report/__init__.py", "automl_cxr.api")}
+
+
+def _layer_of(path: Path, pkg: Path = PKG) -> str:
+    return path.relative_to(pkg).parts[0].removesuffix(".py")
+
+
+def _climbing(pkg: Path) -> list[str]:
+    found = []
+    for path in pkg.rglob("*.py"):
+        layer = _layer_of(path, pkg)
+        if layer in ("__init__", "__main__"):
+            continue
+        where = str(path.relative_to(pkg))
+        for m in _imports(path):
+            parts = m.split(".")
+            if parts[0] != "automl_cxr" or len(parts) < 2 or parts[1] not in LAYERS:
+                continue
+            if LAYERS.index(parts[1]) > LAYERS.index(layer) and (where, m) not in _ALLOWED_UP:
+                found.append(f"{where} ({layer}) imports {m}")
+    return sorted(found)
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    names = {_layer_of(p) for p in PKG.rglob("*.py")} - {"__init__", "__main__"}
+    assert names <= set(LAYERS), names - set(LAYERS)
+
+
+def test_imports_never_climb() -> None:
     """A lower layer never imports a higher one, even inside a function: `study/_external.py`
     read external sets through `deploy._evaluate`, `oof/_calibration.py` owned the patient
     bootstrap the engine also wrote, `engine/_splits.py` its own `site_groups`."""
-    climbing = sorted(
-        f"{path.relative_to(PKG)} imports {m}"
-        for path in (PKG / lower).rglob("*.py")
-        for m in _imports(path)
-        if m == f"automl_cxr.{upper}" or m.startswith(f"automl_cxr.{upper}.")
-    )
-    assert not climbing, climbing
+    assert not _climbing(PKG), _climbing(PKG)
+
+
+def test_the_climb_check_finds_a_climb(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.py").write_text("def f():\n    from automl_cxr.study import x\n")
+    assert _climbing(tmp_path) == ["data/m.py (data) imports automl_cxr.study"]
 
 
 _OPTUNA_PRIVATE = {"_storage", "_study_id", "_trial_id", "_backend", "_file_path"}
+_LIBRARIES = ("optuna", "optuna_dashboard", "timm", "ray", "torch", "torchvision")
+# Private by contract though not by name: Tune's developer-API trial attribute, the system
+# attribute `enqueue_trial` writes, optuna-dashboard's artifact keys.
+_PRIVATE_BY_CONTRACT = {"pickled_error_file"}
+_PRIVATE_KEYS = ("fixed_params", "dashboard:artifacts:")
 
 
-def test_optuna_private_attributes_only_in_compat() -> None:
-    """Issue 25: Optuna's private attributes (a study's storage and id, a trial's id, a
-    journal's file) are read in `automl_cxr/_compat.py` only, where each helper names what it
-    reaches into; the dashboard publisher, the OOF store, the report and the storage helpers
-    each read some of them directly."""
+def _own_private_attributes() -> set[str]:
+    """Private attribute names automl-cxr itself sets (`self._x = ...`) or defines."""
+    own: set[str] = set()
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                if isinstance(node.value, ast.Name) and node.value.id == "self":
+                    own.add(node.attr)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                own.add(node.name)
+    return own - _OPTUNA_PRIVATE
+
+
+def test_library_private_apis_only_in_compat() -> None:
+    """Issue 25: the private APIs of Optuna, optuna-dashboard, timm, Ray and torch are used in
+    `automl_cxr/_compat/` only, one module per library, each helper naming what it reaches
+    into. Before, Optuna's were read by the dashboard publisher, the OOF store and the report;
+    `models/_freeze.py` imported `timm.models._manipulate`, `models/_weights.py` took
+    `checkpoint_filter_fn` out of `sys.modules` and copied `nn.Module._parameters`,
+    `engine/_trial.py` called `torch.ops.mkldnn._is_mkldnn_bf16_supported`,
+    `study/_ray_scheduler.py` read `Trial.pickled_error_file`, `study/_setup.py` the
+    `fixed_params` system attribute."""
+    own = _own_private_attributes()
     offenders = []
     for path in PKG.rglob("*.py"):
-        if path.name == "_compat.py":
+        if "_compat" in path.relative_to(PKG).parts:
             continue
+        where = str(path.relative_to(PKG))
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr in _OPTUNA_PRIVATE:
-                offenders.append(f"{path.relative_to(PKG)}:{node.lineno} .{node.attr}")
-            if (
-                isinstance(node, ast.Call)
-                and getattr(node.func, "id", None) == "getattr"
-                and len(node.args) >= 2
-                and isinstance(node.args[1], ast.Constant)
-                and node.args[1].value in _OPTUNA_PRIVATE
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.append(node.module)
+                    names += [f"{node.module}.{a.name}" for a in node.names]
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] in _LIBRARIES and any(
+                        p.startswith("_") and not p.startswith("__") for p in parts[1:]
+                    ):
+                        offenders.append(f"{where}:{node.lineno} imports {name}")
+            elif isinstance(node, ast.Attribute):
+                base = node.value.id if isinstance(node.value, ast.Name) else None
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                if (
+                    node.attr in _OPTUNA_PRIVATE
+                    or node.attr in _PRIVATE_BY_CONTRACT
+                    or (private and base not in ("self", "cls") and node.attr not in own)
+                ):
+                    offenders.append(f"{where}:{node.lineno} .{node.attr}")
+            elif (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and (node.value in _OPTUNA_PRIVATE or node.value.startswith(_PRIVATE_KEYS))
             ):
-                offenders.append(
-                    f"{path.relative_to(PKG)}:{node.lineno} getattr {node.args[1].value}"
-                )
+                offenders.append(f"{where}:{node.lineno} {node.value!r}")
     assert not offenders, offenders
+
+
+def test_the_private_api_check_finds_what_it_names(tmp_path: Path, monkeypatch) -> None:
+    """The check above fails on each kind of use it names (a check that cannot fail proves
+    nothing): a private import, a library's private attribute, a private key."""
+    import sys
+
+    layout = sys.modules[__name__]
+
+    for source in (
+        "from timm.models._manipulate import group_with_matcher\n",
+        "import torch\nx = torch.ops.mkldnn._is_mkldnn_bf16_supported()\n",
+        "def f(trial):\n    return trial.pickled_error_file\n",
+        "def f(t):\n    return t.system_attrs['fixed_params']\n",
+        "def f(study):\n    return study._storage\n",
+    ):
+        pkg = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        pkg.mkdir()
+        (pkg / "m.py").write_text(source)
+        monkeypatch.setattr(layout, "PKG", pkg)
+        with pytest.raises(AssertionError):
+            layout.test_library_private_apis_only_in_compat()
 
 
 def test_manifest_columns_extend_the_source_columns_written_once() -> None:

@@ -214,7 +214,7 @@ def test_clone_module_is_an_independent_deepcopy(name: str):
     tied; a module that defines its own copying is deep-copied."""
     import copy
 
-    from automl_cxr.models._weights import clone_module
+    from automl_cxr._compat.torch import clone_module
 
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, num_classes=0)

@@ -384,8 +384,8 @@ def test_set_user_attrs_writes_what_set_user_attr_writes(
     and on the live trial."""
     import warnings
 
-    from automl_cxr import _compat
-    from automl_cxr._compat import set_user_attrs, storage_of
+    from automl_cxr._compat import optuna as _compat
+    from automl_cxr._compat.optuna import set_user_attrs, storage_of
     from automl_cxr.study import open_storage
 
     if kind == "sqlite_rows":  # a database without a known upsert: Optuna's per-row write

@@ -19,6 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from automl_cxr import __version__
+from automl_cxr._compat.torch import cpu_bf16_supported
 from automl_cxr.data import PreparedDataset, site_groups
 from automl_cxr.engine._adversarial import SiteTraining
 from automl_cxr.engine._augment import augment_batch
@@ -121,13 +122,6 @@ class TrialResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 or AMX kernels), so
-    that `TrainConfig.cpu_amp` pays; on other CPUs bfloat16 is emulated and slower."""
-    mkldnn = torch.backends.mkldnn
-    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -23,9 +23,9 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import split_model_name_tag
-from timm.models._manipulate import group_with_matcher  # groups buffers too
 from torch import nn
 
+from automl_cxr._compat.timm import group_with_matcher
 from automl_cxr.errors import ConfigError
 
 __all__ = [

@@ -40,7 +40,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from automl_cxr._compat import storage_of
+from automl_cxr._compat.optuna import storage_of
 from automl_cxr._storage import storage_location, storage_url
 from automl_cxr.errors import DataError, StorageError
 

@@ -29,7 +29,13 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from automl_cxr._compat import dashboard_artifact, dashboard_note, storage_of, study_id, trial_id
+from automl_cxr._compat.optuna import (
+    dashboard_artifact,
+    dashboard_note,
+    storage_of,
+    study_id,
+    trial_id,
+)
 from automl_cxr._numbers import clip01, fmt_num
 from automl_cxr.errors import DataError, StorageError
 from automl_cxr.oof import artifact_store, calibration_summary, load_oof

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from automl_cxr._compat import storage_of
+from automl_cxr._compat.optuna import storage_of
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT, OofReport, build_oof_report
 from automl_cxr.report._paper import paper_table

@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from automl_cxr._compat import set_user_attrs
+from automl_cxr._compat.optuna import set_user_attrs
 from automl_cxr.data import PreparedDataset
 from automl_cxr.engine import (
     SCALAR_METRICS,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import TrialState
 
-from automl_cxr._compat import one_read, storage_of, trial_id
+from automl_cxr._compat.optuna import one_read, storage_of, trial_id
 from automl_cxr.study._recovery import process_record, worker_record
 
 __all__ = [

@@ -15,13 +15,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from automl_cxr._compat import (
+from automl_cxr._compat.optuna import (
     fail_stale_trials,
     heartbeat_enabled,
     record_heartbeat,
     storage_of,
 )
-from automl_cxr._compat import trial_id as _tid
+from automl_cxr._compat.optuna import trial_id as _tid
 from automl_cxr._storage import HEARTBEAT_INTERVAL
 from automl_cxr.errors import AutomlCxrError, SearchAborted
 from automl_cxr.study._objective import Objective

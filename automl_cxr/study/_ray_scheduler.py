@@ -3,9 +3,9 @@ needs to know: the trials a scheduler stopped (→ PRUNED) and each errored tria
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from automl_cxr._compat.ray import trial_error
 from automl_cxr.errors import ConfigError
 from automl_cxr.study._profiles import Profile
 from automl_cxr.study._ray_worker import FINAL, METRIC, STEP
@@ -62,22 +62,8 @@ class _NotingErrors:
     stopped: set[str]
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self.errors[trial.trial_id] = _trial_error(trial)
+        self.errors[trial.trial_id] = trial_error(trial)
         super().on_trial_error(tune_controller, trial)  # type: ignore[misc]
-
-
-def _trial_error(trial: Any) -> BaseException | None:
-    """The exception Tune saved for an errored trial (None when it saved none)."""
-    try:
-        import cloudpickle
-
-        path = trial.pickled_error_file
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                return cloudpickle.load(f)
-    except Exception:  # an error that does not unpickle here: report the death
-        pass
-    return None
 
 
 class _RecordingFIFO(_NotingErrors, _FIFO):

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
-from automl_cxr._compat import attach_trial, heartbeat_thread
+from automl_cxr._compat.optuna import attach_trial, heartbeat_thread
 from automl_cxr._storage import open_storage
 from automl_cxr.errors import StorageError
 from automl_cxr.study._objective import Objective

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from automl_cxr._compat import fail_stale_trials, storage_of, trial_id
+from automl_cxr._compat.optuna import fail_stale_trials, storage_of, trial_id
 
 __all__ = [
     "MAX_FAILED_IN_A_ROW",

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from automl_cxr._compat.optuna import enqueued_params
 from automl_cxr.data import PreparedDataset, source_label_alignment
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.study._optuna import make_pruner, study_sampler
@@ -52,7 +53,7 @@ def _queued_or_done(study: optuna.Study, fixed: Mapping[str, Any]) -> bool:
     pruned or failed one does not count: a queued reference is meant to run to the end)."""
     states = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
     for t in study.get_trials(deepcopy=False, states=states):
-        have = {**t.params, **t.system_attrs.get("fixed_params", {})}
+        have = {**t.params, **enqueued_params(t)}
         if all(k in have and have[k] == v for k, v in fixed.items()):
             return True
     return False

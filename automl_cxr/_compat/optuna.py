@@ -1,5 +1,5 @@
-"""Every use of Optuna's private API, in one place (checked against the bound in pyproject),
-below every layer that needs one (oof, study, report); tests/test_layout.py finds any other.
+"""Every use of Optuna's and optuna-dashboard's private API, in one place (checked against the
+bound in pyproject), below every layer that needs one (oof, study, report).
 
 Each helper names what it reaches into. When Optuna changes one of these, only this module
 changes; the upper bound on `optuna` in `pyproject.toml` is raised after the tests pass here.
@@ -19,6 +19,7 @@ import optuna
 
 __all__ = [
     "attach_trial",
+    "enqueued_params",
     "dashboard_artifact",
     "dashboard_note",
     "journal_file",
@@ -82,6 +83,12 @@ def dashboard_artifact(
     Optuna's public `upload_artifact` keeps its records under other keys."""
     key = f"dashboard:artifacts:{trial_id(trial)}:{artifact_id}"
     storage_of(study).set_study_system_attr(study_id(study), key, json.dumps(dict(meta)))
+
+
+def enqueued_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The parameter values `Study.enqueue_trial` fixed for a trial that has not sampled them
+    yet. Private: the `fixed_params` system attribute (no public accessor)."""
+    return dict(trial.system_attrs.get("fixed_params", {}))
 
 
 def trial_id(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> int:
