@@ -9,7 +9,9 @@ model's (R x R) input: gray levels → `intensity` (none | equalize | clahe) →
 The result is resized to R x R (bilinear) and quantised to 1/255, as the uint8 image cache
 stores it. When the segmenter finds no plausible lungs (less than `MIN_AREA` or more than
 `MAX_AREA` of the image, or not two-sided: one side holds under `MIN_SIDE_SHARE` of the mask),
-the image falls back to `full` (with its intensity) and `forward_status` says so.
+or the film has no anatomy to segment (its gray levels' standard deviation is under
+`MIN_CONTRAST`: on a featureless field the segmenter draws its positional prior, which can
+pass the shape checks), the image falls back to `full` (with its intensity) and `forward_status` says so.
 
 The same module is the search's cached preprocessing, the external sets' and `evaluate`/
 `predict`'s, and the first layer of an exported model (TorchScript and ONNX).
@@ -33,6 +35,7 @@ __all__ = [
     "CANVAS",
     "MAX_AREA",
     "MIN_AREA",
+    "MIN_CONTRAST",
     "MIN_SIDE_SHARE",
     "ROI_MARGIN",
     "ROI_MODES",
@@ -47,6 +50,7 @@ CANVAS = 256
 ROI_MARGIN = 0.08
 MIN_AREA, MAX_AREA = 0.08, 0.75
 MIN_SIDE_SHARE = 0.2
+MIN_CONTRAST = 0.02  # std of the canvas in [0, 1]; 450 shared films: 0.07-0.32, median 0.22
 _DILATE = 9  # px on the canvas: the mask keeps the lung border
 
 
@@ -81,7 +85,7 @@ class PreprocessSpec:
         seg = f"_{self.segmenter}" if self.needs_segmenter else ""
         return (
             f"pp1_{self.roi}_{self.intensity}_c{CANVAS}_m{ROI_MARGIN}"
-            f"_a{MIN_AREA}-{MAX_AREA}_s{MIN_SIDE_SHARE}{seg}"
+            f"_a{MIN_AREA}-{MAX_AREA}_s{MIN_SIDE_SHARE}_k{MIN_CONTRAST}{seg}"
         )
 
 
@@ -123,6 +127,7 @@ class Preprocess(nn.Module):
             & (area <= MAX_AREA)
             & (left >= MIN_SIDE_SHARE)
             & (left <= 1 - MIN_SIDE_SHARE)
+            & (x.flatten(1).std(dim=1) >= MIN_CONTRAST)
         )
         big = F.interpolate(m.float(), size=x.shape[-2:], mode="nearest") > 0.5
         return big, ok
