@@ -50,19 +50,19 @@ def _configs(ds, backbone: str, n: int, seed: int) -> list:
 
 
 def _run(ds, plan, mode: str, cache: FeatureCache):
-    import automl_cxr.engine._trial as trial_mod
+    import automl_cxr.engine._session as trial_mod
 
     train = dataclasses.replace(plan.train, cpu_amp=mode != "fp32")
-    original = trial_mod._Session.feature_amp
+    original = trial_mod.Session.feature_amp
     if mode == "bf16_features":  # the first version: features under autocast as well
-        trial_mod._Session.feature_amp = property(lambda self: self.use_amp)
+        trial_mod.Session.feature_amp = property(lambda self: self.use_amp)
     try:
         run_trial(ds, plan.model, train, feature_cache=cache)  # features cached, kernels warm
         t0 = time.perf_counter()
         result = run_trial(ds, plan.model, train, feature_cache=cache)
         return result, time.perf_counter() - t0
     finally:
-        trial_mod._Session.feature_amp = original
+        trial_mod.Session.feature_amp = original
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,7 @@ def test_pooled_vectors_are_what_the_head_pools() -> None:
 
 
 def test_latency_is_measured_once_per_architecture(small, monkeypatch) -> None:
-    import automl_cxr.engine._trial as trial_mod
+    import automl_cxr.engine._latency as trial_mod
 
     calls = []
     real = trial_mod._latency_ms
@@ -363,14 +363,14 @@ def test_mlp_batchnorm_head_trains_when_last_batch_has_one_image(small) -> None:
 
 
 def test_optimizer_keeps_batchnorm_and_bias_free_of_weight_decay(small) -> None:
-    from automl_cxr.engine._trial import _optimizer
+    from automl_cxr.engine._optim import build_optimizer
     from automl_cxr.models import build_model
 
     model = build_model(
         _model(small, backbone="test_resnet", head="mlp", head_kwargs={"batchnorm": True})
     )
     for name in ("sgd", "adam", "adamw"):
-        opt = _optimizer(model, _cfg(optimizer=name, weight_decay=0.05))
+        opt = build_optimizer(model, _cfg(optimizer=name, weight_decay=0.05))
         decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
         for pname, p in model.named_parameters():
             is_norm_or_bias = p.ndim <= 1 or pname.endswith(".bias")
@@ -378,16 +378,16 @@ def test_optimizer_keeps_batchnorm_and_bias_free_of_weight_decay(small) -> None:
         bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert bn and all(decay_of[id(m.weight)] == 0.0 for m in bn)
         assert decay_of[id(model.head.classifier[-1].bias)] == 0.0
-    sgd = _optimizer(model, _cfg(optimizer="sgd", momentum=0.8))
+    sgd = build_optimizer(model, _cfg(optimizer="sgd", momentum=0.8))
     assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.8
 
 
 def test_frozen_parameters_are_not_optimised(small) -> None:
-    from automl_cxr.engine._trial import _optimizer
+    from automl_cxr.engine._optim import build_optimizer
     from automl_cxr.models import build_model
 
     model = build_model(_model(small, frozen_stages=num_stages("test_efficientnet") - 1))
-    opt = _optimizer(model, _cfg())
+    opt = build_optimizer(model, _cfg())
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
 
@@ -401,11 +401,11 @@ def test_frozen_parameters_are_not_optimised(small) -> None:
     ],
 )
 def test_timm_schedule_warmup_then_decay(schedule: str, expected: list[float]) -> None:
-    from automl_cxr.engine._trial import _optimizer, _scheduler
+    from automl_cxr.engine._optim import build_optimizer, build_scheduler
 
     cfg = TrainConfig(epochs=4, lr=1.0, warmup_epochs=1, schedule=schedule)
-    opt = _optimizer(torch.nn.Linear(2, 2), cfg)
-    sched = _scheduler(opt, cfg, 2)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, 2)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warmup starts at lr / 2 updates
     got = []
     for u in range(1, 9):
@@ -415,11 +415,11 @@ def test_timm_schedule_warmup_then_decay(schedule: str, expected: list[float]) -
 
 
 def test_step_schedule_divides_by_ten_twice() -> None:
-    from automl_cxr.engine._trial import _optimizer, _scheduler
+    from automl_cxr.engine._optim import build_optimizer, build_scheduler
 
     cfg = TrainConfig(epochs=8, lr=1.0, schedule="step")
-    opt = _optimizer(torch.nn.Linear(2, 2), cfg)
-    sched = _scheduler(opt, cfg, 1)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, 1)
     got = []
     for u in range(1, 9):
         sched.step_update(num_updates=u)
@@ -437,7 +437,7 @@ def test_feature_cache_key_covers_every_determinant(
     import timm
 
     import automl_cxr.data
-    import automl_cxr.engine._trial as trial_mod
+    import automl_cxr.engine._session as trial_mod
 
     mc = _model(small, frozen_stages=num_stages("test_efficientnet"))
     cfg = _cfg(epochs=1, max_folds=1)

@@ -73,7 +73,7 @@ def test_nan_intermediate_value_is_not_reported_as_zero(
 def test_feature_cache_key_names_the_freeze_plan_and_package_version(prepared_dir, monkeypatch):
     """Features cached by another automl-cxr version, or cut at another stage boundary, are
     never read back (both were missing from the key before)."""
-    import automl_cxr.engine._trial as trial
+    import automl_cxr.engine._session as trial
     from automl_cxr.engine import TrainConfig
     from automl_cxr.models import ModelConfig, num_stages
     from automl_cxr.study import subsample
@@ -81,7 +81,7 @@ def test_feature_cache_key_names_the_freeze_plan_and_package_version(prepared_di
     ds = subsample(load_dataset("three_class", prepared_dir), 8, seed=0)
     n = num_stages("test_efficientnet")
     mc = ModelConfig(backbone="test_efficientnet", num_classes=3, pretrained=False, frozen_stages=n)
-    s = trial._Session(ds, mc, TrainConfig(resolution=32, epochs=1), feature_cache=None, log=None)
+    s = trial.Session(ds, mc, TrainConfig(resolution=32, epochs=1), feature_cache=None, log=None)
     prefix = s.model.split_frozen()[0]
     key = s.feature_key_parts(n, prefix, mc)
     assert key["automl_cxr"] and key["plan"] != s.feature_key_parts(n - 1, prefix, mc)["plan"]

@@ -337,10 +337,10 @@ def test_worst_site_metric_is_the_minimum_over_held_out_site_folds(adult_small) 
 
 
 def test_source_balance_weighs_each_source_equally_within_a_class(adult_small) -> None:
-    from automl_cxr.engine._trial import _Session
+    from automl_cxr.engine._session import Session
 
     ds = adult_small
-    session = _Session(ds, _mlp(ds), _cfg(source_balance=True), feature_cache=None, log=None)
+    session = Session(ds, _mlp(ds), _cfg(source_balance=True), feature_cache=None, log=None)
     rows = np.arange(len(ds))[::2]
     w = session._source_balance(rows).numpy()
     assert (w[np.setdiff1d(np.arange(len(ds)), rows)] == 0).all()

@@ -34,16 +34,16 @@ _EXPORTS = {
     "make_splits": "automl_cxr.engine._splits",
     "members_hash": "automl_cxr.engine._splits",
     "split_summary": "automl_cxr.engine._splits",
-    "Reporter": "automl_cxr.engine._trial",
+    "Reporter": "automl_cxr.engine._session",
     "TrialResult": "automl_cxr.engine._trial",
-    "dataset_sites": "automl_cxr.engine._trial",
-    "dataset_splits": "automl_cxr.engine._trial",
+    "dataset_sites": "automl_cxr.engine._folds",
+    "dataset_splits": "automl_cxr.engine._folds",
     "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
-    "resolve_device": "automl_cxr.engine._trial",
-    "cpu_bf16_supported": "automl_cxr.engine._trial",
-    "row_identities": "automl_cxr.engine._trial",
-    "run_precision": "automl_cxr.engine._trial",
+    "resolve_device": "automl_cxr.engine._device",
+    "cpu_bf16_supported": "automl_cxr._compat.torch",
+    "row_identities": "automl_cxr.engine._folds",
+    "run_precision": "automl_cxr.engine._device",
     "run_trial": "automl_cxr.engine._trial",
 }
 
@@ -92,13 +92,20 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from automl_cxr._compat.torch import cpu_bf16_supported  # noqa: F401
     from automl_cxr.engine._config import (  # noqa: F401
         CV_MODES,
         OPTIMIZERS,
         SCHEDULES,
         TrainConfig,
     )
+    from automl_cxr.engine._device import resolve_device, run_precision  # noqa: F401
     from automl_cxr.engine._features import FeatureCache, feature_key  # noqa: F401
+    from automl_cxr.engine._folds import (  # noqa: F401
+        dataset_sites,
+        dataset_splits,
+        row_identities,
+    )
     from automl_cxr.engine._metrics import (
         SCALAR_METRICS,
         WORST_FOLD_METRICS,
@@ -114,6 +121,7 @@ if TYPE_CHECKING:  # pragma: no cover
         scalar_metrics,
         summarize_folds,
     )  # noqa: F401
+    from automl_cxr.engine._session import Reporter  # noqa: F401
     from automl_cxr.engine._splits import (
         Split,
         assert_no_patient_leakage,
@@ -124,15 +132,8 @@ if TYPE_CHECKING:  # pragma: no cover
         split_summary,
     )  # noqa: F401
     from automl_cxr.engine._trial import (  # noqa: F401
-        Reporter,
         TrialResult,
-        cpu_bf16_supported,
-        dataset_sites,
-        dataset_splits,
         fit_folds,
         fit_full,
-        resolve_device,
-        row_identities,
-        run_precision,
         run_trial,
     )
