@@ -6,7 +6,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["clip01", "finite_or_nan", "finite_or_none", "fmt_num"]
+import numpy as np
+
+__all__ = ["clip01", "finite_or_nan", "finite_or_none", "fmt_num", "is_number"]
+
+
+def is_number(value: Any) -> bool:
+    """Whether `value` is a real number (Python or NumPy int/float, NaN included; not a bool)."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def finite_or_none(x: Any) -> float | None:

@@ -18,16 +18,18 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from automl_cxr.engine._inference import (
+    bootstrap_metrics,
+    corrected_paired_ttest,
+    summarize_folds,
+)
 from automl_cxr.engine._metrics import (
     SCALAR_METRICS,
-    _WeightedEvaluator,
-    bootstrap_metrics,
+    WeightedEvaluator,
     compute_metrics,
-    corrected_paired_ttest,
     flatten_per_class,
     roc_curves,
     scalar_metrics,
-    summarize_folds,
 )
 from automl_cxr.errors import ConfigError
 
@@ -343,7 +345,7 @@ def test_weighted_evaluator_matches_compute_metrics() -> None:
     rng = np.random.default_rng(60)
     y, p = _synthetic(300, 4, seed=6)
     p = np.round(p, 1)  # many tied scores (AUC counts ties 1/2, argmax takes the first)
-    ev = _WeightedEvaluator(y, p)
+    ev = WeightedEvaluator(y, p)
     got = ev.scalars(np.ones((1, y.size)), FOUR, 0)
     expected = scalar_metrics(compute_metrics(y, p, FOUR))
     for name, value in expected.items():
@@ -416,7 +418,7 @@ def test_bootstrap_rare_class_and_bad_args() -> None:
 def test_bootstrap_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """2,000 images, 1,000 resamples: the vectorised chunks give the same intervals as chunks
     of a few resamples (the speed itself is measured in benchmarks/bootstrap_speed.py)."""
-    import automl_cxr.engine._metrics as metrics_mod
+    import automl_cxr.engine._inference as metrics_mod
 
     y, p = _synthetic(2000, 4, seed=9)
     groups = (np.arange(2000) // 3).astype(str)

@@ -17,16 +17,16 @@ _EXPORTS = {
     "SCALAR_METRICS": "automl_cxr.engine._metrics",
     "WORST_FOLD_METRICS": "automl_cxr.engine._metrics",
     "fold_metric": "automl_cxr.engine._metrics",
-    "bootstrap_metrics": "automl_cxr.engine._metrics",
-    "metric_figure": "automl_cxr.engine._metrics",
+    "bootstrap_metrics": "automl_cxr.engine._inference",
+    "metric_figure": "automl_cxr.engine._inference",
     "compute_metrics": "automl_cxr.engine._metrics",
-    "corrected_paired_ttest": "automl_cxr.engine._metrics",
+    "corrected_paired_ttest": "automl_cxr.engine._inference",
     "roc_curves": "automl_cxr.engine._metrics",
     "scalar_metrics": "automl_cxr.engine._metrics",
-    "bootstrap_weights": "automl_cxr.engine._metrics",
-    "group_bootstrap_weights": "automl_cxr.engine._metrics",
+    "bootstrap_weights": "automl_cxr.engine._inference",
+    "group_bootstrap_weights": "automl_cxr.engine._inference",
     "available_metrics": "automl_cxr.engine._metrics",
-    "summarize_folds": "automl_cxr.engine._metrics",
+    "summarize_folds": "automl_cxr.engine._inference",
     "Split": "automl_cxr.engine._splits",
     "assert_no_patient_leakage": "automl_cxr.engine._splits",
     "assert_no_site_leakage": "automl_cxr.engine._splits",
@@ -106,21 +106,23 @@ if TYPE_CHECKING:  # pragma: no cover
         dataset_splits,
         row_identities,
     )
-    from automl_cxr.engine._metrics import (
+    from automl_cxr.engine._inference import (  # noqa: F401
+        bootstrap_metrics,
+        bootstrap_weights,
+        corrected_paired_ttest,
+        group_bootstrap_weights,
+        metric_figure,
+        summarize_folds,
+    )
+    from automl_cxr.engine._metrics import (  # noqa: F401
         SCALAR_METRICS,
         WORST_FOLD_METRICS,
         available_metrics,
-        bootstrap_metrics,
-        bootstrap_weights,
         compute_metrics,
-        corrected_paired_ttest,
         fold_metric,
-        group_bootstrap_weights,
-        metric_figure,
         roc_curves,
         scalar_metrics,
-        summarize_folds,
-    )  # noqa: F401
+    )
     from automl_cxr.engine._session import Reporter  # noqa: F401
     from automl_cxr.engine._splits import (
         Split,

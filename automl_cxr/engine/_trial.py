@@ -15,13 +15,9 @@ from automl_cxr.data import PreparedDataset
 from automl_cxr.engine._config import TrainConfig
 from automl_cxr.engine._features import FeatureCache
 from automl_cxr.engine._folds import dataset_sites, row_identities, trial_splits
+from automl_cxr.engine._inference import bootstrap_metrics, summarize_folds
 from automl_cxr.engine._latency import latency_once
-from automl_cxr.engine._metrics import (
-    bootstrap_metrics,
-    compute_metrics,
-    roc_curves,
-    summarize_folds,
-)
+from automl_cxr.engine._metrics import compute_metrics, roc_curves
 from automl_cxr.engine._session import Fit, Reporter, Session
 from automl_cxr.engine._splits import members_hash
 from automl_cxr.errors import ConfigError, DataError

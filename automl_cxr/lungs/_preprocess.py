@@ -11,7 +11,8 @@ stores it. When the segmenter finds no plausible lungs (less than `MIN_AREA` or 
 `MAX_AREA` of the image, or not two-sided: one side holds under `MIN_SIDE_SHARE` of the mask),
 or the film has no anatomy to segment (its gray levels' standard deviation is under
 `MIN_CONTRAST`: on a featureless field the segmenter draws its positional prior, which can
-pass the shape checks), the image falls back to `full` (with its intensity) and `forward_status` says so.
+pass the shape checks), the image falls back to `full` (with its intensity) and
+`forward_status` says so.
 
 The same module is the search's cached preprocessing, the external sets' and `evaluate`/
 `predict`'s, and the first layer of an exported model (TorchScript and ONNX).
