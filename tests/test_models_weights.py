@@ -187,7 +187,7 @@ def test_file_backbones_are_built_once_and_copied_without_touching_the_seed():
     """A process builds each file-loaded backbone once and hands out copies: independent
     modules with the checkpoint's weights, and the seeded head init is the same whether or not
     the backbone had been built before (the template is built outside the caller's RNG)."""
-    import automl_cxr.models._weights as weights_mod
+    import automl_cxr.models._load as weights_mod
 
     weights_mod._TEMPLATES.clear()
     cfg = ModelConfig("mobilenetv2_100", num_classes=3, head="mlp", head_kwargs={"hidden": 16})

@@ -22,6 +22,7 @@ from automl_cxr.models._catalogue import (
     list_backbones,
     register_backbone,
 )
+from automl_cxr.models._convert import convert_state_dict, read_state_dict
 from automl_cxr.models._ensemble import CxrEnsemble
 from automl_cxr.models._freeze import (
     ArchInfo,
@@ -41,14 +42,12 @@ from automl_cxr.models._heads import (
     pool_vectors,
     register_head,
 )
+from automl_cxr.models._load import load_backbone
 from automl_cxr.models._weights import (
     WEIGHT_KINDS,
     WeightSource,
-    convert_state_dict,
     file_sha256,
     is_online,
-    load_backbone,
-    read_state_dict,
     resolve_weights,
     weights_env_var,
 )

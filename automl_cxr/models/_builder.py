@@ -23,7 +23,8 @@ from automl_cxr.models._freeze import (
     freeze_plan,
 )
 from automl_cxr.models._heads import PooledHead, build_head, list_heads
-from automl_cxr.models._weights import WeightSource, load_backbone, resolve_weights
+from automl_cxr.models._load import load_backbone
+from automl_cxr.models._weights import WeightSource, resolve_weights
 
 __all__ = ["GRAY_MODES", "CxrModel", "GrayNormalize", "ModelConfig", "build_model"]
 

@@ -14,7 +14,8 @@ Resolution order for a backbone (first hit wins; never a silent random init):
 Checkpoints may be timm state dicts (`.pth`/`.safetensors`), torchvision checkpoints of
 architectures timm shares (ResNet, DenseNet, VGG, Inception v3, MobileNetV2) or lukemelas
 EfficientNet-PyTorch checkpoints (EfficientNet-Lite); keys are converted onto the timm model
-and loaded strictly (only the replaced classifier may be left out).
+and loaded strictly (only the replaced classifier may be left out): `_convert.py` and
+`_load.py`; this module finds the file.
 """
 
 from __future__ import annotations
@@ -28,30 +29,25 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
-import timm
 import torch
-from timm.models import adapt_input_conv, get_pretrained_cfg, load_state_dict
-from torch import nn
+from timm.models import get_pretrained_cfg
 
-from automl_cxr._compat.timm import checkpoint_filter
-from automl_cxr._compat.torch import clone_module
 from automl_cxr.errors import WeightsUnavailable
 from automl_cxr.models._catalogue import BackboneSpec, get_backbone
 
 __all__ = [
     "WEIGHT_KINDS",
     "WeightSource",
-    "convert_state_dict",
+    "file_key",
     "file_sha256",
+    "file_sha256_once",
+    "hf_cached",
     "is_online",
-    "load_backbone",
-    "read_state_dict",
+    "pretrained_cfg",
     "resolve_weights",
     "weights_env_var",
 ]
@@ -156,9 +152,9 @@ def _torch_checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _hf_cached(name: str) -> str | None:
+def hf_cached(name: str) -> str | None:
     """A cached timm hub file for `name`'s pretrained tag, if this machine has one."""
-    cfg = _pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None)
     if not repo:
         return None
@@ -176,7 +172,7 @@ def _hf_cached(name: str) -> str | None:
     return None
 
 
-def _pretrained_cfg(name: str):
+def pretrained_cfg(name: str):
     try:
         return get_pretrained_cfg(name)
     except RuntimeError:
@@ -229,7 +225,7 @@ def resolve_weights(
     spec = get_backbone(name)
     src = _find(spec, weights_file, allow_download)
     if checksum and src.path and src.sha256 is None:
-        src = replace(src, sha256=_file_sha256_once(src.path))  # once per process and file
+        src = replace(src, sha256=file_sha256_once(src.path))  # once per process and file
     return src
 
 
@@ -264,10 +260,10 @@ def _find(spec: BackboneSpec, weights_file: str | os.PathLike | None, download: 
         if hit:
             return WeightSource("file", name, hit, "$AUTOML_CXR_WEIGHTS_DIR", fmt)
     # 2. local caches
-    hit = _hf_cached(name)
+    hit = hf_cached(name)
     if hit:
         return WeightSource("cache", name, hit, "Hugging Face hub cache", "timm")
-    cfg = _pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     if cfg is not None and cfg.url:
         legacy = _torch_checkpoints_dir() / os.path.basename(urlparse(cfg.url).path)
         if legacy.is_file():
@@ -323,282 +319,12 @@ def _unavailable_message(spec: BackboneSpec, cfg, has_remote: bool) -> str:
 # -- reading and converting checkpoints -------------------------------------------------------
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict (safetensors or torch; `state_dict`/`model`/EMA unwrapped)."""
-    try:
-        sd = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsUnavailable(f"cannot read weights file {path}: {exc}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsUnavailable(f"weights file {path} does not hold a state dict of tensors")
-    return sd
-
-
-@functools.lru_cache(maxsize=64)
-def _block_names(arch: str) -> tuple[str, ...]:
-    """EfficientNet-family block names (`blocks.i.j`) in forward order; () for other models."""
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential):
-        return ()
-    return tuple(
-        f"blocks.{i}.{j}"
-        for i, stage in enumerate(blocks)
-        if isinstance(stage, nn.Sequential)
-        for j in range(len(stage))
-    )
-
-
-def _rename(key: str, table: dict[str, str]) -> str | None:
-    for src in sorted(table, key=len, reverse=True):
-        if key == src or key.startswith(src + "."):
-            return table[src] + key[len(src) :]
-    return None
-
-
-def _convert_torchvision_mobilenetv2(sd: dict, blocks: tuple[str, ...]) -> dict:
-    """torchvision MobileNetV2 → timm: features.0 → stem, features.k → (k−1)-th block,
-    the last features.N → conv_head/bn2, classifier.1 → classifier."""
-    last = len(blocks) + 1
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        m = re.fullmatch(r"features\.(\d+)\.(.+)", key)
-        new: str | None = None
-        if key.startswith("classifier.1."):
-            new = "classifier." + key[len("classifier.1.") :]
-        elif m and int(m[1]) == 0:
-            new = _rename(m[2], {"0": "conv_stem", "1": "bn1"})
-        elif m and int(m[1]) == last:
-            new = _rename(m[2], {"0": "conv_head", "1": "bn2"})
-        elif m and 1 <= int(m[1]) < last:
-            i = int(m[1])
-            if f"features.{i}.conv.3.weight" in sd:  # expand → depthwise → project
-                table = {
-                    "conv.0.0": "conv_pw",
-                    "conv.0.1": "bn1",
-                    "conv.1.0": "conv_dw",
-                    "conv.1.1": "bn2",
-                    "conv.2": "conv_pwl",
-                    "conv.3": "bn3",
-                }
-            else:  # no expansion: depthwise → project
-                table = {
-                    "conv.0.0": "conv_dw",
-                    "conv.0.1": "bn1",
-                    "conv.1": "conv_pw",
-                    "conv.2": "bn2",
-                }
-            sub = _rename(m[2], table)
-            new = f"{blocks[i - 1]}.{sub}" if sub else None
-        out[new or key] = value
-    return out
-
-
-def _convert_lukemelas(sd: dict, blocks: tuple[str, ...]) -> dict:
-    """lukemelas EfficientNet-PyTorch → timm EfficientNet (block i → i-th timm block)."""
-    top = {
-        "_conv_stem": "conv_stem",
-        "_bn0": "bn1",
-        "_conv_head": "conv_head",
-        "_bn1": "bn2",
-        "_fc": "classifier",
-    }
-    se = {"_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
-    expand = {
-        "_expand_conv": "conv_pw",
-        "_bn0": "bn1",
-        "_depthwise_conv": "conv_dw",
-        "_bn1": "bn2",
-        "_project_conv": "conv_pwl",
-        "_bn2": "bn3",
-        **se,
-    }
-    plain = {
-        "_depthwise_conv": "conv_dw",
-        "_bn1": "bn1",
-        "_project_conv": "conv_pw",
-        "_bn2": "bn2",
-        **se,
-    }
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        m = re.fullmatch(r"_blocks\.(\d+)\.(.+)", key)
-        new: str | None
-        if m:
-            i = int(m[1])
-            table = expand if f"_blocks.{i}._expand_conv.weight" in sd else plain
-            sub = _rename(m[2], table)
-            new = f"{blocks[i]}.{sub}" if sub and i < len(blocks) else None
-        else:
-            new = _rename(key, top)
-        out[new or key] = value
-    return out
-
-
-_TV_DENSENET = re.compile(  # old torchvision DenseNet keys: "norm.1.weight" → "norm1.weight"
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\."
-    r"(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
-
-
-def convert_state_dict(sd: dict, arch: str) -> tuple[dict, str]:
-    """Convert a torchvision / lukemelas checkpoint onto timm's keys; returns (sd, format)."""
-    if "_conv_stem.weight" in sd and _block_names(arch):
-        return _convert_lukemelas(sd, _block_names(arch)), "lukemelas"
-    if "features.0.0.weight" in sd and "features.1.conv.0.0.weight" in sd and _block_names(arch):
-        return _convert_torchvision_mobilenetv2(sd, _block_names(arch)), "torchvision"
-    if any(_TV_DENSENET.match(k) for k in sd):  # old torchvision DenseNet files ("norm.1")
-        return {_TV_DENSENET.sub(r"\1\2", k): v for k, v in sd.items()}, "torchvision"
-    if any(k.startswith("AuxLogits.") for k in sd):  # torchvision Inception v3
-        return {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}, "torchvision"
-    if "classifier.6.weight" in sd and "features.0.weight" in sd:  # torchvision VGG
-        return {k: v for k, v in sd.items() if not k.startswith("classifier.")}, "torchvision"
-    return sd, "timm"
-
-
 # -- loading -----------------------------------------------------------------------------------
 
 
-def _names(value: str | tuple | list | None) -> tuple[str, ...]:
-    if not value:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _load_into(
-    model: nn.Module, sd: dict, spec: BackboneSpec, path: str, fmt: str, skip: tuple[str, ...]
-) -> None:
-    """Strictly load `sd` into the headless `model` (classifier and `skip` modules aside)."""
-    cfg = _pretrained_cfg(spec.name)
-    drop = _names(getattr(cfg, "classifier", None)) + tuple(skip)
-    sd = {k: v for k, v in sd.items() if not any(k == d or k.startswith(d + ".") for d in drop)}
-    in_chans = int(getattr(model, "in_chans", 3) or 3)
-    for conv in _names(getattr(cfg, "first_conv", None)):
-        key = conv + ".weight"
-        if key in sd and in_chans != sd[key].shape[1] and sd[key].ndim == 4:
-            sd[key] = adapt_input_conv(in_chans, sd[key])  # 1 channel: summed RGB kernels
-    try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:  # shape mismatches are errors even when not strict
-        detail = str(exc).split("\n\t", 1)[-1].split("\n")[0]
-        raise WeightsUnavailable(
-            f"weights file {path} ({fmt} layout) does not fit backbone {spec.name!r}: {detail}"
-        ) from None
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:4])}")
-        if result.unexpected_keys:
-            bad = result.unexpected_keys
-            parts.append(f"unexpected {len(bad)} key(s) e.g. {', '.join(bad[:4])}")
-        raise WeightsUnavailable(
-            f"weights file {path} ({fmt} layout) does not fit backbone {spec.name!r}: "
-            + "; ".join(parts)
-        )
-
-
-def load_backbone(
-    spec: BackboneSpec,
-    source: WeightSource,
-    *,
-    in_chans: int = 3,
-    skip: tuple[str, ...] = (),
-    prepare: Callable[[nn.Module], None] | None = None,
-    **model_kwargs: Any,
-) -> tuple[nn.Module, WeightSource]:
-    """A headless timm backbone (`num_classes=0`) with the weights of `source` loaded.
-
-    `prepare(model)` (if given) runs before the weights load, e.g. to drop modules the
-    builder never uses (their names in `skip` are ignored in the checkpoint).
-    """
-    if source.kind == "download":
-        try:
-            model = timm.create_model(spec.name, pretrained=True, in_chans=in_chans, **model_kwargs)
-        except Exception as exc:
-            raise WeightsUnavailable(
-                f"downloading weights for backbone {spec.name!r} failed: {exc}"
-            ) from None
-        model.reset_classifier(0)
-        if prepare is not None:
-            prepare(model)
-        path = _hf_cached(spec.name)
-        sha = file_sha256(path) if path else None
-        return model, replace(source, path=path, sha256=sha)
-
-    if source.path is None:
-        raise WeightsUnavailable(f"weight source {source} of backbone {spec.name!r} has no file")
-    key = (
-        spec.name,
-        source,
-        _file_key(source.path),
-        in_chans,
-        tuple(sorted(model_kwargs.items())),
-        skip,
-    )
-    cached = _TEMPLATES.get(key)
-    if cached is None:
-        # Built once per process and file, outside the caller's random stream: the random
-        # init timm runs before the weights load is overwritten anyway, and a trial's seeded
-        # head init must not depend on whether this process had built the backbone before.
-        with torch.random.fork_rng(devices=[]):
-            cached = _load_file_backbone(spec, source, in_chans, skip, prepare, model_kwargs)
-        while len(_TEMPLATES) >= _MAX_TEMPLATES:
-            _TEMPLATES.pop(next(iter(_TEMPLATES)))
-        _TEMPLATES[key] = cached
-    model, source = cached
-    return clone_module(model), source  # ~3x faster than building and loading again
-
-
-_TEMPLATES: dict[tuple, tuple[nn.Module, WeightSource]] = {}
-_MAX_TEMPLATES = 4
-"""Backbones loaded from weight files in this process (never trained: callers get copies)."""
-
-
-def _load_file_backbone(
-    spec: BackboneSpec,
-    source: WeightSource,
-    in_chans: int,
-    skip: tuple[str, ...],
-    prepare: Callable[[nn.Module], None] | None,
-    model_kwargs: dict[str, Any],
-) -> tuple[nn.Module, WeightSource]:
-    sd, fmt = _converted_state_dict(source.path, spec.arch)
-    model = timm.create_model(
-        spec.name, pretrained=False, num_classes=0, in_chans=in_chans, **model_kwargs
-    )
-    if prepare is not None:
-        prepare(model)
-    try:
-        _load_into(model, sd, spec, source.path, fmt, skip)
-    except WeightsUnavailable:
-        # timm-layout files of some architectures need timm's own checkpoint filter
-        filt = checkpoint_filter(model)
-        if fmt != "timm" or filt is None:
-            raise
-        _load_into(model, filt(sd, model), spec, source.path, fmt, skip)
-    if source.sha256 is None:
-        source = replace(source, sha256=_file_sha256_once(source.path))
-    return model, replace(source, format=fmt if fmt != "timm" else source.format or fmt)
-
-
-def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
+def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
     st = os.stat(path)
     return str(path), st.st_mtime_ns, st.st_size
-
-
-@functools.lru_cache(maxsize=16)
-def _converted_cached(key: tuple[str, int, int], arch: str) -> tuple[dict, str]:
-    return convert_state_dict(read_state_dict(key[0]), arch)
-
-
-def _converted_state_dict(path: str | os.PathLike, arch: str) -> tuple[dict, str]:
-    """`convert_state_dict(read_state_dict(path), arch)`, read once per process and file
-    version (a search builds the same backbone for every trial); a fresh dict each call, since
-    loading replaces entries (e.g. a gray stem's summed kernels)."""
-    sd, fmt = _converted_cached(_file_key(path), arch)
-    return dict(sd), fmt
 
 
 @functools.lru_cache(maxsize=16)
@@ -606,5 +332,5 @@ def _sha_cached(key: tuple[str, int, int]) -> str:
     return file_sha256(key[0])
 
 
-def _file_sha256_once(path: str | os.PathLike) -> str:
-    return _sha_cached(_file_key(path))
+def file_sha256_once(path: str | os.PathLike) -> str:
+    return _sha_cached(file_key(path))
