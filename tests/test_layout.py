@@ -30,7 +30,9 @@ def test_report_data_side_does_not_draw_or_render(name: str) -> None:
         m
         for m in mods
         if m.split(".")[0] in ("plotly", "matplotlib", "rich", "kaleido")
-        or m.endswith(("._figures", "._html", "._tables"))
+        or m.endswith(
+            ("._figures", "._fig_search", "._fig_models", "._figstyle", "._html", "._tables")
+        )
     }
     assert not drawing, f"report/{name}.py imports {sorted(drawing)}"
 
