@@ -647,7 +647,7 @@ def test_cli_errors(study_db: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_write_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
-    from automl_cxr.report import _tables
+    from automl_cxr.report import _files
 
     out = tmp_path / "r"
     calls = {"n": 0}
@@ -661,17 +661,17 @@ def test_write_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(Path, "write_text", flaky)
     with pytest.raises(StorageError, match=str(out)):
-        _tables.write_files(out, {"a.txt": "1", "b.txt": "2", "c.txt": "3"})
+        _files.write_files(out, {"a.txt": "1", "b.txt": "2", "c.txt": "3"})
     assert not out.exists(), "the folder made for the report is removed again"
     out.mkdir()
     (out / "compare.csv").write_text("stale")
     (out / "mine.txt").write_text("kept")
     calls["n"] = 0
     with pytest.raises(StorageError):
-        _tables.write_files(out, {"a.txt": "1", "b.txt": "2", "c.txt": "3"})
+        _files.write_files(out, {"a.txt": "1", "b.txt": "2", "c.txt": "3"})
     assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "mine.txt"]
     monkeypatch.undo()
-    written = _tables.write_files(out, {"report.md": "new"})
+    written = _files.write_files(out, {"report.md": "new"})
     assert [p.name for p in written] == ["report.md"]
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "report.md"]
 

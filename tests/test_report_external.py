@@ -14,8 +14,9 @@ from test_report import _PROBE, CHROMIUM, _chromium
 
 from automl_cxr.report import build_report_data
 from automl_cxr.report._figures import build_figures
+from automl_cxr.report._files import leaderboard_csv
 from automl_cxr.report._html import render_html
-from automl_cxr.report._tables import leaderboard_csv, leaderboard_rows
+from automl_cxr.report._tables import leaderboard_rows
 from automl_cxr.study import SearchSettings, load_study, run_search
 
 

@@ -23,6 +23,12 @@ from typing import Any
 from automl_cxr.errors import AutomlCxrError
 from automl_cxr.report._data import LEADERBOARD_COLUMNS, ReportData, build_report_data
 from automl_cxr.report._figures import FIGURE_TITLES, build_figures
+from automl_cxr.report._files import (
+    paper_table_markdown,
+    report_files,
+    report_markdown,
+    write_files,
+)
 from automl_cxr.report._html import render_html
 from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT
 from automl_cxr.report._paper import PAPER_CAVEAT, PAPER_KEYS, paper_table
@@ -42,13 +48,7 @@ from automl_cxr.report._ranking import (
     not_worse_than_best,
 )
 from automl_cxr.report._records import STATES, resolve_metric, state_counts, trial_records
-from automl_cxr.report._tables import (
-    markdown_table,
-    paper_table_markdown,
-    report_files,
-    report_markdown,
-    write_files,
-)
+from automl_cxr.report._tables import markdown_table
 from automl_cxr.study import load_study, storage_url
 
 __all__ = [

@@ -3,8 +3,9 @@
 Each builder (the search's in :mod:`._fig_search`, the top trials' in :mod:`._fig_models`, the
 shared look in :mod:`._figstyle`) maps columns of the data side onto traces and computes nothing
 of its own, so the numbers are tested on the data side (:mod:`._data` and the modules it
-assembles) and the figure modules only decide the look; this one assembles them in page order. Every trial marker carries the trial's hover text (number, score with CI,
-costs, every parameter).
+assembles) and the figure modules only decide the look; this one assembles them in page order.
+Every trial marker carries the trial's hover text (number, score with CI, costs, every
+parameter).
 """
 
 from __future__ import annotations
