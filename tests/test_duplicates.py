@@ -20,7 +20,7 @@ from automl_cxr.data import (
     read_cohen,
     read_csv_manifest,
 )
-from automl_cxr.data._duplicates import features_for
+from automl_cxr.data._dupcache import features_for
 from automl_cxr.data._reframe import reframe
 from automl_cxr.errors import DataError
 
@@ -222,7 +222,7 @@ def test_cached_pairs_keep_the_direction_their_transform_maps(
 ) -> None:
     """The pool's pairs are reused from the cache in another row order; a pair read back names
     the image its transform maps from as `a` (it was sorted, silently flipping the transform)."""
-    from automl_cxr.data._duplicates import find_matches_keyed
+    from automl_cxr.data._dupcache import find_matches_keyed
 
     monkeypatch.setenv("AUTOML_CXR_CACHE", str(tmp_path / "cache"))
     film = read_cohen(shared_data / "cohen").table["path"].iloc[0]

@@ -17,20 +17,18 @@ from automl_cxr.data._diagnostics import (
     site_label_table,
     source_label_alignment,
 )
+from automl_cxr.data._dupcache import features_of_files
 from automl_cxr.data._duplicates import (
     COPY_INLIERS,
     MATCH_INLIERS,
     LocalFeatures,
     Match,
-    describe_overlap,
     extract_features,
-    features_of_files,
     find_matches,
-    overlap_pairs,
-    overlap_to_drop,
 )
 from automl_cxr.data._external import external_overlap, map_labels, read_external
 from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
+from automl_cxr.data._overlap import describe_overlap, overlap_pairs, overlap_to_drop
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,
     default_recipes,
@@ -39,10 +37,10 @@ from automl_cxr.data._prepare import (
     patients_at_several_sites,
     prepare_recipes,
     prepare_table,
-    scan_images,
     site_groups,
 )
 from automl_cxr.data._recipes import Recipe, get_recipe, list_recipes, register_recipe
+from automl_cxr.data._scan import scan_images
 from automl_cxr.data._sources import (
     COHEN_FINDINGS,
     SourceTable,

@@ -26,10 +26,6 @@ measured distributions in `benchmarks/DUPLICATES.md` (`benchmarks/duplicates.py`
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,8 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from automl_cxr.data._dataset import save_npz_atomic
-from automl_cxr.data._image import decode_gray
-from automl_cxr.errors import DataError
 
 __all__ = [
     "COPY_INLIERS",
@@ -47,17 +41,10 @@ __all__ = [
     "MATCH_INLIERS",
     "LocalFeatures",
     "Match",
-    "describe_overlap",
-    "cache_dir",
     "extract_features",
-    "features_for",
-    "features_of_files",
     "find_matches",
-    "find_matches_keyed",
     "inlier_matches",
     "local_features",
-    "overlap_pairs",
-    "overlap_to_drop",
     "verify_pair",
 ]
 
@@ -202,25 +189,6 @@ def extract_features(
             items.append(item)
             if progress and total:
                 progress(i + 1, total)
-    return LocalFeatures.stack(items)
-
-
-def features_of_files(
-    paths: Sequence[str | Path], *, progress: Progress | None = None
-) -> LocalFeatures:
-    """`features_for` of every file (decoded here; keypoints reused from the cache by the
-    file's sha256)."""
-
-    def one(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        img = decode_gray(path, min_side=1)
-        return features_for(img.pixels, img.sha256)
-
-    items = []
-    with ThreadPoolExecutor(max_workers=2) as ex:
-        for i, item in enumerate(ex.map(one, paths)):
-            items.append(item)
-            if progress:
-                progress(i + 1, len(paths))
     return LocalFeatures.stack(items)
 
 
@@ -442,147 +410,7 @@ def find_matches(
     return out
 
 
-def overlap_pairs(
-    ext_features: LocalFeatures,
-    ext_paths: Sequence[str],
-    train_features: LocalFeatures,
-    train_paths: Sequence[str],
-) -> list[dict[str, object]]:
-    """Every image of an external set that is a copy of a training image or a film of a training
-    patient, with the training image it matched and the evidence (`find_matches` of the two)."""
-    return [
-        {
-            "external": str(ext_paths[m.a]),
-            "training": str(train_paths[m.b]),
-            "rule": "same radiograph" if m.kind == "copy" else "same patient",
-            **m.evidence(),
-        }
-        for m in find_matches(ext_features, train_features)
-    ]
-
-
-def overlap_to_drop(
-    pairs: Sequence[dict[str, object]],
-    *,
-    what: str,
-    images: int,
-    dataset: str,
-    drop: bool,
-    recorded: str,
-) -> set[str]:
-    """The external paths of `pairs` (`overlap_pairs`) to leave out of `what` (a set of `images`
-    images checked against `dataset`): an error naming the pairs unless `drop`, and an error when
-    nothing would be left. `recorded` says where the dropped images are listed."""
-    hit = {str(p["external"]) for p in pairs}
-    if hit and not drop:
-        raise DataError(
-            f"{what} is not external: {len(hit)} of its {images} images are a copy of an image "
-            f"of dataset {dataset!r} (re-framed: cropped, padded, resized, re-windowed or "
-            "re-encoded) or a film of one of its patients (local keypoints, RANSAC-verified): "
-            f"{describe_overlap(pairs)}. Remove them, or pass --drop-overlap to leave them out "
-            f"({recorded})"
-        )
-    if hit and len(hit) == images:
-        raise DataError(
-            f"{what}: every image overlaps dataset {dataset!r}; nothing is left after "
-            "--drop-overlap"
-        )
-    return hit
-
-
-def describe_overlap(pairs: Sequence[dict[str, object]], limit: int = 5) -> str:
-    """One line per pair (at most `limit`): 'ext.png ~ train.png (same radiograph, 212 inliers)'."""
-    shown = [
-        f"{Path(str(p['external'])).name} ~ {Path(str(p['training'])).name} "
-        f"({p['rule']}, {p['inliers']} inliers)"
-        for p in pairs[:limit]
-    ]
-    more = f"; ... and {len(pairs) - limit} more" if len(pairs) > limit else ""
-    return "; ".join(shown) + more
-
-
 # ----------------------------------------------------------------------------- reuse
 # Preparing the same pool again (another recipe, another seed, a test run) costs nothing: the
 # keypoints of an image are kept by its sha256, the pairs of a pool by the sha256 of all its
 # images, both under the finder's version (its parameters), in the user's cache folder.
-
-_PARAMS = (
-    WORK_SIDE,
-    N_FEATURES,
-    INDEX_FEATURES,
-    VOTE_DISTANCE,
-    SHORTLIST,
-    MIN_VOTES,
-    RATIO,
-    RANSAC_THRESHOLD,
-    GRID,
-    MIN_CELLS,
-    MAX_ROTATION,
-    MAX_SCALE,
-    MAX_ANISOTROPY,
-    MAX_SHEAR,
-    MATCH_INLIERS,
-    COPY_INLIERS,
-    2,
-)
-
-
-def _version() -> str:
-    return hashlib.sha256(repr(_PARAMS).encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    """`$AUTOML_CXR_CACHE`, else `~/.cache/automl-cxr` (`$XDG_CACHE_HOME` honoured)."""
-    if os.environ.get("AUTOML_CXR_CACHE"):
-        return Path(os.environ["AUTOML_CXR_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "automl-cxr"
-
-
-def features_for(pixels: np.ndarray, sha256: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`local_features` of an image whose bytes hash to `sha256`, kept in the cache folder."""
-    path = cache_dir() / f"keypoints-{_version()}" / sha256[:2] / f"{sha256}.npz"
-    with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as z:
-        return z["points"], z["descriptors"], z["size"]
-    pts, desc, size = local_features(pixels)
-    with contextlib.suppress(OSError):  # an unwritable cache only costs time
-        save_npz_atomic(path, points=pts, descriptors=desc, size=size)
-    return pts, desc, size
-
-
-def find_matches_keyed(
-    features: LocalFeatures, keys: Sequence[str], *, progress: Progress | None = None
-) -> list[Match]:
-    """`find_matches(features)` (pairs within one set), kept in the cache folder under the
-    sha256 of the set's `keys` (one distinct key per image, e.g. its sha256). A pair read back
-    keeps the direction it was verified in, so its transform maps `a` onto `b`."""
-    keys = [str(k) for k in keys]
-    if len(set(keys)) != len(keys):
-        return find_matches(features, progress=progress)
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-    path = cache_dir() / f"pairs-{_version()}" / f"{digest}.json"
-    index = {k: i for i, k in enumerate(keys)}
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        out = []
-        for r in json.loads(path.read_text()):
-            # a and b as found: `transform` maps a onto b (in another row order a may be > b)
-            out.append(
-                Match(
-                    index[r["a"]],
-                    index[r["b"]],
-                    r["kind"],
-                    r["inliers"],
-                    r["votes"],
-                    r["transform"],
-                )
-            )
-        return sorted(out, key=lambda m: (min(m.a, m.b), max(m.a, m.b)))
-    matches = find_matches(features, progress=progress)
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps([{"a": keys[m.a], "b": keys[m.b], **m.evidence()} for m in matches])
-        )
-        tmp.replace(path)
-    return matches

@@ -1,0 +1,143 @@
+"""The duplicate finder's on-disk cache: keypoints per image (by its sha256) and the pairs
+found in a set (by the digest of its members), both keyed by the finder's version and
+thresholds, so a second `data prepare` or search re-uses them."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from automl_cxr.data._dataset import save_npz_atomic
+from automl_cxr.data._duplicates import (
+    COPY_INLIERS,
+    GRID,
+    INDEX_FEATURES,
+    MATCH_INLIERS,
+    MAX_ANISOTROPY,
+    MAX_ROTATION,
+    MAX_SCALE,
+    MAX_SHEAR,
+    MIN_CELLS,
+    MIN_VOTES,
+    N_FEATURES,
+    RANSAC_THRESHOLD,
+    RATIO,
+    SHORTLIST,
+    VOTE_DISTANCE,
+    WORK_SIDE,
+    LocalFeatures,
+    Match,
+    Progress,
+    find_matches,
+    local_features,
+)
+from automl_cxr.data._image import decode_gray
+
+__all__ = ["cache_dir", "features_for", "features_of_files", "find_matches_keyed"]
+
+_PARAMS = (
+    WORK_SIDE,
+    N_FEATURES,
+    INDEX_FEATURES,
+    VOTE_DISTANCE,
+    SHORTLIST,
+    MIN_VOTES,
+    RATIO,
+    RANSAC_THRESHOLD,
+    GRID,
+    MIN_CELLS,
+    MAX_ROTATION,
+    MAX_SCALE,
+    MAX_ANISOTROPY,
+    MAX_SHEAR,
+    MATCH_INLIERS,
+    COPY_INLIERS,
+    2,
+)
+
+
+def _version() -> str:
+    return hashlib.sha256(repr(_PARAMS).encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    """`$AUTOML_CXR_CACHE`, else `~/.cache/automl-cxr` (`$XDG_CACHE_HOME` honoured)."""
+    if os.environ.get("AUTOML_CXR_CACHE"):
+        return Path(os.environ["AUTOML_CXR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "automl-cxr"
+
+
+def features_for(pixels: np.ndarray, sha256: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`local_features` of an image whose bytes hash to `sha256`, kept in the cache folder."""
+    path = cache_dir() / f"keypoints-{_version()}" / sha256[:2] / f"{sha256}.npz"
+    with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as z:
+        return z["points"], z["descriptors"], z["size"]
+    pts, desc, size = local_features(pixels)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs time
+        save_npz_atomic(path, points=pts, descriptors=desc, size=size)
+    return pts, desc, size
+
+
+def find_matches_keyed(
+    features: LocalFeatures, keys: Sequence[str], *, progress: Progress | None = None
+) -> list[Match]:
+    """`find_matches(features)` (pairs within one set), kept in the cache folder under the
+    sha256 of the set's `keys` (one distinct key per image, e.g. its sha256). A pair read back
+    keeps the direction it was verified in, so its transform maps `a` onto `b`."""
+    keys = [str(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        return find_matches(features, progress=progress)
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+    path = cache_dir() / f"pairs-{_version()}" / f"{digest}.json"
+    index = {k: i for i, k in enumerate(keys)}
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        out = []
+        for r in json.loads(path.read_text()):
+            # a and b as found: `transform` maps a onto b (in another row order a may be > b)
+            out.append(
+                Match(
+                    index[r["a"]],
+                    index[r["b"]],
+                    r["kind"],
+                    r["inliers"],
+                    r["votes"],
+                    r["transform"],
+                )
+            )
+        return sorted(out, key=lambda m: (min(m.a, m.b), max(m.a, m.b)))
+    matches = find_matches(features, progress=progress)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps([{"a": keys[m.a], "b": keys[m.b], **m.evidence()} for m in matches])
+        )
+        tmp.replace(path)
+    return matches
+
+
+def features_of_files(
+    paths: Sequence[str | Path], *, progress: Progress | None = None
+) -> LocalFeatures:
+    """`features_for` of every file (decoded here; keypoints reused from the cache by the
+    file's sha256)."""
+
+    def one(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        img = decode_gray(path, min_side=1)
+        return features_for(img.pixels, img.sha256)
+
+    items = []
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        for i, item in enumerate(ex.map(one, paths)):
+            items.append(item)
+            if progress:
+                progress(i + 1, len(paths))
+    return LocalFeatures.stack(items)
