@@ -25,7 +25,7 @@ from pydicom.uid import (  # noqa: E402
 from automl_cxr.cli import main  # noqa: E402
 from automl_cxr.data import decode_gray  # noqa: E402
 from automl_cxr.data._dicom import dicom_split_groups, is_dicom  # noqa: E402
-from automl_cxr.data._sources import read_csv_manifest, read_folder  # noqa: E402
+from automl_cxr.data._folders import read_csv_manifest, read_folder  # noqa: E402
 from automl_cxr.errors import DataError, ImageDecodeError  # noqa: E402
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation

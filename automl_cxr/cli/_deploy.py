@@ -1,6 +1,6 @@
 """`automl-cxr evaluate|export|predict|diagnose`: external validation, deployable models and
 shortcut diagnostics. The work is done in `automl_cxr.deploy` / `automl_cxr.diagnostics`;
-this module only parses options and formats what they return."""
+this module parses options; `_deploy_view.py` formats what they return."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from automl_cxr._numbers import clip01, fmt_num
 from automl_cxr.cli import app
 from automl_cxr.cli._common import err_console, out_console, parse_key_values
+from automl_cxr.cli._deploy_view import ci_table, metric_rows, print_diagnose
 from automl_cxr.errors import ConfigError
 
 StudyOpt = Annotated[
@@ -42,16 +42,6 @@ def _log(quiet: bool):
     return None if quiet else (lambda s: err_console.print(escape(s), highlight=False))
 
 
-_num = fmt_num
-_clip = clip01
-
-
-def _ci(lo: Any, hi: Any) -> str:
-    """A 95% interval of a metric in [0, 1] (t-intervals over few folds are clipped to it)."""
-    a, b = _num(_clip(lo)), _num(_clip(hi))
-    return "-" if a == "-" or b == "-" else f"[{a}, {b}]"
-
-
 def _warn(lines: list[str] | None) -> None:
     for w in lines or []:
         err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
@@ -62,29 +52,6 @@ def _echo_json(payload: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluate
-
-
-def _ci_table(title: str, rows) -> Table:
-    """metric | value | 95% CI, one row each."""
-    t = Table(title=title, title_justify="left")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_column("95% CI", justify="right")
-    for row in rows:
-        t.add_row(*row)
-    return t
-
-
-def _metric_rows(boot: dict[str, Any]) -> list[tuple[str, str, str]]:
-    rows = []
-    metrics = boot.get("metrics") or {}
-    from automl_cxr.engine import SCALAR_METRICS as order
-
-    names = [m for m in order if m in metrics] + sorted(m for m in metrics if m not in order)
-    for name in names:
-        m = metrics[name]
-        rows.append((name, _num(m.get("estimate")), _ci(m.get("ci_low"), m.get("ci_high"))))
-    return rows
 
 
 @app.command("evaluate")
@@ -174,10 +141,10 @@ def evaluate(
             c.print(f"  {r['path']}: {r['reason']}", highlight=False, soft_wrap=True)
     boot = res["bootstrap"]
     c.print(
-        _ci_table(
+        ci_table(
             f"metrics with 95% bootstrap CI ({boot['n_boot']} resamples over "
             f"{boot['n_units']} {boot['unit']}s)",
-            _metric_rows(boot),
+            metric_rows(boot),
         )
     )
     op = res.get("operating_point")
@@ -185,10 +152,10 @@ def evaluate(
         ob = op["bootstrap"]
         target = "" if op.get("target") is None else f"={op['target']}"
         c.print(
-            _ci_table(
+            ci_table(
                 f"at the model's operating point ({op['rule']}{target}: {op['positive']} if "
                 f"p >= {float(op['threshold']):.4f}) instead of the arg-max",
-                [row for row in _metric_rows(ob) if row[0] != "auc"],
+                [row for row in metric_rows(ob) if row[0] != "auc"],
             )
         )
     cm = res["metrics"].get("confusion_matrix")
@@ -416,90 +383,6 @@ def predict(
 # ----------------------------------------------------------------------------- diagnose
 
 
-def _print_diagnose(res: dict[str, Any]) -> None:
-    c = out_console
-
-    def say(text: str, **kw: Any) -> None:
-        c.print(text, highlight=False, **kw)
-
-    s = res["study"]
-    say(
-        f"[bold]shortcut diagnostics[/] of study {s['study']} trial {s['trial']} "
-        f"(dataset {res['dataset']})"
-    )
-    al = res["alignment"]
-    say(
-        f"\n[bold]1. source-label alignment[/]: Cramér's V = {_num(al['cramers_v'], '.2f')}"
-        " (0 = independent, 1 = the source determines the label)"
-    )
-    classes = sorted({lab for row in al["contingency"].values() for lab in row})
-    t = Table(box=None, padding=(0, 2))
-    t.add_column("source")
-    for lab in classes:
-        t.add_column(lab, justify="right")
-    for src, row in al["contingency"].items():
-        t.add_row(src, *[str(row.get(lab, 0)) for lab in classes])
-    c.print(t)
-    pr = res["probe"]
-    if pr.get("auc") is None:
-        say(f"\n[bold]2. image-based source probe[/]: not run ({pr.get('note')})")
-    else:
-        folds = pr.get("auc_folds") or []
-        spread = f", folds {min(folds):.2f}-{max(folds):.2f}" if folds else ""
-        say(
-            f"\n[bold]2. image-based source probe[/]: ROC-AUC {pr['auc']:.3f} predicting the "
-            f"source from pixels ({pr['n_folds']} patient-grouped folds{spread}; 0.5 = chance, "
-            f"warning at {pr['warn_at']})"
-        )
-        say(f"   {pr['method']}", style="dim")
-    bs = res.get("by_source")
-    say("\n[bold]3. out-of-fold metrics per source[/] (the trial's cross-validation)")
-    if bs and bs["rows"]:
-        t = Table(box=None, padding=(0, 2))
-        for col in ("source", "images", "accuracy", "bal. acc.", "AUC"):
-            t.add_column(col, justify="left" if col == "source" else "right")
-        t.add_column("sensitivity (classes present)", overflow="fold")
-        for r in bs["rows"]:
-            t.add_row(
-                r["source"],
-                str(r["n"]),
-                _num(r["accuracy"]),
-                _num(r["balanced_accuracy"]),
-                _num(r["auc"]),
-                ", ".join(f"{k} {_num(v)}" for k, v in r["sensitivity"].items()),
-            )
-        c.print(t)
-        if bs.get("note"):
-            say(f"   note: {bs['note']}", style="dim")
-    else:
-        say("   not recorded for this trial")
-    ctl = res.get("control")
-    if ctl is None:
-        say(
-            "\n[bold]4. lung-blanked control run[/]: not run (add --control to retrain with the "
-            "central lung field hidden)"
-        )
-    else:
-        o, k = ctl["original"], ctl["control"]
-        say(
-            f"\n[bold]4. lung-blanked control run[/]: central {ctl['fraction']:.0%} x "
-            f"{ctl['fraction']:.0%} blanked ({ctl['fill']}); {ctl['metric']}, mean and 95% CI "
-            "over folds"
-        )
-        t = Table(box=None, padding=(0, 2))
-        t.add_column("")
-        t.add_column(ctl["metric"], justify="right")
-        t.add_column("95% CI", justify="right")
-        t.add_row("lungs visible", _num(o["mean"]), _ci(o["ci_low"], o["ci_high"]))
-        t.add_row("lungs hidden", _num(k["mean"]), _ci(k["ci_low"], k["ci_high"]))
-        t.add_row("chance", _num(ctl["chance"]), "")
-        c.print(t)
-        style = {"likely_shortcut": "bold red", "partial": "yellow"}.get(ctl["verdict"])
-        say(f"   verdict: {ctl['message']}", style=style)
-    if not res["warnings"]:
-        say("\n[green]no shortcut warning[/]: the source does not give the label away")
-
-
 @app.command("diagnose")
 def diagnose(
     study: Annotated[str, typer.Option("--study", help="SQLite file path or storage URL.")],
@@ -538,5 +421,5 @@ def diagnose(
     if as_json:
         _echo_json(res)
     else:
-        _print_diagnose(res)
+        print_diagnose(res)
     _warn(res["warnings"])

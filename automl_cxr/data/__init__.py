@@ -27,6 +27,7 @@ from automl_cxr.data._duplicates import (
     find_matches,
 )
 from automl_cxr.data._external import external_overlap, map_labels, read_external
+from automl_cxr.data._folders import read_csv_manifest, read_folder
 from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
 from automl_cxr.data._overlap import describe_overlap, overlap_pairs, overlap_to_drop
 from automl_cxr.data._prepare import (
@@ -46,8 +47,6 @@ from automl_cxr.data._sources import (
     SourceTable,
     cohen_label,
     read_cohen,
-    read_csv_manifest,
-    read_folder,
     read_kermany,
     read_nih,
 )

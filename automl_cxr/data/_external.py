@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from automl_cxr.data._sources import read_csv_manifest, read_folder
+from automl_cxr.data._folders import read_csv_manifest, read_folder
 from automl_cxr.errors import ConfigError, DataError
 
 __all__ = ["external_overlap", "map_labels", "read_external"]

@@ -311,7 +311,7 @@ def prepare_recipes(
 
 def excluded_images(sets: Sequence[str | Path]) -> tuple[set[str], int]:
     """The sha256 of every image the `--exclude` sets list, and how many they list."""
-    from automl_cxr.data._sources import read_csv_manifest, read_folder
+    from automl_cxr.data._folders import read_csv_manifest, read_folder
 
     shas: set[str] = set()
     listed = 0

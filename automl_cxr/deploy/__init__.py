@@ -8,7 +8,8 @@ predict (with Grad-CAM), and evaluate on external sets.
 
 from __future__ import annotations
 
-from automl_cxr.deploy._card import INPUT_CONTRACT, INTENDED_USE, build_card, render_card
+from automl_cxr.deploy._card import INPUT_CONTRACT, INTENDED_USE, build_card
+from automl_cxr.deploy._card_text import render_card
 from automl_cxr.deploy._commands import open_trial, run_diagnose, run_evaluate, run_export
 from automl_cxr.deploy._evaluate import (
     ExternalSet,

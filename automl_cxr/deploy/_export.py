@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from automl_cxr.deploy._card import INPUT_CONTRACT, build_card, render_card
+from automl_cxr.deploy._card import INPUT_CONTRACT, build_card
+from automl_cxr.deploy._card_text import render_card
 from automl_cxr.deploy._graphs import TemperatureScaled, unwrap
 from automl_cxr.deploy._runtime import onnx_session, require
 from automl_cxr.errors import AutomlCxrError, ConfigError
