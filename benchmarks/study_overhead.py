@@ -38,7 +38,7 @@ from automl_cxr.data import load_dataset
 from automl_cxr.engine import FeatureCache, run_trial
 from automl_cxr.settings import resolve_data_dir
 from automl_cxr.study import Objective, get_profile, load_space, open_storage, subsample
-from automl_cxr.study._runner import WorkerTaggingSampler, make_pruner, make_sampler
+from automl_cxr.study._optuna import WorkerTaggingSampler, make_pruner, make_sampler
 
 
 def real_overhead(args) -> dict:

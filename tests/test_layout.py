@@ -278,3 +278,17 @@ def test_manifest_columns_extend_the_source_columns_written_once() -> None:
         *("path", "label", "patient_id", "group_id", "source", "view", "license", "sha256"),
         *("width", "height", "split", "finding", "age", "sex", "age_group", "site"),
     ] == MANIFEST_COLUMNS
+
+
+MAX_LINES = 450
+
+
+def test_no_module_over_450_lines() -> None:
+    """Issue 25: a module that grows past ~450 lines holds two jobs (engine/_trial.py had
+    1,035: the training session, the CV orchestration and the latency probe)."""
+    long = {
+        str(p.relative_to(PKG)): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, long

@@ -25,8 +25,9 @@ import torch
 from optuna.trial import TrialState
 
 from automl_cxr.errors import ConfigError
-from automl_cxr.study import FINISHED, SearchSettings, _ray_driver, run_search
-from automl_cxr.study import _ray as ray_backend
+from automl_cxr.study import FINISHED, SearchSettings, run_search
+from automl_cxr.study._ray import _driver as _ray_driver
+from automl_cxr.study._ray import _schedulers as ray_backend
 
 ray = pytest.importorskip("ray")
 
@@ -157,7 +158,8 @@ def test_worker_setup_errors_are_reported_as_what_they_are(tmp_path):
     reason itself: its last report carries it), or an import error on that node: FAIL with
     that reason, not "the worker died", and not re-run."""
     from automl_cxr.errors import DataError
-    from automl_cxr.study import _ray_worker, get_profile, load_space
+    from automl_cxr.study import get_profile, load_space
+    from automl_cxr.study._ray import _worker as _ray_worker
 
     job = _ray_worker.Job(
         storage_url="sqlite:///unused.db",
@@ -304,7 +306,7 @@ def test_fractional_gpus_fall_back_to_cpu_and_asha_stops_become_pruned(
     configuration happens to score worse; every other decision is the real ASHA's (trial 0,
     alone at its rung, runs to the end).
     """
-    real = ray_backend._RecordingASHA.on_trial_result
+    real = ray_backend.RecordingASHA.on_trial_result
 
     def on_trial_result(self, controller, trial, result):
         if trial.config.get("optuna_number") == 1 and not result.get("final"):
@@ -312,7 +314,7 @@ def test_fractional_gpus_fall_back_to_cpu_and_asha_stops_become_pruned(
             return self.STOP
         return real(self, controller, trial, result)
 
-    monkeypatch.setattr(ray_backend._RecordingASHA, "on_trial_result", on_trial_result)
+    monkeypatch.setattr(ray_backend.RecordingASHA, "on_trial_result", on_trial_result)
     db = str(tmp_path / "gpu.db")
     summary = run_search(
         SearchSettings(

@@ -246,7 +246,7 @@ def test_multi_objective_keeps_a_pareto_front(tmp_path: Path, prepared_dir: Path
 
 def test_cpu_profile_defaults_to_the_deep_freezing_space() -> None:
     from automl_cxr.study import get_profile
-    from automl_cxr.study._runner import resolve_space
+    from automl_cxr.study._setup import resolve_space
 
     cpu = resolve_space(None, get_profile("cpu"))
     assert cpu.source.endswith("cpu.yaml")
@@ -334,7 +334,7 @@ def test_requeue_only_what_has_no_full_result() -> None:
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    from automl_cxr.study._runner import _queued_or_done
+    from automl_cxr.study._setup import _queued_or_done
 
     study = optuna.create_study()
     dist = {"lr": FloatDistribution(1e-4, 1e-1), "x": FloatDistribution(0, 1)}

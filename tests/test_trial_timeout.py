@@ -12,10 +12,11 @@ import pytest
 from optuna.trial import TrialState
 
 from automl_cxr.errors import ConfigError, SearchAborted
-from automl_cxr.study import SearchSettings, _ray_driver, load_study, run_search
+from automl_cxr.study import SearchSettings, load_study, run_search
 from automl_cxr.study._optuna import FINISHED
-from automl_cxr.study._ray_driver import Driver, Live
-from automl_cxr.study._ray_worker import FINAL
+from automl_cxr.study._ray import _driver as _ray_driver
+from automl_cxr.study._ray._driver import Driver, Live
+from automl_cxr.study._ray._worker import FINAL
 
 
 def test_trial_timeout_fails_the_trial_with_the_reason(prepared_dir: Path, tmp_path: Path) -> None:

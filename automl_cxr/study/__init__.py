@@ -1,15 +1,19 @@
-"""Studies: search spaces, profiles, the Optuna objective, and the runners (local / Ray Tune).
+"""Studies: search spaces, profiles, the Optuna objective, and the backends (local / Ray Tune).
 
 Layout (imports go one way, top to bottom; no cycles):
-  _record, _space, _profiles, _storage, _compat  plain pieces (Optuna's private API: _compat only)
+  _record, _space, _profiles      plain pieces (Optuna's private API: automl_cxr/_compat only)
   _recovery   dead/failed trials: worker identity, FAIL + re-run, abort on repeated failures
   _optuna     shared Optuna pieces: FINISHED, sampler/pruner factories, seeds, worker tagging
   _settings   SearchSettings (validated) and SearchSummary
+  _testsplit, _external, _protocol   the data a search sees: its test split, external sets,
+              and the evaluation protocol stored with the study
   _objective  the objective (sample a configuration, run the engine, record the trial)
   _setup      the space for a profile; the study created (settings stored) or resumed (checked)
-  _ray_worker, _ray_scheduler, _ray_driver, _ray   `--backend ray`: one trial on a worker;
-              the Tune schedulers; the ask/tell searcher; the Tune run
-  _runner     run_search: the local backend (one process or N workers) and dispatch to Ray
+  _local      the local backend: this process, or N worker processes on one storage
+  _ray/       `--backend ray`: one trial on a worker, the Tune schedulers, the ask/tell
+              searcher, the Tune run
+  _runner     run_search: settings → space → data → protocol → external sets → study →
+              backend → summary, each stage entered once
 """
 
 from __future__ import annotations

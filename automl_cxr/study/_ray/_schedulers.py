@@ -8,12 +8,12 @@ from typing import Any
 from automl_cxr._compat.ray import trial_error
 from automl_cxr.errors import ConfigError
 from automl_cxr.study._profiles import Profile
-from automl_cxr.study._ray_worker import FINAL, METRIC, STEP
+from automl_cxr.study._ray._worker import FINAL, METRIC, STEP
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._setup import pruning_budget
 from automl_cxr.study._space import SearchSpace
 
-__all__ = ["SCHEDULERS", "make_scheduler", "max_steps"]
+__all__ = ["SCHEDULERS", "RecordingASHA", "RecordingFIFO", "make_scheduler", "max_steps"]
 
 SCHEDULERS = ("asha", "fifo")
 """`--scheduler` values: `asha` stops weak trials early; `fifo` (or none) never stops one."""
@@ -32,7 +32,7 @@ def make_scheduler(
             f"scheduler {name!r} needs a single objective (trials report no intermediate "
             f"values in multi-objective studies), but got objectives={settings.objectives}"
         )
-    return _RecordingASHA(
+    return RecordingASHA(
         time_attr=STEP,
         metric=METRIC,
         mode="max",
@@ -66,7 +66,7 @@ class _NotingErrors:
         super().on_trial_error(tune_controller, trial)  # type: ignore[misc]
 
 
-class _RecordingFIFO(_NotingErrors, _FIFO):
+class RecordingFIFO(_NotingErrors, _FIFO):
     """First in, first out (Tune's default), noting errors."""
 
     def __init__(self) -> None:
@@ -75,7 +75,7 @@ class _RecordingFIFO(_NotingErrors, _FIFO):
         self.errors = {}
 
 
-class _RecordingASHA(_NotingErrors, _ASHA):
+class RecordingASHA(_NotingErrors, _ASHA):
     """ASHA that remembers which trials it stopped (so they become PRUNED, not COMPLETE)."""
 
     def __init__(self, **kwargs: Any) -> None:

@@ -25,7 +25,7 @@ from automl_cxr._compat.optuna import trial_id as _tid
 from automl_cxr._storage import HEARTBEAT_INTERVAL
 from automl_cxr.errors import AutomlCxrError, SearchAborted
 from automl_cxr.study._objective import Objective
-from automl_cxr.study._ray_worker import FINAL, METRIC, STEP
+from automl_cxr.study._ray._worker import FINAL, METRIC, STEP
 from automl_cxr.study._recovery import (
     MAX_FAILED_IN_A_ROW,
     enqueue_retry,

@@ -54,27 +54,13 @@ from automl_cxr.errors import ConfigError
 from automl_cxr.study._objective import Objective
 from automl_cxr.study._optuna import FINISHED
 from automl_cxr.study._profiles import Profile
-from automl_cxr.study._ray_driver import DRIVERS, AskTellSearcher, Driver
-from automl_cxr.study._ray_scheduler import (  # noqa: F401  (re-exported)
-    SCHEDULERS,
-    _RecordingASHA,
-    _RecordingFIFO,
-    make_scheduler,
-    max_steps,
-)
-from automl_cxr.study._ray_worker import METRIC, STEP, Job, trainable
+from automl_cxr.study._ray._driver import DRIVERS, AskTellSearcher, Driver
+from automl_cxr.study._ray._schedulers import RecordingFIFO, make_scheduler, max_steps
+from automl_cxr.study._ray._worker import Job, trainable
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace
 
-__all__ = [
-    "METRIC",
-    "SCHEDULERS",
-    "STEP",
-    "make_scheduler",
-    "max_steps",
-    "ray_log_path",
-    "run_ray",
-]
+__all__ = ["ray_log_path", "run_ray"]
 
 
 def run_ray(
@@ -98,7 +84,7 @@ def run_ray(
     import ray
     from ray import tune
 
-    scheduler = make_scheduler(settings.scheduler, settings, profile, space) or _RecordingFIFO()
+    scheduler = make_scheduler(settings.scheduler, settings, profile, space) or RecordingFIFO()
     ray_log = None if settings.verbose else ray_log_path(study.study_name)
     started = _init_ray(settings.address, log_file=ray_log)
     tmp = tempfile.mkdtemp(prefix="automl-cxr-tune-")
