@@ -292,3 +292,28 @@ def test_no_module_over_450_lines() -> None:
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, long
+
+
+def test_architecture_doc_names_every_layer_and_only_modules_that_exist() -> None:
+    """docs/ARCHITECTURE.md matches the code: every layer of `LAYERS` has a row, and every
+    module a row names (`_name` in backticks) exists in that row's package."""
+    import re
+
+    doc = (PKG.parent / "docs" / "ARCHITECTURE.md").read_text()
+    rows = [r for r in doc.splitlines() if r.startswith("| ") and not r.startswith("| Layer")]
+    named = " ".join(r.split("|")[2] for r in rows)
+    missing_layers = [
+        layer for layer in LAYERS if f"`{layer}`" not in named and f"`{layer}/`" not in named
+    ]
+    assert not missing_layers, missing_layers
+    stale = []
+    for row in rows:
+        cells = row.split("|")
+        pkg = re.fullmatch(r"\s*`(\w+)/`\s*", cells[2])
+        if not pkg:
+            continue
+        for name in re.findall(r"`(_\w+)/?`", cells[3]):
+            base = PKG / pkg.group(1) / name
+            if not (base.with_suffix(".py").exists() or base.is_dir()):
+                stale.append(f"{pkg.group(1)}/{name}")
+    assert not stale, stale
