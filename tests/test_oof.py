@@ -323,3 +323,22 @@ def test_site_cv_search_stores_the_folds_it_validated(prepared_dir: Path, tmp_pa
     for i, rec in enumerate(splits):
         assert np.array_equal(np.flatnonzero(o.folds == i), np.sort(rec["val_indices"]))
     assert (o.folds >= 0).sum() == sum(len(r["val_indices"]) for r in splits)
+
+
+def test_report_and_export_select_the_same_ensemble(oofs) -> None:
+    """Issue 25: the report and `export --ensemble-select` each ran scorer → Caruana → nested
+    selection; both now call `select_ensemble`, which is exactly that sequence."""
+    from automl_cxr.oof import select_ensemble
+
+    _, valid = _valid(oofs)
+    first = next(iter(valid.values()))
+    scorer = metric_scorer("balanced_accuracy", first.classes, "covid")
+    probs = {n: v.probs for n, v in valid.items()}
+    got = select_ensemble(oofs[1], metric="balanced_accuracy", positive="covid", rounds=5)
+    sel = caruana_select(probs, first.labels, first.folds, scorer, n_rounds=5)
+    assert {k: got[k] for k in sel} == sel
+    assert got["nested"] == nested_selection(probs, first.labels, first.folds, scorer, n_rounds=5)
+    assert got["candidates"] == len(valid) and got["n_rounds"] == 5
+    weights = [m["weight"] for m in got["members"]]
+    assert weights == sorted(weights, reverse=True)
+    assert {m["number"]: m["weight"] for m in got["members"]} == sel["weights"]

@@ -26,16 +26,14 @@ from automl_cxr.deploy._select import TrialSpec, trial_spec
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.oof import (
     apply_temperature,
-    caruana_select,
     choose_threshold,
     crossfit_operating_point,
     crossfit_parts,
     crossfit_temperature,
     fit_temperature,
     load_study_oof,
-    metric_scorer,
-    nested_selection,
     parse_operating_point,
+    select_ensemble,
 )
 
 __all__ = [
@@ -95,12 +93,8 @@ def _select(
             f"--ensemble-select needs stored out-of-fold predictions of complete trials at "
             f"{spec.resolution} px; study {study.study_name!r} has {len(oofs)} with predictions"
         )
-    first = next(iter(same_res.values())).valid()
-    probs = {n: o.valid().probs for n, o in same_res.items()}
     metric = _primary_metric(spec)
-    scorer = metric_scorer(metric, first.classes, spec.positive)
-    sel = caruana_select(probs, first.labels, first.folds, scorer, n_rounds=rounds)
-    nested = nested_selection(probs, first.labels, first.folds, scorer, n_rounds=rounds)
+    sel = select_ensemble(same_res, metric=metric, positive=spec.positive, rounds=rounds)
     members, cfgs = [], []
     for n, w in sel["weights"].items():
         mspec = trial_spec(study, by_number[n], storage=storage)
@@ -110,21 +104,13 @@ def _select(
         cfgs.append({"trial": n, "weight": w, "model": mspec.model.to_dict()})
     model = WeightedEnsemble(members, [w for _, w in sel["weights"].items()])
     card = {
-        "metric": metric,
-        "n_rounds": rounds,
-        "candidates": len(probs),
-        "score": sel["score"],
+        **{k: sel[k] for k in ("metric", "n_rounds", "candidates", "score", "nested", "caveat")},
         "best_single": sel["best_single"],
         "best_single_score": sel["best_single_score"],
         "members": [
             {"trial": n, "weight": w, "single_score": sel["single_scores"][n]}
             for n, w in sel["weights"].items()
         ],
-        "nested": nested,
-        "caveat": (
-            "selected and scored on the same out-of-fold predictions, so optimistic; the nested "
-            "estimate is the honest one"
-        ),
     }
     excluded = len(oofs) - len(same_res)
     if excluded:

@@ -21,7 +21,14 @@ from automl_cxr.oof._crossfit import (
     crossfit_parts,
     crossfit_temperature,
 )
-from automl_cxr.oof._ensemble import caruana_select, fold_score, metric_scorer, nested_selection
+from automl_cxr.oof._ensemble import (
+    ENSEMBLE_CAVEAT,
+    caruana_select,
+    fold_score,
+    metric_scorer,
+    nested_selection,
+    select_ensemble,
+)
 from automl_cxr.oof._store import (
     ARTIFACTS_ENV,
     OOF_ATTR,
@@ -46,6 +53,8 @@ from automl_cxr.oof._threshold import (
 
 __all__ = [
     "ARTIFACTS_ENV",
+    "ENSEMBLE_CAVEAT",
+    "select_ensemble",
     "CROSSFIT_PARTS",
     "crossfit_operating_point",
     "crossfit_parts",

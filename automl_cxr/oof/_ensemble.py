@@ -26,7 +26,20 @@ import numpy as np
 
 from automl_cxr.errors import ConfigError
 
-__all__ = ["caruana_select", "fold_score", "metric_scorer", "nested_selection"]
+__all__ = [
+    "ENSEMBLE_CAVEAT",
+    "caruana_select",
+    "fold_score",
+    "metric_scorer",
+    "nested_selection",
+    "select_ensemble",
+]
+
+ENSEMBLE_CAVEAT = (
+    "selected and scored on the same out-of-fold predictions: optimistic. The nested "
+    "estimate selects on K-1 folds and scores the held-out fold (the best single trial "
+    "chosen the same way beside it)."
+)
 
 Scorer = Callable[[np.ndarray, np.ndarray], float]
 _FAST = (
@@ -220,3 +233,30 @@ def nested_selection(
         return {"mean": mean, "ci_low": float(lo), "ci_high": float(hi), "folds": list(v)}
 
     return {"available": True, "ensemble": summary(ens), "best_single": summary(single)}
+
+
+def select_ensemble(
+    oofs: Mapping[int, Any], *, metric: str, positive: str | None, rounds: int = 20
+) -> dict[str, Any]:
+    """Caruana selection over trials' out-of-fold predictions (trial number → stored
+    predictions, each `.valid()`), optimistic, with its nested estimate beside it: what the
+    report shows and what `export --ensemble-select` builds. Returns `caruana_select`'s
+    fields plus `metric`, `n_rounds`, `candidates`, `nested`, `members` (number, weight,
+    single score; heaviest first) and `caveat`."""
+    first = next(iter(oofs.values())).valid()
+    probs = {n: o.valid().probs for n, o in oofs.items()}
+    scorer = metric_scorer(metric, first.classes, positive)
+    sel = caruana_select(probs, first.labels, first.folds, scorer, n_rounds=rounds)
+    nested = nested_selection(probs, first.labels, first.folds, scorer, n_rounds=rounds)
+    return {
+        **sel,
+        "metric": metric,
+        "n_rounds": rounds,
+        "candidates": len(probs),
+        "nested": nested,
+        "members": [
+            {"number": n, "weight": w, "single_score": sel["single_scores"][n]}
+            for n, w in sorted(sel["weights"].items(), key=lambda kv: (-kv[1], kv[0]))
+        ],
+        "caveat": ENSEMBLE_CAVEAT,
+    }

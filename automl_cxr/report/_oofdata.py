@@ -15,13 +15,11 @@ from automl_cxr.engine import metric_figure
 from automl_cxr.errors import ConfigError
 from automl_cxr.oof import (
     calibration_summary,
-    caruana_select,
     crossfit_operating_point,
     crossfit_parts,
     load_study_oof,
-    metric_scorer,
-    nested_selection,
     parse_operating_point,
+    select_ensemble,
 )
 
 __all__ = ["DEFAULT_OPERATING_POINT", "OofReport", "build_oof_report", "score_test_split"]
@@ -106,7 +104,7 @@ def build_oof_report(
         op.update(number=n, positive=positive, point=point, fpr=1.0 - op["specificity"])
         rep.operating.append(op)
     if len(have) >= 2:
-        rep.ensemble = ensemble_summary(
+        rep.ensemble = select_ensemble(
             {n: oofs[n] for n in have}, metric=metric, positive=positive, rounds=ensemble_rounds
         )
     else:
@@ -185,30 +183,4 @@ def _crossfit_point(v: Any, k: int, rule: str, target: float | None, n_boot: int
         "in_sample_specificity": ins["specificity"],
         "argmax_sensitivity": ins["argmax_sensitivity"],
         "argmax_specificity": ins["argmax_specificity"],
-    }
-
-
-def ensemble_summary(
-    oofs: dict[int, Any], *, metric: str, positive: str | None, rounds: int = ENSEMBLE_ROUNDS
-) -> dict[str, Any]:
-    """Caruana selection on all folds (optimistic) plus its nested estimate."""
-    first = next(iter(oofs.values())).valid()
-    probs = {n: o.valid().probs for n, o in oofs.items()}
-    scorer = metric_scorer(metric, first.classes, positive)
-    sel = caruana_select(probs, first.labels, first.folds, scorer, n_rounds=rounds)
-    nested = nested_selection(probs, first.labels, first.folds, scorer, n_rounds=rounds)
-    return {
-        **sel,
-        "metric": metric,
-        "candidates": len(probs),
-        "nested": nested,
-        "members": [
-            {"number": n, "weight": w, "single_score": sel["single_scores"][n]}
-            for n, w in sorted(sel["weights"].items(), key=lambda kv: (-kv[1], kv[0]))
-        ],
-        "caveat": (
-            "selected and scored on the same out-of-fold predictions: optimistic. The nested "
-            "estimate selects on K-1 folds and scores the held-out fold (the best single trial "
-            "chosen the same way beside it)."
-        ),
     }
