@@ -102,6 +102,19 @@ def test_numbers_are_read_by_one_set_of_rules() -> None:
     assert not copies, copies
 
 
+def test_other_packages_use_the_study_layers_public_names() -> None:
+    """Issue 25: `deploy/_select.py` imported the private `study._testsplit`, the report
+    `study._protocol`; packages above `study` import its public names only."""
+    offenders = [
+        f"{path.relative_to(PKG)} imports {m}"
+        for sub in ("report", "deploy")
+        for path in (PKG / sub).rglob("*.py")
+        for m in _imports(path)
+        if m.startswith("automl_cxr.study._")
+    ]
+    assert not offenders, offenders
+
+
 def test_study_and_diagnostics_use_the_data_layers_public_names() -> None:
     """Issue 25: `study/_setup.py` imported the private `data._diagnostics`; the layers above
     the data layer import its public names only (the CLI may reach its own helpers)."""

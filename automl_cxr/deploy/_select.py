@@ -14,8 +14,7 @@ from automl_cxr.data import PreparedDataset, load_dataset
 from automl_cxr.engine import TrainConfig
 from automl_cxr.errors import ConfigError, DataError, StorageError
 from automl_cxr.models import ModelConfig
-from automl_cxr.study import OBJECTIVE_KEYS, load_study, storage_url
-from automl_cxr.study._testsplit import search_data
+from automl_cxr.study import OBJECTIVE_KEYS, load_study, search_data, storage_url
 
 __all__ = [
     "TrialSpec",

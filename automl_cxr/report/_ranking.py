@@ -28,8 +28,7 @@ import pandas as pd
 
 from automl_cxr.engine import corrected_paired_ttest
 from automl_cxr.errors import ConfigError
-from automl_cxr.study import json_safe
-from automl_cxr.study._protocol import fold_members
+from automl_cxr.study import fold_members, json_safe
 
 __all__ = [
     "DEFAULT_ALPHA",

@@ -49,6 +49,8 @@ _EXPORTS = {
     "load_space": "automl_cxr.study._space",
     "builtin_space": "automl_cxr.study._space",
     "describe_held": "automl_cxr.study._testsplit",
+    "search_data": "automl_cxr.study._testsplit",
+    "fold_members": "automl_cxr.study._protocol",
     "load_study": "automl_cxr._storage",
     "open_storage": "automl_cxr._storage",
     "storage_location": "automl_cxr._storage",
@@ -58,6 +60,8 @@ _EXPORTS = {
 
 __all__ = [
     "describe_held",
+    "fold_members",
+    "search_data",
     "FINISHED",
     "OBJECTIVE_KEYS",
     "PRUNERS",
@@ -116,6 +120,7 @@ if TYPE_CHECKING:  # pragma: no cover
         make_sampler,
     )
     from automl_cxr.study._profiles import Profile, default_profile, get_profile, list_profiles  # noqa: F401
+    from automl_cxr.study._protocol import fold_members  # noqa: F401
     from automl_cxr.study._recovery import reconcile_dead_trials  # noqa: F401
     from automl_cxr.study._runner import run_search  # noqa: F401
     from automl_cxr.study._settings import SearchSettings, SearchSummary  # noqa: F401
@@ -126,4 +131,4 @@ if TYPE_CHECKING:  # pragma: no cover
         builtin_space,
         load_space,
     )
-    from automl_cxr.study._testsplit import describe_held  # noqa: F401
+    from automl_cxr.study._testsplit import describe_held, search_data  # noqa: F401
