@@ -20,6 +20,8 @@ _EXPORTS = {
     "bootstrap_metrics": "automl_cxr.engine._inference",
     "metric_figure": "automl_cxr.engine._inference",
     "compute_metrics": "automl_cxr.engine._metrics",
+    "confusion_scalars": "automl_cxr.engine._metrics",
+    "WeightedEvaluator": "automl_cxr.engine._metrics",
     "corrected_paired_ttest": "automl_cxr.engine._inference",
     "roc_curves": "automl_cxr.engine._metrics",
     "scalar_metrics": "automl_cxr.engine._metrics",
@@ -48,6 +50,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "WeightedEvaluator",
+    "confusion_scalars",
     "CV_MODES",
     "OPTIMIZERS",
     "SCALAR_METRICS",
@@ -117,8 +121,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr.engine._metrics import (  # noqa: F401
         SCALAR_METRICS,
         WORST_FOLD_METRICS,
+        WeightedEvaluator,
         available_metrics,
         compute_metrics,
+        confusion_scalars,
         fold_metric,
         roc_curves,
         scalar_metrics,

@@ -70,6 +70,7 @@ __all__ = [
     "WeightedEvaluator",
     "available_metrics",
     "compute_metrics",
+    "confusion_scalars",
     "flatten_per_class",
     "fold_metric",
     "roc_curves",
@@ -288,44 +289,62 @@ class WeightedEvaluator:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where((n_pos > 0) & (n_neg > 0), num / (n_pos * n_neg), np.nan)
 
+    def auc(self, w: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
+        """The study's `auc` for each row of weights: class 1's for two classes, else the
+        mean one-vs-rest AUC over the classes present (NaN with fewer than two)."""
+        if self.n_cls == 2:
+            return self.class_auc(w, 1)
+        if support is None:
+            support = self.confusion(w).sum(axis=2)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
+            aucs = np.stack([self.class_auc(w, k) for k in range(self.n_cls)], axis=1)
+            n_present = (support > 0).sum(axis=1)
+            return np.where(n_present >= 2, np.nanmean(aucs, axis=1), np.nan)
+
     def scalars(
         self, w: np.ndarray, classes: list[str], pos_idx: int | None
     ) -> dict[str, np.ndarray]:
         cm = self.confusion(w)
-        total = cm.sum(axis=(1, 2))
-        tp = np.diagonal(cm, axis1=1, axis2=2)
-        support = cm.sum(axis=2)
-        predicted = cm.sum(axis=1)
-        fn, fp = support - tp, predicted - tp
-        tn = total[:, None] - tp - fn - fp
-        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
-            sens = np.where(support > 0, tp / support, np.nan)
-            spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
-            f1_den = 2 * tp + fp + fn
-            f1 = np.where(f1_den > 0, 2 * tp / f1_den, np.nan)
-            out = {
-                "accuracy": np.trace(cm, axis1=1, axis2=2) / total,
-                "balanced_accuracy": np.nanmean(sens, axis=1),
-                "macro_f1": np.nanmean(f1, axis=1),
-            }
-            if self.n_cls == 2:
-                out["auc"] = self.class_auc(w, 1)
-            else:
-                aucs = np.stack([self.class_auc(w, k) for k in range(self.n_cls)], axis=1)
-                n_present = (support > 0).sum(axis=1)
-                out["auc"] = np.where(n_present >= 2, np.nanmean(aucs, axis=1), np.nan)
-        if pos_idx is not None:
-            out["covid_sensitivity"] = sens[:, pos_idx]
-            out["covid_specificity"] = spec[:, pos_idx]
-            tp_p = tp[:, pos_idx]
-            out["covid_accuracy"] = (
-                total - support[:, pos_idx] - predicted[:, pos_idx] + 2 * tp_p
-            ) / total
-        for k, label in enumerate(classes):
-            out[f"sensitivity_{label}"] = sens[:, k]
-            out[f"specificity_{label}"] = spec[:, k]
-        return out
+        out = confusion_scalars(cm, classes, pos_idx)
+        head = {k: out.pop(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        return {**head, "auc": self.auc(w, cm.sum(axis=2)), **out}
+
+
+def confusion_scalars(
+    cm: np.ndarray, classes: Sequence[str], pos_idx: int | None
+) -> dict[str, np.ndarray]:
+    """Every scalar metric a confusion matrix decides, for a batch of them (B, C, C): the one
+    definition used by `compute_metrics`, the bootstrap and the ensemble scorer (see the
+    module doc; NaN where a denominator is zero)."""
+    total = cm.sum(axis=(1, 2))
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support = cm.sum(axis=2)
+    predicted = cm.sum(axis=1)
+    fn, fp = support - tp, predicted - tp
+    tn = total[:, None] - tp - fn - fp
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
+        sens = np.where(support > 0, tp / support, np.nan)
+        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+        f1_den = 2 * tp + fp + fn
+        f1 = np.where(f1_den > 0, 2 * tp / f1_den, np.nan)
+        out = {
+            "accuracy": np.trace(cm, axis1=1, axis2=2) / total,
+            "balanced_accuracy": np.nanmean(sens, axis=1),
+            "macro_f1": np.nanmean(f1, axis=1),
+        }
+    if pos_idx is not None:
+        out["covid_sensitivity"] = sens[:, pos_idx]
+        out["covid_specificity"] = spec[:, pos_idx]
+        tp_p = tp[:, pos_idx]
+        out["covid_accuracy"] = (
+            total - support[:, pos_idx] - predicted[:, pos_idx] + 2 * tp_p
+        ) / total
+    for k, label in enumerate(classes):
+        out[f"sensitivity_{label}"] = sens[:, k]
+        out[f"specificity_{label}"] = spec[:, k]
+    return out
 
 
 # ----------------------------------------------------------------------------- internals

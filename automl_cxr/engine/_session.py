@@ -414,7 +414,7 @@ class Session:
 
 def _plan_digest(model: CxrModel, depth: int) -> str:
     """What freezing `depth` stages of this architecture cuts (frozen tensors, modules, split)."""
-    from automl_cxr.models._freeze import freeze_plan
+    from automl_cxr.models import freeze_plan
 
     plan = freeze_plan(model._info, depth)
     text = json.dumps([sorted(plan.tensors), list(plan.modules), plan.split])

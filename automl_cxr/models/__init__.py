@@ -29,6 +29,7 @@ from automl_cxr.models._freeze import (
     analyse_arch,
     arch_info,
     check_frozen_stages,
+    freeze_plan,
     num_stages,
 )
 from automl_cxr.models._heads import (
@@ -53,6 +54,7 @@ from automl_cxr.models._weights import (
 )
 
 __all__ = [
+    "freeze_plan",
     "ACTIVATIONS",
     "GRAY_MODES",
     "POOLS",

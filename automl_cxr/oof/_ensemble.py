@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from automl_cxr.engine import WeightedEvaluator, confusion_scalars
 from automl_cxr.errors import ConfigError
 
 __all__ = [
@@ -53,10 +54,11 @@ _FAST = (
 
 
 def metric_scorer(metric: str, classes: list[str], positive: str | None) -> Scorer:
-    """``score(labels, probs)`` of one study metric on one set of predictions, with the
-    definitions of :func:`automl_cxr.engine.compute_metrics` (confusion-matrix metrics and
-    the AUC are computed directly — selection scores thousands of candidates — the others
-    through it; the tests check both paths agree)."""
+    """``score(labels, probs)`` of one study metric on one set of predictions, by the engine's
+    own definitions: confusion-matrix metrics through `confusion_scalars` on one bincount, the
+    AUC through the weighted evaluator's rank sums (selection scores thousands of candidates,
+    so neither goes through the full `compute_metrics`), the others through
+    `compute_metrics`."""
     n_cls = len(classes)
     k_pos = classes.index(positive) if positive in classes else None
     if metric.startswith("covid_") and k_pos is None:
@@ -64,46 +66,15 @@ def metric_scorer(metric: str, classes: list[str], positive: str | None) -> Scor
     if metric in _FAST:
 
         def fast(y: np.ndarray, p: np.ndarray) -> float:
-            pred = p.argmax(axis=1)
-            cm = np.bincount(y * n_cls + pred, minlength=n_cls * n_cls).reshape(n_cls, n_cls)
-            tp = np.diag(cm).astype(float)
-            support, called, n = cm.sum(axis=1), cm.sum(axis=0), cm.sum()
-            if metric == "accuracy":
-                return float(tp.sum() / n)
-            if metric == "balanced_accuracy":
-                m = support > 0
-                return float(np.mean(tp[m] / support[m]))
-            if metric == "macro_f1":
-                m = (support > 0) | (called > 0)
-                return float(np.mean(2 * tp[m] / (support[m] + called[m])))
-            tpk, fn, fp = tp[k_pos], support[k_pos] - tp[k_pos], called[k_pos] - tp[k_pos]
-            tn = n - tpk - fn - fp
-            if metric == "covid_sensitivity":
-                return float(tpk / (tpk + fn)) if tpk + fn else math.nan
-            if metric == "covid_specificity":
-                return float(tn / (tn + fp)) if tn + fp else math.nan
-            return float((tpk + tn) / n)
+            cell = y * n_cls + p.argmax(axis=1)
+            cm = np.bincount(cell, minlength=n_cls * n_cls).reshape(1, n_cls, n_cls)
+            return float(confusion_scalars(cm.astype(float), classes, k_pos)[metric][0])
 
         return fast
     if metric == "auc":
-        from scipy.stats import rankdata
 
         def auc(y: np.ndarray, p: np.ndarray) -> float:
-            """One-vs-rest AUC per class by the rank-sum (Mann-Whitney, ties averaged, as
-            roc_auc_score); the mean over classes present (class 1's for two classes)."""
-            vals = []
-            for k in range(n_cls):
-                pos = y == k
-                n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-                if n_pos == 0 or n_neg == 0:
-                    vals.append(math.nan)
-                    continue
-                r = rankdata(p[:, k])
-                vals.append(float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
-            if n_cls == 2:
-                return vals[1]
-            present = [v for k, v in enumerate(vals) if np.any(y == k)]
-            return float(np.mean(present)) if len(present) >= 2 else math.nan
+            return float(WeightedEvaluator(y, p).auc(np.ones((1, len(y))))[0])
 
         return auc
     from automl_cxr.engine import compute_metrics, scalar_metrics
