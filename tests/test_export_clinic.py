@@ -18,8 +18,9 @@ from automl_cxr.data import load_dataset, read_cohen
 from automl_cxr.deploy import ExportedModel, load_image, load_study, predict_images, select_trial
 from automl_cxr.deploy._clinic import calibration_holdout
 from automl_cxr.deploy._commands import open_trial
-from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
+from automl_cxr.deploy._graphs import TemperatureScaled
 from automl_cxr.deploy._select import training_data
+from automl_cxr.models import WeightedEnsemble
 from automl_cxr.oof import (
     apply_temperature,
     caruana_select,

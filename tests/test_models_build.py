@@ -291,3 +291,29 @@ def test_gray_modes_build_1_and_3_channel_stems(name: str):
         assert model.input_norm.mean.shape[1] == chans
         with torch.no_grad():
             assert model(_gray(name)).shape == (2, 3)
+
+
+def test_fold_ensemble_is_the_equal_weight_weighted_ensemble() -> None:
+    """Issue 25: `CxrEnsemble` (fold ensembles) and `WeightedEnsemble` (Caruana selection)
+    were two classes with one forward; the fold ensemble is now the equal-weight case. Its
+    output is the plain mean (bit-identical to before), its state dict still holds the members
+    only (exported fold ensembles load as they did), and unequal weights mix as weighted."""
+    from automl_cxr.models import CxrEnsemble, WeightedEnsemble
+
+    torch.manual_seed(0)
+    members = [_build("test_efficientnet").eval() for _ in range(3)]
+    x = _gray("test_efficientnet", batch=2)
+    fold = CxrEnsemble(members).eval()
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in members])
+        assert torch.equal(fold(x), torch.log(probs.mean(dim=0).clamp_min(1e-12)))
+        mixed = WeightedEnsemble(members, [1.0, 2.0, 1.0]).eval()(x)
+        want = (probs * torch.tensor([0.25, 0.5, 0.25])[:, None, None]).sum(dim=0)
+        assert torch.allclose(mixed, torch.log(want), atol=1e-6)
+    assert isinstance(fold, WeightedEnsemble)
+    assert not any(k == "weights" for k in fold.state_dict())
+    assert "weights" in WeightedEnsemble(members, [1.0, 2.0, 1.0]).state_dict()
+    rebuilt = CxrEnsemble.from_config(members[0].config, 3)
+    rebuilt.load_state_dict(fold.state_dict())  # strict: same keys as before the merge
+    with pytest.raises(ConfigError, match="one model configuration"):
+        CxrEnsemble([members[0], _build("test_resnet")])

@@ -21,9 +21,9 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from automl_cxr.deploy._graphs import WeightedEnsemble
 from automl_cxr.deploy._select import TrialSpec, trial_spec
 from automl_cxr.errors import ConfigError, StorageError
+from automl_cxr.models import WeightedEnsemble
 from automl_cxr.oof import (
     apply_temperature,
     choose_threshold,

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from automl_cxr.deploy._graphs import WeightedEnsemble, unwrap
+from automl_cxr.deploy._graphs import unwrap
 from automl_cxr.deploy._runtime import require
 from automl_cxr.errors import ConfigError
+from automl_cxr.models import WeightedEnsemble
 
 __all__ = ["find_target_layer", "gradcam_map", "gradcam_overlay", "save_gradcam"]
 
@@ -86,23 +87,18 @@ def gradcam_map(
     for a selected ensemble (`WeightedEnsemble`) their weighted mean.
     """
     from automl_cxr.data import resize_square
-    from automl_cxr.models import CxrEnsemble
 
     pre = getattr(model, "preprocess", None)
     if pre is not None:  # roi/intensity levers: the map of what the model saw, placed back
         return _preprocessed_map(model, pre, pixels, class_index)
     model, _ = unwrap(model)  # temperature scaling does not change the class or the map
     x = torch.from_numpy(resize_square(pixels, resolution).astype(np.float32) / 255.0)[None, None]
-    if isinstance(model, (CxrEnsemble, WeightedEnsemble)):
+    if isinstance(model, WeightedEnsemble):  # a fold ensemble (CxrEnsemble) too
         if class_index is None:
             with torch.no_grad():
                 class_index = int(model.eval()(x).argmax(dim=1)[0])
         maps = [gradcam_map(m, pixels, resolution, class_index) for m in model.members]
-        w = (
-            model.weights.numpy()
-            if isinstance(model, WeightedEnsemble)
-            else np.full(len(maps), 1.0 / len(maps))
-        )
+        w = model.weights.numpy()
         return np.clip(np.tensordot(w, np.stack(maps), axes=1), 0.0, 1.0).astype(np.float32)
 
     GradCAM = require("pytorch_grad_cam", "grad-cam", "Grad-CAM (--explain)").GradCAM

@@ -14,9 +14,10 @@ from PIL import Image
 from automl_cxr.data import decode_gray, resize_square
 from automl_cxr.deploy._dicom_sc import write_secondary_capture
 from automl_cxr.deploy._gradcam import gradcam_map, gradcam_overlay
-from automl_cxr.deploy._graphs import TemperatureScaled, WeightedEnsemble
+from automl_cxr.deploy._graphs import TemperatureScaled
 from automl_cxr.deploy._runtime import onnx_session
 from automl_cxr.errors import ConfigError, DataError
+from automl_cxr.models import WeightedEnsemble
 
 __all__ = [
     "RUNTIMES",

@@ -23,7 +23,7 @@ from automl_cxr.models._catalogue import (
     register_backbone,
 )
 from automl_cxr.models._convert import convert_state_dict, read_state_dict
-from automl_cxr.models._ensemble import CxrEnsemble
+from automl_cxr.models._ensemble import CxrEnsemble, WeightedEnsemble
 from automl_cxr.models._freeze import (
     ArchInfo,
     analyse_arch,
@@ -62,6 +62,7 @@ __all__ = [
     "ArchInfo",
     "BackboneSpec",
     "CxrEnsemble",
+    "WeightedEnsemble",
     "CxrModel",
     "FeaturePool",
     "FrozenPrefix",
