@@ -367,3 +367,35 @@ def test_cli_errors(
     assert "not an exported model" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(tmp_path / "none"), "--model", str(exported)]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_evaluate_reads_a_folder_as_search_external_does(
+    tmp_path: Path, external_dir: Path
+) -> None:
+    """Issue 25: `evaluate --data` decoded files itself and kept copies as separate rows;
+    `search --external` prepared the same folder through the data layer, which removes exact
+    copies and merges re-framed ones. Both now keep the same rows."""
+    import pandas as pd
+
+    from automl_cxr.data import prepare_table, read_folder
+    from automl_cxr.data._reframe import reframe
+    from automl_cxr.deploy import load_external
+
+    root = tmp_path / "ext"
+    shutil.copytree(external_dir, root)  # the links, as links
+    covid = sorted((root / "covid").iterdir())
+    shutil.copyfile(covid[0], root / "covid" / "exact_copy.jpg")
+    copy = reframe(decode_gray(covid[1]).pixels, np.random.default_rng(0))
+    (root / "covid" / f"reframed_copy{copy.suffix}").write_bytes(copy.data)
+    ext = load_external(root, ["covid", "bacterial", "normal"], 32, label_map={"NORMAL": "normal"})
+    assert len(ext.table) == 12 and ext.images.shape == (12, 32, 32)
+    prepared = prepare_table(
+        read_folder(root),
+        name="same",
+        data_dir=tmp_path / "prep",
+        kind="external",
+        origin=str(root),
+        min_classes=1,
+    )
+    kept = pd.read_csv(prepared / "manifest.csv")["path"]
+    assert sorted(map(str, ext.table["path"])) == sorted(map(str, kept))

@@ -38,6 +38,7 @@ from automl_cxr.data._prepare import (
     patients_at_several_sites,
     prepare_recipes,
     prepare_table,
+    scan_pool,
     site_groups,
 )
 from automl_cxr.data._recipes import Recipe, get_recipe, list_recipes, register_recipe
@@ -52,6 +53,7 @@ from automl_cxr.data._sources import (
 )
 
 __all__ = [
+    "scan_pool",
     "ALIGNMENT_WARN_AT",
     "age_by_class",
     "site_label_table",

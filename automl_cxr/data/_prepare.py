@@ -29,6 +29,7 @@ from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read
 from automl_cxr.errors import DataError
 
 __all__ = [
+    "scan_pool",
     "MANIFEST_COLUMNS",
     "NEW_RECIPES",
     "default_recipes",
@@ -150,15 +151,24 @@ def _write_dataset(
     return final
 
 
-def _finish_pool(
-    tables: Iterable[SourceTable], *, skip_bad: bool, progress: Progress | None
+def scan_pool(
+    tables: Iterable[SourceTable],
+    *,
+    skip_bad: bool,
+    progress: Progress | None = None,
+    noun: str = "image",
 ) -> tuple[pd.DataFrame, dict, LocalFeatures]:
+    """Source tables as the rows a dataset keeps, the one pipeline every set goes through
+    (recipes, your own data, `search --external`, `evaluate --data`): every file decoded once
+    and checked (`scan_images`), exact copies removed, re-framed copies merged into one row
+    and one patient group (`dedupe`, `merge_copies`). Returns (rows, what was rejected,
+    removed and merged, the rows' keypoints)."""
     tables = list(tables)
     pool = pd.concat([t.table for t in tables], ignore_index=True)
     if pool.empty:
         raise DataError("the sources hold no images")
     t0 = time.perf_counter()
-    scan = scan_images(pool, skip_bad=skip_bad, progress=progress)
+    scan = scan_images(pool, skip_bad=skip_bad, progress=progress, noun=noun)
     t1 = time.perf_counter()
     table, features, dup_info = dedupe(scan)
     n_before = len(table)
@@ -270,7 +280,7 @@ def prepare_recipes(
     if counts:
         resolved = _resolve_counts(resolved, counts)
     held = excluded_images(exclude) if exclude else None  # bad --exclude: before any decoding
-    pool, info, features = _finish_pool(tables, skip_bad=skip_bad, progress=progress)
+    pool, info, features = scan_pool(tables, skip_bad=skip_bad, progress=progress)
     if held is not None:
         pool, info["excluded_sets"] = _exclude(pool, held, exclude)
     info.update(_pool_info(pool))
@@ -369,7 +379,7 @@ def prepare_table(
     (`min_classes=1` for an evaluation-only set, e.g. external normals)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"dataset name must be letters, digits, '_' or '-', but got name={name!r}")
-    pool, info, features = _finish_pool([table], skip_bad=skip_bad, progress=progress)
+    pool, info, features = scan_pool([table], skip_bad=skip_bad, progress=progress)
     classes = sorted(pool["label"].unique())
     if len(classes) < min_classes:
         raise DataError(

@@ -51,11 +51,13 @@ def scan_images(
     min_side: int = MIN_SIDE,
     progress: Progress | None = None,
     workers: int | None = None,
+    noun: str = "image",
 ) -> ScanResult:
     """Decode every image of `pool` once (threads: Pillow releases the GIL while decoding).
 
-    A file that cannot be used raises DataError naming it and the reason, unless `skip_bad`,
-    in which case it is left out and listed in `rejected`.
+    A file that cannot be used raises DataError naming it and the reason (`noun` names what
+    the images are, e.g. "external image"), unless `skip_bad`, in which case it is left out
+    and listed in `rejected`.
     """
     paths = pool["path"].tolist()
     infos: list[dict] = [{}] * len(paths)
@@ -73,9 +75,9 @@ def scan_images(
         lines = "\n".join(f"  {r['path']}: {r['reason']}" for r in rejected[:20])
         more = f"\n  ... and {len(rejected) - 20} more" if len(rejected) > 20 else ""
         raise DataError(
-            f"{len(rejected)} image(s) cannot be used:\n{lines}{more}\n"
+            f"{len(rejected)} {noun}(s) cannot be used:\n{lines}{more}\n"
             "Fix or remove them, or pass --skip-bad to leave them out (they are then listed "
-            "in the dataset's rejects report)."
+            "as rejected)."
         )
     ok = [i for i, t in enumerate(feats) if t is not None]
     table = pool.iloc[ok].reset_index(drop=True)

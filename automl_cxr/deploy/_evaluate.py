@@ -14,9 +14,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from automl_cxr.data import decode_gray, map_labels, read_external, resize_square
+from automl_cxr.data import (
+    SourceTable,
+    decode_gray,
+    map_labels,
+    read_external,
+    resize_square,
+    scan_pool,
+)
 from automl_cxr.engine import bootstrap_metrics, compute_metrics
-from automl_cxr.errors import DataError, ImageDecodeError
+from automl_cxr.errors import DataError
 
 __all__ = ["ExternalSet", "evaluate_predictions", "load_external"]
 
@@ -34,8 +41,10 @@ class ExternalSet:
 
     @property
     def groups(self) -> np.ndarray | None:
-        """Patient ids, when the set has them (some patient with several images)."""
-        pid = self.table["patient_id"].astype(str)
+        """Split groups (patients, merged where copies joined them), when some group holds
+        several images; the bootstrap resamples them."""
+        col = "group_id" if "group_id" in self.table else "patient_id"
+        pid = self.table[col].astype(str)
         return pid.to_numpy() if pid.nunique() < len(pid) else None
 
     def tensor(self) -> np.ndarray:
@@ -63,39 +72,24 @@ def load_external(
     skip_bad: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExternalSet:
-    """Read, map and decode an external set like the data layer does (decode_gray →
-    resize_square). An unreadable file is a DataError naming it, unless `skip_bad`."""
+    """Read and map an external set, then the data layer's own pipeline (`scan_pool`): every
+    file decoded and checked (an unreadable one is a DataError naming it, unless `skip_bad`),
+    exact copies removed and re-framed copies merged into one row, as `search --external`
+    prepares a set; the kept images resized to `resolution`."""
     table = map_labels(read_external(data), label_map, classes)
-    paths = table["path"].tolist()
+    source = SourceTable("external", table.assign(source=table["source"].astype(str)))
+    pool, info, _ = scan_pool([source], skip_bad=skip_bad, progress=progress, noun="external image")
+    rejected = list(info["rejected"])
+    if pool.empty:
+        raise DataError(f"no usable image in {data} (all {len(table)} were rejected)")
+    paths = pool["path"].astype(str).tolist()
 
-    def one(path: str) -> tuple[np.ndarray | None, str, str | None]:
-        try:
-            img = decode_gray(path)
-        except ImageDecodeError as exc:
-            return None, "", exc.reason
-        return resize_square(img.pixels, resolution), img.sha256, None
+    def one(path: str) -> np.ndarray:
+        return resize_square(decode_gray(path).pixels, resolution)
 
-    results: list[tuple[np.ndarray | None, str, str | None]] = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
-        for i, r in enumerate(ex.map(one, paths)):
-            results.append(r)
-            if progress:
-                progress(i + 1, len(paths))
-    rejected = [
-        {"path": p, "reason": r[2]} for p, r in zip(paths, results, strict=True) if r[2] is not None
-    ]
-    if rejected and not skip_bad:
-        lines = "\n".join(f"  {r['path']}: {r['reason']}" for r in rejected[:20])
-        more = f"\n  ... and {len(rejected) - 20} more" if len(rejected) > 20 else ""
-        raise DataError(
-            f"{len(rejected)} external image(s) cannot be used:\n{lines}{more}\n"
-            "Fix or remove them, or pass --skip-bad to leave them out."
-        )
-    ok = [i for i, r in enumerate(results) if r[2] is None]
-    if not ok:
-        raise DataError(f"no usable image in {data} (all {len(paths)} were rejected)")
-    table = table.iloc[ok].reset_index(drop=True).assign(sha256=[results[i][1] for i in ok])
-    images = np.stack([results[i][0] for i in ok]).astype(np.uint8)
+        images = np.stack(list(ex.map(one, paths))).astype(np.uint8)
+    table = pool.drop(columns=["_feature_row"], errors="ignore").reset_index(drop=True)
     index = {c: k for k, c in enumerate(classes)}
     labels = table["label"].map(index).to_numpy(dtype=np.int64)
     return ExternalSet(table, images, labels, list(classes), dict(label_map or {}), rejected)
