@@ -99,6 +99,14 @@ def test_numbers_are_read_by_one_set_of_rules() -> None:
                 src = ast.unparse(node)
                 if "float(x)" in src and ("isfinite" in src or "v != v" in src):
                     copies.append(f"{path.relative_to(PKG)}:{node.name}")
+            # ... nor a second name for one (`_f = finite_or_none`, `to_float = finite_or_nan`)
+            helpers = {"clip01", "finite_or_nan", "finite_or_none", "fmt_num", "is_number"}
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in helpers
+            ):
+                copies.append(f"{path.relative_to(PKG)}:{node.lineno} alias of {node.value.id}")
     assert not copies, copies
 
 

@@ -108,9 +108,6 @@ def _chance(metric: str, n_classes: int) -> float:
     return 0.5 if metric == "auc" else 1.0 / n_classes
 
 
-_num = finite_or_nan
-
-
 def control_verdict(
     original: dict[str, Any], control: dict[str, Any], chance: float
 ) -> tuple[str, str]:
@@ -122,14 +119,10 @@ def control_verdict(
     chance), ``lungs_matter`` (it falls to about chance), ``inconclusive`` (the original itself
     is within 0.1 of chance).
     """
-    o, c = _num(original.get("mean")), _num(control.get("mean"))
-    c_lo = _num(control.get("ci_low"))
-    c_lo = c if math.isnan(c_lo) else c_lo
-    c_ci = (
-        f" (95% CI {_num(control.get('ci_low')):.3f}-{_num(control.get('ci_high')):.3f})"
-        if not math.isnan(_num(control.get("ci_low")))
-        else ""
-    )
+    o, c = finite_or_nan(original.get("mean")), finite_or_nan(control.get("mean"))
+    lo, hi = finite_or_nan(control.get("ci_low")), finite_or_nan(control.get("ci_high"))
+    c_lo = c if math.isnan(lo) else lo
+    c_ci = f" (95% CI {lo:.3f}-{hi:.3f})" if not math.isnan(lo) else ""
     if math.isnan(o) or math.isnan(c):
         return "inconclusive", "the original or the control score is missing: no verdict"
     gain_o, gain_c = o - chance, c - chance
@@ -206,8 +199,8 @@ def control_run(
     if orig["folds"] and len(orig["folds"]) == len(ctrl["folds"]):
         # the same folds, whose training sets overlap: the corrected resampled t-test
         paired = corrected_paired_ttest(
-            [_num(v) for v in orig["folds"]],
-            [_num(v) for v in ctrl["folds"]],
+            [finite_or_nan(v) for v in orig["folds"]],
+            [finite_or_nan(v) for v in ctrl["folds"]],
             n_train=[f["n_train"] for f in result.folds],
             n_val=[f["n_val"] for f in result.folds],
         )

@@ -11,9 +11,6 @@ from automl_cxr.diagnostics._source import source_diagnostics
 __all__ = ["diagnose_dataset", "per_source_table"]
 
 
-_f = finite_or_none
-
-
 def per_source_table(by_source: dict[str, Any] | None) -> dict[str, Any]:
     """Rows of the out-of-fold metrics per image source (a trial's ``metrics.by_source``).
 
@@ -34,10 +31,12 @@ def per_source_table(by_source: dict[str, Any] | None) -> dict[str, Any]:
                 "source": str(src),
                 "n": int(m.get("n") or 0),
                 "classes_present": present,
-                "accuracy": _f(m.get("accuracy")),
-                "balanced_accuracy": _f(m.get("balanced_accuracy")),
-                "auc": _f(m.get("auc")),
-                "sensitivity": {c: _f(per_class[c].get("sensitivity")) for c in present},
+                "accuracy": finite_or_none(m.get("accuracy")),
+                "balanced_accuracy": finite_or_none(m.get("balanced_accuracy")),
+                "auc": finite_or_none(m.get("auc")),
+                "sensitivity": {
+                    c: finite_or_none(per_class[c].get("sensitivity")) for c in present
+                },
             }
         )
     note = None

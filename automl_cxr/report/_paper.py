@@ -7,8 +7,9 @@ from typing import Any
 
 import pandas as pd
 
+from automl_cxr._numbers import finite_or_nan
 from automl_cxr.report._ranking import best_per_group
-from automl_cxr.report._records import COVID_KEYS, to_float
+from automl_cxr.report._records import COVID_KEYS
 
 __all__ = ["PAPER_CAVEAT", "PAPER_KEYS", "paper_table"]
 
@@ -69,7 +70,7 @@ def paper_table(board: pd.DataFrame, paper: Mapping[str, Any] | None) -> pd.Data
             "source": "paper",
         }
         for k in keys:
-            d[k] = to_float(paper.get(k))
+            d[k] = finite_or_nan(paper.get(k))
             d[f"{k}_ci_low"] = _NAN
             d[f"{k}_ci_high"] = _NAN
         rows.append(d)

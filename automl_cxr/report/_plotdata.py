@@ -11,7 +11,8 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 
-from automl_cxr.report._records import EXTERNAL_PREFIX, to_float
+from automl_cxr._numbers import finite_or_nan
+from automl_cxr.report._records import EXTERNAL_PREFIX
 
 __all__ = [
     "confusion_data",
@@ -113,7 +114,7 @@ def learning_curves(trials: Sequence[FrozenTrial], records: pd.DataFrame) -> pd.
                     "step": int(step),
                     "fold": int(step) // epochs if epochs else None,
                     "epoch": int(step) % epochs if epochs else None,
-                    "value": to_float(value),
+                    "value": finite_or_nan(value),
                     "hover": hover.get(t.number, ""),
                 }
             )
@@ -156,7 +157,7 @@ def roc_data(board: pd.DataFrame, trials: Sequence[FrozenTrial], k: int) -> list
             label: {
                 "fpr": list(c.get("fpr") or []),
                 "tpr": list(c.get("tpr") or []),
-                "auc": to_float(c.get("auc")),
+                "auc": finite_or_nan(c.get("auc")),
             }
             for label, c in roc.items()
         }
@@ -186,8 +187,8 @@ def generalisation_gap(board: pd.DataFrame, externals: Sequence[str]) -> pd.Data
         if key not in board:
             continue
         for r in board.to_dict(orient="records"):
-            ext = to_float(r.get(key))
-            cv = to_float(r.get("value"))
+            ext = finite_or_nan(r.get(key))
+            cv = finite_or_nan(r.get("value"))
             if np.isnan(ext) or np.isnan(cv):
                 continue
             rows.append(
@@ -195,11 +196,11 @@ def generalisation_gap(board: pd.DataFrame, externals: Sequence[str]) -> pd.Data
                     "number": int(r["number"]),
                     "external": name,
                     "cv": cv,
-                    "cv_ci_low": to_float(r.get("ci_low")),
-                    "cv_ci_high": to_float(r.get("ci_high")),
+                    "cv_ci_low": finite_or_nan(r.get("ci_low")),
+                    "cv_ci_high": finite_or_nan(r.get("ci_high")),
                     "ext": ext,
-                    "ext_ci_low": to_float(r.get(f"{key}_ci_low")),
-                    "ext_ci_high": to_float(r.get(f"{key}_ci_high")),
+                    "ext_ci_low": finite_or_nan(r.get(f"{key}_ci_low")),
+                    "ext_ci_high": finite_or_nan(r.get(f"{key}_ci_high")),
                     "gap": cv - ext,
                     "backbone": r.get("backbone"),
                     "hover": r.get("hover", ""),

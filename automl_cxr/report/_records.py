@@ -38,7 +38,7 @@ __all__ = [
     "resolve_metric",
     "state_counts",
     "summary_metric",
-    "to_float",
+    "finite_or_nan",
     "trial_records",
 ]
 
@@ -80,7 +80,6 @@ def resolve_metric(
     return metric
 
 
-to_float = finite_or_nan
 """A float, NaN for None/non-numbers (stored NaNs come back as None)."""
 
 
@@ -109,14 +108,14 @@ def summary_metric(trial: FrozenTrial, name: str) -> dict[str, Any]:
     s = ((m.get("summary") or {}).get("metrics") or {}).get(name)
     if isinstance(s, Mapping):
         return {
-            "mean": to_float(s.get("mean")),
-            "ci_low": clip01(to_float(s.get("ci_low"))),
-            "ci_high": clip01(to_float(s.get("ci_high"))),
-            "std": to_float(s.get("std")),
+            "mean": finite_or_nan(s.get("mean")),
+            "ci_low": clip01(finite_or_nan(s.get("ci_low"))),
+            "ci_high": clip01(finite_or_nan(s.get("ci_high"))),
+            "std": finite_or_nan(s.get("std")),
             "n": int(s.get("n") or 0),
-            "folds": [to_float(v) for v in (s.get("folds") or [])],
+            "folds": [finite_or_nan(v) for v in (s.get("folds") or [])],
         }
-    mean = to_float(trial.user_attrs.get(name))
+    mean = finite_or_nan(trial.user_attrs.get(name))
     return {
         "mean": mean,
         "ci_low": _NAN,
@@ -172,12 +171,12 @@ def external_values(externals: Any, metric: str) -> dict[str, float]:
     trial was scored on (its `externals` user attribute); empty without one."""
     out: dict[str, float] = {}
     for name, rec in (externals or {}).items():
-        point = to_float((rec.get("metrics") or {}).get(metric))
+        point = finite_or_nan((rec.get("metrics") or {}).get(metric))
         ci = ((rec.get("bootstrap") or {}).get("metrics") or {}).get(metric) or {}
         key = f"{EXTERNAL_PREFIX}{name}"
         out[key] = point
-        out[f"{key}_ci_low"] = to_float(ci.get("ci_low"))
-        out[f"{key}_ci_high"] = to_float(ci.get("ci_high"))
+        out[f"{key}_ci_low"] = finite_or_nan(ci.get("ci_low"))
+        out[f"{key}_ci_high"] = finite_or_nan(ci.get("ci_high"))
     return out
 
 
@@ -228,19 +227,19 @@ def trial_records(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
         row.update(
             backbone=t.params.get("backbone", model.get("backbone")),
             head=t.params.get("head", model.get("head")),
-            frozen_fraction=to_float(frac),
-            frozen_stages=to_float(frozen),
-            num_stages=to_float(n_stages),
+            frozen_fraction=finite_or_nan(frac),
+            frozen_stages=finite_or_nan(frozen),
+            num_stages=finite_or_nan(n_stages),
             frozen_depth=(
                 f"{int(frozen)}/{int(n_stages)}"
                 if frozen is not None and n_stages is not None
                 else None
             ),
-            lr=to_float(t.params.get("lr", train.get("lr"))),
-            latency_ms=to_float(ua.get("latency_ms")),
-            params_total=to_float(ua.get("params_total")),
-            params_trainable=to_float(ua.get("params_trainable")),
-            train_seconds=to_float(ua.get("train_seconds")),
+            lr=finite_or_nan(t.params.get("lr", train.get("lr"))),
+            latency_ms=finite_or_nan(ua.get("latency_ms")),
+            params_total=finite_or_nan(ua.get("params_total")),
+            params_trainable=finite_or_nan(ua.get("params_trainable")),
+            train_seconds=finite_or_nan(ua.get("train_seconds")),
             duration_s=(t.duration.total_seconds() if t.duration is not None else _NAN),
             fail_reason=ua.get("fail_reason"),
             params=dict(t.params),
