@@ -48,9 +48,6 @@ _MARK = "automl-cxr:dashboard:"
 _VERSION = "1"
 
 
-_c = clip01  # every metric here is a proportion or an AUC
-
-
 def _f(x: Any, spec: str = ".4f") -> str:
     return fmt_num(x, spec)
 
@@ -88,7 +85,7 @@ def trial_note(trial: FrozenTrial, calibration: Mapping[str, Any] | None = None)
     out.append(
         "| 95% CI | | "
         + " | ".join(
-            f"[{_f(_c(summary[k].get('ci_low')))}, {_f(_c(summary[k].get('ci_high')))}]"
+            f"[{_f(clip01(summary[k].get('ci_low')))}, {_f(clip01(summary[k].get('ci_high')))}]"
             for k in keys
         )
         + " |"
