@@ -3,14 +3,14 @@
 Design (why not Ray's `OptunaSearch`: it wants a storage object rather than a URL, records
 trials stopped by a Tune scheduler as COMPLETE, writes no user attributes and has no heartbeat):
 
-Modules: this one starts Ray and the Tune run; `_ray_driver` (the searcher: ask and tell);
-`_ray_worker` (one trial in a Ray worker); `_ray_scheduler` (`--scheduler`).
+Modules: this one starts Ray and the Tune run; `_driver` (the searcher: ask and tell);
+`_worker` (one trial in a Ray worker); `_schedulers` (`--scheduler`).
 
 * The driver owns the Optuna study. `AskTellSearcher.suggest()` (called by Tune whenever a
   slot frees up) does `study.ask()` and samples the configuration in the driver with the same
   `Objective.sample` as the local backend, so one sampler sees every earlier trial. The Tune
   config carries only the Optuna trial id; the parameters live in the storage.
-* A Ray worker (`_ray_worker.trainable`) opens the same storage by URL, rebuilds the real
+* A Ray worker (`_worker.trainable`) opens the same storage by URL, rebuilds the real
   `optuna.trial.Trial` (re-running `Objective.sample` returns the stored values) and runs
   `Objective.run_plan`, so intermediate values, `trial.should_prune()` and every user
   attribute are written exactly as locally. Each intermediate value is also reported to Tune
