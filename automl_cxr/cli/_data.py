@@ -148,7 +148,7 @@ def prepare(
                 progress=cb,
                 exclude=exclude or (),
             )
-    print_prepared(paths, out, counts, verbose=verbose)
+    print_prepared(paths, out, verbose=verbose)
 
 
 def _info_payload(ds) -> dict:

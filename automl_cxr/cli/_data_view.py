@@ -12,7 +12,7 @@ from automl_cxr.cli._common import err_console, out_console
 __all__ = ["print_info", "print_prepared"]
 
 
-def print_prepared(paths: list[Path], out: Path, counts: dict, *, verbose: bool) -> None:
+def print_prepared(paths: list[Path], out: Path, *, verbose: bool) -> None:
     """Each prepared dataset's counts, shortfalls, exclusions and rejects (verbose), or one
     line for all. Warnings either way: a CSV/folder's notes, and a target the user set with
     --count that the sources cannot meet (the recipes' own shortfalls are in `data info`)."""
@@ -34,7 +34,7 @@ def print_prepared(paths: list[Path], out: Path, counts: dict, *, verbose: bool)
             text = f"{lab}: target {s['target']}, only {s['available']} available"
             if verbose:
                 out_console.print(f"  [yellow]shortfall[/] {text}")
-            elif lab in counts or lab.split(":")[-1] in counts:
+            elif lab in meta.get("counted", ()):
                 err_console.print(
                     f"[bold yellow]warning:[/] shortfall {text} (--count)", highlight=False
                 )

@@ -308,6 +308,8 @@ def prepare_recipes(
             "positive": recipe.positive,
             "seed": seed,
             "shortfalls": shortfalls,
+            # the pool keys whose targets --count set (its shortfalls are the user's to hear)
+            "counted": sorted({k for c in counts or {} if (k := recipe.count_key(c))}),
             "sources_used": {k: str(v) for k, v in given.items() if v is not None},
             **info,
         }
