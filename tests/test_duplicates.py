@@ -233,3 +233,31 @@ def test_cached_pairs_keep_the_direction_their_transform_maps(
     (again,) = find_matches_keyed(LocalFeatures.stack(items[::-1]), ["copy", "film"])
     assert (again.a, again.b) == (1, 0)  # still film → copy
     assert again.transform == first.transform and again.inliers == first.inliers
+
+
+def test_ransac_stops_when_no_passing_model_is_left_to_find(shared_data: Path) -> None:
+    """The finder fits RANSAC only as long as a model with `MATCH_INLIERS` inliers could still
+    be missed (99.5 %); a pair with fewer candidate matches is not fitted at all. A re-framed
+    copy verifies as before, with the same inliers as with the full 2,000 iterations."""
+    import numpy as np
+
+    from automl_cxr.data import decode_gray
+    from automl_cxr.data._duplicates import (
+        MATCH_INLIERS,
+        RANSAC_MAX_ITERS,
+        local_features,
+        ransac_iterations,
+        verify_pair,
+    )
+    from automl_cxr.data._reframe import reframe
+
+    assert ransac_iterations(MATCH_INLIERS - 1, MATCH_INLIERS) == 0
+    its = [ransac_iterations(n, MATCH_INLIERS) for n in (30, 36, 54, 100, 200, 1000)]
+    assert its == sorted(its) and its[0] == 1 and its[-1] == RANSAC_MAX_ITERS
+    film = sorted((shared_data / "cohen" / "images").glob("*"))[3]
+    pixels = decode_gray(film).pixels
+    copy = reframe(pixels, np.random.default_rng(1)).pixels
+    a, b = local_features(pixels)[:2], local_features(copy)[:2]
+    full, _ = verify_pair(a, b, min_inliers=4)
+    bounded, tr = verify_pair(a, b, min_inliers=MATCH_INLIERS)
+    assert tr is not None and bounded >= MATCH_INLIERS and abs(bounded - full) <= 2

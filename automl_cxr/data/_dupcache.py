@@ -27,6 +27,8 @@ from automl_cxr.data._duplicates import (
     MIN_CELLS,
     MIN_VOTES,
     N_FEATURES,
+    RANSAC_CONFIDENCE,
+    RANSAC_MAX_ITERS,
     RANSAC_THRESHOLD,
     RATIO,
     SHORTLIST,
@@ -59,7 +61,9 @@ _PARAMS = (
     MAX_SHEAR,
     MATCH_INLIERS,
     COPY_INLIERS,
-    2,
+    RANSAC_CONFIDENCE,
+    RANSAC_MAX_ITERS,
+    3,  # the pairs' format and the RANSAC iteration rule (3: bounded by `ransac_iterations`)
 )
 
 

@@ -26,6 +26,7 @@ measured distributions in `benchmarks/DUPLICATES.md` (`benchmarks/duplicates.py`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "extract_features",
     "find_matches",
     "inlier_matches",
+    "ransac_iterations",
     "local_features",
     "verify_pair",
 ]
@@ -236,11 +238,35 @@ def _transform(m: np.ndarray) -> dict[str, float] | None:
     }
 
 
+RANSAC_CONFIDENCE = 0.995
+RANSAC_MAX_ITERS = 2000
+
+
+def ransac_iterations(n_matches: int, min_inliers: int) -> int:
+    """RANSAC iterations that find a model with at least `min_inliers` of `n_matches`
+    candidate matches with probability `RANSAC_CONFIDENCE`: an affine model is fitted to 3
+    matches, all inliers with probability at least (min_inliers / n)^3 per draw. A model with
+    fewer inliers cannot pass, so iterating beyond this only serves pairs that fail anyway
+    (at most `RANSAC_MAX_ITERS`; 0 when n < min_inliers)."""
+    if n_matches < max(min_inliers, 3):
+        return 0
+    p = (min_inliers / n_matches) ** 3
+    if p >= 1.0:
+        return 1
+    need = math.log(1.0 - RANSAC_CONFIDENCE) / math.log(1.0 - p)
+    return int(min(RANSAC_MAX_ITERS, max(1, math.ceil(need))))
+
+
 def inlier_matches(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    *,
+    min_inliers: int = 4,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float] | None]:
     """(points of a, points of b, transform) of the RANSAC inliers of two images' (points,
-    descriptors); empty arrays and None when no plausible re-framing maps one onto the other."""
+    descriptors); empty arrays and None when no plausible re-framing maps one onto the other.
+    Only a model with at least `min_inliers` inliers is looked for (`ransac_iterations`):
+    the finder asks for `MATCH_INLIERS`, a pair with fewer candidate matches is not fitted."""
     import cv2
 
     none = (np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
@@ -257,7 +283,8 @@ def inlier_matches(
         and m[0].distance < RATIO * m[1].distance
         and back.get(m[0].trainIdx) == m[0].queryIdx
     ]
-    if len(pairs) < 4:
+    iters = ransac_iterations(len(pairs), max(4, min_inliers))
+    if iters == 0:
         return none
     q, t = np.array(pairs).T
     m, inl = cv2.estimateAffine2D(
@@ -265,8 +292,8 @@ def inlier_matches(
         pb[t],
         method=cv2.RANSAC,
         ransacReprojThreshold=RANSAC_THRESHOLD,
-        maxIters=2000,
-        confidence=0.995,
+        maxIters=iters,
+        confidence=RANSAC_CONFIDENCE,
     )
     if m is None or inl is None:
         return none
@@ -288,10 +315,13 @@ def _cells(points: np.ndarray, frame: np.ndarray) -> int:
 
 
 def verify_pair(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    *,
+    min_inliers: int = 4,
 ) -> tuple[int, dict[str, float] | None]:
     """(RANSAC inliers, transform) of the geometric match of two images (`inlier_matches`)."""
-    pa, _, tr = inlier_matches(a, b)
+    pa, _, tr = inlier_matches(a, b, min_inliers=min_inliers)
     return (len(pa), tr) if tr is not None else (0, None)
 
 
@@ -401,7 +431,7 @@ def find_matches(
     todo = shortlist(query, None if same else base)
     out = []
     for done, ((a, b), n) in enumerate(sorted(todo.items()), start=1):
-        inliers, tr = verify_pair(query.image(a), base.image(b))
+        inliers, tr = verify_pair(query.image(a), base.image(b), min_inliers=MATCH_INLIERS)
         if tr is not None and inliers >= MATCH_INLIERS and tr["cells"] >= MIN_CELLS:
             kind = "copy" if inliers >= COPY_INLIERS else "same_patient"
             out.append(Match(a, b, kind, inliers, n, tr))
