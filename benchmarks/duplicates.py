@@ -30,11 +30,11 @@ from automl_cxr.data import decode_gray, read_cohen, read_kermany, read_nih
 from automl_cxr.data._duplicates import (
     COPY_INLIERS,
     MATCH_INLIERS,
-    extract_features,
     find_matches,
     shortlist,
     verify_pair,
 )
+from automl_cxr.data._keypoints import extract_features
 from automl_cxr.data._reframe import reframe
 from automl_cxr.settings import default_sources_dir
 

@@ -245,10 +245,10 @@ def test_ransac_stops_when_no_passing_model_is_left_to_find(shared_data: Path) -
     from automl_cxr.data._duplicates import (
         MATCH_INLIERS,
         RANSAC_MAX_ITERS,
-        local_features,
         ransac_iterations,
         verify_pair,
     )
+    from automl_cxr.data._keypoints import local_features
     from automl_cxr.data._reframe import reframe
 
     assert ransac_iterations(MATCH_INLIERS - 1, MATCH_INLIERS) == 0

@@ -18,17 +18,11 @@ from automl_cxr.data._diagnostics import (
     source_label_alignment,
 )
 from automl_cxr.data._dupcache import features_of_files
-from automl_cxr.data._duplicates import (
-    COPY_INLIERS,
-    MATCH_INLIERS,
-    LocalFeatures,
-    Match,
-    extract_features,
-    find_matches,
-)
+from automl_cxr.data._duplicates import COPY_INLIERS, MATCH_INLIERS, Match, find_matches
 from automl_cxr.data._external import external_overlap, map_labels, read_external
 from automl_cxr.data._folders import read_csv_manifest, read_folder
 from automl_cxr.data._image import MIN_SIDE, DecodedImage, decode_gray, resize_square
+from automl_cxr.data._keypoints import LocalFeatures, extract_features
 from automl_cxr.data._overlap import describe_overlap, overlap_pairs, overlap_to_drop
 from automl_cxr.data._prepare import (
     MANIFEST_COLUMNS,

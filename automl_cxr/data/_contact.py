@@ -11,13 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from automl_cxr.data._duplicates import (
-    WORK_SIDE,
-    LocalFeatures,
-    find_matches,
-    inlier_matches,
-)
+from automl_cxr.data._duplicates import find_matches, inlier_matches
 from automl_cxr.data._image import decode_gray
+from automl_cxr.data._keypoints import WORK_SIDE, LocalFeatures
 
 __all__ = ["PAIR_COLUMNS", "contact_sheet", "duplicate_pairs"]
 

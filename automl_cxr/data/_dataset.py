@@ -205,7 +205,8 @@ class PreparedDataset:
         """The duplicate finder's keypoints of every row (`data/_duplicates.py`): those `data
         prepare` saved, or computed from the files once and saved beside the manifest."""
         from automl_cxr.data._dupcache import features_of_files
-        from automl_cxr.data._duplicates import FEATURES_FILE, LocalFeatures
+        from automl_cxr.data._duplicates import FEATURES_FILE
+        from automl_cxr.data._keypoints import LocalFeatures
 
         keys = self.manifest["sha256"].astype(str).tolist()
         path = self.root / FEATURES_FILE

@@ -26,21 +26,23 @@ from automl_cxr.data._duplicates import (
     MAX_SHEAR,
     MIN_CELLS,
     MIN_VOTES,
-    N_FEATURES,
     RANSAC_CONFIDENCE,
     RANSAC_MAX_ITERS,
     RANSAC_THRESHOLD,
     RATIO,
     SHORTLIST,
     VOTE_DISTANCE,
-    WORK_SIDE,
-    LocalFeatures,
     Match,
-    Progress,
     find_matches,
-    local_features,
 )
 from automl_cxr.data._image import decode_gray
+from automl_cxr.data._keypoints import (
+    N_FEATURES,
+    WORK_SIDE,
+    LocalFeatures,
+    Progress,
+    local_features,
+)
 
 __all__ = ["cache_dir", "features_for", "features_of_files", "find_matches_keyed"]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from automl_cxr.data._duplicates import LocalFeatures, find_matches
+from automl_cxr.data._duplicates import find_matches
+from automl_cxr.data._keypoints import LocalFeatures
 from automl_cxr.errors import DataError
 
 __all__ = ["describe_overlap", "overlap_pairs", "overlap_to_drop"]

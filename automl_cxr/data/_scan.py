@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from automl_cxr.data._dupcache import features_for, find_matches_keyed
-from automl_cxr.data._duplicates import LocalFeatures, Progress
 from automl_cxr.data._image import MIN_SIDE, decode_gray
+from automl_cxr.data._keypoints import LocalFeatures, Progress
 from automl_cxr.errors import DataError, ImageDecodeError
 
 __all__ = ["ScanResult", "UnionFind", "dedupe", "merge_copies", "scan_images"]
