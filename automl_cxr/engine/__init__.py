@@ -21,6 +21,8 @@ _EXPORTS = {
     "metric_figure": "automl_cxr.engine._inference",
     "compute_metrics": "automl_cxr.engine._metrics",
     "confusion_scalars": "automl_cxr.engine._metrics",
+    "confusion_scalar": "automl_cxr.engine._metrics",
+    "CONFUSION_METRICS": "automl_cxr.engine._metrics",
     "WeightedEvaluator": "automl_cxr.engine._metrics",
     "corrected_paired_ttest": "automl_cxr.engine._inference",
     "roc_curves": "automl_cxr.engine._metrics",
@@ -50,7 +52,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CONFUSION_METRICS",
     "WeightedEvaluator",
+    "confusion_scalar",
     "confusion_scalars",
     "CV_MODES",
     "OPTIMIZERS",

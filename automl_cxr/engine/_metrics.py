@@ -53,8 +53,8 @@ Intervals and tests over these metrics are in `_inference.py`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from sklearn.metrics import auc as area_under_curve
@@ -69,7 +69,9 @@ __all__ = [
     "WORST_FOLD_METRICS",
     "WeightedEvaluator",
     "available_metrics",
+    "CONFUSION_METRICS",
     "compute_metrics",
+    "confusion_scalar",
     "confusion_scalars",
     "flatten_per_class",
     "fold_metric",
@@ -311,36 +313,82 @@ class WeightedEvaluator:
         return {**head, "auc": self.auc(w, cm.sum(axis=2)), **out}
 
 
+class _Counts(NamedTuple):
+    """One-vs-rest counts of a batch of confusion matrices (B, C, C), per class (B, C)."""
+
+    total: np.ndarray  # (B,)
+    correct: np.ndarray  # (B,) the trace
+    tp: np.ndarray
+    support: np.ndarray  # TP + FN: images of the class
+    predicted: np.ndarray  # TP + FP: images called the class
+
+    @classmethod
+    def of(cls, cm: np.ndarray) -> _Counts:
+        return cls(
+            cm.sum(axis=(1, 2)),
+            np.trace(cm, axis1=1, axis2=2),
+            np.diagonal(cm, axis1=1, axis2=2),
+            cm.sum(axis=2),
+            cm.sum(axis=1),
+        )
+
+    def sensitivity(self) -> np.ndarray:
+        return np.where(self.support > 0, self.tp / self.support, np.nan)
+
+    def specificity(self) -> np.ndarray:
+        fp = self.predicted - self.tp
+        tn = self.total[:, None] - self.support - fp
+        return np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+
+    def f1(self) -> np.ndarray:
+        den = self.support + self.predicted  # 2 TP + FP + FN
+        return np.where(den > 0, 2 * self.tp / den, np.nan)
+
+
+_CONFUSION: dict[str, Callable[[_Counts, int], np.ndarray]] = {
+    "accuracy": lambda c, k: c.correct / c.total,
+    "balanced_accuracy": lambda c, k: _mean_defined(c.sensitivity()),
+    "macro_f1": lambda c, k: _mean_defined(c.f1()),
+    "covid_sensitivity": lambda c, k: c.sensitivity()[:, k],
+    "covid_specificity": lambda c, k: c.specificity()[:, k],
+    "covid_accuracy": lambda c, k: (
+        (c.total - c.support[:, k] - c.predicted[:, k] + 2 * c.tp[:, k]) / c.total
+    ),
+}
+CONFUSION_METRICS = tuple(_CONFUSION)
+"""The scalar metrics a confusion matrix decides (the `covid_` ones need a positive class)."""
+
+
+def _mean_defined(x: np.ndarray) -> np.ndarray:
+    """Row means over the defined (non-NaN) values, NaN for a row with none: `np.nanmean`'s
+    arithmetic (sum with NaN as 0, divided by the count) without its per-call overhead."""
+    ok = ~np.isnan(x)
+    return np.where(ok, x, 0.0).sum(axis=1) / ok.sum(axis=1)
+
+
+def confusion_scalar(cm: np.ndarray, metric: str, pos_idx: int | None) -> np.ndarray:
+    """One of `CONFUSION_METRICS` for a batch of confusion matrices (B, C, C), by the same
+    definition as `confusion_scalars` (what a scorer called thousands of times needs)."""
+    if metric.startswith("covid_") and pos_idx is None:
+        raise ConfigError(f"metric {metric!r} needs a positive class")
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: NaN
+        return _CONFUSION[metric](_Counts.of(cm), pos_idx if pos_idx is not None else -1)
+
+
 def confusion_scalars(
     cm: np.ndarray, classes: Sequence[str], pos_idx: int | None
 ) -> dict[str, np.ndarray]:
     """Every scalar metric a confusion matrix decides, for a batch of them (B, C, C): the one
     definition used by `compute_metrics`, the bootstrap and the ensemble scorer (see the
     module doc; NaN where a denominator is zero)."""
-    total = cm.sum(axis=(1, 2))
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    support = cm.sum(axis=2)
-    predicted = cm.sum(axis=1)
-    fn, fp = support - tp, predicted - tp
-    tn = total[:, None] - tp - fn - fp
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
-        sens = np.where(support > 0, tp / support, np.nan)
-        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
-        f1_den = 2 * tp + fp + fn
-        f1 = np.where(f1_den > 0, 2 * tp / f1_den, np.nan)
+    c = _Counts.of(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: NaN
         out = {
-            "accuracy": np.trace(cm, axis1=1, axis2=2) / total,
-            "balanced_accuracy": np.nanmean(sens, axis=1),
-            "macro_f1": np.nanmean(f1, axis=1),
+            name: f(c, pos_idx if pos_idx is not None else -1)
+            for name, f in _CONFUSION.items()
+            if pos_idx is not None or not name.startswith("covid_")
         }
-    if pos_idx is not None:
-        out["covid_sensitivity"] = sens[:, pos_idx]
-        out["covid_specificity"] = spec[:, pos_idx]
-        tp_p = tp[:, pos_idx]
-        out["covid_accuracy"] = (
-            total - support[:, pos_idx] - predicted[:, pos_idx] + 2 * tp_p
-        ) / total
+        sens, spec = c.sensitivity(), c.specificity()
     for k, label in enumerate(classes):
         out[f"sensitivity_{label}"] = sens[:, k]
         out[f"specificity_{label}"] = spec[:, k]

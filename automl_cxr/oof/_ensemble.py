@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from automl_cxr.engine import WeightedEvaluator, confusion_scalars
+from automl_cxr.engine import CONFUSION_METRICS, WeightedEvaluator, confusion_scalar
 from automl_cxr.errors import ConfigError
 
 __all__ = [
@@ -43,19 +43,11 @@ ENSEMBLE_CAVEAT = (
 )
 
 Scorer = Callable[[np.ndarray, np.ndarray], float]
-_FAST = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "covid_sensitivity",
-    "covid_specificity",
-    "covid_accuracy",
-)
 
 
 def metric_scorer(metric: str, classes: list[str], positive: str | None) -> Scorer:
     """``score(labels, probs)`` of one study metric on one set of predictions, by the engine's
-    own definitions: confusion-matrix metrics through `confusion_scalars` on one bincount, the
+    own definitions: confusion-matrix metrics through `confusion_scalar` on one bincount, the
     AUC through the weighted evaluator's rank sums (selection scores thousands of candidates,
     so neither goes through the full `compute_metrics`), the others through
     `compute_metrics`."""
@@ -63,12 +55,12 @@ def metric_scorer(metric: str, classes: list[str], positive: str | None) -> Scor
     k_pos = classes.index(positive) if positive in classes else None
     if metric.startswith("covid_") and k_pos is None:
         raise ConfigError(f"metric {metric!r} needs a positive class; this study has none")
-    if metric in _FAST:
+    if metric in CONFUSION_METRICS:
 
         def fast(y: np.ndarray, p: np.ndarray) -> float:
             cell = y * n_cls + p.argmax(axis=1)
             cm = np.bincount(cell, minlength=n_cls * n_cls).reshape(1, n_cls, n_cls)
-            return float(confusion_scalars(cm.astype(float), classes, k_pos)[metric][0])
+            return float(confusion_scalar(cm.astype(float), metric, k_pos)[0])
 
         return fast
     if metric == "auc":
