@@ -48,7 +48,6 @@ class WeightedEnsemble(nn.Module):
         self.register_buffer(
             "weights", torch.tensor([v / total for v in w]), persistent=_persistent
         )
-        self.equal = len(set(w)) == 1  # the plain mean: bit-identical to averaging
         self.config = members[0].config
 
     def __len__(self) -> int:
@@ -59,13 +58,13 @@ class WeightedEnsemble(nn.Module):
         counts = [m.param_counts() for m in self.members]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
+    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+        """The members' probabilities (K, B, C) mixed into the ensemble's (B, C)."""
+        return (probs * self.weights[:, None, None]).sum(dim=0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])
-        if self.equal:
-            mixed = probs.mean(dim=0)
-        else:
-            mixed = (probs * self.weights[:, None, None]).sum(dim=0)
-        return torch.log(mixed.clamp_min(1e-12))
+        return torch.log(self.mix(probs).clamp_min(1e-12))
 
 
 class CxrEnsemble(WeightedEnsemble):
@@ -83,7 +82,10 @@ class CxrEnsemble(WeightedEnsemble):
                         f"has {m.config.to_dict()} and member 0 has {first}"
                     )
         super().__init__(members, [1.0] * len(members), _persistent=False)
-        self.config: ModelConfig = members[0].config
+
+    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+        """The plain mean (as fold ensembles were always exported)."""
+        return probs.mean(dim=0)
 
     @classmethod
     def from_config(cls, config: ModelConfig, k: int) -> CxrEnsemble:
