@@ -10,7 +10,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -44,20 +44,21 @@ SQLITE_WORKERS_HINT = 4
 def run_local(
     settings: SearchSettings,
     study: optuna.Study,
-    name: str,
-    storage_arg: str,
-    data: tuple[PreparedDataset, PreparedDataset | None, list[PreparedDataset]],
+    dataset: PreparedDataset,
     space: SearchSpace,
     profile: Profile,
+    storage_arg: str,
+    name: str,
     *,
     search: Callable[[SearchSettings], object],
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     log: Callable[[str], None] | None = None,
+    externals: Sequence[PreparedDataset] = (),
+    test: PreparedDataset | None = None,
 ) -> list[str]:
     """Run the study's missing trials here, or in `settings.workers` processes, each running
     `search` (the runner's `run_search`) on the shared storage; returns the notes to carry
     into the summary (many workers on one SQLite file)."""
-    dataset, test, externals = data
     if settings.workers > 1:
         note = _sqlite_note(settings, storage_arg)
         if note and log:
@@ -65,7 +66,7 @@ def run_local(
         _run_local_workers(settings, storage_arg, name, settings.workers, study, on_trial, search)
         return [note] if note else []
     before = len(study.trials)
-    _run_here(settings, study, dataset, space, profile, before, on_trial, externals, test)
+    _run_here(settings, study, dataset, space, profile, before, on_trial, list(externals), test)
     return []
 
 

@@ -60,13 +60,12 @@ def _run_protocol(settings: SearchSettings, profile: Profile, space: SearchSpace
 
 @dataclasses.dataclass
 class _Data:
-    """What the search trains and validates on, what it sets aside, what it scores besides."""
+    """What the search trains and validates on and what it sets aside."""
 
     full: PreparedDataset
     dataset: PreparedDataset
     test: PreparedDataset | None
     test_info: dict | None
-    externals: list[PreparedDataset]
 
 
 def run_search(
@@ -85,7 +84,7 @@ def run_search(
     space, references = _space_stage(settings, profile, log)
     data = _data_stage(settings, profile, space, log)
     protocol = _protocol_stage(settings, profile, space, data, log)
-    data.externals = _externals_stage(settings, data.full, log)
+    externals = _externals_stage(settings, data.full, log)
     storage_arg = settings.storage or str(Path("studies") / f"{settings.dataset}.db")
     storage = open_storage(storage_arg)
     name = settings.study_name or f"{settings.dataset}-{profile.name}"
@@ -97,7 +96,7 @@ def run_search(
         space,
         data.dataset,
         protocol=protocol,
-        external_sets=external_summary(data.externals) if data.externals else None,
+        external_sets=external_summary(externals) if externals else None,
     )
     notes = _study_stage(settings, study, references, log)
     start, before = time.time(), len(study.trials)
@@ -114,21 +113,23 @@ def run_search(
                 storage_arg,
                 on_trial=on_trial,
                 log=log,
-                externals=data.externals,
+                externals=externals,
                 test=data.test,
             )
         else:
             notes += run_local(
                 settings,
                 study,
-                name,
-                storage_arg,
-                (data.dataset, data.test, data.externals),
+                data.dataset,
                 space,
                 profile,
+                storage_arg,
+                name,
                 search=run_search,
                 on_trial=on_trial,
                 log=log,
+                externals=externals,
+                test=data.test,
             )
     close_storage(storage)
     return _summary(settings, study, name, storage_arg, start, before, notes)
@@ -170,7 +171,7 @@ def _data_stage(
     )
     if test_info and log:
         log(_test_line(test_info))
-    return _Data(full, dataset, test, test_info, externals=[])
+    return _Data(full, dataset, test, test_info)
 
 
 def _protocol_stage(
