@@ -32,11 +32,10 @@ from automl_cxr.data._prepare import (
     patients_at_several_sites,
     prepare_recipes,
     prepare_table,
-    scan_pool,
     site_groups,
 )
 from automl_cxr.data._recipes import Recipe, get_recipe, list_recipes, register_recipe
-from automl_cxr.data._scan import scan_images
+from automl_cxr.data._scan import scan_images, scan_pool
 from automl_cxr.data._sources import (
     COHEN_FINDINGS,
     SourceTable,

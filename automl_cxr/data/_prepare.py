@@ -8,8 +8,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,11 @@ from automl_cxr.data._dataset import (
 from automl_cxr.data._duplicates import FEATURES_FILE
 from automl_cxr.data._keypoints import LocalFeatures, Progress
 from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
-from automl_cxr.data._scan import UnionFind, dedupe, merge_copies, scan_images
+from automl_cxr.data._scan import UnionFind, scan_pool
 from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
 from automl_cxr.errors import DataError
 
 __all__ = [
-    "scan_pool",
     "MANIFEST_COLUMNS",
     "NEW_RECIPES",
     "default_recipes",
@@ -150,51 +148,6 @@ def _write_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def scan_pool(
-    tables: Iterable[SourceTable],
-    *,
-    skip_bad: bool,
-    progress: Progress | None = None,
-    noun: str = "image",
-) -> tuple[pd.DataFrame, dict, LocalFeatures]:
-    """Source tables as the rows a dataset keeps, the one pipeline every set goes through
-    (recipes, your own data, `search --external`, `evaluate --data`): every file decoded once
-    and checked (`scan_images`), exact copies removed, re-framed copies merged into one row
-    and one patient group (`dedupe`, `merge_copies`). Returns (rows, what was rejected,
-    removed and merged, the rows' keypoints)."""
-    tables = list(tables)
-    pool = pd.concat([t.table for t in tables], ignore_index=True)
-    if pool.empty:
-        raise DataError("the sources hold no images")
-    t0 = time.perf_counter()
-    scan = scan_images(pool, skip_bad=skip_bad, progress=progress, noun=noun)
-    t1 = time.perf_counter()
-    table, features, dup_info = dedupe(scan)
-    n_before = len(table)
-    table, features, near, copy_conflicts = merge_copies(table, features)
-    t2 = time.perf_counter()
-    dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
-    dup_info["copies_removed"] = (
-        n_before - len(table) - sum(len(c["paths"]) for c in copy_conflicts)
-    )
-    merged = sorted(
-        {g for g, n in table.groupby("group_id")["patient_id"].nunique().items() if n > 1}
-    )
-    info = {
-        "rejected": scan.rejected,
-        **dup_info,
-        "near_duplicates": near,
-        "merged_patient_groups": merged,
-        "excluded": {t.name: t.excluded for t in tables if t.excluded},
-        "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
-        # wall seconds of this run's stages (benchmarks/scale.py): decoding, checks and the
-        # duplicate finder's keypoints; exact-duplicate removal and the finder's shortlist and
-        # geometric verification
-        "timings": {"scan_s": round(t1 - t0, 2), "duplicates_s": round(t2 - t1, 2)},
-    }
-    return table.assign(_feature_row=np.arange(len(table))), info, features
 
 
 NEW_RECIPES = ("binary_adult", "four_class_mixed")

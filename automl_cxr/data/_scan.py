@@ -1,10 +1,11 @@
-"""Source images to manifest rows: decode and reject broken files (`scan_images`), then find
-exact and re-framed copies and merge them into one row with one patient and one site group
-(`dedupe`, `merge_copies`)."""
+"""Source images to manifest rows, the one pipeline every set goes through (`scan_pool`): decode
+and reject broken files (`scan_images`), then find exact and re-framed copies and merge them
+into one row with one patient and one site group (`dedupe`, `merge_copies`)."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ import pandas as pd
 from automl_cxr.data._dupcache import features_for, find_matches_keyed
 from automl_cxr.data._image import MIN_SIDE, decode_gray
 from automl_cxr.data._keypoints import LocalFeatures, Progress
+from automl_cxr.data._sources import SourceTable
 from automl_cxr.errors import DataError, ImageDecodeError
 
-__all__ = ["ScanResult", "UnionFind", "dedupe", "merge_copies", "scan_images"]
+__all__ = ["ScanResult", "UnionFind", "dedupe", "merge_copies", "scan_images", "scan_pool"]
 
 
 @dataclass
@@ -195,3 +197,48 @@ def merge_copies(
     groups = [pats.find(p) for p in patients]
     out = table.assign(group_id=groups)[keep].reset_index(drop=True)
     return out, features.take(np.flatnonzero(keep)), report, conflicts
+
+
+def scan_pool(
+    tables: Iterable[SourceTable],
+    *,
+    skip_bad: bool,
+    progress: Progress | None = None,
+    noun: str = "image",
+) -> tuple[pd.DataFrame, dict, LocalFeatures]:
+    """Source tables as the rows a dataset keeps, the one pipeline every set goes through
+    (recipes, your own data, `search --external`, `evaluate --data`): every file decoded once
+    and checked (`scan_images`), exact copies removed, re-framed copies merged into one row
+    and one patient group (`dedupe`, `merge_copies`). Returns (rows, what was rejected,
+    removed and merged, the rows' keypoints)."""
+    tables = list(tables)
+    pool = pd.concat([t.table for t in tables], ignore_index=True)
+    if pool.empty:
+        raise DataError("the sources hold no images")
+    t0 = time.perf_counter()
+    scan = scan_images(pool, skip_bad=skip_bad, progress=progress, noun=noun)
+    t1 = time.perf_counter()
+    table, features, dup_info = dedupe(scan)
+    n_before = len(table)
+    table, features, near, copy_conflicts = merge_copies(table, features)
+    t2 = time.perf_counter()
+    dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
+    dup_info["copies_removed"] = (
+        n_before - len(table) - sum(len(c["paths"]) for c in copy_conflicts)
+    )
+    merged = sorted(
+        {g for g, n in table.groupby("group_id")["patient_id"].nunique().items() if n > 1}
+    )
+    info = {
+        "rejected": scan.rejected,
+        **dup_info,
+        "near_duplicates": near,
+        "merged_patient_groups": merged,
+        "excluded": {t.name: t.excluded for t in tables if t.excluded},
+        "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
+        # wall seconds of this run's stages (benchmarks/scale.py): decoding, checks and the
+        # duplicate finder's keypoints; exact-duplicate removal and the finder's shortlist and
+        # geometric verification
+        "timings": {"scan_s": round(t1 - t0, 2), "duplicates_s": round(t2 - t1, 2)},
+    }
+    return table.assign(_feature_row=np.arange(len(table))), info, features
