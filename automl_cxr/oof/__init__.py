@@ -23,6 +23,7 @@ from automl_cxr.oof._crossfit import (
 )
 from automl_cxr.oof._ensemble import (
     ENSEMBLE_CAVEAT,
+    ENSEMBLE_ROUNDS,
     caruana_select,
     fold_score,
     metric_scorer,
@@ -54,6 +55,7 @@ from automl_cxr.oof._threshold import (
 __all__ = [
     "ARTIFACTS_ENV",
     "ENSEMBLE_CAVEAT",
+    "ENSEMBLE_ROUNDS",
     "select_ensemble",
     "CROSSFIT_PARTS",
     "crossfit_operating_point",

@@ -29,12 +29,16 @@ from automl_cxr.errors import ConfigError
 
 __all__ = [
     "ENSEMBLE_CAVEAT",
+    "ENSEMBLE_ROUNDS",
     "caruana_select",
     "fold_score",
     "metric_scorer",
     "nested_selection",
     "select_ensemble",
 ]
+
+ENSEMBLE_ROUNDS = 20
+"""Caruana rounds (greedy additions, with replacement) unless asked otherwise."""
 
 ENSEMBLE_CAVEAT = (
     "selected and scored on the same out-of-fold predictions: optimistic. The nested "
@@ -94,7 +98,7 @@ def caruana_select(
     folds: np.ndarray,
     scorer: Scorer,
     *,
-    n_rounds: int = 20,
+    n_rounds: int = ENSEMBLE_ROUNDS,
     init_size: int = 1,
     use_folds: set[int] | None = None,
 ) -> dict[str, Any]:
@@ -162,7 +166,7 @@ def nested_selection(
     folds: np.ndarray,
     scorer: Scorer,
     *,
-    n_rounds: int = 20,
+    n_rounds: int = ENSEMBLE_ROUNDS,
     init_size: int = 1,
 ) -> dict[str, Any]:
     """Select on K−1 folds, score on the held-out one, for each fold; the same for the best
@@ -199,7 +203,7 @@ def nested_selection(
 
 
 def select_ensemble(
-    oofs: Mapping[int, Any], *, metric: str, positive: str | None, rounds: int = 20
+    oofs: Mapping[int, Any], *, metric: str, positive: str | None, rounds: int = ENSEMBLE_ROUNDS
 ) -> dict[str, Any]:
     """Caruana selection over trials' out-of-fold predictions (trial number → stored
     predictions, each `.valid()`), optimistic, with its nested estimate beside it: what the

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from automl_cxr._compat.optuna import storage_of
 from automl_cxr.errors import ConfigError, StorageError
+from automl_cxr.oof import ENSEMBLE_ROUNDS
 from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT, OofReport, build_oof_report
 from automl_cxr.report._paper import paper_table
 from automl_cxr.report._plotdata import (
@@ -159,7 +160,7 @@ def build_report_data(
     storage: str | None = None,
     require_complete: bool = True,
     operating_point: str | None = DEFAULT_OPERATING_POINT,
-    ensemble_rounds: int = 20,
+    ensemble_rounds: int = ENSEMBLE_ROUNDS,
 ) -> ReportData:
     """All the report's data for one study.
 

@@ -14,6 +14,7 @@ import pandas as pd
 from automl_cxr.engine import metric_figure
 from automl_cxr.errors import ConfigError
 from automl_cxr.oof import (
+    ENSEMBLE_ROUNDS,
     calibration_summary,
     crossfit_operating_point,
     crossfit_parts,
@@ -25,7 +26,6 @@ from automl_cxr.oof import (
 __all__ = ["DEFAULT_OPERATING_POINT", "OofReport", "build_oof_report", "score_test_split"]
 
 DEFAULT_OPERATING_POINT = "youden"
-ENSEMBLE_ROUNDS = 20
 
 
 @dataclass
