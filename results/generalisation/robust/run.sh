@@ -6,7 +6,8 @@
 # 2. the lung segmenter trained without them either (`lungs train --exclude`);
 # 3. binary_adult --cv site studies: no lever (space.yaml, as in RESULTS.md), each lever alone,
 #    all three; and all three under --cv patient; same seed, trials and time budget (and, with
-#    STUDIES=resolution TIMEOUT=2400, space_resolution.yaml: input size and Lite2); every
+#    STUDIES=resolution TIMEOUT=2400, space_resolution.yaml: input size and Lite2; with
+#    STUDIES=lite2, space_lite2.yaml: Lite2 as a fourth backbone at 128 px); every
 #    COMPLETE trial scored on the external sets (never seen by sampler, pruner or ranking);
 # 4. summarise.py writes the tables of ROBUST.md (summary.md/json).
 set -euo pipefail
