@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -658,6 +659,22 @@ def test_caches_sharing_a_folder_compute_each_entry_once(tmp_path) -> None:
     assert len(calls) == 1
     assert sorted(hit for _, hit in got) == [False, True]
     assert all(torch.equal(t, torch.arange(6.0)) for t, _ in got)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_feature_cache_entries_on_disk_are_memory_mapped(tmp_path) -> None:
+    """An entry written to or read from the folder is a mapping of its file (shared by the
+    worker processes through the page cache, issue 26), not a private copy; its values are
+    the computed ones."""
+    computed = torch.arange(24.0).reshape(4, 2, 3)
+    t, hit = FeatureCache(directory=tmp_path).get_or_compute("k", lambda: computed.clone())
+    assert not hit and torch.equal(t, computed)
+    u = FeatureCache(directory=tmp_path).get("k")
+    assert u is not None and torch.equal(u, computed)
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "k.pt") in mapped
+    memory_only, _ = FeatureCache().get_or_compute("m", lambda: computed.clone())
+    assert torch.equal(memory_only, computed)  # without a folder nothing changes
 
 
 def test_cpu_amp_runs_in_bfloat16_only_where_the_cpu_computes_it(small) -> None:

@@ -77,7 +77,8 @@ class FeatureCache:
     Args:
         max_bytes: memory budget; least recently used entries are evicted beyond it. An entry
             larger than the budget is not kept in memory (but still written to disk).
-        directory: optional folder for `.pt` files shared by processes and later runs.
+        directory: optional folder for `.pt` files shared by processes and later runs; an
+            entry read from (or written to) it is memory-mapped, not copied into the process.
     """
 
     def __init__(self, max_bytes: int = 4 << 30, directory: str | Path | None = None) -> None:
@@ -108,7 +109,7 @@ class FeatureCache:
         path = self.directory / f"{key}.pt" if self.directory else None
         if path is not None and path.is_file():
             try:
-                t = torch.load(path, map_location="cpu", weights_only=True)
+                t = _load_mapped(path)
             except Exception as exc:  # torch.load raises many kinds on a torn file
                 # a torn or damaged file: recomputed, and said (the trial's feature_cache
                 # record lists it), never silently
@@ -170,6 +171,8 @@ class FeatureCache:
                 os.replace(tmp, path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(Exception):  # keep the computed copy if it cannot be mapped
+                t = _load_mapped(path)  # the page cache's copy, shared with the other workers
         self._remember(key, t)
         return t
 
@@ -186,6 +189,13 @@ class FeatureCache:
     def clear(self) -> None:
         with self._lock:
             self._mem.clear()
+
+
+def _load_mapped(path: Path) -> torch.Tensor:
+    """A cache file's tensor, memory-mapped (read-only use, copy-on-write): worker processes
+    reading the same entry share one copy in the page cache instead of each holding its own,
+    so the features of a large dataset cost their size once, not once per worker."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 @dataclass
