@@ -45,6 +45,10 @@ from automl_cxr.study._external import (  # as `search --external` does
 )
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from adapt_probe import _pooled  # noqa: E402  (the same extractor as the AdaBN probe)
+
 CONFIGS = (
     ("tf_efficientnet_lite1", 128),
     ("mobilenetv2_100", 224),
@@ -64,22 +68,13 @@ STUDIES = (
 )
 
 
-@torch.no_grad()
 def _features(backbone: str, size: int, datasets: dict) -> dict[str, np.ndarray]:
+    """Average-pooled frozen ImageNet features of every dataset (adapt_probe's extractor)."""
     model = build_model(ModelConfig(backbone=backbone, num_classes=2, frozen_stages=0)).eval()
     out = {}
     for key, ds in datasets.items():
         imgs = ds.images(size)
-        out[key] = np.concatenate(
-            [
-                model.forward_features(
-                    torch.from_numpy(np.asarray(imgs[i : i + 64])).float()[:, None] / 255.0
-                )
-                .mean((2, 3))
-                .numpy()
-                for i in range(0, len(imgs), 64)
-            ]
-        )
+        out[key] = _pooled(model, imgs, np.arange(len(imgs)))
     return out
 
 
