@@ -114,7 +114,7 @@ def test_a_reencoded_training_image_is_refused_as_external(
     from PIL import Image
 
     from automl_cxr.errors import DataError
-    from automl_cxr.study._external import prepare_externals
+    from automl_cxr.study import prepare_externals
 
     ds = load_dataset("binary_adult", prepared_dir)
     src = Path(ds.manifest["path"].iloc[3])

@@ -225,7 +225,7 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
 def test_pruned_trials_carry_no_external_figures(
     shared_data: Path, prepared_dir: Path, tmp_path: Path
 ) -> None:
-    from automl_cxr.study._external import prepare_externals
+    from automl_cxr.study import prepare_externals
 
     ext_dir = _external_folder(shared_data, prepared_dir, tmp_path / "adults")
     ds = subsample(load_dataset("three_class", prepared_dir), 40, 0)

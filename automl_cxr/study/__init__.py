@@ -51,6 +51,8 @@ _EXPORTS = {
     "describe_held": "automl_cxr.study._testsplit",
     "search_data": "automl_cxr.study._testsplit",
     "fold_members": "automl_cxr.study._protocol",
+    "external_attr_key": "automl_cxr.study._external",
+    "prepare_externals": "automl_cxr.study._external",
     "load_study": "automl_cxr._storage",
     "open_storage": "automl_cxr._storage",
     "storage_location": "automl_cxr._storage",
@@ -60,6 +62,8 @@ _EXPORTS = {
 
 __all__ = [
     "describe_held",
+    "external_attr_key",
+    "prepare_externals",
     "fold_members",
     "search_data",
     "FINISHED",
@@ -105,6 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover
         storage_url,
         study_names,
     )
+    from automl_cxr.study._external import external_attr_key, prepare_externals  # noqa: F401
     from automl_cxr.study._objective import (
         OBJECTIVE_KEYS,
         Objective,

@@ -38,7 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
 from automl_cxr.models import ModelConfig, build_model
-from automl_cxr.study._external import prepare_externals  # as `search --external` does
+from automl_cxr.study import prepare_externals  # as `search --external` does
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = (

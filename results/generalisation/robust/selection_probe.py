@@ -38,9 +38,9 @@ from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
 from automl_cxr.models import ModelConfig, build_model
 from automl_cxr.oof import load_study_oof
-from automl_cxr.study import load_study
-from automl_cxr.study._external import (  # as `search --external` does
+from automl_cxr.study import (  # prepare_externals: as `search --external` does
     external_attr_key,
+    load_study,
     prepare_externals,
 )
 

@@ -21,8 +21,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from summarise import _fmt, summarise  # noqa: E402  (results/generalisation/summarise.py)
 
-from automl_cxr.study import load_study  # noqa: E402
-from automl_cxr.study._external import external_attr_key  # noqa: E402
+from automl_cxr.study import external_attr_key, load_study  # noqa: E402
 
 ORDER = [
     "none_site",
