@@ -4,10 +4,11 @@ A 2-worker cpu-profile search trains head-only trials on each image's pooled vec
 the shared feature folder by both workers. At 50,000 images one backbone's entry is
 50,000 x 2 x 1,280 float32 = 512 MB. This script writes such an entry once, then starts two
 worker processes that each read it through `FeatureCache` and touch every value (as training
-does), and reports each worker's RSS and PSS (`/proc/<pid>/smaps_rollup`: PSS counts a page
-shared by both workers half in each) while both hold it. Variants, side by side in one run:
-`mapped` (the cache today: `torch.load(..., mmap=True)`) and `copied` (the cache before:
-each worker reads the file into its own memory).
+does) and the average-pooled rows a head-only trial trains on, and reports each worker's RSS
+and PSS (`/proc/<pid>/smaps_rollup`: PSS counts a page shared by both workers half in each)
+while both hold it. Variants, side by side in one run: `mapped` (today: the entry read with
+`torch.load(..., mmap=True)`, the trial's rows a view of it) and `copied` (before: each worker
+reads the file into its own memory and the trial makes a contiguous copy of its pooling).
 
     .venv/bin/python benchmarks/feature_cache_memory.py --images 50000
     (writes benchmarks/feature_cache_memory.json)
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from automl_cxr.engine import FeatureCache, _features
+from automl_cxr.models import combine_pooled
 
 
 def _smaps() -> dict[str, float]:
@@ -43,7 +45,12 @@ def _worker(folder: str, key: str, copied: bool, ready, done, q) -> None:
     base = _smaps()
     t = FeatureCache(directory=folder).get(key)
     assert t is not None
-    total = float(t.sum())  # touch every value, as training over the rows does
+    # what a head-only avg-pool trial trains on: before, a contiguous copy of the pooling;
+    # now a view of the entry (`combine_pooled`)
+    x = combine_pooled(t, "avg")
+    if copied:
+        x = x.contiguous()
+    total = float(t.sum()) + float(x[torch.arange(0, len(x), 7)].sum())  # touch every value
     ready.wait()  # both workers hold the entry now
     q.put({"pid": os.getpid(), "before": base, "holding": _smaps(), "checksum": total})
     done.wait()

@@ -189,9 +189,11 @@ def test_pooled_vectors_are_what_the_head_pools() -> None:
 
     gen = torch.Generator().manual_seed(0)
     for x in (torch.randn(3, 5, 4, 2, generator=gen), torch.randn(3, 7, 5, generator=gen)):
-        avg, mx = pool_vectors(x)
+        pair = torch.stack(pool_vectors(x), dim=1)  # (N, 2, C), as the feature cache keeps it
         for pool in POOLS:
-            assert torch.allclose(combine_pooled(avg, mx, pool), FeaturePool(pool)(x))
+            got = combine_pooled(pair, pool)
+            assert torch.allclose(got, FeaturePool(pool)(x))
+            assert got.untyped_storage().data_ptr() == pair.untyped_storage().data_ptr()  # a view
 
 
 def test_latency_is_measured_once_per_architecture(small, monkeypatch) -> None:

@@ -242,7 +242,7 @@ def frozen_inputs(
         pair, hit = cache.get_or_compute(key, lambda: run.pooled(share_from))
         from automl_cxr.models import combine_pooled
 
-        x = combine_pooled(pair[:, 0], pair[:, 1], pool).contiguous().to(device)
+        x = combine_pooled(pair, pool).to(device)  # on the CPU a view of the cached entry
         net, kind = classifier, "pooled"
     else:
         parts = key_parts(depth, split[0])

@@ -145,10 +145,11 @@ def pool_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     raise ConfigError(f"cannot pool features of shape {tuple(x.shape)}")
 
 
-def combine_pooled(avg: torch.Tensor, mx: torch.Tensor, pool: str) -> torch.Tensor:
-    """What `FeaturePool(pool)` returns, from the two pooled vectors of `pool_vectors`."""
+def combine_pooled(pair: torch.Tensor, pool: str) -> torch.Tensor:
+    """What `FeaturePool(pool)` returns, from the (N, 2, C) stack of `pool_vectors`' avg and
+    max vectors: a view of `pair` (no copy: a large cached, memory-mapped stack stays shared)."""
     _check_choice("pool", "pool", pool, POOLS)
-    return avg if pool == "avg" else mx if pool == "max" else torch.cat([avg, mx], dim=1)
+    return pair[:, 0] if pool == "avg" else pair[:, 1] if pool == "max" else pair.flatten(1)
 
 
 class PooledHead(nn.Module):
