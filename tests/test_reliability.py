@@ -242,7 +242,12 @@ def test_parallel_workers_share_frozen_features_and_report_progress(
     # exactly --trials: a worker starts no trial that another one's running trial fills.
     # (12, not 6: under a loaded CI one worker once finished all 6 head-only trials while the
     # other was still reading the shared features, and the two-pid check below failed.)
-    assert len(done) == 12 and len(study.trials) == 12
+    # (A trial two workers start at the same moment beyond --trials is failed before
+    # sampling, as `surplus`: documented, and it once happened here.)
+    counted = [t for t in study.trials if t.user_attrs.get("fail_kind") != "surplus"]
+    assert len(done) == 12 and len(counted) == 12
+    surplus = [t for t in study.trials if t.user_attrs.get("fail_kind") == "surplus"]
+    assert all(t.state.name == "FAIL" and not t.params for t in surplus)
     assert len({t.user_attrs["worker"]["pid"] for t in done}) == 2
     caches = [t.user_attrs["feature_cache"] for t in done]
     assert {c["kind"] for c in caches} == {"pooled"} and len({c["key"] for c in caches}) == 1
