@@ -2,8 +2,9 @@
 several fold seeds rank the trials better for a new hospital? (ROBUST.md §5's open question)
 
 Every COMPLETE trial of the named studies is re-run with its own parameters (`FixedTrial`,
-the study's space and the cpu profile, `--cv site`) under fold seeds 1..K-1 (seed 0 is the
-study's own run, its stored value); the mean over the K seeds and the single-seed value are
+the study's space and the cpu profile, `--cv site`) under seeds 1..K-1 (a seed draws the site
+folds, the inner early-stopping split and the training order; seed 0 is the study's own run,
+its stored value); the mean over the K seeds and the single-seed value are
 then compared by their correlation with the trial's stored `cohen_sites` balanced accuracy
 (scored by the search on 24 held-out Cohen hospitals, never used to choose anything here).
 
@@ -76,7 +77,7 @@ def main() -> int:
             )
     coh = np.array([r["cohen_sites"] for r in rows])
     lines = [
-        f"{len(rows)} complete trials ({', '.join(STUDIES)}), {args.seeds} fold seeds each:",
+        f"{len(rows)} complete trials ({', '.join(STUDIES)}), {args.seeds} seeds each:",
         "",
         "| estimate | corr. with cohen_sites | best trial | its estimate | its cohen_sites |",
         "| --- | ---: | --- | ---: | ---: |",
@@ -85,7 +86,7 @@ def main() -> int:
         v = np.array([r[key] for r in rows])
         b = rows[int(v.argmax())]
         lines.append(
-            f"| {'fold seed 0 (the search)' if key == 'seed0' else f'mean of {args.seeds} seeds'} "
+            f"| {'seed 0 (the search)' if key == 'seed0' else f'mean of {args.seeds} seeds'} "
             f"| {np.corrcoef(v, coh)[0, 1]:+.2f} | {b['study']} #{b['trial']} ({b['backbone']}) "
             f"| {v.max():.3f} | {b['cohen_sites']:.3f} |"
         )
