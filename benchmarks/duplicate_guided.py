@@ -27,6 +27,8 @@ import numpy as np
 from automl_cxr.data import decode_gray
 from automl_cxr.data._duplicates import (
     MATCH_INLIERS,
+    RANSAC_CONFIDENCE,
+    RANSAC_MAX_ITERS,
     RANSAC_THRESHOLD,
     mutual_matches,
     shortlist,
@@ -51,8 +53,8 @@ def _fit(pa: np.ndarray, pb: np.ndarray):
         pb,
         method=cv2.RANSAC,
         ransacReprojThreshold=RANSAC_THRESHOLD,
-        maxIters=2000,
-        confidence=0.995,
+        maxIters=RANSAC_MAX_ITERS,
+        confidence=RANSAC_CONFIDENCE,
     )
     return (None, 0) if m is None else (m, int(inl.sum()))
 

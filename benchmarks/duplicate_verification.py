@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -97,8 +98,7 @@ def main() -> None:
     out = {
         "command": "python benchmarks/duplicate_verification.py "
         f"--nih {args.nih} --cohen {args.cohen} --repeats {args.repeats}",
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, "
-        f"{platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
         "images": len(paths),
         "candidates": len(todo),
         "identical_match_lists": f"{same} of {len(todo)}",

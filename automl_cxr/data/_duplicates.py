@@ -64,6 +64,10 @@ RATIO = 0.8
 RANSAC_THRESHOLD = 0.004
 """RANSAC reprojection threshold, as a fraction of the longer side (1.5 px at `WORK_SIDE`): a
 copy's keypoints land where the transform puts them; the anatomy of two patients only roughly."""
+RANSAC_CONFIDENCE = 0.995
+RANSAC_MAX_ITERS = 2000
+"""RANSAC finds a model with `MATCH_INLIERS` inliers with this probability, in at most this
+many iterations (`ransac_iterations`)."""
 GRID = 4
 MIN_CELLS = 6
 """Inliers must fall in at least `MIN_CELLS` cells of a `GRID` x `GRID` grid over either image:
@@ -145,10 +149,6 @@ def mutual_matches(da: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarr
     q = np.arange(len(da))
     keep = (dist[:, 0] < RATIO * dist[:, 1]) & (back[near[:, 0], 0] == q)
     return q[keep], near[keep, 0].astype(np.int64)
-
-
-RANSAC_CONFIDENCE = 0.995
-RANSAC_MAX_ITERS = 2000
 
 
 def ransac_iterations(n_matches: int, min_inliers: int) -> int:
