@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import auc as area_under_curve
@@ -313,33 +314,28 @@ class WeightedEvaluator:
         return {**head, "auc": self.auc(w, cm.sum(axis=2)), **out}
 
 
-class _Counts(NamedTuple):
-    """One-vs-rest counts of a batch of confusion matrices (B, C, C), per class (B, C)."""
+class _Counts:
+    """One-vs-rest counts of a batch of confusion matrices (B, C, C), per class (B, C); each
+    rate is computed on first use and kept (several metrics share it)."""
 
-    total: np.ndarray  # (B,)
-    correct: np.ndarray  # (B,) the trace
-    tp: np.ndarray
-    support: np.ndarray  # TP + FN: images of the class
-    predicted: np.ndarray  # TP + FP: images called the class
+    def __init__(self, cm: np.ndarray) -> None:
+        self.total = cm.sum(axis=(1, 2))  # (B,)
+        self.correct = np.trace(cm, axis1=1, axis2=2)  # (B,)
+        self.tp = np.diagonal(cm, axis1=1, axis2=2)
+        self.support = cm.sum(axis=2)  # TP + FN: images of the class
+        self.predicted = cm.sum(axis=1)  # TP + FP: images called the class
 
-    @classmethod
-    def of(cls, cm: np.ndarray) -> _Counts:
-        return cls(
-            cm.sum(axis=(1, 2)),
-            np.trace(cm, axis1=1, axis2=2),
-            np.diagonal(cm, axis1=1, axis2=2),
-            cm.sum(axis=2),
-            cm.sum(axis=1),
-        )
-
+    @cached_property
     def sensitivity(self) -> np.ndarray:
         return np.where(self.support > 0, self.tp / self.support, np.nan)
 
+    @cached_property
     def specificity(self) -> np.ndarray:
         fp = self.predicted - self.tp
         tn = self.total[:, None] - self.support - fp
         return np.where(tn + fp > 0, tn / (tn + fp), np.nan)
 
+    @cached_property
     def f1(self) -> np.ndarray:
         den = self.support + self.predicted  # 2 TP + FP + FN
         return np.where(den > 0, 2 * self.tp / den, np.nan)
@@ -347,10 +343,10 @@ class _Counts(NamedTuple):
 
 _CONFUSION: dict[str, Callable[[_Counts, int], np.ndarray]] = {
     "accuracy": lambda c, k: c.correct / c.total,
-    "balanced_accuracy": lambda c, k: _mean_defined(c.sensitivity()),
-    "macro_f1": lambda c, k: _mean_defined(c.f1()),
-    "covid_sensitivity": lambda c, k: c.sensitivity()[:, k],
-    "covid_specificity": lambda c, k: c.specificity()[:, k],
+    "balanced_accuracy": lambda c, k: _mean_defined(c.sensitivity),
+    "macro_f1": lambda c, k: _mean_defined(c.f1),
+    "covid_sensitivity": lambda c, k: c.sensitivity[:, k],
+    "covid_specificity": lambda c, k: c.specificity[:, k],
     "covid_accuracy": lambda c, k: (
         (c.total - c.support[:, k] - c.predicted[:, k] + 2 * c.tp[:, k]) / c.total
     ),
@@ -372,7 +368,7 @@ def confusion_scalar(cm: np.ndarray, metric: str, pos_idx: int | None) -> np.nda
     if metric.startswith("covid_") and pos_idx is None:
         raise ConfigError(f"metric {metric!r} needs a positive class")
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: NaN
-        return _CONFUSION[metric](_Counts.of(cm), pos_idx if pos_idx is not None else -1)
+        return _CONFUSION[metric](_Counts(cm), pos_idx if pos_idx is not None else -1)
 
 
 def confusion_scalars(
@@ -381,14 +377,14 @@ def confusion_scalars(
     """Every scalar metric a confusion matrix decides, for a batch of them (B, C, C): the one
     definition used by `compute_metrics`, the bootstrap and the ensemble scorer (see the
     module doc; NaN where a denominator is zero)."""
-    c = _Counts.of(cm)
+    c = _Counts(cm)
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: NaN
         out = {
             name: f(c, pos_idx if pos_idx is not None else -1)
             for name, f in _CONFUSION.items()
             if pos_idx is not None or not name.startswith("covid_")
         }
-        sens, spec = c.sensitivity(), c.specificity()
+        sens, spec = c.sensitivity, c.specificity
     for k, label in enumerate(classes):
         out[f"sensitivity_{label}"] = sens[:, k]
         out[f"specificity_{label}"] = spec[:, k]
