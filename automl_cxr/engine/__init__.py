@@ -41,6 +41,7 @@ _EXPORTS = {
     "Reporter": "automl_cxr.engine._session",
     "TrialResult": "automl_cxr.engine._trial",
     "dataset_sites": "automl_cxr.engine._folds",
+    "group_balance_weights": "automl_cxr.engine._folds",
     "dataset_splits": "automl_cxr.engine._folds",
     "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
@@ -76,6 +77,7 @@ __all__ = [
     "corrected_paired_ttest",
     "cpu_bf16_supported",
     "dataset_sites",
+    "group_balance_weights",
     "dataset_splits",
     "feature_key",
     "fit_folds",
@@ -112,6 +114,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr.engine._folds import (  # noqa: F401
         dataset_sites,
         dataset_splits,
+        group_balance_weights,
         row_identities,
     )
     from automl_cxr.engine._inference import (  # noqa: F401

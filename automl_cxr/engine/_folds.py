@@ -12,7 +12,14 @@ from automl_cxr.engine._config import TrainConfig
 from automl_cxr.engine._splits import make_site_splits, make_splits
 from automl_cxr.errors import ConfigError
 
-__all__ = ["dataset_sites", "dataset_splits", "inner_split", "row_identities", "trial_splits"]
+__all__ = [
+    "dataset_sites",
+    "dataset_splits",
+    "group_balance_weights",
+    "inner_split",
+    "row_identities",
+    "trial_splits",
+]
 
 
 def inner_split(
@@ -99,3 +106,17 @@ def row_identities(dataset: PreparedDataset) -> np.ndarray:
     k = ids.groupby(ids).cumcount().to_numpy()
     base = ids.to_numpy(dtype=object)
     return np.array([b if j == 0 else f"{b}#{j}" for b, j in zip(base, k, strict=True)])
+
+
+def group_balance_weights(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per-row weights (float64) in which, within each class, every group (an image source, a
+    site) carries the same total weight and the class keeps its row count: `source_balance`."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    w = np.zeros(len(labels))
+    for c in np.unique(labels):
+        in_c = labels == c
+        names, counts = np.unique(groups[in_c], return_counts=True)
+        share = in_c.sum() / len(names)
+        for name, n in zip(names, counts, strict=True):
+            w[in_c & (groups == name)] = share / n
+    return w

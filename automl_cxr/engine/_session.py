@@ -23,7 +23,7 @@ from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
 from automl_cxr.engine._device import amp_plan, resolve_device
 from automl_cxr.engine._features import FeatureCache, frozen_inputs, state_hash
-from automl_cxr.engine._folds import dataset_sites, inner_split
+from automl_cxr.engine._folds import dataset_sites, group_balance_weights, inner_split
 from automl_cxr.engine._metrics import (
     compute_metrics,
     fold_metric,
@@ -382,15 +382,9 @@ class Session:
     def _source_balance(self, fit_idx: np.ndarray) -> torch.Tensor:
         """Per-row weights (0 outside `fit_idx`): within each class of the training rows, every
         source gets the same total weight and the class keeps its image count."""
-        labels = self.dataset.labels[fit_idx]
-        sources = self.dataset.manifest["source"].to_numpy().astype(str)[fit_idx]
+        sources = self.dataset.manifest["source"].to_numpy().astype(str)
         w = np.zeros(len(self.dataset), dtype=np.float32)
-        for c in np.unique(labels):
-            in_c = labels == c
-            names, counts = np.unique(sources[in_c], return_counts=True)
-            share = in_c.sum() / len(names)
-            for name, n in zip(names, counts, strict=True):
-                w[fit_idx[in_c & (sources == name)]] = share / n
+        w[fit_idx] = group_balance_weights(self.dataset.labels[fit_idx], sources[fit_idx])
         return torch.from_numpy(w).to(self.device)
 
     def _evaluate(

@@ -35,7 +35,7 @@ from sklearn.metrics import balanced_accuracy_score as bacc
 from sklearn.preprocessing import StandardScaler
 
 from automl_cxr.data import load_dataset
-from automl_cxr.engine import make_site_splits
+from automl_cxr.engine import group_balance_weights, make_site_splits
 from automl_cxr.models import ModelConfig, build_model
 from automl_cxr.oof import load_study_oof
 from automl_cxr.study import (  # prepare_externals: as `search --external` does
@@ -81,16 +81,13 @@ def _features(backbone: str, size: int, datasets: dict) -> dict[str, np.ndarray]
 def weights(y: np.ndarray, source: np.ndarray, site: np.ndarray, kind: str) -> np.ndarray:
     """Per-image training weights of `kind`; each class then sums to half the total."""
     w = np.ones(len(y))
-    for c in np.unique(y):
-        inc = y == c
-        if kind in ("source", "nih0.2", "nih0", "site"):
-            groups = source if kind != "site" else site
-            names, counts = np.unique(groups[inc], return_counts=True)
-            for name, n in zip(names, counts, strict=True):
-                w[inc & (groups == name)] = inc.sum() / len(names) / n
-            if kind in ("nih0.2", "nih0"):
-                w[inc & (source == "nih")] *= 0.2 if kind == "nih0.2" else 0.0
-        elif kind == "sqrt_site":
+    if kind in ("source", "nih0.2", "nih0", "site"):  # the searched source_balance's rule
+        w = group_balance_weights(y, site if kind == "site" else source)
+        if kind in ("nih0.2", "nih0"):
+            w[source == "nih"] *= 0.2 if kind == "nih0.2" else 0.0
+    elif kind == "sqrt_site":
+        for c in np.unique(y):
+            inc = y == c
             names, counts = np.unique(site[inc], return_counts=True)
             for name, n in zip(names, counts, strict=True):
                 w[inc & (site == name)] = 1 / np.sqrt(n)
