@@ -572,9 +572,10 @@ def test_two_node_cluster_on_postgresql_survives_a_lost_node(
     assert "Traceback" not in err
     assert not _load(str(db), "three_class-smoke").get_trials()
 
-    # Twelve epochs per fold: a trial lasts long enough to lose its node in the middle of it.
+    # Thirty epochs per fold: a trial lasts long enough to lose its node in the middle of it.
+    # (With twelve, a fresh-clone CI run saw all four trials finish between two polls.)
     space = tmp_path / "slow.yaml"
-    epochs, folds = 12, 2  # the smoke profile's two folds; long enough to be caught mid-trial
+    epochs, folds = 30, 2  # the smoke profile's two folds; long enough to be caught mid-trial
     space.write_text((REPO / "studies" / "default.yaml").read_text() + f"\nepochs: {epochs}\n")
     name = f"cluster-{os.getpid()}-{time.time_ns()}"
     proc = _search(
