@@ -25,6 +25,15 @@ def pytest_configure(config: pytest.Config) -> None:
         pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_default_data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Commands run without --data-dir read an empty folder, not the checkout's ./data (a
+    developer's prepared datasets would otherwise change what the tests see)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOML_CXR_DATA", str(tmp_path_factory.mktemp("default-data")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED / "cohen").is_dir():
