@@ -38,12 +38,13 @@ def test_thresholds_are_ordered() -> None:
 
 
 def test_nih_films_yield_no_pair(shared_data: Path) -> None:
-    """621 NIH films, each of another patient: not one copy, not one same-patient match."""
+    """621 NIH films, each of another patient: not one copy, not one same-patient match, by
+    keypoints or by aligned texture (the finder reads the files, as `data prepare` does)."""
     paths = sorted((shared_data / "nih" / "images").glob("*.png"))
     assert len(paths) == 621
     imgs = [decode_gray(p) for p in paths]
     feats = LocalFeatures.stack([features_for(i.pixels, i.sha256) for i in imgs])
-    assert find_matches(feats) == []
+    assert find_matches(feats, paths=paths) == []
 
 
 def test_reframed_copy_in_a_second_source_is_merged_and_joins_the_patient(
@@ -261,3 +262,55 @@ def test_ransac_stops_when_no_passing_model_is_left_to_find(shared_data: Path) -
     full, _ = verify_pair(a, b, min_inliers=4)
     bounded, tr = verify_pair(a, b, min_inliers=MATCH_INLIERS)
     assert tr is not None and bounded >= MATCH_INLIERS and abs(bounded - full) <= 2
+
+
+def test_aligned_texture_tells_a_copy_from_another_patients_film(shared_data: Path) -> None:
+    """Step 4's measure on real films lined up by a known transform: a re-windowed, JPEG-
+    re-encoded copy agrees with its original cell by cell; two NIH patients' films, lined up
+    the same way, do not (however alike their anatomy and framing)."""
+    import cv2
+
+    from automl_cxr.data._aligned import ALIGNED_CORRELATION, aligned_correlation
+    from automl_cxr.data._keypoints import work_image
+
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    nih = sorted((shared_data / "nih" / "images").glob("*.png"))[:6]
+    films = [decode_gray(p).pixels for p in nih]
+    gamma = (255 * (films[0] / 255.0) ** 1.3).astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", gamma, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    copy = cv2.imdecode(jpeg, cv2.IMREAD_GRAYSCALE)
+    a = work_image(films[0])
+    assert aligned_correlation(a, work_image(copy), identity) >= 0.8
+    others = [aligned_correlation(a, work_image(f), identity) for f in films[1:]]
+    assert all(c is not None and c < ALIGNED_CORRELATION / 2 for c in others), others
+    # a transform that leaves nothing to compare gives no verdict
+    away = np.array([[1.0, 0.0, 5.0], [0.0, 1.0, 5.0]])
+    assert aligned_correlation(a, work_image(copy), away) is None
+
+
+def test_aligned_texture_finds_copies_the_keypoints_miss_and_no_false_pair(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the keypoint rule made impossible to pass, the finder still confirms re-framed
+    copies by their aligned texture when it can read the files (as a same-patient match with
+    the correlation as evidence, kept through the pairs cache), and pairs none of 120 NIH films
+    of 120 patients; without the files it finds nothing."""
+    from automl_cxr.data import _duplicates
+    from automl_cxr.data._dupcache import find_matches_keyed
+
+    monkeypatch.setenv("AUTOML_CXR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_duplicates, "MATCH_INLIERS", 10**6)
+    films = sorted((shared_data / "cohen" / "images").glob("*"))[10:13]
+    copies = [_copy_of(f, tmp_path / f"copy{i}", seed=20 + i) for i, f in enumerate(films)]
+    nih = sorted((shared_data / "nih" / "images").glob("*.png"))[:120]
+    paths = [str(p) for p in [*films, *copies, *nih]]
+    imgs = [decode_gray(p) for p in paths]
+    feats = LocalFeatures.stack([features_for(i.pixels, i.sha256) for i in imgs])
+    assert find_matches(feats) == []
+    found = find_matches_keyed(feats, [i.sha256 for i in imgs], paths=paths)
+    assert {(m.a, m.b) for m in found} == {(0, 3), (1, 4), (2, 5)}, found
+    assert all(m.kind == "same_patient" and m.correlation >= 0.45 for m in found)
+    assert all(m.evidence()["correlation"] == m.correlation for m in found)
+    assert len(list((tmp_path / "cache").glob("pairs-*/*.json"))) == 1
+    again = find_matches_keyed(feats, [i.sha256 for i in imgs], paths=paths)
+    assert again == found

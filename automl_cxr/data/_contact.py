@@ -13,7 +13,7 @@ import pandas as pd
 
 from automl_cxr.data._duplicates import find_matches, inlier_matches
 from automl_cxr.data._image import decode_gray
-from automl_cxr.data._keypoints import WORK_SIDE, LocalFeatures
+from automl_cxr.data._keypoints import WORK_SIDE, LocalFeatures, work_image
 
 __all__ = ["PAIR_COLUMNS", "contact_sheet", "duplicate_pairs"]
 
@@ -29,6 +29,7 @@ PAIR_COLUMNS = [
     "rotation",
     "tx",
     "ty",
+    "correlation",
 ]
 
 
@@ -44,8 +45,8 @@ def duplicate_pairs(
 
     Without `base`: pairs within the query images; with it: query image (`a`) × base image
     (`b`)."""
-    matches = find_matches(query, base, progress=progress)
     bp = query_paths if base is None else base_paths
+    matches = find_matches(query, base, paths=query_paths, base_paths=bp, progress=progress)
     rows = [
         {
             "a": str(query_paths[m.a]),
@@ -54,6 +55,7 @@ def duplicate_pairs(
             "inliers": m.inliers,
             "votes": m.votes,
             **m.transform,
+            "correlation": m.correlation,
         }
         for m in matches
     ]
@@ -63,21 +65,11 @@ def duplicate_pairs(
     )
 
 
-def _work_image(path: str) -> np.ndarray:
-    import cv2
-
-    px = decode_gray(path, min_side=1).pixels
-    h, w = px.shape
-    s = WORK_SIDE / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.equalizeHist(cv2.resize(px, size, interpolation=cv2.INTER_AREA))
-
-
 def _pair_png(a_path: str, b_path: str, fa, fb) -> bytes:
     """Both images side by side (at the finder's working size), inlier matches drawn as lines."""
     import cv2
 
-    a, b = _work_image(a_path), _work_image(b_path)
+    a, b = (work_image(decode_gray(p, min_side=1).pixels) for p in (a_path, b_path))
     pa, pb, _ = inlier_matches(fa, fb)
     h = max(a.shape[0], b.shape[0])
     gap = 8
@@ -116,6 +108,11 @@ def contact_sheet(
             f"{html.escape(str(r.kind).replace('_', ' '))}, {r.inliers} inliers over {r.cells} "
             f"of 16 cells, {r.votes} votes; scale {r.scale_x:.3f} x {r.scale_y:.3f}, rotation "
             f"{r.rotation:+.1f}°"
+            + (
+                f"; found by aligned texture (median cell correlation {r.correlation:.2f})"
+                if pd.notna(r.correlation)
+                else ""
+            )
         )
         figs.append(
             f'<figure><img alt="{html.escape(Path(r.a).name)} and '

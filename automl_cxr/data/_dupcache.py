@@ -14,6 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from automl_cxr.data._aligned import (
+    ALIGNED_CORRELATION,
+    ALIGNED_GRID,
+    ALIGNED_SIGMAS,
+    RESCUE_INLIERS,
+)
 from automl_cxr.data._dataset import save_npz_atomic
 from automl_cxr.data._duplicates import (
     COPY_INLIERS,
@@ -65,7 +71,11 @@ _PARAMS = (
     COPY_INLIERS,
     RANSAC_CONFIDENCE,
     RANSAC_MAX_ITERS,
-    3,  # the pairs' format and the RANSAC iteration rule (3: bounded by `ransac_iterations`)
+    RESCUE_INLIERS,
+    ALIGNED_GRID,
+    ALIGNED_SIGMAS,
+    ALIGNED_CORRELATION,
+    4,  # the pairs' format and the rules (3: RANSAC bounded; 4: the aligned-texture step)
 )
 
 
@@ -93,16 +103,22 @@ def features_for(pixels: np.ndarray, sha256: str) -> tuple[np.ndarray, np.ndarra
 
 
 def find_matches_keyed(
-    features: LocalFeatures, keys: Sequence[str], *, progress: Progress | None = None
+    features: LocalFeatures,
+    keys: Sequence[str],
+    *,
+    paths: Sequence[str | Path] | None = None,
+    progress: Progress | None = None,
 ) -> list[Match]:
-    """`find_matches(features)` (pairs within one set), kept in the cache folder under the
-    sha256 of the set's `keys` (one distinct key per image, e.g. its sha256). A pair read back
-    keeps the direction it was verified in, so its transform maps `a` onto `b`."""
+    """`find_matches(features, paths=paths)` (pairs within one set), kept in the cache folder
+    under the sha256 of the set's `keys` (one distinct key per image, e.g. its sha256; the
+    files at `paths` must have those contents). A pair read back keeps the direction it was
+    verified in, so its transform maps `a` onto `b`."""
     keys = [str(k) for k in keys]
     if len(set(keys)) != len(keys):
-        return find_matches(features, progress=progress)
+        return find_matches(features, paths=paths, progress=progress)
     digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-    path = cache_dir() / f"pairs-{_version()}" / f"{digest}.json"
+    rule = "" if paths is not None else "-keypoints-only"
+    path = cache_dir() / f"pairs-{_version()}" / f"{digest}{rule}.json"
     index = {k: i for i, k in enumerate(keys)}
     with contextlib.suppress(OSError, ValueError, KeyError):
         out = []
@@ -116,10 +132,11 @@ def find_matches_keyed(
                     r["inliers"],
                     r["votes"],
                     r["transform"],
+                    r.get("correlation"),
                 )
             )
         return sorted(out, key=lambda m: (min(m.a, m.b), max(m.a, m.b)))
-    matches = find_matches(features, progress=progress)
+    matches = find_matches(features, paths=paths, progress=progress)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")

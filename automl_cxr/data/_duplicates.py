@@ -17,20 +17,35 @@ original. The finder works on local features instead:
    affine transform is fitted with RANSAC; a transform that no re-framing produces (rotation over
    `MAX_ROTATION` degrees, scale outside 1/`MAX_SCALE`..`MAX_SCALE`, anisotropy over
    `MAX_ANISOTROPY`, shear over `MAX_SHEAR`) counts as no match.
+4. **Aligned texture** (`_aligned.py`, when the images' files are given). A shortlisted pair
+   that fails step 3 (too few inliers, or inliers bunched in a corner) but still has a
+   plausible transform with `RESCUE_INLIERS` inliers is looked at pixel by pixel: the second
+   image is warped onto the first by that transform, both are band-passed and correlated cell
+   by cell (`aligned_correlation`); a re-framed copy keeps the original's fine texture, two
+   patients' films lined up by their anatomy or a burned-in label do not.
 
 A pair with at least `COPY_INLIERS` inliers is a **copy** (the same radiograph); one with
-`MATCH_INLIERS` to `COPY_INLIERS` - 1 is a **same-patient** match (a follow-up film of the same
-patient, or a heavily cropped copy: either way one patient). The thresholds come from the
-measured distributions in `benchmarks/DUPLICATES.md` (`benchmarks/duplicates.py`).
+`MATCH_INLIERS` to `COPY_INLIERS` - 1, or found by step 4, is a **same-patient** match (a
+follow-up film of the same patient, or a heavily cropped copy: either way one patient). The
+thresholds come from the measured distributions in `benchmarks/DUPLICATES.md`
+(`benchmarks/duplicates.py`, `benchmarks/duplicate_aligned.py`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from automl_cxr.data._aligned import (
+    ALIGNED_CORRELATION,
+    RESCUE_INLIERS,
+    aligned_correlation,
+    image_reader,
+)
 from automl_cxr.data._keypoints import LocalFeatures, Progress
 
 __all__ = [
@@ -96,14 +111,18 @@ class Match:
     inliers: int
     votes: int
     transform: dict[str, float]  # scale_x, scale_y, rotation (degrees), tx, ty (of a → b)
+    correlation: float | None = None  # aligned texture (step 4), when that found the pair
 
     def evidence(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "kind": self.kind,
             "inliers": self.inliers,
             "votes": self.votes,
             "transform": self.transform,
         }
+        if self.correlation is not None:
+            out["correlation"] = self.correlation
+        return out
 
 
 def _transform(m: np.ndarray) -> dict[str, float] | None:
@@ -176,16 +195,26 @@ def inlier_matches(
     descriptors); empty arrays and None when no plausible re-framing maps one onto the other.
     Only a model with at least `min_inliers` inliers is looked for (`ransac_iterations`):
     the finder asks for `MATCH_INLIERS`, a pair with fewer candidate matches is not fitted."""
+    fit = _fit(a, b, min_inliers)
+    if fit is None:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None
+    return fit[0], fit[1], fit[3]
+
+
+def _fit(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], min_inliers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None:
+    """(inlier points of a, of b, the 2x3 affine a → b, its `_transform` with `cells`) or
+    None (see `inlier_matches`)."""
     import cv2
 
-    none = (np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
     (pa, da), (pb, db) = a, b
     if len(da) < 4 or len(db) < 4:
-        return none
+        return None
     q, t = mutual_matches(da, db)
     iters = ransac_iterations(len(q), max(4, min_inliers))
     if iters == 0:
-        return none
+        return None
     m, inl = cv2.estimateAffine2D(
         pa[q],
         pb[t],
@@ -195,13 +224,13 @@ def inlier_matches(
         confidence=RANSAC_CONFIDENCE,
     )
     if m is None or inl is None:
-        return none
+        return None
     tr = _transform(m)
     if tr is None:
-        return none
+        return None
     keep = inl.ravel() > 0
     tr["cells"] = max(_cells(pa[q][keep], pa), _cells(pb[t][keep], pb))
-    return pa[q][keep], pb[t][keep], tr
+    return pa[q][keep], pb[t][keep], m, tr
 
 
 def _cells(points: np.ndarray, frame: np.ndarray) -> int:
@@ -251,7 +280,7 @@ def _index(base: LocalFeatures):
         nlist = int(max(64, min(1024, np.sqrt(len(codes))), np.sqrt(len(codes)) / 2))
         index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(256), 256, nlist)
         rng = np.random.default_rng(0)
-        index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 32), replace=False)])
+        index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 40), replace=False)])
         index.nprobe = 2
     if len(codes):
         index.add(codes)
@@ -320,20 +349,33 @@ def find_matches(
     query: LocalFeatures,
     base: LocalFeatures | None = None,
     *,
+    paths: Sequence[str | Path] | None = None,
+    base_paths: Sequence[str | Path] | None = None,
     progress: Progress | None = None,
 ) -> list[Match]:
-    """Every verified pair (query image, base image) with at least `MATCH_INLIERS` inliers.
+    """Every verified pair (query image, base image): at least `MATCH_INLIERS` inliers over
+    `MIN_CELLS` cells, or, when the images' files are given (`paths` of the query images and,
+    with `base`, `base_paths`), a failed pair the aligned texture confirms (step 4).
 
     With `base=None`, pairs within `query` (a < b, each pair once). Sorted by (a, b)."""
     same = base is None
     base = query if base is None else base
+    read_a = image_reader(paths) if paths is not None else None
+    read_b = read_a if same else (image_reader(base_paths) if base_paths is not None else None)
     todo = shortlist(query, None if same else base)
     out = []
     for done, ((a, b), n) in enumerate(sorted(todo.items()), start=1):
-        inliers, tr = verify_pair(query.image(a), base.image(b), min_inliers=MATCH_INLIERS)
+        fa, fb = query.image(a), base.image(b)
+        inliers, tr = verify_pair(fa, fb, min_inliers=MATCH_INLIERS)
         if tr is not None and inliers >= MATCH_INLIERS and tr["cells"] >= MIN_CELLS:
             kind = "copy" if inliers >= COPY_INLIERS else "same_patient"
             out.append(Match(a, b, kind, inliers, n, tr))
+        elif read_a is not None and read_b is not None:
+            fit = _fit(fa, fb, RESCUE_INLIERS)
+            if fit is not None and len(fit[0]) >= RESCUE_INLIERS:
+                c = aligned_correlation(read_a(a), read_b(b), fit[2])
+                if c is not None and c >= ALIGNED_CORRELATION:
+                    out.append(Match(a, b, "same_patient", len(fit[0]), n, fit[3], round(c, 4)))
         if progress:
             progress(done, len(todo))
     return out

@@ -20,6 +20,7 @@ __all__ = [
     "Progress",
     "extract_features",
     "local_features",
+    "work_image",
 ]
 
 WORK_SIDE = 384
@@ -98,8 +99,9 @@ class LocalFeatures:
             return None
 
 
-def local_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(points, descriptors, size) of one (H, W) uint8 image; see the module docstring."""
+def work_image(pixels: np.ndarray) -> np.ndarray:
+    """What the finder looks at: an (H, W) uint8 image resized so its longer side is
+    `WORK_SIDE` px, histogram equalised (keypoints are found on it, pairs are compared on it)."""
     import cv2
 
     h, w = pixels.shape[:2]
@@ -108,7 +110,14 @@ def local_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if s != 1:
         size = (max(1, round(w * s)), max(1, round(h * s)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    img = cv2.equalizeHist(img)
+    return cv2.equalizeHist(img)
+
+
+def local_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(points, descriptors, size) of one (H, W) uint8 image; see the module docstring."""
+    import cv2
+
+    img = work_image(pixels)
     orb = cv2.ORB_create(nfeatures=N_FEATURES, edgeThreshold=15, patchSize=15, fastThreshold=10)
     kps, desc = orb.detectAndCompute(img, None)
     side = float(max(img.shape))

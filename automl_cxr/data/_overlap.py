@@ -25,10 +25,14 @@ def overlap_pairs(
         {
             "external": str(ext_paths[m.a]),
             "training": str(train_paths[m.b]),
-            "rule": "same radiograph" if m.kind == "copy" else "same patient",
+            "rule": (
+                "same radiograph"
+                if m.kind == "copy"
+                else "same patient" + (", aligned texture" if m.correlation is not None else "")
+            ),
             **m.evidence(),
         }
-        for m in find_matches(ext_features, train_features)
+        for m in find_matches(ext_features, train_features, paths=ext_paths, base_paths=train_paths)
     ]
 
 

@@ -150,8 +150,10 @@ def merge_copies(
     are a label conflict (all dropped). A same-patient match (a follow-up film) joins the two
     patients' split groups and keeps both images. Returns the table with `group_id`, its
     features, the matches (with evidence and what was done) and the label conflicts."""
-    matches = find_matches_keyed(features, table["sha256"].astype(str), progress=progress)
     paths, patients = table["path"].tolist(), table["patient_id"].astype(str).tolist()
+    matches = find_matches_keyed(
+        features, table["sha256"].astype(str), paths=paths, progress=progress
+    )
     img = UnionFind(map(str, range(len(table))))
     for m in matches:
         if m.kind == "copy":
