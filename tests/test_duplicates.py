@@ -314,3 +314,8 @@ def test_aligned_texture_finds_copies_the_keypoints_miss_and_no_false_pair(
     assert len(list((tmp_path / "cache").glob("pairs-*/*.json"))) == 1
     again = find_matches_keyed(feats, [i.sha256 for i in imgs], paths=paths)
     assert again == found
+    # a file gone since its keypoints were taken: that pair is judged by keypoints only, and said
+    copies[0].unlink()
+    with pytest.warns(RuntimeWarning, match=r"1 candidate pair\(s\) could not be compared"):
+        left = find_matches(feats, paths=paths)
+    assert {(m.a, m.b) for m in left} == {(1, 4), (2, 5)}

@@ -86,12 +86,17 @@ def aligned_correlation(
     return float(np.median(values)) if len(values) >= g else None
 
 
-def image_reader(paths: Sequence[str | Path]) -> Callable[[int], np.ndarray]:
-    """The `work_image` of paths[i], decoded on first use (a few hundred kept)."""
+def image_reader(paths: Sequence[str | Path]) -> Callable[[int], np.ndarray | None]:
+    """The `work_image` of paths[i], decoded on first use (a few hundred kept); None when the
+    file cannot be read any more (moved since its keypoints were taken)."""
     from automl_cxr.data._image import decode_gray
+    from automl_cxr.errors import DataError
 
     @lru_cache(maxsize=256)
-    def read(i: int) -> np.ndarray:
-        return work_image(decode_gray(paths[i], min_side=1).pixels)
+    def read(i: int) -> np.ndarray | None:
+        try:
+            return work_image(decode_gray(paths[i], min_side=1).pixels)
+        except DataError:
+            return None
 
     return read

@@ -34,6 +34,7 @@ thresholds come from the measured distributions in `benchmarks/DUPLICATES.md`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,7 +364,7 @@ def find_matches(
     read_a = image_reader(paths) if paths is not None else None
     read_b = read_a if same else (image_reader(base_paths) if base_paths is not None else None)
     todo = shortlist(query, None if same else base)
-    out = []
+    out, unread = [], 0
     for done, ((a, b), n) in enumerate(sorted(todo.items()), start=1):
         fa, fb = query.image(a), base.image(b)
         inliers, tr = verify_pair(fa, fb, min_inliers=MATCH_INLIERS)
@@ -373,11 +374,21 @@ def find_matches(
         elif read_a is not None and read_b is not None:
             fit = _fit(fa, fb, RESCUE_INLIERS)
             if fit is not None and len(fit[0]) >= RESCUE_INLIERS:
-                c = aligned_correlation(read_a(a), read_b(b), fit[2])
+                ia, ib = read_a(a), read_b(b)
+                unread += ia is None or ib is None
+                c = None if ia is None or ib is None else aligned_correlation(ia, ib, fit[2])
                 if c is not None and c >= ALIGNED_CORRELATION:
                     out.append(Match(a, b, "same_patient", len(fit[0]), n, fit[3], round(c, 4)))
         if progress:
             progress(done, len(todo))
+    if unread:
+        warnings.warn(
+            f"{unread} candidate pair(s) could not be compared by aligned texture: an image "
+            "file is no longer readable (moved or deleted since its keypoints were taken); "
+            "those pairs were judged by keypoints only",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return out
 
 
