@@ -36,7 +36,7 @@ two aligned images in each cell of an `ALIGNED_GRID` x `ALIGNED_GRID` grid (cell
 ALIGNED_CORRELATION = 0.45
 """Median cell correlation from which a pair step 4 looks at is one patient (measured on the
 benchmark's shortlisted pairs that fail step 3: re-framed copies 0.53-0.90, films of two
-patient ids at most 0.36; benchmarks/DUPLICATES.md)."""
+patients at most 0.37; with a second set of copies 0.71-0.93 and 0.37; benchmarks/DUPLICATES.md)."""
 
 
 def aligned_correlation(
