@@ -319,3 +319,27 @@ def test_aligned_texture_finds_copies_the_keypoints_miss_and_no_false_pair(
     with pytest.warns(RuntimeWarning, match=r"1 candidate pair\(s\) could not be compared"):
         left = find_matches(feats, paths=paths)
     assert {(m.a, m.b) for m in left} == {(1, 4), (2, 5)}
+
+
+def test_data_duplicates_says_when_the_aligned_texture_found_a_pair(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A pair only step 4 confirms is named as such in the console table, pairs.csv (its
+    correlation) and the contact sheet's caption."""
+    from automl_cxr.cli import main
+    from automl_cxr.data import _duplicates
+
+    monkeypatch.setenv("AUTOML_CXR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_duplicates, "MATCH_INLIERS", 10**6)  # keypoints alone never pass
+    film = sorted((shared_data / "cohen" / "images").glob("*"))[11]
+    folder = tmp_path / "mine" / "covid"
+    folder.mkdir(parents=True)
+    (folder / film.name).write_bytes(film.read_bytes())
+    copy = _copy_of(film, folder / "reprint", seed=21)
+    out = tmp_path / "report"
+    assert main(["data", "duplicates", str(folder.parent), "--out", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "same patient (texture 0." in text and copy.name in text
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 1 and pairs["correlation"][0] >= 0.45
+    assert "found by aligned texture" in (out / "contact_sheet.html").read_text()

@@ -332,7 +332,10 @@ def duplicates(
     for col in ("a", "b", "kind", "inliers"):
         t.add_column(col, overflow="fold")
     for r in pairs.head(20).itertuples(index=False):
-        t.add_row(Path(r.a).name, Path(r.b).name, r.kind.replace("_", " "), str(r.inliers))
+        kind = r.kind.replace("_", " ")
+        if r.correlation is not None and r.correlation == r.correlation:  # not None / NaN
+            kind += f" (texture {r.correlation:.2f})"  # found by the aligned texture
+        t.add_row(Path(r.a).name, Path(r.b).name, kind, str(r.inliers))
     if not quiet:
         out_console.print(t)
     typer.echo(f"wrote {out / 'pairs.csv'} and {sheet}")
