@@ -30,9 +30,17 @@ from automl_cxr.data._aligned import (
     ALIGNED_CORRELATION,
     ALIGNED_SIGMAS,
     RESCUE_INLIERS,
+    align,
     aligned_correlation,
 )
-from automl_cxr.data._duplicates import MATCH_INLIERS, MIN_CELLS, _fit, find_matches, shortlist
+from automl_cxr.data._duplicates import (
+    MATCH_INLIERS,
+    _fit,
+    _passes,
+    find_matches,
+    mutual_matches,
+    shortlist,
+)
 from automl_cxr.data._keypoints import extract_features, work_image
 from automl_cxr.data._reframe import reframe
 from automl_cxr.data._scan import UnionFind
@@ -49,18 +57,7 @@ BANDS = ((0.5, 2.0), (1.0, 4.0), (2.0, 8.0))
 def _whole(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float | None:
     """Correlation of the equalised intensities over the whole overlap (the failed alternative:
     films lined up by a burned-in label correlate as well as copies)."""
-    import cv2
-
-    sa, sb = float(max(a.shape)), float(max(b.shape))
-    mp = np.hstack([m[:, :2] * (sb / sa), m[:, 2:] * sb])
-    h, w = a.shape
-    warped = cv2.warpAffine(
-        b.astype(np.float32), mp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    )
-    inside = cv2.warpAffine(
-        np.ones(b.shape, np.uint8), mp, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
-    )
-    ok = cv2.erode(inside, np.ones((9, 9), np.uint8)) > 0
+    warped, ok = align(a, b, m)
     if ok.mean() < 0.1:
         return None
     x, y = a[ok].astype(np.float64), warped[ok].astype(np.float64)
@@ -72,10 +69,10 @@ def _whole(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float | None:
 def _measure(fa, fb, ia, ib) -> dict | None:
     """The keypoint verdict and, for a pair that fails it with a plausible transform of
     `RESCUE_INLIERS` inliers, every measure."""
-    strict = _fit(fa, fb, MATCH_INLIERS)
-    if strict is not None and len(strict[0]) >= MATCH_INLIERS and strict[3]["cells"] >= MIN_CELLS:
+    mm = mutual_matches(fa[1], fb[1]) if min(len(fa[1]), len(fb[1])) >= 4 else None
+    if _passes(_fit(fa, fb, MATCH_INLIERS, mm)):
         return {"passes_keypoints": True}
-    fit = _fit(fa, fb, RESCUE_INLIERS)
+    fit = _fit(fa, fb, RESCUE_INLIERS, mm)
     if fit is None or len(fit[0]) < RESCUE_INLIERS:
         return None
     out: dict = {"passes_keypoints": False, "inliers": len(fit[0]), "cells": fit[3]["cells"]}

@@ -127,9 +127,8 @@ def main() -> None:
     cm = find_matches(cfeats, feats, paths=cpaths, base_paths=paths)
     t_cmatch = time.perf_counter() - t0
     tmp.cleanup()
-    found_keypoints = float(
-        np.mean([(k, int(i)) in {(m.a, m.b) for m in cm_keypoints} for k, i in enumerate(idx)])
-    )
+    hit_keypoints = {(m.a, m.b) for m in cm_keypoints}
+    found_keypoints = float(np.mean([(k, int(i)) in hit_keypoints for k, i in enumerate(idx)]))
     short = shortlist(cfeats, feats)
     shortlisted = float(np.mean([(k, int(i)) in short for k, i in enumerate(idx)]))
     print(

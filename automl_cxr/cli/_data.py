@@ -287,6 +287,8 @@ def duplicates(
 ) -> None:
     """Copies of one radiograph (cropped, padded, resized, re-windowed, re-encoded) and films of
     one patient: a table and an HTML contact sheet with the matched keypoints."""
+    import pandas as pd
+
     from automl_cxr.data import features_of_files, list_datasets, load_dataset, read_external
     from automl_cxr.data._contact import contact_sheet, duplicate_pairs
 
@@ -333,8 +335,8 @@ def duplicates(
         t.add_column(col, overflow="fold")
     for r in pairs.head(20).itertuples(index=False):
         kind = r.kind.replace("_", " ")
-        if r.correlation is not None and r.correlation == r.correlation:  # not None / NaN
-            kind += f" (texture {r.correlation:.2f})"  # found by the aligned texture
+        if pd.notna(r.correlation):  # found by the aligned texture
+            kind += f" (texture {r.correlation:.2f})"
         t.add_row(Path(r.a).name, Path(r.b).name, kind, str(r.inliers))
     if not quiet:
         out_console.print(t)

@@ -21,6 +21,7 @@ __all__ = [
     "ALIGNED_GRID",
     "ALIGNED_SIGMAS",
     "RESCUE_INLIERS",
+    "align",
     "aligned_correlation",
     "image_reader",
 ]
@@ -39,13 +40,10 @@ benchmark's shortlisted pairs that fail step 3: re-framed copies 0.53-0.90, film
 patients at most 0.37; with a second set of copies 0.71-0.93 and 0.37; benchmarks/DUPLICATES.md)."""
 
 
-def aligned_correlation(
-    a: np.ndarray, b: np.ndarray, m: np.ndarray, *, sigmas: tuple[float, float] = ALIGNED_SIGMAS
-) -> float | None:
-    """Median, over the cells of a grid on `a`, of the correlation of `a` and `b` warped onto it
-    by `m` (the 2x3 affine from a's to b's points, in units of each image's longer side), both
-    band-passed (`sigmas`); None when fewer than `ALIGNED_GRID` cells can be compared.
-    `a` and `b` are `work_image`s."""
+def align(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`b` warped onto `a`'s frame by `m` (the 2x3 affine from a's to b's points, in units of
+    each image's longer side) as float32, edges replicated; and where a's pixels see b (4 px in
+    from b's edges, so a blur of the warped image near them reads b, not the edge)."""
     import cv2
 
     sa, sb = float(max(a.shape)), float(max(b.shape))
@@ -62,7 +60,20 @@ def aligned_correlation(
     inside = cv2.warpAffine(
         np.ones(b.shape, np.uint8), mp, (w, h), flags=cv2.INTER_NEAREST | flags, borderValue=0
     )
-    inside = cv2.erode(inside, np.ones((9, 9), np.uint8)) > 0
+    return warped, cv2.erode(inside, np.ones((9, 9), np.uint8)) > 0
+
+
+def aligned_correlation(
+    a: np.ndarray, b: np.ndarray, m: np.ndarray, *, sigmas: tuple[float, float] = ALIGNED_SIGMAS
+) -> float | None:
+    """Median, over the cells of a grid on `a`, of the correlation of `a` and `b` warped onto it
+    by `m` (the 2x3 affine from a's to b's points, in units of each image's longer side), both
+    band-passed (`sigmas`); None when fewer than `ALIGNED_GRID` cells can be compared.
+    `a` and `b` are `work_image`s."""
+    import cv2
+
+    h, w = a.shape
+    warped, inside = align(a, b, m)
     lo, hi = sigmas
 
     def band(x: np.ndarray) -> np.ndarray:

@@ -203,16 +203,19 @@ def inlier_matches(
 
 
 def _fit(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], min_inliers: int
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    min_inliers: int,
+    matches: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None:
     """(inlier points of a, of b, the 2x3 affine a → b, its `_transform` with `cells`) or
-    None (see `inlier_matches`)."""
+    None (see `inlier_matches`); `matches`: the pair's `mutual_matches`, when already found."""
     import cv2
 
     (pa, da), (pb, db) = a, b
     if len(da) < 4 or len(db) < 4:
         return None
-    q, t = mutual_matches(da, db)
+    q, t = mutual_matches(da, db) if matches is None else matches
     iters = ransac_iterations(len(q), max(4, min_inliers))
     if iters == 0:
         return None
@@ -232,6 +235,12 @@ def _fit(
     keep = inl.ravel() > 0
     tr["cells"] = max(_cells(pa[q][keep], pa), _cells(pb[t][keep], pb))
     return pa[q][keep], pb[t][keep], m, tr
+
+
+def _passes(fit: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None) -> bool:
+    """Whether a `_fit` is a keypoint match (step 3): `MATCH_INLIERS` inliers over `MIN_CELLS`
+    cells."""
+    return fit is not None and len(fit[0]) >= MATCH_INLIERS and fit[3]["cells"] >= MIN_CELLS
 
 
 def _cells(points: np.ndarray, frame: np.ndarray) -> int:
@@ -367,12 +376,15 @@ def find_matches(
     out, unread = [], 0
     for done, ((a, b), n) in enumerate(sorted(todo.items()), start=1):
         fa, fb = query.image(a), base.image(b)
-        inliers, tr = verify_pair(fa, fb, min_inliers=MATCH_INLIERS)
-        if tr is not None and inliers >= MATCH_INLIERS and tr["cells"] >= MIN_CELLS:
+        # the descriptor matches are found once: step 4 refits the same ones
+        mm = mutual_matches(fa[1], fb[1]) if min(len(fa[1]), len(fb[1])) >= 4 else None
+        strict = _fit(fa, fb, MATCH_INLIERS, mm)
+        if _passes(strict):
+            inliers = len(strict[0])
             kind = "copy" if inliers >= COPY_INLIERS else "same_patient"
-            out.append(Match(a, b, kind, inliers, n, tr))
+            out.append(Match(a, b, kind, inliers, n, strict[3]))
         elif read_a is not None and read_b is not None:
-            fit = _fit(fa, fb, RESCUE_INLIERS)
+            fit = _fit(fa, fb, RESCUE_INLIERS, mm)
             if fit is not None and len(fit[0]) >= RESCUE_INLIERS:
                 ia, ib = read_a(a), read_b(b)
                 unread += ia is None or ib is None
