@@ -39,11 +39,11 @@ from automl_cxr.data._duplicates import (
     _passes,
     find_matches,
     mutual_matches,
-    shortlist,
 )
 from automl_cxr.data._keypoints import extract_features, work_image
 from automl_cxr.data._reframe import reframe
 from automl_cxr.data._scan import UnionFind
+from automl_cxr.data._shortlist import shortlist
 from automl_cxr.settings import default_sources_dir
 
 try:  # run as a script from the repo root or from benchmarks/

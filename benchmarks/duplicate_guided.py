@@ -31,10 +31,10 @@ from automl_cxr.data._duplicates import (
     RANSAC_MAX_ITERS,
     RANSAC_THRESHOLD,
     mutual_matches,
-    shortlist,
 )
 from automl_cxr.data._keypoints import extract_features
 from automl_cxr.data._reframe import reframe
+from automl_cxr.data._shortlist import shortlist
 from automl_cxr.settings import default_sources_dir
 
 try:  # run as a script from the repo root or from benchmarks/

@@ -30,9 +30,9 @@ from automl_cxr.data._duplicates import (
     MIN_CELLS,
     RATIO,
     mutual_matches,
-    shortlist,
     verify_pair,
 )
+from automl_cxr.data._shortlist import shortlist
 from automl_cxr.settings import default_sources_dir
 
 

@@ -35,11 +35,11 @@ from automl_cxr.data._duplicates import (
     COPY_INLIERS,
     MATCH_INLIERS,
     find_matches,
-    shortlist,
     verify_pair,
 )
 from automl_cxr.data._keypoints import extract_features
 from automl_cxr.data._reframe import reframe
+from automl_cxr.data._shortlist import shortlist
 from automl_cxr.settings import default_sources_dir
 
 

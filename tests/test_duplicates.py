@@ -343,3 +343,35 @@ def test_data_duplicates_says_when_the_aligned_texture_found_a_pair(
     pairs = pd.read_csv(out / "pairs.csv")
     assert len(pairs) == 1 and pairs["correlation"][0] >= 0.45
     assert "found by aligned texture" in (out / "contact_sheet.html").read_text()
+
+
+def test_shortlist_query_scans_the_same_codes_at_four_times_the_images(
+    shared_data: Path,
+) -> None:
+    """The shortlist's inverted file keeps about `LIST_CODES` codes per list at any size: for
+    four times the descriptors a query scans about as many codes (a fixed list count would scan
+    four times as many), and a descriptor's near copy (2 % of its bits flipped) is still found
+    as its nearest neighbour."""
+    from automl_cxr.data._keypoints import extract_features
+    from automl_cxr.data._shortlist import LIST_CODES, PROBE, shortlist_index
+
+    films = sorted((shared_data / "nih" / "images").glob("*.png"))[:60]
+    base = extract_features([decode_gray(f).pixels for f in films]).descriptors
+    rng = np.random.default_rng(0)
+
+    def flipped(codes: np.ndarray) -> np.ndarray:
+        bits = np.unpackbits(codes, axis=1)
+        return np.packbits(bits ^ (rng.random(bits.shape) < 0.02), axis=1)
+
+    scanned = []
+    for times in (1, 4):
+        codes = np.concatenate([base] + [flipped(base) for _ in range(times - 1)])
+        index = shortlist_index(codes)
+        sizes = np.array([index.invlists.list_size(i) for i in range(index.nlist)])
+        assert index.nlist == pytest.approx(len(codes) / LIST_CODES, rel=0.1)
+        _, lists = index.quantizer.search(codes[::20], PROBE)
+        scanned.append(float(sizes[lists].sum(axis=1).mean()))
+    assert scanned[1] < 1.5 * scanned[0], scanned
+    _, near = index.search(flipped(base[::10]), 1)
+    owner = near[:, 0] % len(base)  # any of the four copies of the descriptor
+    assert np.mean(owner == np.arange(0, len(base), 10)) > 0.95

@@ -24,20 +24,16 @@ from automl_cxr.data._dataset import save_npz_atomic
 from automl_cxr.data._duplicates import (
     COPY_INLIERS,
     GRID,
-    INDEX_FEATURES,
     MATCH_INLIERS,
     MAX_ANISOTROPY,
     MAX_ROTATION,
     MAX_SCALE,
     MAX_SHEAR,
     MIN_CELLS,
-    MIN_VOTES,
     RANSAC_CONFIDENCE,
     RANSAC_MAX_ITERS,
     RANSAC_THRESHOLD,
     RATIO,
-    SHORTLIST,
-    VOTE_DISTANCE,
     Match,
     find_matches,
 )
@@ -49,6 +45,15 @@ from automl_cxr.data._keypoints import (
     Progress,
     local_features,
 )
+from automl_cxr.data._shortlist import (
+    COARSE_PROBE,
+    INDEX_FEATURES,
+    LIST_CODES,
+    MIN_VOTES,
+    PROBE,
+    SHORTLIST,
+    VOTE_DISTANCE,
+)
 
 __all__ = ["cache_dir", "features_for", "features_of_files", "find_matches_keyed"]
 
@@ -59,6 +64,9 @@ _PARAMS = (
     VOTE_DISTANCE,
     SHORTLIST,
     MIN_VOTES,
+    LIST_CODES,
+    PROBE,
+    COARSE_PROBE,
     RATIO,
     RANSAC_THRESHOLD,
     GRID,
@@ -75,7 +83,8 @@ _PARAMS = (
     ALIGNED_GRID,
     ALIGNED_SIGMAS,
     ALIGNED_CORRELATION,
-    4,  # the pairs' format and the rules (3: RANSAC bounded; 4: the aligned-texture step)
+    5,  # the pairs' format and the rules (3: RANSAC bounded; 4: the aligned-texture step;
+    # 5: the shortlist's index with a constant cost per query)
 )
 
 

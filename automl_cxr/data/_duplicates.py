@@ -7,12 +7,10 @@ original. The finder works on local features instead:
 1. **Features.** Every image, resized so its longer side is `WORK_SIDE` px and histogram
    equalised, gets up to `N_FEATURES` OpenCV ORB keypoints (binary descriptors that compare
    pixel pairs, hence blind to gamma and windowing).
-2. **Shortlist.** The strongest `INDEX_FEATURES` descriptors of every image go into a faiss
-   binary inverted-file index (Hamming distance). Each descriptor of a query image votes for the
-   image that owns its nearest neighbour; the `SHORTLIST` images with most votes (at least
-   `MIN_VOTES`) are the candidates. Cost per image is constant: no pair of images is compared
-   unless the index proposes it. (faiss rather than scikit-learn: scikit-learn has no index for
-   binary codes, and its Hamming metric on unpacked bits is brute force.)
+2. **Shortlist** (`_shortlist.py`). The strongest descriptors of every image go into a faiss
+   binary inverted-file index; each descriptor of a query image votes for the image that owns
+   its nearest neighbour, and the images with most votes are the candidates. A query costs the
+   same at any number of images, so the finder grows linearly, not quadratically.
 3. **Verification.** Candidate pairs are matched (Lowe's ratio test and a mutual check) and an
    affine transform is fitted with RANSAC; a transform that no re-framing produces (rotation over
    `MAX_ROTATION` degrees, scale outside 1/`MAX_SCALE`..`MAX_SCALE`, anisotropy over
@@ -48,6 +46,7 @@ from automl_cxr.data._aligned import (
     image_reader,
 )
 from automl_cxr.data._keypoints import LocalFeatures, Progress
+from automl_cxr.data._shortlist import shortlist
 
 __all__ = [
     "COPY_INLIERS",
@@ -64,17 +63,6 @@ __all__ = [
 FEATURES_FILE = "duplicates.npz"
 """A prepared dataset's keypoints (row-aligned with its manifest, keyed by each row's sha256)."""
 
-INDEX_FEATURES = 700
-"""Strongest keypoints per image that vote in the shortlist index (all of them: with 300, 7 % of
-re-framed copies drop out of the shortlist, measured)."""
-VOTE_DISTANCE = 64
-"""A descriptor votes for its nearest neighbour's image only within this Hamming distance (of 256
-bits)."""
-SHORTLIST = 5
-"""Candidates verified per image."""
-MIN_VOTES = 7
-"""A candidate needs at least this many votes to be verified (measured: re-framed copies' 2nd
-percentile is 8; on the shared pool this leaves about one candidate per image)."""
 RATIO = 0.8
 """Lowe's ratio test on the two nearest descriptors."""
 RANSAC_THRESHOLD = 0.004
@@ -261,98 +249,6 @@ def verify_pair(
     """(RANSAC inliers, transform) of the geometric match of two images (`inlier_matches`)."""
     pa, _, tr = inlier_matches(a, b, min_inliers=min_inliers)
     return (len(pa), tr) if tr is not None else (0, None)
-
-
-def _strongest(feats: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of every image's `INDEX_FEATURES` strongest keypoints, and the image owning each."""
-    rows, owners = [], []
-    for i in range(len(feats)):
-        s, e = int(feats.offsets[i]), int(feats.offsets[i + 1])
-        e = min(e, s + INDEX_FEATURES)
-        rows.append(np.arange(s, e))
-        owners.append(np.full(e - s, i, dtype=np.int64))
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(rows), np.concatenate(owners)
-
-
-def _index(base: LocalFeatures):
-    """A faiss binary index of every base image's strongest descriptors, and their owners."""
-    import faiss
-
-    sel, owner = _strongest(base)
-    codes = np.ascontiguousarray(base.descriptors[sel])
-    if len(codes) < 20_000:
-        index = faiss.IndexBinaryFlat(256)
-    else:
-        # sqrt(M) lists up to 1024 (M codes); beyond 4M codes sqrt(M)/2, so a query scans about
-        # sqrt(M) codes and the whole search grows as M^1.5, not M^2
-        nlist = int(max(64, min(1024, np.sqrt(len(codes))), np.sqrt(len(codes)) / 2))
-        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(256), 256, nlist)
-        rng = np.random.default_rng(0)
-        index.train(codes[rng.choice(len(codes), min(len(codes), nlist * 40), replace=False)])
-        index.nprobe = 2
-    if len(codes):
-        index.add(codes)
-    return index, owner
-
-
-def _votes(
-    query: LocalFeatures, base: LocalFeatures, same: bool
-) -> dict[int, list[tuple[int, int]]]:
-    """Per query image, its candidate base images with their votes (most first)."""
-    index, owner = _index(base)
-    out: dict[int, list[tuple[int, int]]] = {}
-    if index.ntotal == 0:
-        return out
-    k = 8 if same else 2
-    rows, qo = _strongest(query)
-    codes_all = query.descriptors
-    chunk = 200_000
-    pair_codes = []
-    for start in range(0, len(rows), chunk):
-        r = rows[start : start + chunk]
-        dist, nn = index.search(np.ascontiguousarray(codes_all[r]), k)
-        own = np.where(nn >= 0, owner[np.clip(nn, 0, None)], -1)
-        qi = qo[start : start + chunk]
-        if same:  # the nearest neighbour owned by another image
-            other = (own != qi[:, None]) & (own >= 0)
-            first = np.argmax(other, axis=1)
-            has = other[np.arange(len(first)), first]
-            d = dist[np.arange(len(first)), first]
-            o = own[np.arange(len(first)), first]
-        else:
-            has, d, o = own[:, 0] >= 0, dist[:, 0], own[:, 0]
-        ok = has & (d <= VOTE_DISTANCE)
-        a, b = qi[ok], o[ok]
-        if same:
-            a, b = np.minimum(a, b), np.maximum(a, b)
-        pair_codes.append(a * len(base) + b)
-    codes = np.concatenate(pair_codes) if pair_codes else np.zeros(0, np.int64)
-    uniq, counts = np.unique(codes, return_counts=True)
-    keep = counts >= MIN_VOTES
-    for code, n in zip(uniq[keep], counts[keep], strict=True):
-        a, b = divmod(int(code), len(base))
-        out.setdefault(a, []).append((b, int(n)))
-        if same:
-            out.setdefault(b, []).append((a, int(n)))
-    for a in out:
-        out[a].sort(key=lambda x: (-x[1], x[0]))
-    return out
-
-
-def shortlist(
-    query: LocalFeatures, base: LocalFeatures | None = None
-) -> dict[tuple[int, int], int]:
-    """The candidate pairs `find_matches` verifies, with their votes."""
-    same = base is None
-    cands = _votes(query, query if base is None else base, same)
-    todo: dict[tuple[int, int], int] = {}
-    for a, lst in cands.items():
-        for b, n in lst[:SHORTLIST]:
-            key = (min(a, b), max(a, b)) if same else (a, b)
-            todo[key] = max(todo.get(key, 0), n)
-    return todo
 
 
 def find_matches(

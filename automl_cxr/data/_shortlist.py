@@ -1,0 +1,200 @@
+"""Step 2 of the duplicate finder: which pairs of images are worth verifying.
+
+The strongest `INDEX_FEATURES` ORB descriptors of every image go into a faiss binary
+inverted-file index (Hamming distance). Each descriptor of a query image votes for the image
+that owns its nearest neighbour (within `VOTE_DISTANCE` bits); the `SHORTLIST` images with most
+votes (at least `MIN_VOTES`) are the candidates. No pair of images is compared unless the index
+proposes it. (faiss rather than scikit-learn: scikit-learn has no index for binary codes, and
+its Hamming metric on unpacked bits is brute force.)
+
+**A query costs the same at any size.** The index has one list per `LIST_CODES` indexed
+descriptors, so a query that probes `PROBE` lists scans about the same number of codes whether
+the set holds 2,000 films or 50,000. The list centres are found by a two-level k-means (about
+√lists coarse centres, then each coarse cluster split in proportion to its share), and a
+query finds its lists through the coarse centres first (`COARSE_PROBE` of them): both the
+training and the quantizer's cost per query grow as the square root of the list count, not
+with it. Measured in `benchmarks/DUPLICATES.md` ("The shortlist at scale").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from automl_cxr.data._keypoints import LocalFeatures
+
+__all__ = [
+    "COARSE_PROBE",
+    "INDEX_FEATURES",
+    "LIST_CODES",
+    "MIN_VOTES",
+    "PROBE",
+    "SHORTLIST",
+    "VOTE_DISTANCE",
+    "shortlist",
+    "shortlist_index",
+]
+
+INDEX_FEATURES = 700
+"""Strongest keypoints per image that vote in the shortlist index (all of them: with 300, 7 % of
+re-framed copies drop out of the shortlist, measured)."""
+VOTE_DISTANCE = 64
+"""A descriptor votes for its nearest neighbour's image only within this Hamming distance (of 256
+bits)."""
+SHORTLIST = 5
+"""Candidates verified per image."""
+MIN_VOTES = 7
+"""A candidate needs at least this many votes to be verified (measured: re-framed copies' 2nd
+percentile is 8; on the shared pool this leaves about one candidate per image)."""
+LIST_CODES = 1000
+"""Indexed descriptors per inverted list (on average): the codes a query scans per probed list,
+whatever the number of images."""
+PROBE = 3
+"""Lists a query scans."""
+COARSE_PROBE = 4
+"""Coarse centres a query looks through for its `PROBE` lists."""
+_FLAT_BELOW = 20_000
+"""Fewer indexed descriptors than this are searched exhaustively (exact, and faster)."""
+_TRAIN_PER_LIST = 40
+"""Training descriptors per list (faiss's k-means asks for at least 39 per centre)."""
+
+_BITS = 256
+
+
+def _kmeans(codes: np.ndarray, k: int, *, seed: int, niter: int) -> np.ndarray:
+    """`k` binary centres of `codes` (k-means on their bits, centres rounded back to bits)."""
+    import faiss
+
+    x = np.unpackbits(codes, axis=1).astype(np.float32)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        min_points_per_centroid=1,
+        max_points_per_centroid=_TRAIN_PER_LIST * 4,
+    )
+    km.train(x)
+    return np.packbits(km.centroids > 0.5, axis=1)
+
+
+def _centres(codes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse centres, list centres) of a two-level k-means on a sample of `codes`."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    sample = codes[rng.choice(len(codes), min(len(codes), nlist * _TRAIN_PER_LIST), replace=False)]
+    n_coarse = max(8, round(math.sqrt(nlist)))
+    coarse = _kmeans(sample, n_coarse, seed=0, niter=20)
+    flat = faiss.IndexBinaryFlat(_BITS)
+    flat.add(coarse)
+    _, near = flat.search(sample, 1)
+    near = near[:, 0]
+    fine = []
+    for c in range(n_coarse):
+        part = sample[near == c]
+        k = max(1, round(nlist * len(part) / len(sample)))
+        if len(part) == 0:
+            continue
+        fine.append(part if k >= len(part) else _kmeans(part, k, seed=c + 1, niter=10))
+    return coarse, np.concatenate(fine)
+
+
+def shortlist_index(codes: np.ndarray):
+    """A faiss binary index of `codes` (uint8, 32 bytes each) for the shortlist's searches:
+    exhaustive below `_FLAT_BELOW` codes, else an inverted file of about `LIST_CODES` codes per
+    list behind a two-level quantizer (see the module's docstring)."""
+    import faiss
+
+    codes = np.ascontiguousarray(codes, np.uint8)
+    if len(codes) < _FLAT_BELOW:
+        index = faiss.IndexBinaryFlat(_BITS)
+    else:
+        coarse, fine = _centres(codes, max(16, len(codes) // LIST_CODES))
+        top = faiss.IndexBinaryFlat(_BITS)
+        quantizer = faiss.IndexBinaryIVF(top, _BITS, len(coarse))
+        quantizer.quantizer.add(coarse)
+        quantizer.is_trained = True
+        quantizer.add(fine)
+        quantizer.nprobe = COARSE_PROBE
+        index = faiss.IndexBinaryIVF(quantizer, _BITS, len(fine))
+        index.is_trained = True
+        index.nprobe = PROBE
+        index.referenced_objects = [top, quantizer]  # faiss does not own them
+    if len(codes):
+        index.add(codes)
+    return index
+
+
+def _strongest(feats: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of every image's `INDEX_FEATURES` strongest keypoints, and the image owning each."""
+    rows, owners = [], []
+    for i in range(len(feats)):
+        s, e = int(feats.offsets[i]), int(feats.offsets[i + 1])
+        e = min(e, s + INDEX_FEATURES)
+        rows.append(np.arange(s, e))
+        owners.append(np.full(e - s, i, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(owners)
+
+
+def _votes(
+    query: LocalFeatures, base: LocalFeatures, same: bool
+) -> dict[int, list[tuple[int, int]]]:
+    """Per query image, its candidate base images with their votes (most first)."""
+    sel, owner = _strongest(base)
+    index = shortlist_index(base.descriptors[sel])
+    out: dict[int, list[tuple[int, int]]] = {}
+    if index.ntotal == 0:
+        return out
+    k = 8 if same else 2
+    rows, qo = _strongest(query)
+    codes_all = query.descriptors
+    chunk = 200_000
+    pair_codes = []
+    for start in range(0, len(rows), chunk):
+        r = rows[start : start + chunk]
+        dist, nn = index.search(np.ascontiguousarray(codes_all[r]), k)
+        own = np.where(nn >= 0, owner[np.clip(nn, 0, None)], -1)
+        qi = qo[start : start + chunk]
+        if same:  # the nearest neighbour owned by another image
+            other = (own != qi[:, None]) & (own >= 0)
+            first = np.argmax(other, axis=1)
+            has = other[np.arange(len(first)), first]
+            d = dist[np.arange(len(first)), first]
+            o = own[np.arange(len(first)), first]
+        else:
+            has, d, o = own[:, 0] >= 0, dist[:, 0], own[:, 0]
+        ok = has & (d <= VOTE_DISTANCE)
+        a, b = qi[ok], o[ok]
+        if same:
+            a, b = np.minimum(a, b), np.maximum(a, b)
+        pair_codes.append(a * len(base) + b)
+    codes = np.concatenate(pair_codes) if pair_codes else np.zeros(0, np.int64)
+    uniq, counts = np.unique(codes, return_counts=True)
+    keep = counts >= MIN_VOTES
+    for code, n in zip(uniq[keep], counts[keep], strict=True):
+        a, b = divmod(int(code), len(base))
+        out.setdefault(a, []).append((b, int(n)))
+        if same:
+            out.setdefault(b, []).append((a, int(n)))
+    for a in out:
+        out[a].sort(key=lambda x: (-x[1], x[0]))
+    return out
+
+
+def shortlist(
+    query: LocalFeatures, base: LocalFeatures | None = None
+) -> dict[tuple[int, int], int]:
+    """The candidate pairs the finder verifies, with their votes: (query image, base image), or
+    with `base=None` pairs within `query` (a < b)."""
+    same = base is None
+    cands = _votes(query, query if base is None else base, same)
+    todo: dict[tuple[int, int], int] = {}
+    for a, lst in cands.items():
+        for b, n in lst[:SHORTLIST]:
+            key = (min(a, b), max(a, b)) if same else (a, b)
+            todo[key] = max(todo.get(key, 0), n)
+    return todo
