@@ -82,7 +82,7 @@ def test_recipes_counts_shortfalls_and_patient_sampling(prepared_dir: Path) -> N
     # re-framed copies merged at prepare (the duplicate finder) are one image: count it once
     merged_away = {
         p
-        for d in meta["near_duplicates"]
+        for d in load_dataset("three_class", prepared_dir).near_duplicates
         if d["action"] == "copies merged"
         for p in (d["a"], d["b"])
         if p != d["kept"]
@@ -126,8 +126,10 @@ def test_same_radiograph_under_two_patient_ids_is_one_split_group(prepared_dir: 
     g178 = set(m[m.patient_id == "cohen:178"]["group_id"])
     if g97 and g178:
         assert g97 == g178
-    meta = load_dataset("three_class", prepared_dir).meta
-    pairs = {tuple(sorted(p["patients"])) for p in meta["near_duplicates"]}
+    pairs = {
+        tuple(sorted(p["patients"]))
+        for p in load_dataset("three_class", prepared_dir).near_duplicates
+    }
     assert ("cohen:178", "cohen:97") in pairs
 
 

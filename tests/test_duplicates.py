@@ -81,10 +81,14 @@ def test_reframed_copy_in_a_second_source_is_merged_and_joins_the_patient(
     assert ds.meta["copies_removed"] == 1
     pair = [
         p
-        for p in ds.meta["near_duplicates"]
+        for p in ds.near_duplicates
         if {Path(p["a"]).name, Path(p["b"]).name} == {Path(first).name, copy.name}
     ]
-    assert len(pair) == 1, ds.meta["near_duplicates"]
+    assert len(pair) == 1, ds.near_duplicates
+    # the pairs live in their own file: every process of a search loads dataset.json
+    assert "near_duplicates" not in ds.meta
+    assert "near_duplicates" not in (tmp_path / "d" / "mixed" / "dataset.json").read_text()
+    assert ds.meta["near_duplicate_pairs"] == len(ds.near_duplicates) >= 1
     ev = pair[0]
     assert ev["kind"] == "copy" and ev["action"] == "copies merged"
     assert sorted(ev["sources"]) == ["cohen", "reprint"]

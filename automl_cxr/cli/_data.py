@@ -170,7 +170,6 @@ def _info_payload(ds) -> dict:
         "duplicates_removed",
         "duplicates",
         "label_conflicts",
-        "near_duplicates",
         "merged_patient_groups",
         "patients_with_several_labels",
         "rejected",
@@ -195,6 +194,7 @@ def _info_payload(ds) -> dict:
     payload["age_by_class"] = age_by_class(ds.manifest, ds.classes)
     payload["sites"] = site_label_table(ds.manifest)
     payload["patients_at_several_sites"] = meta.get("patients_at_several_sites")
+    payload["near_duplicates"] = ds.near_duplicates
     payload["source_label_alignment"] = align
     return payload
 

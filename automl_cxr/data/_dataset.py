@@ -20,6 +20,7 @@ from automl_cxr.data._sources import COLUMNS
 from automl_cxr.errors import DataError
 
 __all__ = [
+    "NEAR_DUPLICATES_FILE",
     "MANIFEST_COLUMNS",
     "CACHE_VERSION",
     "PreparedDataset",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 CACHE_VERSION = 2
+NEAR_DUPLICATES_FILE = "near_duplicates.json"
+"""A prepared dataset's duplicate-finder pairs (`PreparedDataset.near_duplicates`)."""
 """Bump when decoding, resizing or the cache layout changes: old cache files are then ignored.
 2: files are keyed by the row order too (version 1 caches, keyed by the order-free content
 hash only, could hand back another row's pixels after the rows were reordered)."""
@@ -117,6 +120,17 @@ class PreparedDataset:
     @property
     def name(self) -> str:
         return str(self.meta["name"])
+
+    @property
+    def near_duplicates(self) -> list[dict]:
+        """The duplicate finder's pairs in this dataset's pool (copies merged, patients joined),
+        read from `NEAR_DUPLICATES_FILE` when asked (datasets prepared before it: from
+        dataset.json)."""
+        path = self.root / NEAR_DUPLICATES_FILE
+        if path.is_file():
+            return list(json.loads(path.read_text()))
+        old = json.loads((self.root / "dataset.json").read_text())
+        return list(old.get("near_duplicates") or [])
 
     @property
     def classes(self) -> list[str]:
@@ -261,6 +275,7 @@ def load_dataset(name: str, data_dir: str | Path) -> PreparedDataset:
         raise DataError(f"unknown dataset {name!r} ({where}). {_PREPARE_HINT}.")
     try:
         meta = json.loads((root / "dataset.json").read_text())
+        meta.pop("near_duplicates", None)  # older datasets: read on demand (`near_duplicates`)
         manifest = pd.read_csv(root / "manifest.csv", dtype=_TEXT_COLUMNS, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise DataError(

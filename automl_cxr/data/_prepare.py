@@ -17,6 +17,7 @@ import pandas as pd
 
 from automl_cxr.data._dataset import (
     MANIFEST_COLUMNS,
+    NEAR_DUPLICATES_FILE,
     canonical_order,
     manifest_hash,
     row_order_digest,
@@ -112,7 +113,9 @@ def _write_dataset(
     classes: Sequence[str],
     features: LocalFeatures,
 ) -> Path:
-    """Write `<data_dir>/<name>/{manifest.csv,dataset.json}` atomically (old one kept on error).
+    """Write `<data_dir>/<name>/{manifest.csv,dataset.json,near_duplicates.json}` atomically
+    (old one kept on error); the finder's pairs go to their own file (`NEAR_DUPLICATES_FILE`), so
+    a search's processes do not each hold them (at 50,000 films: 66 MB of JSON, ~230 MB parsed).
 
     Rows are written in canonical order, so the same content always has the same row order;
     the image cache kept from an earlier version is keyed by that order (see
@@ -120,8 +123,10 @@ def _write_dataset(
     manifest = canonical_order(manifest)
     rows_features = features.take(manifest["_feature_row"].to_numpy())
     manifest = manifest[MANIFEST_COLUMNS]
+    near = meta.get("near_duplicates") or []
     meta = {
-        **meta,
+        **{k: v for k, v in meta.items() if k != "near_duplicates"},
+        "near_duplicate_pairs": len(near),
         "name": name,
         "labels": list(classes),  # class order of the model's outputs
         "manifest_hash": manifest_hash(manifest),
@@ -134,6 +139,7 @@ def _write_dataset(
     try:
         manifest.to_csv(tmp / "manifest.csv", index=False)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / NEAR_DUPLICATES_FILE).write_text(json.dumps(near, indent=1, default=str))
         rows_features.save(tmp / FEATURES_FILE, manifest["sha256"].astype(str))
         if (final / "cache").is_dir():  # keep the image cache: keyed by content and row order
             shutil.move(str(final / "cache"), tmp / "cache")
