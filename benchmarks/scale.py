@@ -9,12 +9,12 @@ each a random crop (70-100 % of each side), a horizontal flip half of the time, 
 0.8-1.25 and a small brightness shift, resized to 1024 x 1024 and written as PNG (as NIH ships
 its films) or JPEG (quality 90), half each, so decoding costs what a real film costs. Two
 classes (`covid` from Cohen films, `normal` from NIH and Kermany films), 1-3 images per patient,
-eight sites; above the number of source films, every image made from one source film belongs
-to that film's patient and site (drawn at random, the finder's joins would leave one patient
-group per class at 50,000 images, and no fold split; measured 2026-12-06). Above ~2,900
-images the source films repeat under new crops; the duplicate finder
-then rightly finds re-framed copies and merges them (counted in the table), which is also what
-it would do with a collection that copies its films. Disk: ~0.45 MB per image (about 23 GB at
+eight sites. There are 1,678 source films (Cohen's images, NIH's PNGs, Kermany's normals):
+beyond that number they repeat under new crops, the duplicate finder rightly finds re-framed
+copies and merges them (counted in the table), as it would in a collection that copies its
+films, and every image made from one source film then belongs to that film's patient and site
+(drawn at random, the finder's joins left one patient group per class at 50,000 images, and no
+fold split; measured 2026-12-06). Disk: ~0.45 MB per image (about 23 GB at
 50,000), in `--work` (default: a temporary folder, removed afterwards unless `--keep`).
 
 **Measured per N** (one after the other, nothing else running on the machine):
@@ -110,6 +110,7 @@ def make_inputs(n: int, folder: Path) -> Path:
             # every film made from one source film is that film's patient's: copies join
             # patients (the finder's rule), so patients drawing films at random would at 50,000
             # images all be joined into one patient group per class and no fold split would exist
+            # (the patient/label/site draws above still run, so the same images are made)
             rows.append((dst.name, label, f"{label}{k}", f"site{k % SITES}"))
         else:
             rows.append((dst.name, label, f"p{patient}", site))

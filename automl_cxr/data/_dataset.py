@@ -34,11 +34,11 @@ __all__ = [
 ]
 
 CACHE_VERSION = 2
-NEAR_DUPLICATES_FILE = "near_duplicates.json"
-"""A prepared dataset's duplicate-finder pairs (`PreparedDataset.near_duplicates`)."""
 """Bump when decoding, resizing or the cache layout changes: old cache files are then ignored.
 2: files are keyed by the row order too (version 1 caches, keyed by the order-free content
 hash only, could hand back another row's pixels after the rows were reordered)."""
+NEAR_DUPLICATES_FILE = "near_duplicates.json"
+"""A prepared dataset's duplicate-finder pairs (`PreparedDataset.near_duplicates`)."""
 
 
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:

@@ -94,9 +94,9 @@ def _centres(codes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
     fine = []
     for c in range(n_coarse):
         part = sample[near == c]
-        k = max(1, round(nlist * len(part) / len(sample)))
         if len(part) == 0:
             continue
+        k = max(1, round(nlist * len(part) / len(sample)))
         fine.append(part if k >= len(part) else _kmeans(part, k, seed=c + 1, niter=10))
     return coarse, np.concatenate(fine)
 
