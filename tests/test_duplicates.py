@@ -379,3 +379,61 @@ def test_shortlist_query_scans_the_same_codes_at_four_times_the_images(
     _, near = index.search(flipped(base[::10]), 1)
     owner = near[:, 0] % len(base)  # any of the four copies of the descriptor
     assert np.mean(owner == np.arange(0, len(base), 10)) > 0.95
+
+
+def test_list_by_list_search_finds_the_index_own_nearest_codes(shared_data: Path) -> None:
+    """`nearest_owners` searches the inverted file list by list; it must find exactly the
+    distances the index's own search finds, and with owners given never the row's own image."""
+    from automl_cxr.data._keypoints import extract_features
+    from automl_cxr.data._shortlist import _strongest, nearest_owners, shortlist_index
+
+    films = sorted((shared_data / "nih" / "images").glob("*.png"))[:40]
+    feats = extract_features([decode_gray(f).pixels for f in films])
+    rows, owner = _strongest(feats)
+    codes = np.ascontiguousarray(feats.descriptors[rows])
+    index = shortlist_index(codes)
+    assert index.nlist > 1  # an inverted file, not the exhaustive index
+    dist, near = index.search(codes[::7], 1)
+    d, o = nearest_owners(index, owner, codes[::7])
+    assert np.array_equal(d, dist[:, 0])
+    assert np.array_equal(o, owner[near[:, 0]])  # ties: the first indexed code, as faiss
+    d, o = nearest_owners(index, owner, codes[::7], owner[::7])
+    assert np.all(o != owner[::7]) and np.all((o >= 0) == (d <= 256))
+    assert np.mean(d) > np.mean(dist[:, 0])  # its own code (distance 0) is skipped
+
+
+def test_pairs_implied_by_copies_are_not_verified_and_change_no_merge(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """One film, three re-framings of it and unrelated films: the four are one radiograph.
+    `skip_merged` verifies only what joins them (a copy pair implied by two found before it is
+    skipped) and leaves the same sets of copies as verifying every candidate."""
+    from automl_cxr.data._duplicates import UnionFind
+
+    film = sorted((shared_data / "nih" / "images").glob("*.png"))[7]
+    paths = [film] + [_copy_of(film, tmp_path / f"copy{s}", seed=s) for s in range(3)]
+    paths += sorted((shared_data / "nih" / "images").glob("*.png"))[20:26]
+    imgs = [decode_gray(p) for p in paths]
+    feats = LocalFeatures.stack([features_for(i.pixels, i.sha256) for i in imgs])
+
+    def sets(matches: list) -> set[frozenset[int]]:
+        uf = UnionFind(range(len(paths)))
+        for m in matches:
+            if m.kind == "copy":
+                uf.join(m.a, m.b)
+        roots = [uf.find(i) for i in range(len(paths))]
+        return {
+            frozenset(i for i, r in enumerate(roots) if r == x) for x in roots if roots.count(x) > 1
+        }
+
+    every, merging = {}, {}
+    full = find_matches(feats, paths=paths, timings=every)
+    fewer = find_matches(feats, paths=paths, skip_merged=True, timings=merging)
+    assert sets(full) == sets(fewer) == {frozenset(range(4))}
+    assert len(full) == 6 and every["pairs_skipped"] == 0  # the 4 films' 6 pairs, no other
+    # 3 copy pairs join 4 films; a 4th pair is listed when one was a weaker same-patient match
+    assert len(fewer) < len(full) and merging["pairs_skipped"] == len(full) - len(fewer) >= 2
+    assert merging["pairs_verified"] == every["pairs_verified"] - merging["pairs_skipped"]
+    assert {(m.a, m.b) for m in fewer} < {(m.a, m.b) for m in full}
+    with pytest.raises(ValueError, match="skip_merged"):
+        find_matches(feats, feats, skip_merged=True)

@@ -117,17 +117,21 @@ def find_matches_keyed(
     *,
     paths: Sequence[str | Path] | None = None,
     progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[Match]:
-    """`find_matches(features, paths=paths)` (pairs within one set), kept in the cache folder
-    under the sha256 of the set's `keys` (one distinct key per image, e.g. its sha256; the
-    files at `paths` must have those contents). A pair read back keeps the direction it was
-    verified in, so its transform maps `a` onto `b`."""
+    """`find_matches(features, paths=paths, skip_merged=True)` (pairs within one set, for
+    merging copies), kept in the cache folder under the sha256 of the set's `keys` (one
+    distinct key per image, e.g. its sha256; the files at `paths` must have those contents).
+    A pair read back keeps the direction it was verified in, so its transform maps `a` onto
+    `b`. `timings` as `find_matches`'s, or `{"pairs_cached": 1}` when read back."""
     keys = [str(k) for k in keys]
+    run = {"paths": paths, "progress": progress, "skip_merged": True, "timings": timings}
     if len(set(keys)) != len(keys):
-        return find_matches(features, paths=paths, progress=progress)
+        return find_matches(features, **run)
     digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
     rule = "" if paths is not None else "-keypoints-only"
-    path = cache_dir() / f"pairs-{_version()}" / f"{digest}{rule}.json"
+    # "-merging": pairs implied by copies found before them were not verified (skip_merged)
+    path = cache_dir() / f"pairs-{_version()}" / f"{digest}{rule}-merging.json"
     index = {k: i for i, k in enumerate(keys)}
     with contextlib.suppress(OSError, ValueError, KeyError):
         out = []
@@ -144,8 +148,10 @@ def find_matches_keyed(
                     r.get("correlation"),
                 )
             )
+        if timings is not None:
+            timings["pairs_cached"] = 1
         return sorted(out, key=lambda m: (min(m.a, m.b), max(m.a, m.b)))
-    matches = find_matches(features, paths=paths, progress=progress)
+    matches = find_matches(features, **run)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")

@@ -32,10 +32,12 @@ thresholds come from the measured distributions in `benchmarks/DUPLICATES.md`
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +55,7 @@ __all__ = [
     "FEATURES_FILE",
     "MATCH_INLIERS",
     "Match",
+    "UnionFind",
     "find_matches",
     "inlier_matches",
     "mutual_matches",
@@ -88,6 +91,25 @@ films), re-framed copies' 2nd percentile is about 30 (benchmarks/DUPLICATES.md).
 COPY_INLIERS = 80
 """Inliers from which two films are one radiograph (measured: follow-up films of one patient at
 most 70)."""
+
+
+class UnionFind:
+    """Union-find over names (image indices, patient ids); a set's representative is its
+    smallest name."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.parent = {p: p for p in items}
+
+    def find(self, p: Any) -> Any:
+        while self.parent[p] != p:
+            self.parent[p] = self.parent[self.parent[p]]
+            p = self.parent[p]
+        return p
+
+    def join(self, a: Any, b: Any) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 @dataclass(frozen=True)
@@ -258,19 +280,38 @@ def find_matches(
     paths: Sequence[str | Path] | None = None,
     base_paths: Sequence[str | Path] | None = None,
     progress: Progress | None = None,
+    skip_merged: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> list[Match]:
     """Every verified pair (query image, base image): at least `MATCH_INLIERS` inliers over
     `MIN_CELLS` cells, or, when the images' files are given (`paths` of the query images and,
     with `base`, `base_paths`), a failed pair the aligned texture confirms (step 4).
 
-    With `base=None`, pairs within `query` (a < b, each pair once). Sorted by (a, b)."""
+    With `base=None`, pairs within `query` (a < b, each pair once). Sorted by (a, b).
+    `skip_merged` (pairs within `query` only): a candidate pair whose images are already
+    joined by copies found before it is not verified. What is one radiograph (the copies'
+    connected sets) stays the same; only copy pairs implied by others go unlisted, which is
+    what `data prepare` needs (it merges each set into one image) and saves most of the
+    verification on collections that hold many copies of one film. `timings`, when given,
+    receives the wall seconds of the shortlist and of the verification and the number of
+    candidate pairs verified and skipped."""
     same = base is None
+    if skip_merged and not same:
+        raise ValueError("skip_merged applies to pairs within one set (base=None)")
     base = query if base is None else base
     read_a = image_reader(paths) if paths is not None else None
     read_b = read_a if same else (image_reader(base_paths) if base_paths is not None else None)
+    t0 = time.perf_counter()
     todo = shortlist(query, None if same else base)
-    out, unread = [], 0
+    t1 = time.perf_counter()
+    copies = UnionFind(range(len(query)) if skip_merged else ())
+    out, unread, skipped = [], 0, 0
     for done, ((a, b), n) in enumerate(sorted(todo.items()), start=1):
+        if skip_merged and copies.find(a) == copies.find(b):
+            skipped += 1
+            if progress:
+                progress(done, len(todo))
+            continue
         fa, fb = query.image(a), base.image(b)
         # the descriptor matches are found once: step 4 refits the same ones
         mm = mutual_matches(fa[1], fb[1]) if min(len(fa[1]), len(fb[1])) >= 4 else None
@@ -279,6 +320,8 @@ def find_matches(
             inliers = len(strict[0])
             kind = "copy" if inliers >= COPY_INLIERS else "same_patient"
             out.append(Match(a, b, kind, inliers, n, strict[3]))
+            if skip_merged and kind == "copy":
+                copies.join(a, b)
         elif read_a is not None and read_b is not None:
             fit = _fit(fa, fb, RESCUE_INLIERS, mm)
             if fit is not None and len(fit[0]) >= RESCUE_INLIERS:
@@ -296,6 +339,13 @@ def find_matches(
             "those pairs were judged by keypoints only",
             RuntimeWarning,
             stacklevel=2,
+        )
+    if timings is not None:
+        timings.update(
+            shortlist_s=round(t1 - t0, 2),
+            verify_s=round(time.perf_counter() - t1, 2),
+            pairs_verified=len(todo) - skipped,
+            pairs_skipped=skipped,
         )
     return out
 

@@ -22,10 +22,10 @@ from automl_cxr.data._dataset import (
     manifest_hash,
     row_order_digest,
 )
-from automl_cxr.data._duplicates import FEATURES_FILE
+from automl_cxr.data._duplicates import FEATURES_FILE, UnionFind
 from automl_cxr.data._keypoints import LocalFeatures, Progress
 from automl_cxr.data._recipes import PAPER_RECIPES, Recipe, get_recipe
-from automl_cxr.data._scan import UnionFind, scan_pool
+from automl_cxr.data._scan import scan_pool
 from automl_cxr.data._sources import SourceTable, read_cohen, read_kermany, read_nih
 from automl_cxr.errors import DataError
 

@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 
 from automl_cxr.data._dupcache import features_for, find_matches_keyed
+from automl_cxr.data._duplicates import UnionFind
 from automl_cxr.data._image import MIN_SIDE, decode_gray
 from automl_cxr.data._keypoints import LocalFeatures, Progress
 from automl_cxr.data._sources import SourceTable
 from automl_cxr.errors import DataError, ImageDecodeError
 
-__all__ = ["ScanResult", "UnionFind", "dedupe", "merge_copies", "scan_images", "scan_pool"]
+__all__ = ["ScanResult", "dedupe", "merge_copies", "scan_images", "scan_pool"]
 
 
 @dataclass
@@ -122,26 +123,11 @@ def dedupe(scan: ScanResult) -> tuple[pd.DataFrame, LocalFeatures, dict]:
     )
 
 
-class UnionFind:
-    """Union-find over names; a set's representative is its smallest name."""
-
-    def __init__(self, items: Iterable[str]) -> None:
-        self.parent = {p: p for p in items}
-
-    def find(self, p: str) -> str:
-        while self.parent[p] != p:
-            self.parent[p] = self.parent[self.parent[p]]
-            p = self.parent[p]
-        return p
-
-    def join(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def merge_copies(
-    table: pd.DataFrame, features: LocalFeatures, progress: Progress | None = None
+    table: pd.DataFrame,
+    features: LocalFeatures,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[pd.DataFrame, LocalFeatures, list[dict], list[dict]]:
     """Run the duplicate finder over the pool (`data/_duplicates.py`).
 
@@ -149,10 +135,12 @@ def merge_copies(
     others are removed, and all their patients become one split group; copies under two labels
     are a label conflict (all dropped). A same-patient match (a follow-up film) joins the two
     patients' split groups and keeps both images. Returns the table with `group_id`, its
-    features, the matches (with evidence and what was done) and the label conflicts."""
+    features, the matches (with evidence and what was done) and the label conflicts. A copy
+    pair implied by others (A-B and B-C make A-C one radiograph too) is not verified and not
+    listed (`find_matches(skip_merged=True)`); `timings` gets the finder's (`find_matches`)."""
     paths, patients = table["path"].tolist(), table["patient_id"].astype(str).tolist()
     matches = find_matches_keyed(
-        features, table["sha256"].astype(str), paths=paths, progress=progress
+        features, table["sha256"].astype(str), paths=paths, progress=progress, timings=timings
     )
     img = UnionFind(map(str, range(len(table))))
     for m in matches:
@@ -222,7 +210,8 @@ def scan_pool(
     t1 = time.perf_counter()
     table, features, dup_info = dedupe(scan)
     n_before = len(table)
-    table, features, near, copy_conflicts = merge_copies(table, features)
+    finder: dict[str, float] = {}
+    table, features, near, copy_conflicts = merge_copies(table, features, timings=finder)
     t2 = time.perf_counter()
     dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
     dup_info["copies_removed"] = (
@@ -240,7 +229,12 @@ def scan_pool(
         "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
         # wall seconds of this run's stages (benchmarks/scale.py): decoding, checks and the
         # duplicate finder's keypoints; exact-duplicate removal and the finder's shortlist and
-        # geometric verification
-        "timings": {"scan_s": round(t1 - t0, 2), "duplicates_s": round(t2 - t1, 2)},
+        # geometric verification, then the finder's own split (shortlist_s, verify_s, pairs
+        # verified and skipped as implied by copies; pairs_cached when read back)
+        "timings": {
+            "scan_s": round(t1 - t0, 2),
+            "duplicates_s": round(t2 - t1, 2),
+            **{f"finder_{k}": v for k, v in finder.items()},
+        },
     }
     return table.assign(_feature_row=np.arange(len(table))), info, features

@@ -13,7 +13,9 @@ the set holds 2,000 films or 50,000. The list centres are found by a two-level k
 √lists coarse centres, then each coarse cluster split in proportion to its share), and a
 query finds its lists through the coarse centres first (`COARSE_PROBE` of them): both the
 training and the quantizer's cost per query grow as the square root of the list count, not
-with it. Measured in `benchmarks/DUPLICATES.md` ("The shortlist at scale").
+with it. The lists are searched one at a time against every query that probes them
+(`nearest_owners`), which finds the same nearest codes as faiss's query-by-query search at about
+twice its speed. Measured in `benchmarks/DUPLICATES.md` ("The shortlist at scale").
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "PROBE",
     "SHORTLIST",
     "VOTE_DISTANCE",
+    "nearest_owners",
     "shortlist",
     "shortlist_index",
 ]
@@ -60,6 +63,10 @@ _TRAIN_PER_LIST = 40
 """Training descriptors per list (faiss's k-means asks for at least 39 per centre)."""
 
 _BITS = 256
+_BLOCK = 2_000_000
+"""Query descriptors searched at a time (their probes and nearest codes: ~100 MB)."""
+_ID_BITS = 40
+"""Bits of a code's id in `nearest_owners`' (distance, id) key."""
 
 
 def _kmeans(codes: np.ndarray, k: int, *, seed: int, niter: int) -> np.ndarray:
@@ -140,6 +147,67 @@ def _strongest(feats: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(rows), np.concatenate(owners)
 
 
+def nearest_owners(
+    index, owner: np.ndarray, x: np.ndarray, x_owner: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Hamming distance, owning image) of each row of `x`'s nearest code in `index` (a
+    `shortlist_index` whose codes belong to the images `owner`), skipping codes of the row's
+    own image `x_owner` when given (-1 and a distance above any when there is none).
+
+    An inverted file is searched list by list, not query by query: the queries that probe one
+    list are compared with its codes in one exhaustive block (`faiss.knn_hamming`), which scans
+    the same codes as the index's own search at about twice its speed (measured in
+    `benchmarks/DUPLICATES.md`), and the same owners: between equally near codes the first
+    indexed wins, as in faiss."""
+    import faiss
+
+    n, k = len(x), 8 if x_owner is not None else 1
+    # (distance, code id) as one key: between equally near codes (Hamming distances tie often)
+    # the first indexed wins, as in faiss's own search, so a query's tied votes all go to the
+    # same image instead of being spread over its copies
+    best = np.full(n, (_BITS + 1) << _ID_BITS, np.int64)
+    best_owner = np.full(n, -1, np.int64)
+
+    def keep(q: np.ndarray, dist: np.ndarray, near: np.ndarray) -> None:
+        """Fold one block's k nearest codes (of rows q of x) into best / best_owner."""
+        own = np.where(near >= 0, owner[np.clip(near, 0, None)], -1)
+        ok = own >= 0
+        if x_owner is not None:
+            ok &= own != x_owner[q][:, None]
+        first = np.argmax(ok, axis=1)
+        pick = np.arange(len(q)), first
+        key = np.where(ok[pick], (dist[pick].astype(np.int64) << _ID_BITS) + near[pick], best[q])
+        better = key < best[q]
+        best[q[better]], best_owner[q[better]] = key[better], own[pick][better]
+
+    if not isinstance(index, faiss.IndexBinaryIVF):
+        for s in range(0, n, _BLOCK):
+            q = np.arange(s, min(n, s + _BLOCK))
+            keep(q, *index.search(np.ascontiguousarray(x[q]), k))
+        return (best >> _ID_BITS).astype(np.int32), best_owner
+    lists = []
+    for i in range(index.nlist):
+        size = index.invlists.list_size(i)
+        codes = faiss.rev_swig_ptr(index.invlists.get_codes(i), size * index.code_size)
+        ids = faiss.rev_swig_ptr(index.invlists.get_ids(i), size)
+        lists.append((codes.reshape(size, index.code_size), ids))
+    for s in range(0, n, _BLOCK):
+        block = np.ascontiguousarray(x[s : s + _BLOCK])
+        _, probes = index.quantizer.search(block, index.nprobe)
+        flat = probes.ravel()
+        order = np.argsort(flat, kind="stable")
+        rows = order // index.nprobe + s
+        cuts = np.flatnonzero(np.diff(flat[order])) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(order)], strict=True):
+            if flat[order[lo]] < 0 or len(lists[flat[order[lo]]][0]) == 0:
+                continue
+            codes, ids = lists[flat[order[lo]]]
+            q = rows[lo:hi]
+            dist, j = faiss.knn_hamming(x[q], codes, min(k, len(codes)))
+            keep(q, dist, ids[j])
+    return (best >> _ID_BITS).astype(np.int32), best_owner
+
+
 def _votes(
     query: LocalFeatures, base: LocalFeatures, same: bool
 ) -> dict[int, list[tuple[int, int]]]:
@@ -149,31 +217,13 @@ def _votes(
     out: dict[int, list[tuple[int, int]]] = {}
     if index.ntotal == 0:
         return out
-    k = 8 if same else 2
-    rows, qo = _strongest(query)
-    codes_all = query.descriptors
-    chunk = 200_000
-    pair_codes = []
-    for start in range(0, len(rows), chunk):
-        r = rows[start : start + chunk]
-        dist, nn = index.search(np.ascontiguousarray(codes_all[r]), k)
-        own = np.where(nn >= 0, owner[np.clip(nn, 0, None)], -1)
-        qi = qo[start : start + chunk]
-        if same:  # the nearest neighbour owned by another image
-            other = (own != qi[:, None]) & (own >= 0)
-            first = np.argmax(other, axis=1)
-            has = other[np.arange(len(first)), first]
-            d = dist[np.arange(len(first)), first]
-            o = own[np.arange(len(first)), first]
-        else:
-            has, d, o = own[:, 0] >= 0, dist[:, 0], own[:, 0]
-        ok = has & (d <= VOTE_DISTANCE)
-        a, b = qi[ok], o[ok]
-        if same:
-            a, b = np.minimum(a, b), np.maximum(a, b)
-        pair_codes.append(a * len(base) + b)
-    codes = np.concatenate(pair_codes) if pair_codes else np.zeros(0, np.int64)
-    uniq, counts = np.unique(codes, return_counts=True)
+    rows, qi = _strongest(query)
+    d, o = nearest_owners(index, owner, query.descriptors[rows], qi if same else None)
+    ok = d <= VOTE_DISTANCE
+    a, b = qi[ok], o[ok]
+    if same:
+        a, b = np.minimum(a, b), np.maximum(a, b)
+    uniq, counts = np.unique(a * len(base) + b, return_counts=True)
     keep = counts >= MIN_VOTES
     for code, n in zip(uniq[keep], counts[keep], strict=True):
         a, b = divmod(int(code), len(base))
