@@ -238,7 +238,9 @@ def measure(n: int, work: Path, trials: int, row: dict, save) -> None:
     page = work / f"report_{n}" / "index.html"
     row["report"] = {**rep, "page_mb": round(page.stat().st_size / 1e6, 2)}
     print(f"  report {row['report']}", flush=True)
-    row["disk_gb"] = round(sum(p.stat().st_size for p in (work / "images").glob("img*")) / 2**30, 2)
+    # this size's films only (a larger run in the same folder re-uses and adds to them)
+    names = [line.split(",", 1)[0] for line in csv.read_text().splitlines()[1:]]
+    row["disk_gb"] = round(sum((csv.parent / f).stat().st_size for f in names) / 2**30, 2)
     save()
 
 
