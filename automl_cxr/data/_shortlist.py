@@ -214,12 +214,21 @@ def _votes(
 ) -> dict[int, list[tuple[int, int]]]:
     """Per query image, its candidate base images with their votes (most first)."""
     sel, owner = _strongest(base)
-    index = shortlist_index(base.descriptors[sel])
+    codes = np.ascontiguousarray(base.descriptors[sel])
+    del sel
+    index = shortlist_index(codes)  # holds its own copy of the codes
     out: dict[int, list[tuple[int, int]]] = {}
     if index.ntotal == 0:
         return out
-    rows, qi = _strongest(query)
-    d, o = nearest_owners(index, owner, query.descriptors[rows], qi if same else None)
+    if same:  # the indexed codes are the queries: no second copy (1.1 GB at 50,000 films)
+        x, qi = codes, owner
+    else:
+        del codes
+        rows, qi = _strongest(query)
+        x = query.descriptors[rows]
+        del rows
+    d, o = nearest_owners(index, owner, x, qi if same else None)
+    del x, index
     ok = d <= VOTE_DISTANCE
     a, b = qi[ok], o[ok]
     if same:
