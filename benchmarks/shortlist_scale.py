@@ -57,10 +57,13 @@ def fixed_lists_index(codes: np.ndarray):
     return index
 
 
-def _flipped(codes: np.ndarray, rng: np.random.Generator, p: float = 0.03) -> np.ndarray:
-    """`codes` with each bit flipped with probability `p`."""
+def _flipped(
+    codes: np.ndarray, rng: np.random.Generator, p: float = 0.03, dtype: type = np.float64
+) -> np.ndarray:
+    """`codes` with each bit flipped with probability `p` (`dtype` of the uniform draws: float32
+    halves their memory; float64 is `rng.random`'s default stream)."""
     bits = np.unpackbits(codes, axis=1)
-    return np.packbits(bits ^ (rng.random(bits.shape, dtype=np.float32) < p), axis=1)
+    return np.packbits(bits ^ (rng.random(bits.shape, dtype=dtype) < p), axis=1)
 
 
 def _scanned(index, queries: np.ndarray) -> float:
@@ -83,12 +86,10 @@ def main() -> int:
     parts, rows = [base], []
     for times in sorted(int(t) for t in args.times.split(",")):
         while len(parts) < times:
-            bits = np.unpackbits(base, axis=1)
-            parts.append(np.packbits(bits ^ (rng.random(bits.shape) < 0.03), axis=1))
+            parts.append(_flipped(base, rng))
         codes = np.concatenate(parts[:times])
         pick = rng.choice(len(base), args.queries, replace=False)
-        bits = np.unpackbits(base[pick], axis=1)
-        queries = np.packbits(bits ^ (rng.random(bits.shape) < 0.03), axis=1)
+        queries = _flipped(base[pick], rng)
         row = {"times": times, "codes": len(codes), "films": len(feats) * times}
         for name, build in (
             ("fixed_lists", fixed_lists_index),
@@ -109,7 +110,10 @@ def main() -> int:
                 own_rng = np.random.default_rng(100 + times)  # the other draws stay as they were
                 step = 500_000
                 many = np.concatenate(
-                    [_flipped(codes[i : i + step : 4], own_rng) for i in range(0, len(codes), step)]
+                    [
+                        _flipped(codes[i : i + step : 4], own_rng, dtype=np.float32)
+                        for i in range(0, len(codes), step)
+                    ]
                 )
                 t0 = time.perf_counter()
                 nearest_owners(index, np.tile(owner, times), many, np.full(len(many), -1))
