@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     _, res = _timed_trial(ds, mc, tc, None)
     _, plain_res = _timed_trial(ds, mc, TrainConfig(**{**tc.to_dict(), "augment": 0.0}), None)
-    raw = _raw_throughput(mc, tc, steps=8 if args.quick else 20, device=device)
+    raw = round(_raw_throughput(mc, tc, steps=8 if args.quick else 20, device=device), 2)
     first, steady = res.epoch_rates()
     out["trial_images_per_second"] = steady
     out["trial_first_epoch_images_per_second"] = first
-    out["raw_images_per_second"] = round(raw, 2)
+    out["raw_images_per_second"] = raw
     out["data_path_efficiency"] = round(steady / raw, 3)
     out["data_path_efficiency_with_first_epoch"] = round(res.images_per_second / raw, 3)
     out["augmentation_cost"] = round(1 - steady / plain_res.epoch_rates()[1], 3)
