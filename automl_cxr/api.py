@@ -75,11 +75,13 @@ def prepare(
     seed: int = 0,
     skip_bad: bool = False,
     exclude: Sequence[str | Path] = (),
+    near_duplicates: bool = True,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Build the dataset recipes from the public sources (``automl-cxr data prepare
     --sources``): one row per dataset with its name, image count, per-class counts and folder.
-    `sources` holds ``cohen/``, ``kermany/`` and optionally ``nih/`` (default: as the CLI)."""
+    `sources` holds ``cohen/``, ``kermany/`` and optionally ``nih/`` (default: as the CLI);
+    `near_duplicates=False` removes byte-identical copies only (``--no-near-duplicates``)."""
     from automl_cxr.data import load_dataset, prepare_recipes
     from automl_cxr.settings import resolve_data_dir, source_folders
 
@@ -96,6 +98,7 @@ def prepare(
             skip_bad=skip_bad,
             progress=update,
             exclude=exclude,
+            near_duplicates=near_duplicates,
         )
     rows = []
     for p in paths:

@@ -2,7 +2,7 @@
 on N synthetic radiographs at NIH's 1024 x 1024, for several N.
 
     python benchmarks/scale.py [--sizes 2000,10000,50000] [--trials 20] [--work DIR] [--keep]
-        [--json benchmarks/scale.json]
+        [--no-near-duplicates] [--json benchmarks/scale.json]
 
 **Inputs.** N images made from the shared radiographs (every film of cohen/, kermany/, nih/):
 each a random crop (70-100 % of each side), a horizontal flip half of the time, a gamma in
@@ -14,7 +14,11 @@ beyond that number they repeat under new crops, the duplicate finder rightly fin
 copies and merges them (counted in the table), as it would in a collection that copies its
 films, and every image made from one source film then belongs to that film's patient and site
 (drawn at random, the finder's joins left one patient group per class at 50,000 images, and no
-fold split; measured 2026-12-06). Disk: ~0.45 MB per image (about 23 GB at
+fold split; measured 2026-12-06). With `--no-near-duplicates` the datasets are prepared
+without the search for re-framed copies (`data prepare --no-near-duplicates`: byte-identical
+copies only), so every one of the N images is a row of the search, each source film's images
+one patient group; that measures a search over N images, where the finder's merges leave
+about 3,400 rows at 50,000. Disk: ~0.45 MB per image (about 23 GB at
 50,000), in `--work` (default: a temporary folder, removed afterwards unless `--keep`).
 
 **Measured per N** (one after the other, nothing else running on the machine):
@@ -188,14 +192,15 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     }
 
 
-def measure(n: int, work: Path, trials: int, row: dict, save) -> None:
+def measure(n: int, work: Path, trials: int, row: dict, save, near_duplicates: bool = True) -> None:
     exe = [sys.executable, "-m", "automl_cxr"]
     csv = make_inputs(n, work / "images")
     data = work / "data"
     name = f"scale{n}"
     prep = run_measured(
         [*exe, "data", "prepare", "--csv", str(csv), "--name", name, "--data-dir", str(data)]
-        + ["--quiet"],
+        + ["--quiet"]
+        + ([] if near_duplicates else ["--no-near-duplicates"]),
         work / f"prepare_{n}.log",
         # a cold run: no keypoints or verified pairs of an earlier run in the user's cache
         env={**os.environ, "AUTOML_CXR_CACHE": str(work / f"cache_{n}_{time.time_ns()}")},
@@ -229,6 +234,9 @@ def measure(n: int, work: Path, trials: int, row: dict, save) -> None:
         "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in done),
         "s_per_trial": round(search["wall_s"] / max(1, len(done)), 1),
         "ms_per_trial_per_image": round(1000 * search["wall_s"] / max(1, len(done)) / n, 3),
+        "ms_per_trial_per_row": round(
+            1000 * search["wall_s"] / max(1, len(done)) / row["prepare"]["images_kept"], 3
+        ),
     }
     print(f"  search {row['search']}", flush=True)
     save()
@@ -250,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument(
+        "--near-duplicates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prepare with the search for re-framed copies (default) or byte copies only",
+    )
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "scale.json")
     args = ap.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             print(f"N = {n}", flush=True)
             rows.append({"images": n})
-            measure(n, work, args.trials, rows[-1], save)
+            measure(n, work, args.trials, rows[-1], save, args.near_duplicates)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -437,3 +437,47 @@ def test_pairs_implied_by_copies_are_not_verified_and_change_no_merge(
     assert {(m.a, m.b) for m in fewer} < {(m.a, m.b) for m in full}
     with pytest.raises(ValueError, match="skip_merged"):
         find_matches(feats, feats, skip_merged=True)
+
+
+def test_no_near_duplicates_keeps_reframed_copies_and_says_so(
+    tmp_path: Path, shared_data: Path, capsys
+) -> None:
+    """`data prepare --no-near-duplicates`: a re-framed copy stays a row of its own patient
+    group, a byte-identical copy is still removed, and `data info` says the pool was not
+    searched; by default the same pool merges the copy and `data info` counts it."""
+    from automl_cxr.cli import main
+
+    nih = sorted((shared_data / "nih" / "images").glob("*.png"))[30:38]
+    copy = _copy_of(nih[0], tmp_path / "reprint" / "fig", seed=3)
+    same_bytes = tmp_path / "reprint" / "same.png"
+    same_bytes.write_bytes(nih[1].read_bytes())
+    rows = [(str(p), "normal", f"n{i}") for i, p in enumerate(nih)]
+    rows += [(str(copy), "normal", "fig"), (str(same_bytes), "normal", "same")]
+    cohen = read_cohen(shared_data / "cohen").table.drop_duplicates("patient_id").iloc[:6]
+    rows += [(p, "covid", f"c{i}") for i, p in enumerate(cohen["path"])]
+    csv = tmp_path / "pool.csv"
+    pd.DataFrame(rows, columns=["path", "label", "patient_id"]).to_csv(csv, index=False)
+    data = tmp_path / "d"
+    for name, flag in (("searched", []), ("exact_only", ["--no-near-duplicates"])):
+        argv = ["data", "prepare", "--csv", str(csv), "--name", name, "--data-dir", str(data)]
+        assert main([*argv, *flag, "-q"]) == 0
+    capsys.readouterr()
+
+    on, off = load_dataset("searched", data), load_dataset("exact_only", data)
+    assert on.meta["near_duplicate_search"] is True and off.meta["near_duplicate_search"] is False
+    assert on.meta["duplicates_removed"] == off.meta["duplicates_removed"] == 1
+    assert on.meta["copies_removed"] == 1 and len(on) == len(rows) - 2
+    assert off.meta["copies_removed"] == 0 and len(off) == len(rows) - 1
+    assert off.near_duplicates == [] and len(off.local_features()) == len(off)
+    # without the search every patient is its own split group
+    assert off.manifest["group_id"].nunique() == off.manifest["patient_id"].nunique() == len(off)
+    assert str(copy) in set(off.manifest["path"]) and str(copy) not in set(on.manifest["path"])
+
+    def info_line(name: str, what: str) -> str:
+        assert main(["data", "info", name, "--data-dir", str(data)]) == 0
+        out = capsys.readouterr().out
+        return next(line for line in out.splitlines() if what in line)
+
+    assert info_line("searched", "copies merged").split()[-1] == "1"
+    assert "not searched (--no-near-duplicates)" in info_line("exact_only", "copies merged")
+    assert "not searched" in info_line("exact_only", "same-radiograph or same-patient pairs")

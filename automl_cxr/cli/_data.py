@@ -99,6 +99,15 @@ def prepare(
             "image of their patients, out of every recipe — e.g. an external test set."
         ),
     ] = None,
+    near_duplicates: Annotated[
+        bool,
+        typer.Option(
+            help="Search the pool for re-framed copies and same-patient films (merged, and "
+            "their patients joined). --no-near-duplicates removes byte-identical copies only: "
+            "for a collection already de-duplicated; recorded in the dataset, shown by `data "
+            "info`."
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Decode, check and de-duplicate images once, and write dataset manifests."""
@@ -128,6 +137,7 @@ def prepare(
                     origin=str(folder or csv),
                     skip_bad=skip_bad,
                     progress=cb,
+                    near_duplicates=near_duplicates,
                 )
             ]
     else:
@@ -147,6 +157,7 @@ def prepare(
                 skip_bad=skip_bad,
                 progress=cb,
                 exclude=exclude or (),
+                near_duplicates=near_duplicates,
             )
     print_prepared(paths, out, verbose=verbose)
 
@@ -170,6 +181,8 @@ def _info_payload(ds) -> dict:
         "duplicates_removed",
         "duplicates",
         "label_conflicts",
+        "copies_removed",
+        "near_duplicate_search",
         "merged_patient_groups",
         "patients_with_several_labels",
         "rejected",

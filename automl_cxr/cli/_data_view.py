@@ -58,6 +58,8 @@ def print_prepared(paths: list[Path], out: Path, *, verbose: bool) -> None:
 
 def info_rows(info: dict) -> list[tuple[str, str]]:
     ipp = info["images_per_patient"]
+    off = "not searched (--no-near-duplicates)"
+    searched = info.get("near_duplicate_search") is not False  # older datasets: searched
     return [
         ("images", str(info["images"])),
         ("distinct patients", str(info["distinct_patients"])),
@@ -65,8 +67,14 @@ def info_rows(info: dict) -> list[tuple[str, str]]:
         ("images per patient", f"mean {ipp['mean']}, max {ipp['max']}"),
         ("duplicates removed", str(info["duplicates_removed"])),
         ("label conflicts (same bytes, two labels)", str(len(info["label_conflicts"]))),
-        ("copies merged (same radiograph re-framed)", str(info.get("copies_removed", 0))),
-        ("same-radiograph or same-patient pairs", str(len(info["near_duplicates"]))),
+        (
+            "copies merged (same radiograph re-framed)",
+            str(info.get("copies_removed", 0)) if searched else off,
+        ),
+        (
+            "same-radiograph or same-patient pairs",
+            str(len(info["near_duplicates"])) if searched else off,
+        ),
         ("patients with several labels", str(info["patients_with_several_labels"]["count"])),
         ("files rejected", str(len(info["rejected"]))),
         ("images without a license upstream", str(info["unlicensed_images"])),

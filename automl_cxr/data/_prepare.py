@@ -210,6 +210,7 @@ def prepare_recipes(
     skip_bad: bool = False,
     progress: Progress | None = None,
     exclude: Sequence[str | Path] = (),
+    near_duplicates: bool = True,
 ) -> list[Path]:
     """Build the recipes from the public sources; returns the dataset folders.
 
@@ -221,6 +222,8 @@ def prepare_recipes(
     recipe, e.g. a test or external set built from the same sources; an image matches by its
     bytes (sha256), and every other image of a matched patient (split group) goes too, so no
     patient is on both sides.
+
+    `near_duplicates=False`: only byte-identical copies are removed (see `scan_pool`).
     """
     given = {"cohen": cohen, "kermany": kermany, "nih": nih}
     readers = {"cohen": read_cohen, "kermany": read_kermany, "nih": read_nih}
@@ -240,7 +243,9 @@ def prepare_recipes(
     if counts:
         resolved = _resolve_counts(resolved, counts)
     held = excluded_images(exclude) if exclude else None  # bad --exclude: before any decoding
-    pool, info, features = scan_pool(tables, skip_bad=skip_bad, progress=progress)
+    pool, info, features = scan_pool(
+        tables, skip_bad=skip_bad, progress=progress, near_duplicates=near_duplicates
+    )
     if held is not None:
         pool, info["excluded_sets"] = _exclude(pool, held, exclude)
     info.update(_pool_info(pool))
@@ -336,12 +341,16 @@ def prepare_table(
     progress: Progress | None = None,
     min_classes: int = 2,
     extra_meta: Mapping[str, Any] | None = None,
+    near_duplicates: bool = True,
 ) -> Path:
     """A user's own data (folder per class or CSV manifest) as a prepared dataset
-    (`min_classes=1` for an evaluation-only set, e.g. external normals)."""
+    (`min_classes=1` for an evaluation-only set, e.g. external normals;
+    `near_duplicates=False`: only byte-identical copies are removed, see `scan_pool`)."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"dataset name must be letters, digits, '_' or '-', but got name={name!r}")
-    pool, info, features = scan_pool([table], skip_bad=skip_bad, progress=progress)
+    pool, info, features = scan_pool(
+        [table], skip_bad=skip_bad, progress=progress, near_duplicates=near_duplicates
+    )
     classes = sorted(pool["label"].unique())
     if len(classes) < min_classes:
         raise DataError(

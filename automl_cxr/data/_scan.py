@@ -195,12 +195,18 @@ def scan_pool(
     skip_bad: bool,
     progress: Progress | None = None,
     noun: str = "image",
+    near_duplicates: bool = True,
 ) -> tuple[pd.DataFrame, dict, LocalFeatures]:
     """Source tables as the rows a dataset keeps, the one pipeline every set goes through
     (recipes, your own data, `search --external`, `evaluate --data`): every file decoded once
     and checked (`scan_images`), exact copies removed, re-framed copies merged into one row
     and one patient group (`dedupe`, `merge_copies`). Returns (rows, what was rejected,
-    removed and merged, the rows' keypoints)."""
+    removed and merged, the rows' keypoints).
+
+    `near_duplicates=False` skips the search for re-framed copies and same-patient films (the
+    larger part of the finder's cost): only byte-identical copies are removed, each patient is
+    its own split group, and `near_duplicate_search` is recorded as false. The keypoints are
+    still computed and kept, so external sets are still checked against the rows."""
     tables = list(tables)
     pool = pd.concat([t.table for t in tables], ignore_index=True)
     if pool.empty:
@@ -211,7 +217,11 @@ def scan_pool(
     table, features, dup_info = dedupe(scan)
     n_before = len(table)
     finder: dict[str, float] = {}
-    table, features, near, copy_conflicts = merge_copies(table, features, timings=finder)
+    if near_duplicates:
+        table, features, near, copy_conflicts = merge_copies(table, features, timings=finder)
+    else:
+        near, copy_conflicts = [], []
+        table = table.assign(group_id=table["patient_id"].astype(str))
     t2 = time.perf_counter()
     dup_info["label_conflicts"] = dup_info["label_conflicts"] + copy_conflicts
     dup_info["copies_removed"] = (
@@ -224,6 +234,7 @@ def scan_pool(
         "rejected": scan.rejected,
         **dup_info,
         "near_duplicates": near,
+        "near_duplicate_search": near_duplicates,
         "merged_patient_groups": merged,
         "excluded": {t.name: t.excluded for t in tables if t.excluded},
         "decode_notes": {p: n for p, n in zip(table["path"], table["notes"], strict=True) if n},
