@@ -339,3 +339,35 @@ def test_image_too_small_for_radiograph(tmp_path: Path) -> None:
     Image.fromarray(np.full((40, 300), 128, np.uint8)).save(p)
     with pytest.raises(ImageDecodeError, match="300x40 px, too small"):
         decode_gray(p)
+
+
+def test_image_cache_is_written_in_chunks_and_shared_copy_on_write(
+    prepared_dir: Path, tmp_path: Path
+) -> None:
+    """The cache is decoded and written a chunk at a time (rows past the first chunk are the
+    files' pixels too); a whole mapped cache is handed out copy-on-write (writable, the file
+    untouched by a write), a slice of it as a copy."""
+    from automl_cxr.data import mapped_copy_on_write, resize_square
+    from automl_cxr.data._dataset import save_npy_rows_atomic
+
+    ds = load_dataset("three_class", prepared_dir)
+    assert len(ds) > 1024  # more than one chunk of `_decode_all`
+    cached = ds.images(40)
+    for i in (0, 1023, 1024, len(ds) - 1):
+        direct = resize_square(decode_gray(ds.manifest.path[i]).pixels, 40)
+        np.testing.assert_array_equal(cached[i], direct)
+
+    cow = mapped_copy_on_write(cached)
+    assert isinstance(cow, np.memmap) and cow.flags.writeable
+    np.testing.assert_array_equal(cow, cached)
+    before = int(cached[5, 0, 0])
+    cow[5, 0, 0] = before ^ 0xFF
+    assert int(np.load(ds.cache_path(40), mmap_mode="r")[5, 0, 0]) == before
+    part = mapped_copy_on_write(cached[10:20])
+    assert not isinstance(part, np.memmap) and part.shape == (10, 40, 40)
+    np.testing.assert_array_equal(part, cached[10:20])
+
+    out = tmp_path / "rows.npy"
+    with pytest.raises(ValueError, match="needs 3"):
+        save_npy_rows_atomic(out, (3, 2), np.uint8, [np.zeros((2, 2), np.uint8)])
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))

@@ -705,3 +705,30 @@ def test_cpu_amp_runs_in_bfloat16_only_where_the_cpu_computes_it(small) -> None:
     again = run_trial(small, mc, _cfg(max_folds=1, cpu_amp=True), feature_cache=cache)
     assert again.value == bf16.value
     assert np.array_equal(again.oof_probs, bf16.oof_probs, equal_nan=True)
+
+
+def _mapping_of(ptr: int) -> str | None:
+    """The file mapped at address `ptr` in this process (Linux /proc/self/maps), or None."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi:
+            return parts[5] if len(parts) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_session_maps_the_image_cache_and_lets_it_go_behind_cached_features(
+    prepared_dir,
+) -> None:
+    """A trial reads the image cache through a copy-on-write mapping of its file (the workers
+    of a search share one copy), and drops it once it trains on cached frozen features."""
+    from automl_cxr.engine._session import Session
+
+    ds = load_dataset("three_class", prepared_dir)
+    pixels = Session(ds, _model(ds), _cfg(), feature_cache=None, log=None)
+    assert _mapping_of(pixels.images.data_ptr()) == str(ds.cache_path(48))
+    np.testing.assert_array_equal(pixels.images[:, 0].numpy(), ds.images(48))
+    n = num_stages("test_efficientnet")
+    frozen = Session(ds, _model(ds, frozen_stages=n), _cfg(), feature_cache=None, log=None)
+    assert frozen.cache_info["used"] and frozen.images is None

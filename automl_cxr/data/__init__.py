@@ -8,6 +8,7 @@ from automl_cxr.data._dataset import (
     canonical_order,
     list_datasets,
     load_dataset,
+    mapped_copy_on_write,
     row_order_digest,
     save_npy_atomic,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "register_recipe",
     "resize_square",
     "row_order_digest",
+    "mapped_copy_on_write",
     "save_npy_atomic",
     "scan_images",
     "site_groups",

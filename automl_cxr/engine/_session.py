@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from automl_cxr import __version__
-from automl_cxr.data import PreparedDataset, site_groups
+from automl_cxr.data import PreparedDataset, mapped_copy_on_write, site_groups
 from automl_cxr.engine._adversarial import SiteTraining
 from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
@@ -95,8 +95,9 @@ class Session:
         self.weight_info = asdict(ws) if hasattr(ws, "__dataclass_fields__") else {"repr": repr(ws)}
         self.pp_spec, self.pp_module = preprocess_for(cfg, Path(dataset.root).parent)
         self.pp_info: dict = {"key": self.pp_spec.key(), "roi": cfg.roi, "intensity": cfg.intensity}
-        images = torch.from_numpy(np.array(self.dataset_images(dataset)))  # own, writable copy
-        self.images = images.unsqueeze(1).to(device)  # uint8 (N, 1, R, R), kept on the device
+        # the image cache mapped copy-on-write, not copied: the workers share one copy of it
+        images = torch.from_numpy(mapped_copy_on_write(self.dataset_images(dataset)))
+        self.images: torch.Tensor | None = images.unsqueeze(1).to(device)  # uint8 (N, 1, R, R)
         self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
         # the adversary's site of each row: sites sharing a patient merged, as site CV does
         # (the source, for a manifest without sites)
@@ -127,6 +128,7 @@ class Session:
             if inputs is not None:
                 self.net, self.x_source, self.prep = inputs.net, inputs.x, self.prep_feats
                 self.cache_info = inputs.info
+                self.images = None  # trains on the features: the pixels' mapping is let go
                 if log:
                     what = "pooled features" if inputs.info["kind"] == "pooled" else "features"
                     how = "reused" if inputs.info["hit"] else "computed"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from automl_cxr.data import PreparedDataset
+from automl_cxr.data import PreparedDataset, mapped_copy_on_write
 from automl_cxr.engine._config import TrainConfig
 from automl_cxr.engine._features import FeatureCache
 from automl_cxr.engine._folds import dataset_sites, row_identities, trial_splits
@@ -281,7 +281,7 @@ def run_trial(
     oof_folds = np.full(len(dataset), -1, dtype=np.int8)
     predicted = ext_sets + ([test] if test is not None else [])  # by every fold's model
     ext_images = [
-        torch.from_numpy(np.array(session.dataset_images(e))).unsqueeze(1).to(device)
+        torch.from_numpy(mapped_copy_on_write(session.dataset_images(e))).unsqueeze(1).to(device)
         for e in predicted
     ]
     ext_probs: list[list[np.ndarray]] = [[] for _ in predicted]
