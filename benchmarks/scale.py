@@ -218,6 +218,10 @@ def measure(n: int, work: Path, trials: int, row: dict, save, near_duplicates: b
     print(f"  prepare {row['prepare']}", flush=True)
     save()
     db = work / f"study_{n}.db"
+    # a fresh study: one left in a reused --work folder would be resumed, its trials counted
+    for old in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        old.unlink(missing_ok=True)
+    shutil.rmtree(work / f"study_{n}.artifacts", ignore_errors=True)
     search = run_measured(
         [*exe, "search", "--dataset", name, "--profile", "cpu", "--trials", str(trials)]
         + ["--data-dir", str(data), "--storage", str(db), "--quiet"],
