@@ -572,11 +572,16 @@ def test_two_node_cluster_on_postgresql_survives_a_lost_node(
     assert "Traceback" not in err
     assert not _load(str(db), "three_class-smoke").get_trials()
 
-    # Thirty epochs per fold: a trial lasts long enough to lose its node in the middle of it.
-    # (With twelve, a fresh-clone CI run saw all four trials finish between two polls.)
+    # Thirty epochs per fold on images: a trial lasts long enough to lose its node in the middle
+    # of it. (With twelve, a fresh-clone CI run saw all four trials finish between two polls;
+    # with thirty, one whose trials drew cached frozen features, which train in milliseconds
+    # an epoch: augmentation keeps every trial on the images, not on cached features.)
     space = tmp_path / "slow.yaml"
     epochs, folds = 30, 2  # the smoke profile's two folds; long enough to be caught mid-trial
-    space.write_text((REPO / "studies" / "default.yaml").read_text() + f"\nepochs: {epochs}\n")
+    default = (REPO / "studies" / "default.yaml").read_text()
+    assert "augment: [0.0, 0.0, 0.3]" in default
+    slow = default.replace("augment: [0.0, 0.0, 0.3]", "augment: [0.3]")
+    space.write_text(slow + f"\nepochs: {epochs}\n")
     name = f"cluster-{os.getpid()}-{time.time_ns()}"
     proc = _search(
         ray_cluster,
