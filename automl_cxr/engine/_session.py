@@ -41,12 +41,18 @@ Reporter = Callable[[int, float], None]
 validation value of the trial's metric; it may raise (e.g. optuna.TrialPruned) to stop."""
 
 
-def _predict(net: nn.Module, x: torch.Tensor, prep, batch: int, autocast) -> np.ndarray:
+def _predict(
+    net: nn.Module, x: torch.Tensor, prep, batch: int, autocast, rows: torch.Tensor | None = None
+) -> np.ndarray:
+    """Probabilities of `net` on `x` (or on its `rows`, gathered one batch at a time: a fold's
+    rows gathered at once were a copy of a fifth of the features every epoch)."""
     net.eval()
     out = []
+    n = len(x) if rows is None else len(rows)
     with torch.inference_mode(), autocast():
-        for i in range(0, len(x), batch):
-            out.append(torch.softmax(net(prep(x[i : i + batch], False)).float(), dim=1))
+        for i in range(0, n, batch):
+            xb = x[i : i + batch] if rows is None else x[rows[i : i + batch]]
+            out.append(torch.softmax(net(prep(xb, False)).float(), dim=1))
     return torch.cat(out).cpu().numpy()
 
 
@@ -83,6 +89,7 @@ class Session:
         self.deadline: tuple[float, float] | None = None  # (time.monotonic() limit, seconds)
         self.device = device = resolve_device(cfg.device)
         self.use_amp, self.amp_dtype = amp_plan(device, cfg.amp, cfg.cpu_amp)
+        self.eval_batch = cfg.eval_batch(device.type)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
         )
@@ -121,7 +128,7 @@ class Session:
                 lambda xb: self.prep_images(xb, False),
                 lambda depth, prefix: self.feature_key_parts(depth, prefix, model_config),
                 feature_cache if feature_cache is not None else FeatureCache(),
-                batch_size=cfg.eval_batch_size,
+                batch_size=self.eval_batch,
                 autocast=self.feature_autocast,
                 share_from=share_from,
             )
@@ -394,7 +401,7 @@ class Session:
     ) -> tuple[np.ndarray, float]:
         """(probabilities, mean cross-entropy) of `net` on rows `idx`."""
         ti = torch.tensor(idx, dtype=torch.long, device=self.device)
-        probs = _predict(net, x_source[ti], prep, self.cfg.eval_batch_size, self.autocast)
+        probs = _predict(net, x_source, prep, self.eval_batch, self.autocast, ti)
         loss = F.nll_loss(
             torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
             torch.from_numpy(np.asarray(self.dataset.labels[idx])),
@@ -403,9 +410,7 @@ class Session:
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities of the current model on (N, 1, R, R) uint8 images."""
-        return _predict(
-            self.model, images, self.prep_images, self.cfg.eval_batch_size, self.autocast
-        )
+        return _predict(self.model, images, self.prep_images, self.eval_batch, self.autocast)
 
 
 def _plan_digest(model: CxrModel, depth: int) -> str:
