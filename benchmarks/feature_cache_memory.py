@@ -24,6 +24,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from automl_cxr.engine import FeatureCache, _features
@@ -41,7 +42,7 @@ def _smaps() -> dict[str, float]:
 
 def _worker(folder: str, key: str, copied: bool, ready, done, q) -> None:
     if copied:  # the cache before: every worker loads its own copy
-        _features._load_mapped = lambda p: torch.load(p, map_location="cpu", weights_only=True)
+        _features._load_mapped = lambda p: torch.from_numpy(np.load(p))
     base = _smaps()
     t = FeatureCache(directory=folder).get(key)
     assert t is not None

@@ -92,10 +92,10 @@ def test_a_damaged_feature_cache_file_is_recomputed_and_said(tmp_path: Path) -> 
     # damaged on disk as it happens (a torn copy from elsewhere, a bad disk): a new file in
     # its place; the cache itself only ever writes a new file and renames it
     (tmp_path / "torn").write_bytes(b"torn")
-    os.replace(tmp_path / "torn", tmp_path / "k.pt")
+    os.replace(tmp_path / "torn", tmp_path / "k.npy")
     fresh = FeatureCache(directory=tmp_path)
     with pytest.warns(RuntimeWarning, match="damaged"):
         again, hit = fresh.get_or_compute("k", lambda: torch.arange(6.0))
     assert not hit and torch.equal(again, t)
     assert torch.equal(t, torch.arange(6.0))  # the first cache's mapped copy is untouched
-    assert len(fresh.discarded) == 1 and fresh.discarded[0].startswith("k.pt: ")
+    assert len(fresh.discarded) == 1 and fresh.discarded[0].startswith("k.npy: ")

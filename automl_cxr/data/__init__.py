@@ -11,6 +11,7 @@ from automl_cxr.data._dataset import (
     mapped_copy_on_write,
     row_order_digest,
     save_npy_atomic,
+    save_npy_rows_atomic,
 )
 from automl_cxr.data._diagnostics import (
     ALIGNMENT_WARN_AT,
@@ -96,6 +97,7 @@ __all__ = [
     "row_order_digest",
     "mapped_copy_on_write",
     "save_npy_atomic",
+    "save_npy_rows_atomic",
     "scan_images",
     "site_groups",
 ]

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
-import os
-import tempfile
 import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +41,7 @@ try:
 except ImportError:  # Windows: no cross-process lock; entries may be computed twice
     fcntl = None
 
+from automl_cxr.data import save_npy_rows_atomic
 from automl_cxr.errors import ConfigError
 
 __all__ = [
@@ -52,7 +53,9 @@ __all__ = [
     "state_hash",
 ]
 
-FEATURE_CACHE_VERSION = 2
+FEATURE_CACHE_VERSION = 3
+"""3: entries are `.npy` files written batch by batch as they are computed (2: `.pt` files of
+a tensor built whole in memory first)."""
 
 
 def feature_key(**parts: object) -> str:
@@ -77,8 +80,9 @@ class FeatureCache:
     Args:
         max_bytes: memory budget; least recently used entries are evicted beyond it. An entry
             larger than the budget is not kept in memory (but still written to disk).
-        directory: optional folder for `.pt` files shared by processes and later runs; an
-            entry read from (or written to) it is memory-mapped, not copied into the process.
+        directory: optional folder for `.npy` files shared by processes and later runs; an
+            entry is written to it batch by batch as it is computed, and read back (or read
+            from it later) memory-mapped, not copied into the process.
     """
 
     def __init__(self, max_bytes: int = 4 << 30, directory: str | Path | None = None) -> None:
@@ -97,7 +101,11 @@ class FeatureCache:
         return sum(t.numel() * t.element_size() for t in self._mem.values())
 
     def __contains__(self, key: str) -> bool:
-        return key in self._mem or bool(self.directory and (self.directory / f"{key}.pt").is_file())
+        return key in self._mem or bool(self.directory and self._path(key).is_file())
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{key}.npy"
 
     def get(self, key: str) -> torch.Tensor | None:
         """The cached tensor for `key` (CPU), from memory or disk, or None (counts a hit)."""
@@ -106,11 +114,11 @@ class FeatureCache:
                 self._mem.move_to_end(key)
                 self.hits += 1
                 return self._mem[key]
-        path = self.directory / f"{key}.pt" if self.directory else None
+        path = self._path(key) if self.directory else None
         if path is not None and path.is_file():
             try:
                 t = _load_mapped(path)
-            except Exception as exc:  # torch.load raises many kinds on a torn file
+            except Exception as exc:  # np.load raises many kinds on a torn file
                 # a torn or damaged file: recomputed, and said (the trial's feature_cache
                 # record lists it), never silently
                 path.unlink(missing_ok=True)
@@ -128,10 +136,17 @@ class FeatureCache:
         return None
 
     def get_or_compute(
-        self, key: str, compute: Callable[[], torch.Tensor]
+        self,
+        key: str,
+        compute: Callable[[], torch.Tensor | Iterable[torch.Tensor]],
+        *,
+        rows: int | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """The cached tensor for `key` (CPU), computing and storing it on a miss.
 
+        `compute()` returns the tensor, or (given its `rows`) its consecutive row batches: with
+        a folder they are written to the entry's file as they come, so the entry is never
+        whole in this process's memory (0.6 GB per worker for a 50,000-image feature map).
         Returns (tensor, hit).
         """
         t = self.get(key)
@@ -141,7 +156,7 @@ class FeatureCache:
             t = self.get(key)
             if t is not None:
                 return t, True
-            return self._compute(key, compute), False
+            return self._compute(key, compute, rows), False
 
     @contextlib.contextmanager
     def _file_lock(self, key: str):
@@ -158,21 +173,34 @@ class FeatureCache:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        path = self.directory / f"{key}.pt" if self.directory else None
-        t = compute().detach().to("cpu").contiguous()
+    def _compute(
+        self,
+        key: str,
+        compute: Callable[[], torch.Tensor | Iterable[torch.Tensor]],
+        rows: int | None,
+    ) -> torch.Tensor:
+        out = compute()
+        if isinstance(out, torch.Tensor):
+            out, rows = [out], len(out)
+        elif rows is None:
+            raise ConfigError("rows must be given when compute() returns batches, but got None")
+        batches = (b.detach().to("cpu") for b in out)
+        first = next(batches, None)
+        if first is None:
+            raise RuntimeError(f"computed no batch of the {rows} rows of entry {key}")
+        batches = itertools.chain([first], batches)
         self.misses += 1
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=key, suffix=".tmp", dir=path.parent)
-            os.close(fd)
+        if self.directory is None:
+            t = _gather(batches, rows)
+        else:
+            path = self._path(key)
+            shape = (rows, *first.shape[1:])
+            dtype = first.numpy().dtype
+            save_npy_rows_atomic(path, shape, dtype, (b.numpy() for b in batches))
             try:
-                torch.save(t, tmp)
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            with contextlib.suppress(Exception):  # keep the computed copy if it cannot be mapped
                 t = _load_mapped(path)  # the page cache's copy, shared with the other workers
+            except Exception:  # a folder that cannot be mapped: read it in
+                t = torch.from_numpy(np.load(path))
         self._remember(key, t)
         return t
 
@@ -195,7 +223,24 @@ def _load_mapped(path: Path) -> torch.Tensor:
     """A cache file's tensor, memory-mapped (read-only use, copy-on-write): worker processes
     reading the same entry share one copy in the page cache instead of each holding its own,
     so the features of a large dataset cost their size once, not once per worker."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def _gather(batches: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
+    """The batches' `rows` rows in one tensor filled as they come (a list of batches joined
+    at the end held every feature twice: 1.2 GB more at the peak for a 50,000-image entry)."""
+    out: torch.Tensor | None = None
+    i = 0
+    for b in batches:
+        if out is None:
+            out = torch.empty((rows, *b.shape[1:]), dtype=b.dtype)
+        if i + len(b) > rows:
+            raise RuntimeError(f"computed more than the {rows} rows asked for")
+        out[i : i + len(b)] = b
+        i += len(b)
+    if out is None or i != rows:
+        raise RuntimeError(f"computed features for {i} of {rows} rows")
+    return out
 
 
 @dataclass
@@ -239,7 +284,7 @@ def frozen_inputs(
         pool, classifier = pooled
         parts = {**key_parts(depth, split[0]), "pool": "avg+max"}
         key = feature_key(**parts)
-        pair, hit = cache.get_or_compute(key, lambda: run.pooled(share_from))
+        pair, hit = cache.get_or_compute(key, lambda: run.pooled(share_from), rows=len(images))
         from automl_cxr.models import combine_pooled
 
         x = combine_pooled(pair, pool).to(device)  # on the CPU a view of the cached entry
@@ -247,7 +292,9 @@ def frozen_inputs(
     else:
         parts = key_parts(depth, split[0])
         key = feature_key(**parts)
-        feats, hit = cache.get_or_compute(key, lambda: run.features(depth, share_from))
+        feats, hit = cache.get_or_compute(
+            key, lambda: run.features(depth, share_from), rows=len(images)
+        )
         x, net, kind = feats.to(device), split[1], "feature_map"
     info = {
         "used": True,
@@ -291,7 +338,9 @@ class _Runner:
         if share_from is not None and 0 < share_from < depth:
             key = self._key(share_from)
             if key is not None and self.model.frozen_part(share_from, depth) is not None:
-                feats, _ = self.cache.get_or_compute(key, lambda: self.features(share_from, None))
+                feats, _ = self.cache.get_or_compute(
+                    key, lambda: self.features(share_from, None), rows=len(self.images)
+                )
                 return share_from, feats
         return 0, None
 
@@ -311,32 +360,17 @@ class _Runner:
                     xb = source[i : i + self.batch_size].to(device)
                 yield part(xb).float()
 
-    def _gather(self, batches) -> torch.Tensor:
-        """The batches' rows in one tensor filled as they come (a list of batches joined at
-        the end held every feature twice: 1.2 GB more at the peak for a 50,000-image entry)."""
-        out: torch.Tensor | None = None
-        i = 0
-        for b in batches:
-            if out is None:
-                out = torch.empty((len(self.images), *b.shape[1:]), dtype=b.dtype, device=b.device)
-            out[i : i + len(b)] = b
-            i += len(b)
-        if out is None or i != len(out):
-            raise RuntimeError(f"computed features for {i} of {len(self.images)} images")
-        return out
+    def features(self, depth: int, share_from: int | None) -> Iterable[torch.Tensor]:
+        """The features after `depth` stages, batch by batch (for `FeatureCache`)."""
+        return self._chunks(depth, share_from)
 
-    def features(self, depth: int, share_from: int | None) -> torch.Tensor:
-        return self._gather(self._chunks(depth, share_from))
-
-    def pooled(self, share_from: int | None) -> torch.Tensor:
-        """(N, 2, C): the avg- and max-pooled vectors of the last stage's output."""
+    def pooled(self, share_from: int | None) -> Iterable[torch.Tensor]:
+        """(N, 2, C) batch by batch: the avg- and max-pooled vectors of the last stage's
+        output."""
         from automl_cxr.models import pool_vectors
 
         neck = self.model.neck
-
-        def batches():
+        with torch.inference_mode():
             for fb in self._chunks(self.model.num_stages, share_from, itself=True):
                 avg, mx = pool_vectors(neck(fb))
                 yield torch.stack([avg, mx], dim=1)
-
-        return self._gather(batches())
