@@ -220,6 +220,35 @@ def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
     assert len(set(configs)) == len(configs), "two workers drew the same configuration"
 
 
+def test_a_process_that_only_coordinates_workers_never_imports_torch(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """The parent of a 2-worker search trains nothing: it resolves the trials' device and
+    precision in a short-lived child, so it never holds torch (~0.45 GB for the whole search,
+    issue 26); the protocol it records is what a trial here resolves."""
+    from automl_cxr.engine import resolve_device, run_precision
+
+    db = tmp_path / "coord.db"
+    code = (
+        "import sys\nfrom automl_cxr.cli import main\n"
+        f"rc = main(['search', '--dataset', 'binary', '--trials', '2', '--profile', 'smoke', "
+        f"'--storage', {str(db)!r}, '--data-dir', {str(prepared_dir)!r}, '--workers', '2', "
+        "'--cpus-per-trial', '1', '--pruner', 'none', '--quiet'])\n"
+        "print('torch imported:', 'torch' in sys.modules, 'rc:', rc)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "torch imported: False rc: 0" in res.stdout, res.stdout[-2000:]
+    study = _study(db)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    protocol = study.user_attrs["protocol"]
+    device = resolve_device("auto").type
+    assert protocol["device"] == device
+    assert protocol["precision"] == run_precision(device, cpu_amp=False)  # smoke: no cpu_amp
+
+
 def test_parallel_workers_share_frozen_features_and_report_progress(
     tmp_path: Path, prepared_dir: Path
 ) -> None:

@@ -191,7 +191,6 @@ def search(
 ) -> None:
     """Search backbone, frozen depth, head and training options with Optuna."""
     import optuna
-    import torch
 
     from automl_cxr.study import SearchSettings, run_search
 
@@ -233,8 +232,6 @@ def search(
         trial_timeout=trial_timeout,
         verbose=verbose,
     )
-    if cpus_per_trial:
-        torch.set_num_threads(cpus_per_trial)
     view = _ProgressView(trials, settings.objectives[0], enabled=not quiet)
     try:
         with Live(

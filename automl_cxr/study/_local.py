@@ -12,15 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
 
 from automl_cxr._storage import storage_url
 from automl_cxr.data import PreparedDataset
-from automl_cxr.engine import FeatureCache
 from automl_cxr.errors import SearchAborted, StorageError
-from automl_cxr.study._objective import Objective
 from automl_cxr.study._optuna import (
     FINISHED,
     finished_count,
@@ -35,7 +34,10 @@ from automl_cxr.study._recovery import (
 from automl_cxr.study._settings import SearchSettings
 from automl_cxr.study._space import SearchSpace
 
-__all__ = ["SQLITE_WORKERS_HINT", "run_local"]
+if TYPE_CHECKING:
+    from automl_cxr.study._objective import Objective
+
+__all__ = ["SQLITE_WORKERS_HINT", "run_local", "run_workers"]
 
 SQLITE_WORKERS_HINT = 4
 """More local workers than this on one SQLite file: recommend a journal file or PostgreSQL."""
@@ -60,14 +62,31 @@ def run_local(
     `search` (the runner's `run_search`) on the shared storage; returns the notes to carry
     into the summary (many workers on one SQLite file)."""
     if settings.workers > 1:
-        note = _sqlite_note(settings, storage_arg)
-        if note and log:
-            log(note)
-        _run_local_workers(settings, storage_arg, name, settings.workers, study, on_trial, search)
-        return [note] if note else []
+        return run_workers(
+            settings, study, storage_arg, name, search=search, on_trial=on_trial, log=log
+        )
     before = len(study.trials)
     _run_here(settings, study, dataset, space, profile, before, on_trial, list(externals), test)
     return []
+
+
+def run_workers(
+    settings: SearchSettings,
+    study: optuna.Study,
+    storage_arg: str,
+    name: str,
+    *,
+    search: Callable[[SearchSettings], object],
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
+    """The study's missing trials in `settings.workers` processes (nothing here imports
+    torch); returns the notes to carry into the summary (many workers on one SQLite file)."""
+    note = _sqlite_note(settings, storage_arg)
+    if note and log:
+        log(note)
+    _run_local_workers(settings, storage_arg, name, settings.workers, study, on_trial, search)
+    return [note] if note else []
 
 
 def _run_here(
@@ -82,7 +101,14 @@ def _run_here(
     test: PreparedDataset | None = None,
 ) -> None:
     """Trials one after another in this process (`study.optimize`), failed ones retried."""
+    import torch
+
+    from automl_cxr.engine import FeatureCache
+    from automl_cxr.study._objective import Objective  # both import torch: not in a coordinator
+
     start = time.time()
+    if settings.cpus_per_trial:
+        torch.set_num_threads(settings.cpus_per_trial)
     objective = Objective(
         dataset,
         space,

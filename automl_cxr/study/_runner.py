@@ -1,6 +1,7 @@
 """Run a study to N finished trials, stage by stage: settings → space → data → protocol →
 external sets → study (created or resumed) → backend (this process or N local workers:
-`_local.py`; Ray Tune: `_ray.run_ray`) → summary."""
+`_local.py`; Ray Tune: `_ray.run_ray`) → summary. With N local workers the stages before the
+trials run in a child process, so this one never imports torch (`_coordinate.py`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from optuna.trial import TrialState
 
 from automl_cxr._storage import close_storage, open_storage, storage_url
 from automl_cxr.data import PreparedDataset, load_dataset
-from automl_cxr.engine import resolve_device, run_precision
+from automl_cxr.study._coordinate import coordinates_only, run_setup_child
 from automl_cxr.study._external import external_summary, prepare_externals
-from automl_cxr.study._local import run_local
+from automl_cxr.study._local import run_local, run_workers
 from automl_cxr.study._optuna import finished_count
 from automl_cxr.study._profiles import Profile, default_profile, get_profile, profile_workers
 from automl_cxr.study._protocol import check_metrics, space_hash, study_protocol
@@ -45,6 +46,8 @@ def _test_line(info: dict) -> str:
 def _run_protocol(settings: SearchSettings, profile: Profile, space: SearchSpace) -> dict:
     """The protocol fields the settings decide: space, sampler, pruner, device, precision.
     Ray trials run where the cluster places them: on a GPU exactly when they ask for one."""
+    from automl_cxr.engine import resolve_device, run_precision
+
     if settings.backend == "ray":
         device = "cuda" if (settings.gpus_per_trial or 0) > 0 else "cpu"
     else:
@@ -80,6 +83,76 @@ def run_search(
     study → backend → summary. Everything that can be refused (a bad --enqueue, a metric
     the classes lack, a missing segmenter, --cv site on data without sites) is refused
     before a study row is written."""
+    coordinated = coordinates_only(settings)
+    if coordinated is not None:  # every trial in a worker: this process stays torch-free
+        settings, storage_arg, name, notes = run_setup_child(coordinated, prepare_study, log)
+        storage = open_storage(storage_arg)
+        study = optuna.load_study(study_name=name, storage=storage)
+        start, before = time.time(), len(study.trials)
+        if finished_count(study) < settings.trials:
+            notes += run_workers(
+                settings, study, storage_arg, name, search=run_search, on_trial=on_trial, log=log
+            )
+        close_storage(storage)
+        return _summary(settings, study, name, storage_arg, start, before, notes)
+    ready = _ready_study(settings, log)
+    settings, study, name, storage_arg = ready.settings, ready.study, ready.name, ready.storage_arg
+    notes, data, externals = ready.notes, ready.data, ready.externals
+    start, before = time.time(), len(study.trials)
+    if finished_count(study) < settings.trials:
+        if settings.backend == "ray":
+            from automl_cxr.study._ray import run_ray  # imports ray: only when asked for
+
+            run_ray(
+                settings,
+                study,
+                data.dataset,
+                ready.space,
+                ready.profile,
+                storage_arg,
+                on_trial=on_trial,
+                log=log,
+                externals=externals,
+                test=data.test,
+            )
+        else:
+            notes += run_local(
+                settings,
+                study,
+                data.dataset,
+                ready.space,
+                ready.profile,
+                storage_arg,
+                name,
+                search=run_search,
+                on_trial=on_trial,
+                log=log,
+                externals=externals,
+                test=data.test,
+            )
+    close_storage(ready.storage)
+    return _summary(settings, study, name, storage_arg, start, before, notes)
+
+
+@dataclasses.dataclass
+class _Ready:
+    """A study created or resumed, and what its trials need."""
+
+    settings: SearchSettings
+    profile: Profile
+    space: SearchSpace
+    data: _Data
+    externals: list[PreparedDataset]
+    storage: object
+    storage_arg: str
+    name: str
+    study: optuna.Study
+    notes: list[str]
+
+
+def _ready_study(settings: SearchSettings, log: Callable[[str], None] | None) -> _Ready:
+    """The stages before the trials: settings → space → data → protocol → external sets →
+    study."""
     settings, profile = _settings_stage(settings)
     space, references = _space_stage(settings, profile, log)
     data = _data_stage(settings, profile, space, log)
@@ -99,40 +172,19 @@ def run_search(
         external_sets=external_summary(externals) if externals else None,
     )
     notes = _study_stage(settings, study, references, log)
-    start, before = time.time(), len(study.trials)
-    if finished_count(study) < settings.trials:
-        if settings.backend == "ray":
-            from automl_cxr.study._ray import run_ray  # imports ray: only when asked for
+    return _Ready(
+        settings, profile, space, data, externals, storage, storage_arg, name, study, notes
+    )
 
-            run_ray(
-                settings,
-                study,
-                data.dataset,
-                space,
-                profile,
-                storage_arg,
-                on_trial=on_trial,
-                log=log,
-                externals=externals,
-                test=data.test,
-            )
-        else:
-            notes += run_local(
-                settings,
-                study,
-                data.dataset,
-                space,
-                profile,
-                storage_arg,
-                name,
-                search=run_search,
-                on_trial=on_trial,
-                log=log,
-                externals=externals,
-                test=data.test,
-            )
-    close_storage(storage)
-    return _summary(settings, study, name, storage_arg, start, before, notes)
+
+def prepare_study(
+    settings: SearchSettings, log: Callable[[str], None] | None = None
+) -> tuple[SearchSettings, str, str, list[str]]:
+    """The stages before the trials alone (for a coordinating process's setup child):
+    (settings with the worker count decided, storage, study name, notes)."""
+    ready = _ready_study(settings, log)
+    close_storage(ready.storage)
+    return ready.settings, ready.storage_arg, ready.name, ready.notes
 
 
 def _settings_stage(settings: SearchSettings) -> tuple[SearchSettings, Profile]:
