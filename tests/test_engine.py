@@ -716,8 +716,8 @@ def test_feature_cache_entries_are_written_batch_by_batch(tmp_path) -> None:
 
 
 def test_inference_batches_are_small_on_a_cpu_and_predict_gathers_rows_per_batch(small) -> None:
-    """Inference-only passes run 16 images a batch on a CPU (faster and 0.5-1.3 GB lighter
-    on one thread than 128, benchmarks/RESULTS.md), 128 on CUDA, or what is asked for; and a
+    """Inference-only passes run 16 images a batch on a CPU (faster and 0.5-0.7 GB lighter
+    on one thread than 128, benchmarks/eval_batch.json), 128 on CUDA, or what is asked for; and a
     fold's rows are gathered one batch at a time, with the same probabilities."""
     from automl_cxr.engine._session import _predict
 

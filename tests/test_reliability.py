@@ -233,7 +233,7 @@ def test_a_process_that_only_coordinates_workers_never_imports_torch(
         "import sys\nfrom automl_cxr.cli import main\n"
         f"rc = main(['search', '--dataset', 'binary', '--trials', '2', '--profile', 'smoke', "
         f"'--storage', {str(db)!r}, '--data-dir', {str(prepared_dir)!r}, '--workers', '2', "
-        "'--cpus-per-trial', '1', '--pruner', 'none', '--quiet'])\n"
+        "'--cpus-per-trial', '1', '--pruner', 'none', '--test', 'patient:0.2'])\n"
         "print('torch imported:', 'torch' in sys.modules, 'rc:', rc)\n"
     )
     res = subprocess.run(
@@ -241,12 +241,23 @@ def test_a_process_that_only_coordinates_workers_never_imports_torch(
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "torch imported: False rc: 0" in res.stdout, res.stdout[-2000:]
+    # the setup child's log lines reach this process's console
+    assert "test split patient:0.2" in res.stderr + res.stdout
     study = _study(db)
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
     protocol = study.user_attrs["protocol"]
     device = resolve_device("auto").type
     assert protocol["device"] == device
     assert protocol["precision"] == run_precision(device, cpu_amp=False)  # smoke: no cpu_amp
+    # a refusal in the setup child is the same clear error here: named, exit 2, no traceback
+    bad = _run(
+        "search", "--dataset", "no_such_set", "--trials", "2", "--profile", "smoke",
+        "--storage", str(tmp_path / "bad.db"), "--data-dir", str(prepared_dir),
+        "--workers", "2",
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "no_such_set" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.db").exists()
 
 
 def test_parallel_workers_share_frozen_features_and_report_progress(

@@ -103,9 +103,9 @@ class TrainConfig:
 
     `eval_batch_size` is the batch of inference-only passes (the frozen stages' features,
     validation, external sets): None picks `CPU_EVAL_BATCH` (16) on a CPU and 128 on CUDA.
-    On one CPU thread 16 images a batch ran the frozen and whole-network passes 1.5-1.8x
-    faster than 128 and held 0.5-1.3 GB less at the peak, with bit-identical outputs
-    (benchmarks/RESULTS.md, "The frozen pass in batches of 16").
+    On one CPU thread 16 images a batch ran the cpu profile's backbones 1.7-1.9x faster than
+    128 and held 0.5-0.7 GB less at the peak, with bit-identical outputs
+    (`benchmarks/eval_batch.py`, benchmarks/RESULTS.md).
 
     De-confounding levers (the `robust` space; defaults change nothing): `roi` ("full",
     "lung_crop", "lung_mask") and `intensity` ("none", "equalize", "clahe") preprocess every

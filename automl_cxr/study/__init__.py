@@ -10,6 +10,8 @@ Layout (imports go one way, top to bottom; no cycles):
   _objective  the objective (sample a configuration, run the engine, record the trial)
   _setup      the space for a profile; the study created (settings stored) or resumed (checked)
   _local      the local backend: this process, or N worker processes on one storage
+  _coordinate with N local workers, the stages before the trials in a child process, so the
+              coordinating one never imports torch
   _ray/       `--backend ray`: one trial on a worker, the Tune schedulers, the ask/tell
               searcher, the Tune run
   _runner     run_search: settings → space → data → protocol → external sets → study →
