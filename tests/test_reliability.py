@@ -220,6 +220,38 @@ def test_parallel_workers_on_sqlite(tmp_path: Path, prepared_dir: Path) -> None:
     assert len(set(configs)) == len(configs), "two workers drew the same configuration"
 
 
+def test_the_coordinator_decides_the_default_profile_without_importing_torch() -> None:
+    """Without --profile the coordinator asks a child process for the device (gpu profile
+    with CUDA, else cpu) and coordinates when that profile runs several workers; a single
+    worker, Ray, or a process that already holds torch run the search in-process."""
+    from automl_cxr.engine import resolve_device, run_precision
+    from automl_cxr.study import SearchSettings, get_profile
+    from automl_cxr.study._coordinate import coordinates_only, probe_device
+    from automl_cxr.study._profiles import profile_workers
+
+    device = resolve_device("auto").type
+    assert probe_device(cpu_amp=True) == (device, run_precision(device, cpu_amp=True))
+    base = SearchSettings(dataset="binary", trials=2, data_dir=Path("data"))
+    # this test process holds torch already: it would run the trials itself
+    assert coordinates_only(base) is None
+    code = (
+        "import sys\nfrom functools import partial\nfrom automl_cxr.study import SearchSettings\n"
+        "from automl_cxr.study._coordinate import coordinates_only\n"
+        "S = partial(SearchSettings, dataset='binary', trials=2, data_dir='data')\n"
+        "s = coordinates_only(S())\n"
+        "one = coordinates_only(S(workers=1))\n"
+        "ray = coordinates_only(S(workers=2, backend='ray'))\n"
+        "print(None if s is None else s.profile, one, ray, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    name = "gpu" if device == "cuda" else "cpu"
+    expect = name if profile_workers(get_profile(name)) > 1 else None
+    assert out.stdout.split() == [str(expect), "None", "None", "False"]
+
+
 def test_a_process_that_only_coordinates_workers_never_imports_torch(
     tmp_path: Path, prepared_dir: Path
 ) -> None:

@@ -47,7 +47,7 @@ def probe_device(cpu_amp: bool = False) -> tuple[str, str]:
     try:
         device, precision = json.loads(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise StorageError(
+        raise AutomlCxrError(
             f"could not resolve the device in a child process (exit {out.returncode}): "
             f"{out.stderr.strip()[-500:]}"
         ) from None
