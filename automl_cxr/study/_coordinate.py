@@ -8,7 +8,6 @@ over 50,000 images)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
 import queue
 import subprocess
@@ -19,39 +18,29 @@ from collections.abc import Callable
 import optuna
 
 from automl_cxr.errors import AutomlCxrError, StorageError
-from automl_cxr.study._profiles import get_profile, profile_workers
+from automl_cxr.study._profiles import default_profile, get_profile, profile_workers
 from automl_cxr.study._settings import SearchSettings
 
 __all__ = ["coordinates_only", "probe_device", "run_setup_child"]
 
 Prepare = Callable[[SearchSettings, Callable[[str], None]], tuple]
 
-_PROBE = (
-    "import json, sys\n"
-    "from automl_cxr.engine import resolve_device, run_precision\n"
-    "d = resolve_device('auto').type\n"
-    "print(json.dumps([d, run_precision(d, cpu_amp=sys.argv[1] == '1')]))\n"
-)
+_PROBE = "from automl_cxr.engine import resolve_device; print(resolve_device('auto').type)"
 
 
-def probe_device(cpu_amp: bool = False) -> tuple[str, str]:
-    """(device type, precision) a trial on this machine resolves, found in a short-lived
-    child process (`resolve_device("auto")`, `run_precision`) so this one stays torch-free."""
+def probe_device() -> str:
+    """The device type a trial on this machine resolves (`resolve_device("auto")`), found in
+    a short-lived child process so this one stays torch-free."""
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, "1" if cpu_amp else "0"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600, check=False
     )
-    try:
-        device, precision = json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
         raise AutomlCxrError(
             f"could not resolve the device in a child process (exit {out.returncode}): "
             f"{out.stderr.strip()[-500:]}"
-        ) from None
-    return str(device), str(precision)
+        )
+    return lines[-1]
 
 
 def coordinates_only(settings: SearchSettings) -> SearchSettings | None:
@@ -61,9 +50,9 @@ def coordinates_only(settings: SearchSettings) -> SearchSettings | None:
         return None
     if settings.workers is not None:
         return settings if settings.workers > 1 else None
-    if settings.profile is None:  # the default profile: gpu with CUDA, else cpu
-        device, _ = probe_device()
-        settings = dataclasses.replace(settings, profile="gpu" if device == "cuda" else "cpu")
+    if settings.profile is None:
+        profile = default_profile(cuda=probe_device() == "cuda")
+        settings = dataclasses.replace(settings, profile=profile.name)
     return settings if profile_workers(get_profile(settings.profile)) > 1 else None
 
 
@@ -135,7 +124,7 @@ def _sendable(exc: AutomlCxrError) -> AutomlCxrError:
     except Exception:  # noqa: BLE001 - any failure to round-trip
         pass
     for cls in type(exc).__mro__:
-        if isinstance(cls, type) and issubclass(cls, AutomlCxrError):
+        if issubclass(cls, AutomlCxrError):
             try:
                 plain = cls(str(exc))
                 pickle.loads(pickle.dumps(plain))

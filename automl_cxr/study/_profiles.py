@@ -152,7 +152,11 @@ def profile_workers(profile: Profile) -> int:
     return max(1, min(profile.workers, os.cpu_count() or 1))
 
 
-def default_profile() -> Profile:
-    import torch
+def default_profile(cuda: bool | None = None) -> Profile:
+    """gpu with CUDA, else cpu; `cuda` None asks torch (a process that must stay torch-free
+    passes what a child process found, `study._coordinate.probe_device`)."""
+    if cuda is None:
+        import torch
 
-    return _PROFILES["gpu" if torch.cuda.is_available() else "cpu"]
+        cuda = torch.cuda.is_available()
+    return _PROFILES["gpu" if cuda else "cpu"]

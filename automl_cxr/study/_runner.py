@@ -6,6 +6,7 @@ trials run in a child process, so this one never imports torch (`_coordinate.py`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,50 +89,60 @@ def run_search(
         settings, storage_arg, name, notes = run_setup_child(coordinated, prepare_study, log)
         storage = open_storage(storage_arg)
         study = optuna.load_study(study_name=name, storage=storage)
-        start, before = time.time(), len(study.trials)
-        if finished_count(study) < settings.trials:
-            notes += run_workers(
-                settings, study, storage_arg, name, search=run_search, on_trial=on_trial, log=log
-            )
-        close_storage(storage)
-        return _summary(settings, study, name, storage_arg, start, before, notes)
-    ready = _ready_study(settings, log)
-    settings, study, name, storage_arg = ready.settings, ready.study, ready.name, ready.storage_arg
-    notes, data, externals = ready.notes, ready.data, ready.externals
+        backend = functools.partial(
+            run_workers, settings, study, storage_arg, name, search=run_search
+        )
+    else:
+        ready = _ready_study(settings, log)
+        settings, study, name, notes = ready.settings, ready.study, ready.name, ready.notes
+        storage, storage_arg = ready.storage, ready.storage_arg
+        backend = functools.partial(_run_backend, ready)
     start, before = time.time(), len(study.trials)
     if finished_count(study) < settings.trials:
-        if settings.backend == "ray":
-            from automl_cxr.study._ray import run_ray  # imports ray: only when asked for
-
-            run_ray(
-                settings,
-                study,
-                data.dataset,
-                ready.space,
-                ready.profile,
-                storage_arg,
-                on_trial=on_trial,
-                log=log,
-                externals=externals,
-                test=data.test,
-            )
-        else:
-            notes += run_local(
-                settings,
-                study,
-                data.dataset,
-                ready.space,
-                ready.profile,
-                storage_arg,
-                name,
-                search=run_search,
-                on_trial=on_trial,
-                log=log,
-                externals=externals,
-                test=data.test,
-            )
-    close_storage(ready.storage)
+        notes = notes + backend(on_trial=on_trial, log=log)
+    close_storage(storage)
     return _summary(settings, study, name, storage_arg, start, before, notes)
+
+
+def _run_backend(
+    ready: _Ready,
+    *,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None,
+    log: Callable[[str], None] | None,
+) -> list[str]:
+    """The missing trials here or in local workers (`run_local`) or on Ray (`run_ray`);
+    returns the notes to carry into the summary."""
+    data = ready.data
+    if ready.settings.backend == "ray":
+        from automl_cxr.study._ray import run_ray  # imports ray: only when asked for
+
+        run_ray(
+            ready.settings,
+            ready.study,
+            data.dataset,
+            ready.space,
+            ready.profile,
+            ready.storage_arg,
+            on_trial=on_trial,
+            log=log,
+            externals=ready.externals,
+            test=data.test,
+        )
+        return []
+    return run_local(
+        ready.settings,
+        ready.study,
+        data.dataset,
+        ready.space,
+        ready.profile,
+        ready.storage_arg,
+        ready.name,
+        search=run_search,
+        on_trial=on_trial,
+        log=log,
+        externals=ready.externals,
+        test=data.test,
+    )
 
 
 @dataclasses.dataclass
