@@ -337,12 +337,12 @@ def test_worst_site_metric_is_the_minimum_over_held_out_site_folds(adult_small) 
 
 
 def test_source_balance_weighs_each_source_equally_within_a_class(adult_small) -> None:
-    from automl_cxr.engine._session import Session
+    from automl_cxr.engine._groups import TrainingLoss
 
     ds = adult_small
-    session = Session(ds, _mlp(ds), _cfg(source_balance=True), feature_cache=None, log=None)
     rows = np.arange(len(ds))[::2]
-    w = session._source_balance(rows).numpy()
+    loss = TrainingLoss(ds, rows, _cfg(source_balance=True), None, torch.device("cpu"))
+    w = loss.balance.numpy()
     assert (w[np.setdiff1d(np.arange(len(ds)), rows)] == 0).all()
     src = ds.manifest["source"].to_numpy()
     for c in np.unique(ds.labels[rows]):

@@ -117,7 +117,10 @@ class TrainConfig:
     weight (group-balanced training, as in Idrissi et al. 2022 and the group-reweighting
     baseline of Sagawa et al. 2020): a source that holds few images of a class (Cohen's
     non-COVID films beside NIH's) then counts as much as the large one, so "this source
-    means that class" stops paying; each class's total weight is unchanged.
+    means that class" stops paying; each class's total weight is unchanged. `group_dro` > 0
+    trains for the worst (source, class) group instead (online group DRO, Sagawa et al. 2020;
+    `automl_cxr.engine._groupdro`) with that step size for the group weights; beside it
+    `source_balance` and `class_weighting` have no effect (0 = off).
     """
 
     resolution: int = 224
@@ -148,6 +151,7 @@ class TrainConfig:
     intensity: str = "none"
     site_adversarial: float = 0.0
     source_balance: bool = False
+    group_dro: float = 0.0
     segmenter: str | None = None
 
     def eval_batch(self, device_type: str) -> int:
@@ -175,6 +179,7 @@ class TrainConfig:
         check_choice("roi", self.roi, ROI_MODES)
         check_choice("intensity", self.intensity, INTENSITY_MODES)
         check_number("site_adversarial", self.site_adversarial, 0.0, 1.0)
+        check_number("group_dro", self.group_dro, 0.0, 10.0)
         if self.segmenter is not None and not isinstance(self.segmenter, str):
             self.segmenter = str(self.segmenter)
         for name in ("class_weighting", "amp", "cpu_amp", "feature_cache", "source_balance"):
@@ -202,6 +207,7 @@ class TrainConfig:
         self.label_smoothing = float(self.label_smoothing)
         self.augment = float(self.augment)
         self.site_adversarial = float(self.site_adversarial)
+        self.group_dro = float(self.group_dro)
         self.inner_holdout = float(self.inner_holdout)
         if self.holdout is not None:
             self.holdout = float(self.holdout)

@@ -23,7 +23,8 @@ from automl_cxr.engine._augment import augment_batch
 from automl_cxr.engine._config import TrainConfig
 from automl_cxr.engine._device import amp_plan, resolve_device
 from automl_cxr.engine._features import FeatureCache, frozen_inputs, state_hash
-from automl_cxr.engine._folds import dataset_sites, group_balance_weights, inner_split
+from automl_cxr.engine._folds import dataset_sites, inner_split
+from automl_cxr.engine._groups import TrainingLoss
 from automl_cxr.engine._metrics import (
     compute_metrics,
     fold_metric,
@@ -271,7 +272,7 @@ class Session:
                 cfg.seed + 7919 * (fold + 1),
                 device,
             )
-        balance = self._source_balance(fit_idx) if cfg.source_balance else None
+        objective = TrainingLoss(self.dataset, fit_idx, cfg, weight, device)
         batches = _batches(len(tr), cfg.batch_size)
         sched = build_scheduler(opt, cfg, len(batches))
         updates = 0
@@ -290,21 +291,7 @@ class Session:
                 xb = prep(x_source[idx], True)
                 with self.autocast():
                     logits, yb = net(xb).float(), self.labels[idx]
-                    if balance is None:
-                        loss = F.cross_entropy(
-                            logits, yb, weight=weight, label_smoothing=cfg.label_smoothing
-                        )
-                    else:  # the weighted mean, each image also weighted by its source
-                        per = F.cross_entropy(
-                            logits,
-                            yb,
-                            weight=weight,
-                            label_smoothing=cfg.label_smoothing,
-                            reduction="none",
-                        )
-                        cw = 1.0 if weight is None else weight[yb]
-                        g = balance[idx]
-                        loss = (g * per).sum() / (g * cw).sum()
+                    loss = objective(logits, yb, idx)
                     if site is not None:
                         adv = site.loss(idx, yb)
                         if adv is not None:
@@ -380,6 +367,8 @@ class Session:
         if site is not None:
             site.close()
             out.site_adversary = {"sites": site.n_sites, "active": site.active}
+        if objective.dro is not None:
+            out.group_weights = objective.dro.record()
         if best_state is not None:
             net.load_state_dict(best_state)  # the model of the chosen epoch
         elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
@@ -387,14 +376,6 @@ class Session:
         out.trained = np.flatnonzero(seen.cpu().numpy())
         out.wall = time.perf_counter() - fit_start
         return out
-
-    def _source_balance(self, fit_idx: np.ndarray) -> torch.Tensor:
-        """Per-row weights (0 outside `fit_idx`): within each class of the training rows, every
-        source gets the same total weight and the class keeps its image count."""
-        sources = self.dataset.manifest["source"].to_numpy().astype(str)
-        w = np.zeros(len(self.dataset), dtype=np.float32)
-        w[fit_idx] = group_balance_weights(self.dataset.labels[fit_idx], sources[fit_idx])
-        return torch.from_numpy(w).to(self.device)
 
     def _evaluate(
         self, net: nn.Module, x_source: torch.Tensor, prep, idx: np.ndarray
@@ -438,6 +419,7 @@ class Fit:
     n_trained: int = 0
     trained: np.ndarray | None = None  # rows that were in at least one training batch
     site_adversary: dict | None = None  # sites the adversary told apart, whether it ran
+    group_weights: dict | None = None  # group DRO's final weight of each (source, class)
 
     @property
     def epochs_run(self) -> int:

@@ -113,6 +113,8 @@ def _fold_record(
         "best_epoch": int(fit.best_epoch),
         "cv": cfg.cv,
     }
+    if fit.group_weights is not None:
+        rec["group_weights"] = fit.group_weights
     if sites is not None:
         rec["val_sites"] = sorted(set(sites[sp.val].tolist()))
     return rec

@@ -58,6 +58,7 @@ _FLOAT_KEYS = frozenset(
         "label_smoothing",
         "dropout",
         "site_adversarial",
+        "group_dro",
     }
 )
 """Parameters that are real numbers whatever their bounds look like: `{low: 0, high: 1}` is
@@ -81,6 +82,7 @@ _TRAIN_KEYS = (
     "intensity",
     "site_adversarial",
     "source_balance",
+    "group_dro",
 )
 _TOP_KEYS = ("description", "backbones", "frozen_fraction", "heads", "gray_mode", *_TRAIN_KEYS)
 

@@ -1,0 +1,115 @@
+"""A fit's training loss, and the two levers that weigh it by image group.
+
+- `source_balance` (fixed weights): within each class every image source carries the same
+  total weight (`group_balance_weights`).
+- `group_dro` (adaptive weights): group distributionally robust optimisation (Sagawa et al.
+  2020, "Distributionally robust neural networks for group shifts", online algorithm 1). Every
+  training image belongs to a group, its image source and its class (Cohen COVID-19, Cohen
+  non-COVID, NIH non-COVID, ...). The group weights `q` start equal and, after every batch,
+  each group's weight is multiplied by ``exp(eta * its mean loss in the batch)`` and
+  renormalised; the batch loss is the `q`-weighted mean of the groups' mean losses. When a
+  shortcut ("a figure-quality Cohen film is COVID-19") serves most images, the group where it
+  fails (Cohen's non-COVID films) keeps the highest loss, gains weight, and the classifier has
+  to stop relying on the shortcut. Within a group every image has one class and one source, so
+  class weighting and `source_balance` have no effect beside it.
+
+Both off, the loss is plain (class-weighted when asked) cross-entropy, as it always was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from automl_cxr.data import PreparedDataset
+from automl_cxr.engine._config import TrainConfig
+from automl_cxr.engine._folds import group_balance_weights
+
+__all__ = ["GroupDRO", "TrainingLoss", "source_class_groups"]
+
+
+def source_class_groups(labels: np.ndarray, sources: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(group index per row, group names "source/class") of the rows' (source, class) pairs."""
+    keys = [f"{s}/{c}" for s, c in zip(np.asarray(sources), np.asarray(labels), strict=True)]
+    names, index = np.unique(keys, return_inverse=True)
+    return index.astype(np.int64), [str(n) for n in names]
+
+
+class GroupDRO:
+    """Online group DRO (see the module's docstring).
+
+    Args:
+        groups: group index of every dataset row (only training rows are looked up).
+        names: the groups' names, for the record.
+        eta: step size of the group weights; must be positive.
+        device: where the per-batch arithmetic runs.
+    """
+
+    def __init__(
+        self, groups: np.ndarray, names: list[str], eta: float, device: torch.device | str
+    ) -> None:
+        if not eta > 0:
+            raise ValueError(f"eta must be positive, but got {eta=}")
+        self.names, self.eta = list(names), float(eta)
+        self.groups = torch.as_tensor(np.asarray(groups, dtype=np.int64), device=device)
+        self.q = torch.full((len(names),), 1.0 / len(names), device=device)
+
+    def loss(self, per_row: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The batch loss from the losses `per_row` of dataset rows `idx`. The group weights
+        are updated first, on the detached group means; groups absent from the batch keep
+        their weight and add nothing."""
+        g = self.groups[idx]
+        n = len(self.names)
+        counts = torch.bincount(g, minlength=n).to(per_row.dtype)
+        sums = torch.zeros(n, device=per_row.device, dtype=per_row.dtype).scatter_add(0, g, per_row)
+        means = sums / counts.clamp(min=1)
+        present = counts > 0
+        with torch.no_grad():
+            self.q = torch.where(present, self.q * torch.exp(self.eta * means.detach()), self.q)
+            self.q = self.q / self.q.sum()
+        w = torch.where(present, self.q, torch.zeros_like(self.q))
+        return (w * means).sum() / w.sum()
+
+    def record(self) -> dict[str, float]:
+        """The current group weights by group name."""
+        return {n: round(float(v), 6) for n, v in zip(self.names, self.q.tolist(), strict=True)}
+
+
+class TrainingLoss:
+    """`loss(logits, labels, rows)` of one fit: cross-entropy with the class weights `weight`
+    (or None), weighted by `cfg.source_balance` or `cfg.group_dro` over the training rows
+    `fit_idx` of `dataset`."""
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        fit_idx: np.ndarray,
+        cfg: TrainConfig,
+        weight: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.weight, self.smoothing = weight, cfg.label_smoothing
+        self.dro: GroupDRO | None = None
+        self.balance: torch.Tensor | None = None
+        sources = dataset.manifest["source"].to_numpy().astype(str)
+        if cfg.group_dro > 0:
+            labels = np.asarray(dataset.classes)[dataset.labels]
+            self.dro = GroupDRO(*source_class_groups(labels, sources), cfg.group_dro, device)
+        elif cfg.source_balance:
+            w = np.zeros(len(dataset), dtype=np.float32)
+            w[fit_idx] = group_balance_weights(dataset.labels[fit_idx], sources[fit_idx])
+            self.balance = torch.from_numpy(w).to(device)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.dro is not None:  # the worst (source, class) group's loss
+            per = F.cross_entropy(logits, y, label_smoothing=self.smoothing, reduction="none")
+            return self.dro.loss(per, idx)
+        if self.balance is None:
+            return F.cross_entropy(logits, y, weight=self.weight, label_smoothing=self.smoothing)
+        per = F.cross_entropy(  # the weighted mean, each image also weighted by its source
+            logits, y, weight=self.weight, label_smoothing=self.smoothing, reduction="none"
+        )
+        cw = 1.0 if self.weight is None else self.weight[y]
+        g = self.balance[idx]
+        return (g * per).sum() / (g * cw).sum()

@@ -1,0 +1,97 @@
+"""The `group_dro` lever (online group DRO over (source, class) groups) on real adult films."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from automl_cxr.data import load_dataset
+from automl_cxr.engine import TrainConfig, run_trial
+from automl_cxr.engine._groups import GroupDRO, source_class_groups
+from automl_cxr.errors import ConfigError
+from automl_cxr.models import ModelConfig
+from automl_cxr.study import builtin_space, subsample
+
+
+@pytest.fixture(scope="module")
+def adult_small(prepared_dir):
+    return subsample(load_dataset("binary_adult", prepared_dir), 30, seed=0)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(resolution=48, epochs=2, batch_size=16, n_folds=2, lr=3e-3, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _model(ds) -> ModelConfig:
+    return ModelConfig(
+        backbone="test_efficientnet",
+        num_classes=len(ds.classes),
+        pretrained=False,
+        frozen_stages=4,
+        head="linear",
+    )
+
+
+def test_group_weights_follow_the_worst_group() -> None:
+    groups, names = source_class_groups(
+        np.array(["covid", "non_covid", "non_covid", "covid"]),
+        np.array(["cohen", "cohen", "nih", "cohen"]),
+    )
+    assert names == ["cohen/covid", "cohen/non_covid", "nih/non_covid"]
+    assert groups.tolist() == [0, 1, 2, 0]
+    dro = GroupDRO(groups, names, eta=0.5, device="cpu")
+    per = torch.tensor([0.2, 2.0, 0.1, 0.4], requires_grad=True)
+    loss = dro.loss(per, torch.arange(4))
+    # one step: q_g ∝ exp(eta * mean loss of g); the loss is the q-weighted mean of group means
+    means = torch.tensor([0.3, 2.0, 0.1])
+    q = torch.exp(0.5 * means) / torch.exp(0.5 * means).sum()
+    assert torch.allclose(dro.q, q) and loss.item() == pytest.approx(float((q * means).sum()))
+    loss.backward()  # the gradient reaches each row through its group's weight
+    assert per.grad[1] == pytest.approx(float(q[1]))
+    assert per.grad[0] == pytest.approx(float(q[0]) / 2)
+    for _ in range(20):  # the hard group keeps gaining weight
+        dro.loss(per.detach(), torch.arange(4))
+    assert dro.q.argmax().item() == 1 and dro.q[1] > 0.99
+    before = dro.q.clone()  # a batch without group 1: its weight stays, it adds nothing
+    out = dro.loss(torch.tensor([5.0, 0.0]), torch.tensor([0, 2]))
+    assert out.item() == pytest.approx(
+        float((before[0] * np.exp(2.5) * 5.0) / (before[0] * np.exp(2.5) + before[2]))
+    )
+    assert set(dro.record()) == set(names)
+    with pytest.raises(ValueError, match="eta must be positive, but got eta=0"):
+        GroupDRO(groups, names, eta=0, device="cpu")
+
+
+def test_group_dro_zero_changes_nothing_and_nonzero_trains_for_the_worst_group(
+    adult_small,
+) -> None:
+    ds = adult_small
+    plain = run_trial(ds, _model(ds), _cfg())
+    zero = run_trial(ds, _model(ds), _cfg(group_dro=0.0))
+    assert np.array_equal(plain.oof_probs, zero.oof_probs, equal_nan=True)
+    assert all("group_weights" not in f for f in zero.splits)
+    dro = run_trial(ds, _model(ds), _cfg(group_dro=1.0))
+    assert not np.allclose(plain.oof_probs, dro.oof_probs, equal_nan=True)
+    again = run_trial(ds, _model(ds), _cfg(group_dro=1.0))
+    assert np.array_equal(dro.oof_probs, again.oof_probs, equal_nan=True)  # seeded
+    src = ds.manifest["source"].to_numpy()
+    present = {f"{s}/{ds.classes[y]}" for s, y in zip(src, ds.labels, strict=True)}
+    for fold in dro.splits:
+        w = fold["group_weights"]
+        assert set(w) == present and sum(w.values()) == pytest.approx(1, abs=1e-4)
+        assert max(w.values()) > 1 / len(w)  # the weights moved off uniform
+    # beside group DRO, source_balance and class weighting change nothing
+    both = run_trial(ds, _model(ds), _cfg(group_dro=1.0, source_balance=True))
+    assert np.array_equal(dro.oof_probs, both.oof_probs, equal_nan=True)
+
+
+def test_group_dro_is_validated_and_searched_in_the_robust_space() -> None:
+    with pytest.raises(ConfigError, match="group_dro"):
+        TrainConfig(group_dro=-0.1)
+    with pytest.raises(ConfigError, match="group_dro"):
+        TrainConfig(group_dro=11)
+    params = builtin_space("robust").params(("mobilenetv2_100",))
+    assert 0.0 in params["group_dro"].choices and len(params["group_dro"].choices) > 1
