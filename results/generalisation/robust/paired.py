@@ -5,7 +5,8 @@ ablations (run.sh) let TPE and Hyperband choose, so their per-lever means compar
 configurations; here only the lever differs.
 
 Usage: python results/generalisation/robust/paired.py [DATA_DIR] [--configs K]
-Writes paired.json and paired.md beside this file.
+                 [--variants "no lever,group_dro=0.3,..."] [--out paired]
+Writes OUT.json and OUT.md beside this file (paired.json / paired.md by default).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ VARIANTS = {
     "site_adversarial=0.3": {"site_adversarial": 0.3},
     "site_adversarial=1": {"site_adversarial": 1.0},
     "source_balance": {"source_balance": True},
+    "group_dro=0.1": {"group_dro": 0.1},
+    "group_dro=0.3": {"group_dro": 0.3},
+    "group_dro=1": {"group_dro": 1.0},
     "lung_crop+source_balance": {"roi": "lung_crop", "source_balance": True},
     "all four": {
         "roi": "lung_mask",
@@ -50,6 +54,13 @@ def main(argv: list[str]) -> int:
         Path(argv[0]) if argv and not argv[0].startswith("--") else Path("data/generalisation")
     )
     k = int(argv[argv.index("--configs") + 1]) if "--configs" in argv else 2
+    out = argv[argv.index("--out") + 1] if "--out" in argv else "paired"
+    variants = VARIANTS
+    if "--variants" in argv:
+        names = argv[argv.index("--variants") + 1].split(",")
+        if unknown := sorted(set(names) - set(VARIANTS)):
+            raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+        variants = {n: VARIANTS[n] for n in ["no lever", *names] if n in VARIANTS}
     study = load_study(str(HERE / "none_site.db"))
     done = sorted(
         study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
@@ -69,7 +80,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for t in picks:
         spec = trial_spec(study, t)
-        for name, change in VARIANTS.items():
+        for name, change in variants.items():
             cfg = dataclasses.replace(spec.train, segmenter=seg, **change)
             t0 = time.perf_counter()
             res = run_trial(ds, spec.model, cfg, metric="balanced_accuracy", externals=exts)
@@ -96,7 +107,7 @@ def main(argv: list[str]) -> int:
                 f"{row['cohen_sites_binary']['value']:.3f}  ({row['seconds']} s)",
                 flush=True,
             )
-    (HERE / "paired.json").write_text(json.dumps(rows, indent=2, default=str))
+    (HERE / f"{out}.json").write_text(json.dumps(rows, indent=2, default=str))
     lines = [
         "| base trial | variant | CV balanced acc. [95 % CI] | worst site fold | cohen_sites "
         "[95 % CI] | adult_holdout | nih_holdout | Δ cohen_sites vs no lever |",
@@ -117,7 +128,7 @@ def main(argv: list[str]) -> int:
             f"{d:+.3f} |"
         )
     mean_d = {}
-    for name in VARIANTS:
+    for name in variants:
         ds_ = [
             r["cohen_sites_binary"]["value"] - base[r["trial"]]["cohen_sites_binary"]["value"]
             for r in rows
@@ -126,7 +137,7 @@ def main(argv: list[str]) -> int:
         mean_d[name] = float(np.mean(ds_))
     lines += ["", "| variant | mean Δ cohen_sites over the base configurations |", "| --- | ---: |"]
     lines += [f"| {n} | {v:+.3f} |" for n, v in mean_d.items()]
-    (HERE / "paired.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -7,7 +7,9 @@
 # 3. binary_adult --cv site studies: no lever (space.yaml, as in RESULTS.md), each lever alone,
 #    all three; and all three under --cv patient; same seed, trials and time budget (and, with
 #    STUDIES=resolution TIMEOUT=2400, space_resolution.yaml: input size and Lite2; with
-#    STUDIES=lite2, space_lite2.yaml: Lite2 as a fourth backbone at 128 px); every
+#    STUDIES=lite2, space_lite2.yaml: Lite2 as a fourth backbone at 128 px; with
+#    STUDIES="dro none_rerun robust_dro": group DRO alone, the no-lever baseline again on the
+#    same data, and all five levers); every
 #    COMPLETE trial scored on the external sets (never seen by sampler, pruner or ranking);
 # 4. summarise.py writes the tables of ROBUST.md (summary.md/json).
 set -euo pipefail
@@ -39,6 +41,7 @@ run() {  # name space cv
 for study in ${STUDIES:-none roi intensity adversarial robust robust_patient}; do
   case $study in
     none) run none_site "$GEN/space.yaml" site ;;
+    none_rerun) run none_rerun_site "$GEN/space.yaml" site ;;  # the baseline on today's data
     robust_patient) run robust_patient "$OUT/space_robust.yaml" patient ;;
     *) run "${study}_site" "$OUT/space_$study.yaml" site ;;
   esac

@@ -31,12 +31,16 @@ ORDER = [
     "adversarial_site",
     "robust_site",
     "robust_patient",
+    "none_rerun_site",
+    "dro_site",
+    "robust_dro_site",
 ]
 LEVERS = {
     "roi": "roi",
     "intensity": "intensity",
     "site_adversarial": "site_adversarial",
     "source_balance": "source_balance",
+    "group_dro": "group_dro",
 }
 EXTERNALS = ("adult_holdout_binary", "cohen_sites_binary", "nih_holdout_binary")
 
@@ -59,7 +63,11 @@ def lever_effects(db: Path) -> dict:
             if lever not in t.params:
                 continue
             v = t.params[lever]
-            key = ("on" if float(v) > 0 else "off") if lever == "site_adversarial" else str(v)
+            key = (
+                ("on" if float(v) > 0 else "off")
+                if lever in ("site_adversarial", "group_dro")
+                else str(v)
+            )
             row = by.setdefault(key, {"n": 0, "cv": [], **{e: [] for e in EXTERNALS}})
             row["n"] += 1
             row["cv"].append(float(t.value))
