@@ -1,0 +1,141 @@
+"""Fewer shortlist queries per film: what they save and what they cost in recall (issue 28).
+
+    python benchmarks/shortlist_queries.py [--queries 700,350,250] [--copies 500]
+        [--json benchmarks/shortlist_queries.json]
+
+The shortlist's search is most of the finder's time at scale (`DUPLICATES.md`), and it makes
+one query per indexed ORB descriptor: 700 per film. Here every film still indexes its 700
+strongest descriptors, but only its strongest Q query the index, for Q in `--queries` and four
+vote thresholds (`MIN_VOTES` and lower, since fewer queries give fewer votes). Measured for
+each: the search's seconds and the candidates it proposes per film (within the shared pool, as
+`data prepare` searches: both films of a pair query), whether the pool's keypoint pairs (Q =
+700) are still proposed, and how often a re-framed copy's original is proposed (the
+`duplicates.py` copies of seeds 0 and 1, searched against the pool as `--external` does: the
+copy's queries only). Nothing else running; 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from duplicates import _pool  # noqa: E402
+
+from automl_cxr.data import decode_gray  # noqa: E402
+from automl_cxr.data._duplicates import find_matches  # noqa: E402
+from automl_cxr.data._keypoints import LocalFeatures, extract_features  # noqa: E402
+from automl_cxr.data._reframe import reframe  # noqa: E402
+from automl_cxr.data._shortlist import (  # noqa: E402
+    MIN_VOTES,
+    SHORTLIST,
+    VOTE_DISTANCE,
+    _strongest,
+    nearest_owners,
+    shortlist_index,
+)
+from automl_cxr.settings import default_sources_dir  # noqa: E402
+
+THRESHOLDS = (MIN_VOTES, 5, 4, 3)
+
+
+def _first(f: LocalFeatures, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of each film's strongest `q` descriptors, and the film of each."""
+    rows = [np.arange(f.offsets[i], min(f.offsets[i + 1], f.offsets[i] + q)) for i in range(len(f))]
+    return np.concatenate(rows), np.repeat(np.arange(len(f)), [len(r) for r in rows])
+
+
+def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, q: int):
+    """(pair codes, votes, search seconds) with each query film's strongest `q` querying."""
+    sel, owner = _strongest(base)
+    index = shortlist_index(base.descriptors[sel])
+    rows, qi = _first(base if same else query, q)
+    x = (base if same else query).descriptors[rows]
+    t0 = time.perf_counter()
+    dist, o = nearest_owners(index, owner, x, qi if same else None)
+    seconds = time.perf_counter() - t0
+    ok = dist <= VOTE_DISTANCE
+    a, b = qi[ok], o[ok]
+    if same:
+        a, b = np.minimum(a, b), np.maximum(a, b)
+    codes, votes = np.unique(a * len(base) + b, return_counts=True)
+    return codes, votes, seconds
+
+
+def _shortlist(codes, votes, n: int, same: bool, min_votes: int) -> set[tuple[int, int]]:
+    """The candidate pairs: each film's `SHORTLIST` best-voted with at least `min_votes`."""
+    per: dict[int, list[tuple[int, int]]] = {}
+    for code, v in zip(codes[votes >= min_votes], votes[votes >= min_votes], strict=True):
+        a, b = divmod(int(code), n)
+        per.setdefault(a, []).append((b, int(v)))
+        if same:
+            per.setdefault(b, []).append((a, int(v)))
+    out = set()
+    for a, lst in per.items():
+        for b, _ in sorted(lst, key=lambda x: (-x[1], x[0]))[:SHORTLIST]:
+            out.add((min(a, b), max(a, b)) if same else (a, b))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=default_sources_dir())
+    ap.add_argument("--queries", default="700,350,250")
+    ap.add_argument("--copies", type=int, default=500)
+    ap.add_argument("--json", type=Path, default=Path(__file__).with_name("shortlist_queries.json"))
+    args = ap.parse_args()
+    pool = _pool(args.data)
+    imgs = [decode_gray(p).pixels for p in pool["path"]]
+    feats = extract_features(imgs)
+    pairs = {(m.a, m.b) for m in find_matches(feats)}  # keypoint pairs, all 700 querying
+    copies = {}
+    for seed in (0, 1):  # as duplicates.py draws them
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(imgs), args.copies, replace=False)
+        copies[seed] = (idx, extract_features([reframe(imgs[i], rng).pixels for i in idx]))
+    rows = []
+    for q in (int(x) for x in args.queries.split(",")):
+        codes, votes, seconds = _votes(feats, feats, True, q)
+        row = {"queries_per_film": q, "search_seconds_pool": round(seconds, 2), "by_min_votes": {}}
+        for mv in THRESHOLDS:
+            todo = _shortlist(codes, votes, len(feats), True, mv)
+            r = {
+                "pool_pairs_proposed": len(pairs & todo),
+                "candidates_per_film": round(len(todo) / len(feats), 3),
+            }
+            for seed, (idx, cf) in copies.items():
+                c2, v2, _ = _votes(cf, feats, False, q)
+                short = _shortlist(c2, v2, len(feats), False, mv)
+                r[f"copies_seed{seed}_original_proposed"] = float(
+                    np.mean([(k, int(i)) in short for k, i in enumerate(idx)])
+                )
+            row["by_min_votes"][mv] = r
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.json.write_text(
+        json.dumps(
+            {
+                "command": f"python benchmarks/shortlist_queries.py --queries {args.queries} "
+                f"--copies {args.copies}",
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                f"{platform.python_version()}",
+                "pool_films": len(feats),
+                "pool_keypoint_pairs": len(pairs),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
