@@ -119,7 +119,7 @@ class TrainConfig:
     non-COVID films beside NIH's) then counts as much as the large one, so "this source
     means that class" stops paying; each class's total weight is unchanged. `group_dro` > 0
     trains for the worst (source, class) group instead (online group DRO, Sagawa et al. 2020;
-    `automl_cxr.engine._groupdro`) with that step size for the group weights; beside it
+    `automl_cxr.engine._groups`) with that step size for the group weights; beside it
     `source_balance` and `class_weighting` have no effect (0 = off).
     """
 

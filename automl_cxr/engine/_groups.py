@@ -93,9 +93,11 @@ class TrainingLoss:
         self.dro: GroupDRO | None = None
         self.balance: torch.Tensor | None = None
         sources = dataset.manifest["source"].to_numpy().astype(str)
-        if cfg.group_dro > 0:
-            labels = np.asarray(dataset.classes)[dataset.labels]
-            self.dro = GroupDRO(*source_class_groups(labels, sources), cfg.group_dro, device)
+        if cfg.group_dro > 0:  # the groups of the training rows only (-1 elsewhere)
+            labels = np.asarray(dataset.classes)[dataset.labels[fit_idx]]
+            groups = np.full(len(dataset), -1, dtype=np.int64)
+            groups[fit_idx], names = source_class_groups(labels, sources[fit_idx])
+            self.dro = GroupDRO(groups, names, cfg.group_dro, device)
         elif cfg.source_balance:
             w = np.zeros(len(dataset), dtype=np.float32)
             w[fit_idx] = group_balance_weights(dataset.labels[fit_idx], sources[fit_idx])
