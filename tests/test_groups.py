@@ -65,6 +65,23 @@ def test_group_weights_follow_the_worst_group() -> None:
         GroupDRO(groups, names, eta=0, device="cpu")
 
 
+def test_generalisation_adjustment_favours_the_small_group() -> None:
+    # group 0: 9 rows, group 1: 1 row, the same loss: without the adjustment the weights stay
+    # equal; with C the small group's loss counts C/1 - C/3 more at every step
+    groups, names = np.array([0] * 9 + [1]), ["big", "small"]
+    per, rows = torch.full((10,), 0.5), torch.arange(10)
+    plain = GroupDRO(groups, names, eta=0.5, device="cpu")
+    adjusted = GroupDRO(groups, names, eta=0.5, device="cpu", adjust=1.0)
+    for _ in range(3):
+        plain.loss(per, rows)
+        adjusted.loss(per, rows)
+    assert torch.allclose(plain.q, torch.tensor([0.5, 0.5]))
+    ratio = adjusted.q[1] / adjusted.q[0]
+    assert ratio.item() == pytest.approx(np.exp(3 * 0.5 * (1 - 1 / 3)), rel=1e-5)
+    with pytest.raises(ValueError, match="adjust must be at least 0, but got adjust=-1"):
+        GroupDRO(groups, names, eta=0.5, device="cpu", adjust=-1)
+
+
 def test_group_dro_zero_changes_nothing_and_nonzero_trains_for_the_worst_group(
     adult_small,
 ) -> None:
@@ -95,5 +112,7 @@ def test_group_dro_is_validated_and_searched_in_the_robust_space() -> None:
         TrainConfig(group_dro=-0.1)
     with pytest.raises(ConfigError, match="group_dro"):
         TrainConfig(group_dro=11)
+    with pytest.raises(ConfigError, match="group_dro_adjust"):
+        TrainConfig(group_dro=0.3, group_dro_adjust=-1)
     params = builtin_space("robust").params(("mobilenetv2_100",))
     assert 0.0 in params["group_dro"].choices and len(params["group_dro"].choices) > 1

@@ -120,7 +120,10 @@ class TrainConfig:
     means that class" stops paying; each class's total weight is unchanged. `group_dro` > 0
     trains for the worst (source, class) group instead (online group DRO, Sagawa et al. 2020;
     `automl_cxr.engine._groups`) with that step size for the group weights; beside it
-    `source_balance` and `class_weighting` have no effect (0 = off).
+    `source_balance` and `class_weighting` have no effect (0 = off); `group_dro_adjust` is
+    Sagawa et al.'s generalisation adjustment C (a group's loss counts as loss + C/sqrt(size)
+    when the group weights are updated, so a small group the model fits easily still gains
+    weight; 0 = none).
     """
 
     resolution: int = 224
@@ -152,6 +155,7 @@ class TrainConfig:
     site_adversarial: float = 0.0
     source_balance: bool = False
     group_dro: float = 0.0
+    group_dro_adjust: float = 0.0
     segmenter: str | None = None
 
     def eval_batch(self, device_type: str) -> int:
@@ -180,6 +184,7 @@ class TrainConfig:
         check_choice("intensity", self.intensity, INTENSITY_MODES)
         check_number("site_adversarial", self.site_adversarial, 0.0, 1.0)
         check_number("group_dro", self.group_dro, 0.0, 10.0)
+        check_number("group_dro_adjust", self.group_dro_adjust, 0.0, 10.0)
         if self.segmenter is not None and not isinstance(self.segmenter, str):
             self.segmenter = str(self.segmenter)
         for name in ("class_weighting", "amp", "cpu_amp", "feature_cache", "source_balance"):
@@ -208,6 +213,7 @@ class TrainConfig:
         self.augment = float(self.augment)
         self.site_adversarial = float(self.site_adversarial)
         self.group_dro = float(self.group_dro)
+        self.group_dro_adjust = float(self.group_dro_adjust)
         self.inner_holdout = float(self.inner_holdout)
         if self.holdout is not None:
             self.holdout = float(self.holdout)

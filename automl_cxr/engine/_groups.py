@@ -44,16 +44,28 @@ class GroupDRO:
         names: the groups' names, for the record.
         eta: step size of the group weights; must be positive.
         device: where the per-batch arithmetic runs.
+        adjust: Sagawa et al.'s generalisation adjustment C: each group's loss counts as
+            ``loss + C / sqrt(group size)`` when the weights are updated, so a small group that
+            the model fits easily (its training loss falls fastest) still gains weight; 0 = none.
     """
 
     def __init__(
-        self, groups: np.ndarray, names: list[str], eta: float, device: torch.device | str
+        self,
+        groups: np.ndarray,
+        names: list[str],
+        eta: float,
+        device: torch.device | str,
+        adjust: float = 0.0,
     ) -> None:
         if not eta > 0:
             raise ValueError(f"eta must be positive, but got {eta=}")
+        if not adjust >= 0:
+            raise ValueError(f"adjust must be at least 0, but got {adjust=}")
         self.names, self.eta = list(names), float(eta)
         self.groups = torch.as_tensor(np.asarray(groups, dtype=np.int64), device=device)
         self.q = torch.full((len(names),), 1.0 / len(names), device=device)
+        sizes = torch.bincount(self.groups[self.groups >= 0], minlength=len(names)).float()
+        self.bonus = float(adjust) / sizes.clamp(min=1).sqrt()
 
     def loss(self, per_row: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The batch loss from the losses `per_row` of dataset rows `idx`. The group weights
@@ -66,7 +78,8 @@ class GroupDRO:
         means = sums / counts.clamp(min=1)
         present = counts > 0
         with torch.no_grad():
-            self.q = torch.where(present, self.q * torch.exp(self.eta * means.detach()), self.q)
+            step = torch.exp(self.eta * (means.detach() + self.bonus))
+            self.q = torch.where(present, self.q * step, self.q)
             self.q = self.q / self.q.sum()
         w = torch.where(present, self.q, torch.zeros_like(self.q))
         return (w * means).sum() / w.sum()
@@ -97,7 +110,7 @@ class TrainingLoss:
             labels = np.asarray(dataset.classes)[dataset.labels[fit_idx]]
             groups = np.full(len(dataset), -1, dtype=np.int64)
             groups[fit_idx], names = source_class_groups(labels, sources[fit_idx])
-            self.dro = GroupDRO(groups, names, cfg.group_dro, device)
+            self.dro = GroupDRO(groups, names, cfg.group_dro, device, cfg.group_dro_adjust)
         elif cfg.source_balance:
             w = np.zeros(len(dataset), dtype=np.float32)
             w[fit_idx] = group_balance_weights(dataset.labels[fit_idx], sources[fit_idx])

@@ -59,6 +59,7 @@ _FLOAT_KEYS = frozenset(
         "dropout",
         "site_adversarial",
         "group_dro",
+        "group_dro_adjust",
     }
 )
 """Parameters that are real numbers whatever their bounds look like: `{low: 0, high: 1}` is
@@ -83,6 +84,7 @@ _TRAIN_KEYS = (
     "site_adversarial",
     "source_balance",
     "group_dro",
+    "group_dro_adjust",
 )
 _TOP_KEYS = ("description", "backbones", "frozen_fraction", "heads", "gray_mode", *_TRAIN_KEYS)
 

@@ -39,6 +39,8 @@ VARIANTS = {
     "group_dro=0.1": {"group_dro": 0.1},
     "group_dro=0.3": {"group_dro": 0.3},
     "group_dro=1": {"group_dro": 1.0},
+    "group_dro=0.3+adjust=1": {"group_dro": 0.3, "group_dro_adjust": 1.0},
+    "group_dro=0.3+adjust=3": {"group_dro": 0.3, "group_dro_adjust": 3.0},
     "lung_crop+source_balance": {"roi": "lung_crop", "source_balance": True},
     "all four": {
         "roi": "lung_mask",
