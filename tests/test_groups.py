@@ -61,6 +61,13 @@ def test_group_weights_follow_the_worst_group() -> None:
         float((before[0] * np.exp(2.5) * 5.0) / (before[0] * np.exp(2.5) + before[2]))
     )
     assert set(dro.record()) == set(names)
+    huge = dro.loss(torch.tensor([5e3, 1e4, 2e3]), torch.arange(3))  # a diverging batch
+    assert torch.isfinite(huge) and torch.isfinite(dro.q).all()
+    assert dro.q.sum().item() == pytest.approx(1) and dro.q[1] == 1  # group 1 dominates
+    # a batch of the groups whose weights underflowed to 0 beside group 1: still a number,
+    # their renormalised weighted mean
+    small = dro.loss(torch.tensor([1.0, 3.0]), torch.tensor([0, 2]))
+    assert torch.isfinite(small) and 1.0 <= small.item() <= 3.0
     with pytest.raises(ValueError, match="eta must be positive, but got eta=0"):
         GroupDRO(groups, names, eta=0, device="cpu")
 

@@ -63,7 +63,10 @@ class GroupDRO:
             raise ValueError(f"adjust must be at least 0, but got {adjust=}")
         self.names, self.eta = list(names), float(eta)
         self.groups = torch.as_tensor(np.asarray(groups, dtype=np.int64), device=device)
-        self.q = torch.full((len(names),), 1.0 / len(names), device=device)
+        # the weights live as log-weights: exp(eta * loss) overflows for a loss in the hundreds
+        # (a diverging first epoch), a softmax of summed steps does not
+        self.log_q = torch.zeros(len(names), device=device)
+        self.q = torch.softmax(self.log_q, 0)
         sizes = torch.bincount(self.groups[self.groups >= 0], minlength=len(names)).float()
         self.bonus = float(adjust) / sizes.clamp(min=1).sqrt()
 
@@ -78,11 +81,13 @@ class GroupDRO:
         means = sums / counts.clamp(min=1)
         present = counts > 0
         with torch.no_grad():
-            step = torch.exp(self.eta * (means.detach() + self.bonus))
-            self.q = torch.where(present, self.q * step, self.q)
-            self.q = self.q / self.q.sum()
-        w = torch.where(present, self.q, torch.zeros_like(self.q))
-        return (w * means).sum() / w.sum()
+            step = self.eta * (means.detach() + self.bonus)
+            self.log_q = torch.where(present, self.log_q + step, self.log_q)
+            self.q = torch.softmax(self.log_q, 0)
+        # the present groups' weights renormalised, from the log-weights: a group whose weight
+        # underflowed to 0 beside a dominant absent group must not leave 0 / 0
+        w = torch.softmax(torch.where(present, self.log_q, -torch.inf), 0)
+        return (w * means).sum()
 
     def record(self) -> dict[str, float]:
         """The current group weights by group name."""
