@@ -191,6 +191,24 @@ def test_search_bad_input_clear_error(
     assert "Traceback" not in err
 
 
+def test_search_takes_a_builtin_space_by_name(prepared_dir: Path, tmp_path: Path, capsys) -> None:
+    # `--space robust` names the built-in space (no such file here): it loads, and the search
+    # stops only where the robust space needs a lung segmenter this data folder lacks
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(
+        prepared_dir / "binary_adult", data / "binary_adult", ignore=shutil.ignore_patterns("cache")
+    )
+    argv = ["search", "--dataset", "binary_adult", "--trials", "1", "--profile", "smoke"]
+    argv += ["--space", "robust", "--storage", str(tmp_path / "x.db"), "--data-dir", str(data)]
+    rc = main([*argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "search space file not found" not in err and "lungs train" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("space", "dataset"),
     [

@@ -87,7 +87,11 @@ def search(
     ] = None,
     study_name: Annotated[str | None, typer.Option(help="(default: <dataset>-<profile>)")] = None,
     space: Annotated[
-        Path | None, typer.Option(help="Search space YAML (default: studies/default.yaml).")
+        Path | None,
+        typer.Option(
+            help="Search space YAML, or a built-in space's name: default, cpu, robust, "
+            "paper_three_class, paper_four_class, paper_binary (default: the profile's)."
+        ),
     ] = None,
     profile: Annotated[
         str | None,

@@ -350,8 +350,9 @@ def load_space(path: str | Path | None) -> SearchSpace:
         return builtin_space("default")
     p = Path(path)
     if not p.is_file():
-        if isinstance(path, str) and path in BUILTIN_SPACES:
-            return builtin_space(path)
+        # a built-in's name, as a string or as the Path the command line makes of it
+        if str(path).removesuffix(".yaml") in BUILTIN_SPACES:
+            return builtin_space(str(path))
         raise ConfigError(
             f"search space file not found: {p} (built-in spaces: {list(BUILTIN_SPACES)})"
         )
