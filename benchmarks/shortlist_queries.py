@@ -47,17 +47,11 @@ from automl_cxr.settings import default_sources_dir  # noqa: E402
 THRESHOLDS = (MIN_VOTES, 5, 4, 3)
 
 
-def _first(f: LocalFeatures, q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of each film's strongest `q` descriptors, and the film of each."""
-    rows = [np.arange(f.offsets[i], min(f.offsets[i + 1], f.offsets[i] + q)) for i in range(len(f))]
-    return np.concatenate(rows), np.repeat(np.arange(len(f)), [len(r) for r in rows])
-
-
 def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, q: int):
     """(pair codes, votes, search seconds) with each query film's strongest `q` querying."""
     sel, owner = _strongest(base)
     index = shortlist_index(base.descriptors[sel])
-    rows, qi = _first(base if same else query, q)
+    rows, qi = _strongest(base if same else query, q)
     x = (base if same else query).descriptors[rows]
     t0 = time.perf_counter()
     dist, o = nearest_owners(index, owner, x, qi if same else None)

@@ -57,6 +57,15 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) ->
     return out
 
 
+@pytest.fixture(scope="module")
+def adult_small(prepared_dir: Path):
+    """30 binary_adult images (both classes, Cohen and NIH): for tests of the training levers."""
+    from automl_cxr.data import load_dataset
+    from automl_cxr.study import subsample
+
+    return subsample(load_dataset("binary_adult", prepared_dir), 30, seed=0)
+
+
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
     """One small real study (smoke profile, 2 trials) on the paper's three-class recipe.

@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from automl_cxr.data import load_dataset
 from automl_cxr.engine import TrainConfig, run_trial
 from automl_cxr.engine._groups import GroupDRO, source_class_groups
 from automl_cxr.errors import ConfigError
 from automl_cxr.models import ModelConfig
-from automl_cxr.study import builtin_space, subsample
-
-
-@pytest.fixture(scope="module")
-def adult_small(prepared_dir):
-    return subsample(load_dataset("binary_adult", prepared_dir), 30, seed=0)
+from automl_cxr.study import builtin_space
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from automl_cxr.data import decode_gray, load_dataset, resize_square
+from automl_cxr.data import decode_gray, resize_square
 from automl_cxr.engine import TrainConfig, run_trial
 from automl_cxr.engine._adversarial import SiteAdversary, grad_reverse
 from automl_cxr.errors import ConfigError, DataError
@@ -25,7 +25,6 @@ from automl_cxr.lungs import (
     train_segmenter,
 )
 from automl_cxr.models import ModelConfig
-from automl_cxr.study import subsample
 
 # Held-out Dice of the test's short training run (64 px, 3 epochs, seed 0): 0.877 measured on
 # this machine (the full `lungs train` default, 128 px x 12 epochs: see README); the bar leaves
@@ -133,11 +132,6 @@ def test_roi_crops_to_the_lungs_and_falls_back_with_a_count(
     assert torch.equal(out, full(blank))
     with pytest.raises(ConfigError, match="roi must be one of"):
         PreprocessSpec("lungs", "none")
-
-
-@pytest.fixture(scope="module")
-def adult_small(prepared_dir):
-    return subsample(load_dataset("binary_adult", prepared_dir), 30, seed=0)
 
 
 def test_preprocessed_cache_is_keyed_by_segmenter_and_transform(

@@ -134,12 +134,12 @@ def shortlist_index(codes: np.ndarray):
     return index
 
 
-def _strongest(feats: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of every image's `INDEX_FEATURES` strongest keypoints, and the image owning each."""
+def _strongest(feats: LocalFeatures, limit: int = INDEX_FEATURES) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of every image's `limit` strongest keypoints, and the image owning each."""
     rows, owners = [], []
     for i in range(len(feats)):
         s, e = int(feats.offsets[i]), int(feats.offsets[i + 1])
-        e = min(e, s + INDEX_FEATURES)
+        e = min(e, s + limit)
         rows.append(np.arange(s, e))
         owners.append(np.full(e - s, i, dtype=np.int64))
     if not rows:

@@ -7,11 +7,14 @@
   training image belongs to a group, its image source and its class (Cohen COVID-19, Cohen
   non-COVID, NIH non-COVID, ...). The group weights `q` start equal and, after every batch,
   each group's weight is multiplied by ``exp(eta * its mean loss in the batch)`` and
-  renormalised; the batch loss is the `q`-weighted mean of the groups' mean losses. When a
-  shortcut ("a figure-quality Cohen film is COVID-19") serves most images, the group where it
-  fails (Cohen's non-COVID films) keeps the highest loss, gains weight, and the classifier has
-  to stop relying on the shortcut. Within a group every image has one class and one source, so
-  class weighting and `source_balance` have no effect beside it.
+  renormalised; the batch loss is the `q`-weighted mean of the groups' mean losses. The idea:
+  when a shortcut ("a figure-quality Cohen film is COVID-19") serves most images, the group
+  where it fails (Cohen's non-COVID films) keeps the highest loss and gains weight. What gains
+  weight is whichever group the model fits worst: in the measured runs that was mostly Cohen's
+  COVID-19 films or NIH's, since a head on frozen features fits a small group easily
+  (`results/generalisation/ROBUST.md` §6); `adjust` favours small groups. Within a group every
+  image has one class and one source, so class weighting and `source_balance` have no effect
+  beside it.
 
 Both off, the loss is plain (class-weighted when asked) cross-entropy, as it always was.
 """
@@ -66,7 +69,6 @@ class GroupDRO:
         # the weights live as log-weights: exp(eta * loss) overflows for a loss in the hundreds
         # (a diverging first epoch), a softmax of summed steps does not
         self.log_q = torch.zeros(len(names), device=device)
-        self.q = torch.softmax(self.log_q, 0)
         sizes = torch.bincount(self.groups[self.groups >= 0], minlength=len(names)).float()
         self.bonus = float(adjust) / sizes.clamp(min=1).sqrt()
 
@@ -83,11 +85,15 @@ class GroupDRO:
         with torch.no_grad():
             step = self.eta * (means.detach() + self.bonus)
             self.log_q = torch.where(present, self.log_q + step, self.log_q)
-            self.q = torch.softmax(self.log_q, 0)
         # the present groups' weights renormalised, from the log-weights: a group whose weight
         # underflowed to 0 beside a dominant absent group must not leave 0 / 0
         w = torch.softmax(torch.where(present, self.log_q, -torch.inf), 0)
         return (w * means).sum()
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The group weights (they sum to 1)."""
+        return torch.softmax(self.log_q, 0)
 
     def record(self) -> dict[str, float]:
         """The current group weights by group name."""
@@ -110,15 +116,18 @@ class TrainingLoss:
         self.weight, self.smoothing = weight, cfg.label_smoothing
         self.dro: GroupDRO | None = None
         self.balance: torch.Tensor | None = None
-        sources = dataset.manifest["source"].to_numpy().astype(str)
+        if cfg.group_dro == 0 and not cfg.source_balance:
+            return
+        sources = dataset.manifest["source"].to_numpy()[fit_idx].astype(str)
+        labels = dataset.labels[fit_idx]
         if cfg.group_dro > 0:  # the groups of the training rows only (-1 elsewhere)
-            labels = np.asarray(dataset.classes)[dataset.labels[fit_idx]]
             groups = np.full(len(dataset), -1, dtype=np.int64)
-            groups[fit_idx], names = source_class_groups(labels, sources[fit_idx])
+            class_names = np.asarray(dataset.classes)[labels]
+            groups[fit_idx], names = source_class_groups(class_names, sources)
             self.dro = GroupDRO(groups, names, cfg.group_dro, device, cfg.group_dro_adjust)
-        elif cfg.source_balance:
+        else:
             w = np.zeros(len(dataset), dtype=np.float32)
-            w[fit_idx] = group_balance_weights(dataset.labels[fit_idx], sources[fit_idx])
+            w[fit_idx] = group_balance_weights(labels, sources)
             self.balance = torch.from_numpy(w).to(device)
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
