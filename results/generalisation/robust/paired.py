@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
                 "worst_site": res.summary["metrics"]["worst_site_balanced_accuracy"]["mean"],
                 "seconds": round(time.perf_counter() - t0, 1),
                 "fallbacks": res.preprocess.get("fallbacks"),
+                "group_weights": [f.get("group_weights") for f in res.splits],
             }
             for e in res.externals.values():
                 b = e["bootstrap"]["metrics"]["balanced_accuracy"]
