@@ -34,49 +34,18 @@ from automl_cxr.data import decode_gray  # noqa: E402
 from automl_cxr.data._duplicates import find_matches  # noqa: E402
 from automl_cxr.data._keypoints import LocalFeatures, extract_features  # noqa: E402
 from automl_cxr.data._reframe import reframe  # noqa: E402
-from automl_cxr.data._shortlist import (  # noqa: E402
-    MIN_VOTES,
-    SHORTLIST,
-    VOTE_DISTANCE,
-    _strongest,
-    nearest_owners,
-    shortlist_index,
-)
+from automl_cxr.data._shortlist import MIN_VOTES, candidates, vote_counts  # noqa: E402
 from automl_cxr.settings import default_sources_dir  # noqa: E402
 
 THRESHOLDS = (MIN_VOTES, 5, 4, 3)
 
 
 def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, q: int):
-    """(pair codes, votes, search seconds) with each query film's strongest `q` querying."""
-    sel, owner = _strongest(base)
-    index = shortlist_index(base.descriptors[sel])
-    rows, qi = _strongest(base if same else query, q)
-    x = (base if same else query).descriptors[rows]
+    """(pair codes, votes, seconds: index built and searched) with each film's strongest `q`
+    querying."""
     t0 = time.perf_counter()
-    dist, o = nearest_owners(index, owner, x, qi if same else None)
-    seconds = time.perf_counter() - t0
-    ok = dist <= VOTE_DISTANCE
-    a, b = qi[ok], o[ok]
-    if same:
-        a, b = np.minimum(a, b), np.maximum(a, b)
-    codes, votes = np.unique(a * len(base) + b, return_counts=True)
-    return codes, votes, seconds
-
-
-def _shortlist(codes, votes, n: int, same: bool, min_votes: int) -> set[tuple[int, int]]:
-    """The candidate pairs: each film's `SHORTLIST` best-voted with at least `min_votes`."""
-    per: dict[int, list[tuple[int, int]]] = {}
-    for code, v in zip(codes[votes >= min_votes], votes[votes >= min_votes], strict=True):
-        a, b = divmod(int(code), n)
-        per.setdefault(a, []).append((b, int(v)))
-        if same:
-            per.setdefault(b, []).append((a, int(v)))
-    out = set()
-    for a, lst in per.items():
-        for b, _ in sorted(lst, key=lambda x: (-x[1], x[0]))[:SHORTLIST]:
-            out.add((min(a, b), max(a, b)) if same else (a, b))
-    return out
+    codes, votes = vote_counts(query, base, same, q)
+    return codes, votes, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -98,16 +67,16 @@ def main() -> None:
     rows = []
     for q in (int(x) for x in args.queries.split(",")):
         codes, votes, seconds = _votes(feats, feats, True, q)
-        row = {"queries_per_film": q, "search_seconds_pool": round(seconds, 2), "by_min_votes": {}}
+        row = {"queries_per_film": q, "votes_seconds_pool": round(seconds, 2), "by_min_votes": {}}
+        copy_votes = {seed: _votes(cf, feats, False, q)[:2] for seed, (_, cf) in copies.items()}
         for mv in THRESHOLDS:
-            todo = _shortlist(codes, votes, len(feats), True, mv)
+            todo = set(candidates(codes, votes, len(feats), True, mv))
             r = {
                 "pool_pairs_proposed": len(pairs & todo),
                 "candidates_per_film": round(len(todo) / len(feats), 3),
             }
-            for seed, (idx, cf) in copies.items():
-                c2, v2, _ = _votes(cf, feats, False, q)
-                short = _shortlist(c2, v2, len(feats), False, mv)
+            for seed, (idx, _) in copies.items():
+                short = set(candidates(*copy_votes[seed], len(feats), False, mv))
                 r[f"copies_seed{seed}_original_proposed"] = float(
                     np.mean([(k, int(i)) in short for k, i in enumerate(idx)])
                 )

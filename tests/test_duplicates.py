@@ -402,6 +402,27 @@ def test_list_by_list_search_finds_the_index_own_nearest_codes(shared_data: Path
     assert np.mean(d) > np.mean(dist[:, 0])  # its own code (distance 0) is skipped
 
 
+def test_candidates_keep_each_films_best_voted_above_the_threshold() -> None:
+    """`candidates` turns vote counts into the pairs to verify: at least `MIN_VOTES`, each
+    query film's `SHORTLIST` best (ties to the lower index), and within one set a pair that
+    either film ranks high enough."""
+    from automl_cxr.data._shortlist import MIN_VOTES, SHORTLIST, candidates
+
+    n = 20
+    pairs = [(0, b, MIN_VOTES + 20 - b) for b in range(1, SHORTLIST + 3)]  # film 0: 7 above
+    pairs += [(3, 9, MIN_VOTES - 1), (4, 9, MIN_VOTES), (4, 8, MIN_VOTES)]
+    codes = np.array([a * n + b for a, b, _ in pairs])
+    votes = np.array([v for *_, v in pairs])
+    order = np.argsort(codes)
+    across = candidates(codes[order], votes[order], n, same=False)
+    assert sorted(b for a, b in across if a == 0) == list(range(1, SHORTLIST + 1))
+    assert (3, 9) not in across and across[(4, 8)] == across[(4, 9)] == MIN_VOTES
+    within = candidates(codes[order], votes[order], n, same=True)
+    # film 0 keeps its 5 best, but films 6 and 7 each propose their pair with film 0
+    assert {b for a, b in within if a == 0} == set(range(1, SHORTLIST + 3))
+    assert candidates(codes[order], votes[order], n, same=False, min_votes=MIN_VOTES + 100) == {}
+
+
 def test_pairs_implied_by_copies_are_not_verified_and_change_no_merge(
     tmp_path: Path, shared_data: Path
 ) -> None:

@@ -34,9 +34,11 @@ __all__ = [
     "PROBE",
     "SHORTLIST",
     "VOTE_DISTANCE",
+    "candidates",
     "nearest_owners",
     "shortlist",
     "shortlist_index",
+    "vote_counts",
 ]
 
 INDEX_FEATURES = 700
@@ -209,23 +211,27 @@ def nearest_owners(
     return (best >> _ID_BITS).astype(np.int32), best_owner
 
 
-def _votes(
-    query: LocalFeatures, base: LocalFeatures, same: bool
-) -> dict[int, list[tuple[int, int]]]:
-    """Per query image, its candidate base images with their votes (most first)."""
+def vote_counts(
+    query: LocalFeatures,
+    base: LocalFeatures,
+    same: bool,
+    queries: int = INDEX_FEATURES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pair codes `a * len(base) + b`, votes) of every (query image, base image) pair that
+    got a vote, or with `same` of every pair within `base` (a < b). Every image's strongest
+    `INDEX_FEATURES` descriptors are indexed; each query image's strongest `queries` vote."""
     sel, owner = _strongest(base)
     codes = np.ascontiguousarray(base.descriptors[sel])
     del sel
     index = shortlist_index(codes)  # holds its own copy of the codes
-    out: dict[int, list[tuple[int, int]]] = {}
     if index.ntotal == 0:
-        return out
-    if same:  # the indexed codes are the queries: no second copy (1.1 GB at 50,000 films)
-        x, qi = codes, owner
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if same and queries >= INDEX_FEATURES:  # the indexed codes query: no second copy (1.1 GB
+        x, qi = codes, owner  # at 50,000 films)
     else:
         del codes
-        rows, qi = _strongest(query)
-        x = query.descriptors[rows]
+        rows, qi = _strongest(base if same else query, queries)
+        x = (base if same else query).descriptors[rows]
         del rows
     d, o = nearest_owners(index, owner, x, qi if same else None)
     del x, index
@@ -233,16 +239,32 @@ def _votes(
     a, b = qi[ok], o[ok]
     if same:
         a, b = np.minimum(a, b), np.maximum(a, b)
-    uniq, counts = np.unique(a * len(base) + b, return_counts=True)
-    keep = counts >= MIN_VOTES
-    for code, n in zip(uniq[keep], counts[keep], strict=True):
-        a, b = divmod(int(code), len(base))
-        out.setdefault(a, []).append((b, int(n)))
+    return np.unique(a * len(base) + b, return_counts=True)
+
+
+def candidates(
+    codes: np.ndarray,
+    votes: np.ndarray,
+    n_base: int,
+    same: bool,
+    min_votes: int = MIN_VOTES,
+) -> dict[tuple[int, int], int]:
+    """The pairs to verify, with their votes, from `vote_counts`' output: each query image's
+    `SHORTLIST` best-voted base images (most votes first, then the lower index) with at least
+    `min_votes`; with `same`, each image of a pair proposes it (keys a < b)."""
+    keep = votes >= min_votes
+    per: dict[int, list[tuple[int, int]]] = {}
+    for code, n in zip(codes[keep], votes[keep], strict=True):
+        a, b = divmod(int(code), n_base)
+        per.setdefault(a, []).append((b, int(n)))
         if same:
-            out.setdefault(b, []).append((a, int(n)))
-    for a in out:
-        out[a].sort(key=lambda x: (-x[1], x[0]))
-    return out
+            per.setdefault(b, []).append((a, int(n)))
+    todo: dict[tuple[int, int], int] = {}
+    for a, lst in per.items():
+        for b, n in sorted(lst, key=lambda x: (-x[1], x[0]))[:SHORTLIST]:
+            key = (min(a, b), max(a, b)) if same else (a, b)
+            todo[key] = max(todo.get(key, 0), n)
+    return todo
 
 
 def shortlist(
@@ -251,10 +273,5 @@ def shortlist(
     """The candidate pairs the finder verifies, with their votes: (query image, base image), or
     with `base=None` pairs within `query` (a < b)."""
     same = base is None
-    cands = _votes(query, query if base is None else base, same)
-    todo: dict[tuple[int, int], int] = {}
-    for a, lst in cands.items():
-        for b, n in lst[:SHORTLIST]:
-            key = (min(a, b), max(a, b)) if same else (a, b)
-            todo[key] = max(todo.get(key, 0), n)
-    return todo
+    base = query if base is None else base
+    return candidates(*vote_counts(query, base, same), len(base), same)
