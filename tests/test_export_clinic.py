@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from automl_cxr.cli import main
 from automl_cxr.data import load_dataset, read_cohen
 from automl_cxr.deploy import ExportedModel, load_image, load_study, predict_images, select_trial
-from automl_cxr.deploy._clinic import calibration_holdout
+from automl_cxr.deploy._clinic import CHANCE_MARGIN, calibration_holdout, holdout_decisions
 from automl_cxr.deploy._commands import open_trial
 from automl_cxr.deploy._graphs import TemperatureScaled
 from automl_cxr.deploy._select import training_data
@@ -116,6 +117,10 @@ def test_temperature_and_threshold_come_from_the_exported_model_on_its_holdout(
     assert card["operating_point"]["specificity"] == pytest.approx(want["specificity"])
     md = (with_point / "model_card.md").read_text()
     assert "## Calibration" in md and "## Operating point" in md
+    hd = card["holdout_decisions"]  # the retrained model's own decisions on the holdout
+    assert hd["n"] == len(cal_rows)
+    assert hd["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, raw.argmax(1)))
+    assert "Decisions on the" in md
     assert "after, cross-fitted" in md and "after, in-sample" in md and "(cross-fitted)" in md
     # what the graphs compute: every runtime = softmax(inner logits [/ T])
     xr = torch.rand(2, 1, m.resolution, m.resolution, generator=torch.Generator().manual_seed(0))
@@ -124,6 +129,25 @@ def test_temperature_and_threshold_come_from_the_exported_model_on_its_holdout(
     for runtime in ("torchscript", "onnx", "pytorch"):
         got = ExportedModel(with_point, runtime=runtime).predict_proba(xr.numpy())
         assert np.allclose(got, inner, atol=1e-3)
+
+
+def test_a_degenerate_retrain_is_reported_from_its_holdout_decisions() -> None:
+    """A retrain that calls (almost) every holdout image one class scores at chance and gets a
+    warning naming the class and what to do; a useful model and a one-class holdout do not."""
+    classes = ["covid", "non_covid"]
+    labels = np.array([0] * 30 + [1] * 50)
+    rng = np.random.default_rng(0)
+    collapsed = np.tile([0.9, 0.1], (80, 1))
+    collapsed[-1] = [0.2, 0.8]  # one non-COVID image called right: 0.51 > chance + 0.01
+    info, warning = holdout_decisions(collapsed, labels, classes)
+    assert info["predicted_share"]["covid"] == pytest.approx(79 / 80)
+    assert info["balanced_accuracy"] < 0.5 + CHANCE_MARGIN
+    assert warning and "'covid'" in warning and "--ensemble" in warning and "99%" in warning
+    good = np.eye(2)[labels] * 0.6 + rng.random((80, 2)) * 0.4
+    info, warning = holdout_decisions(good, labels, classes)
+    assert warning is None and info["balanced_accuracy"] > 0.9
+    info, warning = holdout_decisions(collapsed[:30], labels[:30], classes)  # one class held
+    assert warning is None and np.isnan(info["balanced_accuracy"])
 
 
 def test_crossfitted_figures_are_fitted_on_other_parts(oof_valid) -> None:

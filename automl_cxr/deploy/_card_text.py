@@ -108,6 +108,16 @@ def _clinic_lines(card: dict[str, Any]) -> list[str]:
             "part scored with a temperature fitted on the other parts. The in-sample row is "
             "scored on the predictions its temperature was fitted on (optimistic).",
         ]
+    hd = card.get("holdout_decisions")
+    if hd:
+        shares = ", ".join(f"{c} {v:.0%}" for c, v in hd["predicted_share"].items())
+        lines += [
+            "",
+            f"Decisions on the {hd['n']} holdout images (arg-max, before any threshold): "
+            f"balanced accuracy {_fmt(hd['balanced_accuracy'])}; called {shares}. Patients "
+            "like the training ones, so not a generalisation estimate: a check that the "
+            "retrained model is the one the search scored, not a degenerate one.",
+        ]
     op = card.get("operating_point")
     if op:
         target = "" if op.get("target") is None else f"={op['target']}"
