@@ -515,14 +515,43 @@ def test_early_stopping_chooses_on_an_inner_split_and_reports_the_outer_fold(sma
     assert [f["balanced_accuracy"] for f in folds] == pytest.approx(
         [f["balanced_accuracy"] for f in res.folds]
     )
-    # fit_full trains on everything for the epochs the CV chose (not cfg.epochs)
-    full = fit_full(small, _model(small), cfg)
+    # stop="cv_epochs": fit_full trains on everything for the epochs the CV chose
+    full = fit_full(small, _model(small), cfg, stop="cv_epochs")
     assert full.training_info["epochs_from"] == "cv_early_stopping"
     assert full.training_info["fold_epochs"] == chosen
     assert full.training_info["epochs"] == res.full_fit_epochs
     assert full.training_info["n_trained_images"] == len(small)
     given = fit_full(small, _model(small), cfg, epochs=2)
     assert given.training_info == {**given.training_info, "epochs": 2, "epochs_from": "argument"}
+
+
+def test_full_fit_stops_on_an_inner_split_as_each_fold_did(small) -> None:
+    """The default stop: an inner split of all the patients stops the full fit and the model
+    kept is the one of the epoch with the best inner loss; the inner patients are not trained
+    on. An explicit epoch count still wins, and a bad `stop` is refused by name."""
+    import torch.nn.functional as F
+
+    from automl_cxr.engine import fit_full
+    from automl_cxr.engine._folds import inner_split
+
+    cfg = _cfg(epochs=6, early_stopping=1, lr=3e-2)
+    model = fit_full(small, _model(small), cfg)
+    info = model.training_info
+    fit_rows, inner = inner_split(small, np.arange(len(small)), cfg, 0)
+    assert info["epochs_from"] == "inner_early_stopping"
+    assert info["inner_holdout_images"] == len(inner) and len(inner) > 0
+    assert not set(small.groups[inner]) & set(small.groups[fit_rows])
+    assert info["trained_hash"] == members_hash(row_identities(small), fit_rows)
+    # stopped with patience 1 after its best epoch (or at the last), kept the best one
+    assert info["epochs_run"] in (info["epochs"] + 1, cfg.epochs)
+    x = torch.from_numpy(np.array(small.images(48))[inner]).unsqueeze(1).float() / 255
+    with torch.no_grad():
+        logp = torch.log(torch.softmax(model(x), dim=1).clamp_min(1e-12))  # as the session
+    loss = float(F.nll_loss(logp, torch.as_tensor(small.labels[inner], dtype=torch.long)))
+    assert loss == pytest.approx(info["inner_val_loss"], rel=1e-4, abs=1e-5)
+    assert fit_full(small, _model(small), cfg, epochs=2).training_info["epochs_from"] == "argument"
+    with pytest.raises(ConfigError, match="stop must be one of .*'cv_epochs', 'inner'.*'halt'"):
+        fit_full(small, _model(small), cfg, stop="halt")
 
 
 def test_without_early_stopping_full_fit_uses_the_configured_epochs(small) -> None:

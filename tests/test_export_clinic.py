@@ -150,6 +150,47 @@ def test_a_degenerate_retrain_is_reported_from_its_holdout_decisions() -> None:
     assert warning is None and np.isnan(info["balanced_accuracy"])
 
 
+def test_a_retrain_with_early_stopping_stops_on_an_inner_split_by_default(
+    smoke_study: Path, prepared_dir: Path, tmp_path: Path
+) -> None:
+    """A trial trained with early stopping is retrained for export as each of its folds was
+    (an inner split of the patients stops it; the card says so), or with `stop="cv_epochs"`
+    on every image for the recorded median epoch count."""
+    import dataclasses
+
+    from automl_cxr.deploy._export import export_trial, train_for_export
+
+    spec = open_trial(smoke_study)
+    spec = dataclasses.replace(
+        spec,
+        train=dataclasses.replace(spec.train, early_stopping=1, epochs=3),
+        user_attrs={**spec.user_attrs, "full_fit_epochs": 2},
+    )
+    ds = training_data(spec, prepared_dir)
+    model, _ = train_for_export(spec, ds)
+    info = model.training_info
+    assert info["epochs_from"] == "inner_early_stopping" and 1 <= info["epochs"] <= 3
+    assert info["n_trained_images"] == len(ds) - info["inner_holdout_images"] < len(ds)
+    export_trial(spec, ds, tmp_path / "m", model=model)
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert card["training"]["epochs"]["from"] == "inner_early_stopping"
+    assert "inner split of the patients" in card["training"]["epochs"]["why"]
+    fixed, _ = train_for_export(spec, ds, stop="cv_epochs")
+    assert fixed.training_info["epochs_from"] == "argument"
+    assert fixed.training_info["epochs"] == 2 and fixed.training_info["n_trained_images"] == len(ds)
+
+
+def test_export_refuses_an_unknown_retrain_stop_before_any_work(
+    smoke_study: Path, prepared_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "never"
+    args = ["export", "--study", str(smoke_study), "--out", str(out), "--data-dir"]
+    assert main([*args, str(prepared_dir), "--retrain-stop", "halt"]) == 2
+    err = capsys.readouterr().err
+    assert "'halt'" in err and "inner" in err and "cv_epochs" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_crossfitted_figures_are_fitted_on_other_parts(oof_valid) -> None:
     """Each part's temperature and threshold come from the other parts only: recomputed by
     hand on a stored out-of-fold table."""

@@ -219,6 +219,15 @@ def export(
             "retrained and written as one graph.",
         ),
     ] = None,
+    retrain_stop: Annotated[
+        str,
+        typer.Option(
+            "--retrain-stop",
+            help="How a retrained model stops (trials with early stopping): inner (an inner "
+            "split of the patients stops it, as each fold was) or cv_epochs (all images, the "
+            "median epoch count its folds chose).",
+        ),
+    ] = "inner",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -238,6 +247,7 @@ def export(
         calibrate=calibrate,
         operating_point=operating_point,
         ensemble_select=ensemble_select,
+        retrain_stop=retrain_stop,
         log=_log(quiet or as_json),
     )
     if as_json:

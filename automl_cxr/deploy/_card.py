@@ -195,6 +195,8 @@ _EPOCHS_WHY = {
     "cv_early_stopping": "the median epoch chosen by early stopping in the trial's "
     "cross-validation folds (retrained to find it)",
     "config": "the configured epochs, as every cross-validation fold trained (no early stopping)",
+    "inner_early_stopping": "early stopping on an inner split of the patients, as each "
+    "cross-validation fold was trained (the epoch with the best inner loss)",
 }
 
 

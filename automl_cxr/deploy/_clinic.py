@@ -76,10 +76,11 @@ def _select(
     spec: TrialSpec,
     rounds: int,
     dataset: Any,
+    stop: str,
     log: Log,
 ) -> tuple[WeightedEnsemble, dict[str, Any], dict[str, Any]]:
     """Caruana selection over the COMPLETE trials with stored predictions and the exported
-    trial's input resolution; members retrained on `dataset`."""
+    trial's input resolution; members retrained on `dataset` (`fit_full`, stopped by `stop`)."""
     from automl_cxr.engine import fit_full
 
     oofs = load_study_oof(study, storage)
@@ -102,7 +103,7 @@ def _select(
         mspec = trial_spec(study, by_number[n], storage=storage)
         if log:
             log(f"ensemble member trial {n} (weight {w:.3f}, {mspec.model.backbone}): retraining")
-        members.append(fit_full(dataset, mspec.model, mspec.train, log=log))
+        members.append(fit_full(dataset, mspec.model, mspec.train, stop=stop, log=log))
         cfgs.append({"trial": n, "weight": w, "model": mspec.model.to_dict()})
     model = WeightedEnsemble(members, [w for _, w in sel["weights"].items()])
     card = {
@@ -156,13 +157,14 @@ def plan_export(
     dataset: Any,
     *,
     ensemble_select: int | None = None,
+    stop: str = "inner",
     log: Log = None,
 ) -> ExportPlan:
     """The selected ensemble of one export (Caruana over the study's out-of-fold predictions,
     members retrained on `dataset`), or an empty plan: the trial's own model."""
     plan = ExportPlan()
     if ensemble_select is not None:
-        model, card, cfg = _select(study, storage, spec, ensemble_select, dataset, log)
+        model, card, cfg = _select(study, storage, spec, ensemble_select, dataset, stop, log)
         plan.model = model
         plan.card["selected_ensemble"] = card
         plan.config["selected_ensemble"] = cfg
@@ -248,10 +250,11 @@ def holdout_decisions(
     """The exported model's arg-max decisions on its calibration holdout: balanced accuracy,
     the share of each predicted class, and a warning when they are no better than chance.
 
-    A retrain stops after a fixed number of epochs (what its folds' early stopping chose), not
-    at a validated best epoch; a configuration whose training oscillates (measured with
-    `group_dro`: a linear head that calls 99 % of films COVID-19 after epoch 2 of 3) can land
-    on a model that the cross-validation estimate says nothing about. This catches it."""
+    A retrain with `--retrain-stop cv_epochs` stops after a fixed number of epochs (what its
+    folds' early stopping chose), not at a validated best epoch; a configuration whose training
+    oscillates (measured with `group_dro`: a linear head that calls 99 % of films COVID-19
+    after epoch 2 of 3) can land on a model that the cross-validation estimate says nothing
+    about. The default inner stop makes this unlikely; the check catches what remains."""
     from sklearn.metrics import balanced_accuracy_score
 
     pred = probs.argmax(axis=1)
@@ -266,10 +269,9 @@ def holdout_decisions(
     return info, (
         f"the exported model is no better than chance on its calibration holdout (balanced "
         f"accuracy {bacc:.3f}, chance {chance:.3f}; it calls {share[top]:.0%} of the "
-        f"{len(labels)} held-out images {top!r}): retrained for a fixed number of epochs, this "
-        "configuration landed on a degenerate model, which its cross-validation estimate does "
-        "not describe. Export its fold models instead (--ensemble: each stopped at its best "
-        "epoch) or another trial (--trial)"
+        f"{len(labels)} held-out images {top!r}): this configuration landed on a degenerate "
+        "model, which its cross-validation estimate does not describe. Export its fold models "
+        "instead (--ensemble: each stopped at its best epoch) or another trial (--trial)"
     )
 
 

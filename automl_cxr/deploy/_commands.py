@@ -216,9 +216,11 @@ def run_export(
     calibrate: bool = True,
     operating_point: str | None = None,
     ensemble_select: int | None = None,
+    retrain_stop: str = "inner",
     log: Log = None,
 ) -> dict[str, Any]:
-    """Retrain the chosen trial on its training data (or, with `ensemble`, keep its K fold
+    """Retrain the chosen trial on its training data (`retrain_stop`: as `fit_full`'s `stop`;
+    or, with `ensemble`, keep its K fold
     models, averaged; with `ensemble_select` N, the Caruana ensemble of N rounds over the
     study's trials) and export it with a model card. `calibrate` bakes in temperature scaling
     and `operating_point` (``sensitivity=0.95``, ``specificity=0.9``, ``youden``) a threshold on
@@ -241,6 +243,12 @@ def run_export(
         raise ConfigError(
             "--ensemble (fold models) and --ensemble-select (trials) exclude each other"
         )
+    from automl_cxr.engine import FIT_STOPS
+
+    if retrain_stop not in FIT_STOPS:
+        raise ConfigError(
+            f"--retrain-stop must be one of {', '.join(FIT_STOPS)}, but got {retrain_stop!r}"
+        )
     s = load_study(study, study_name)
     chosen = select_trial(s, trial)
     spec = trial_spec(s, chosen, storage=study)
@@ -250,7 +258,9 @@ def run_export(
     if calibrate or operating_point is not None:
         fit_rows, cal_rows = calibration_holdout(dataset, spec.seed)
         fit_ds = dataset.subset(fit_rows, tag=f"export-fit-{spec.seed}")
-    plan = plan_export(s, spec, study, fit_ds, ensemble_select=ensemble_select, log=log)
+    plan = plan_export(
+        s, spec, study, fit_ds, ensemble_select=ensemble_select, stop=retrain_stop, log=log
+    )
     diag = None
     if probe:
         diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)
@@ -268,7 +278,7 @@ def run_export(
                 )
                 + held
             )
-        model, _ = train_for_export(spec, fit_ds, ensemble=ensemble, log=log)
+        model, _ = train_for_export(spec, fit_ds, ensemble=ensemble, stop=retrain_stop, log=log)
     seen: list[str] = []
     if cal_rows is not None:
         if log:

@@ -256,10 +256,16 @@ def export_model(
 
 
 def train_for_export(
-    spec: Any, dataset: Any, *, ensemble: bool = False, log: Callable[[str], None] | None = None
+    spec: Any,
+    dataset: Any,
+    *,
+    ensemble: bool = False,
+    stop: str = "inner",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[CxrModel | CxrEnsemble, list[dict] | None]:
     """The model an export ships, trained on `dataset`: the trial's configuration retrained on
-    all of it (as many epochs as its cross-validation scored), or with `ensemble` its K fold
+    all of it (`stop`: "cv_epochs", as many epochs as its cross-validation scored; "inner",
+    stopped by an inner split as each fold was — `fit_full`), or with `ensemble` its K fold
     models (the trial's own splits, `fit_folds`) averaged, with each fold's metrics."""
     from automl_cxr.engine import fit_folds, fit_full
 
@@ -268,10 +274,16 @@ def train_for_export(
         ens = CxrEnsemble(members)
         ens.fold_metrics = folds  # for the card, when the model is handed to export_trial
         return ens, folds
-    # With early stopping: the median epoch its folds chose, recorded by the search.
-    cv_epochs = spec.user_attrs.get("full_fit_epochs") if spec.train.early_stopping else None
+    # "cv_epochs" with early stopping: the median epoch its folds chose, recorded by the search
+    cv = stop == "cv_epochs" and spec.train.early_stopping
+    cv_epochs = spec.user_attrs.get("full_fit_epochs") if cv else None
     model = fit_full(
-        dataset, spec.model, spec.train, epochs=int(cv_epochs) if cv_epochs else None, log=log
+        dataset,
+        spec.model,
+        spec.train,
+        epochs=int(cv_epochs) if cv_epochs else None,
+        stop=stop,
+        log=log,
     )
     return model, None
 

@@ -43,6 +43,7 @@ _EXPORTS = {
     "dataset_sites": "automl_cxr.engine._folds",
     "group_balance_weights": "automl_cxr.engine._folds",
     "dataset_splits": "automl_cxr.engine._folds",
+    "FIT_STOPS": "automl_cxr.engine._trial",
     "fit_folds": "automl_cxr.engine._trial",
     "fit_full": "automl_cxr.engine._trial",
     "resolve_device": "automl_cxr.engine._device",
@@ -62,6 +63,7 @@ __all__ = [
     "SCALAR_METRICS",
     "SCHEDULES",
     "WORST_FOLD_METRICS",
+    "FIT_STOPS",
     "FeatureCache",
     "Reporter",
     "Split",
@@ -147,6 +149,7 @@ if TYPE_CHECKING:  # pragma: no cover
         split_summary,
     )  # noqa: F401
     from automl_cxr.engine._trial import (  # noqa: F401
+        FIT_STOPS,
         TrialResult,
         fit_folds,
         fit_full,

@@ -232,6 +232,7 @@ class Session:
         metric: str = "balanced_accuracy",
         report: Reporter | None = None,
         epochs: int | None = None,
+        inner: bool = False,
     ) -> Fit:
         """Train from the initial weights on `train_idx`; evaluate on `val_idx` every epoch.
 
@@ -239,9 +240,10 @@ class Session:
         (`inner_split`): the model trains on the inner training part, stops once the inner
         validation loss has not improved for `early_stopping` epochs, and is restored to the
         epoch with the best inner loss; the returned probabilities and metrics on `val_idx` are
-        those of that epoch. Without early stopping, it trains for `epochs` (default
-        `cfg.epochs`) and returns the last epoch's. `report` gets the outer fold value of
-        every epoch.
+        those of that epoch; with `inner` the same happens without a validation fold (a model
+        for export, stopped as the folds were). Without early stopping, it trains for `epochs`
+        (default `cfg.epochs`) and returns the last epoch's. `report` gets the outer fold value
+        of every epoch.
         """
         cfg, device = self.cfg, self.device
         classes = self.dataset.classes
@@ -250,7 +252,7 @@ class Session:
         net.load_state_dict(self.init_state)
         inner_val: np.ndarray | None = None
         fit_idx = np.asarray(train_idx)
-        if cfg.early_stopping is not None and val_idx is not None:
+        if cfg.early_stopping is not None and (val_idx is not None or inner):
             fit_idx, inner_val = inner_split(self.dataset, fit_idx, cfg, fold)
         tr = torch.tensor(fit_idx, dtype=torch.long, device=device)
         counts = torch.bincount(self.labels[tr], minlength=len(classes)).float()

@@ -23,7 +23,7 @@ from automl_cxr.engine._splits import members_hash
 from automl_cxr.errors import ConfigError, DataError
 from automl_cxr.models import CxrModel, ModelConfig
 
-__all__ = ["TrialResult", "fit_folds", "fit_full", "run_trial"]
+__all__ = ["FIT_STOPS", "TrialResult", "fit_folds", "fit_full", "run_trial"]
 
 
 @dataclass
@@ -134,23 +134,33 @@ def fit_full(
     train_config: TrainConfig,
     *,
     epochs: int | None = None,
+    stop: str = "inner",
     feature_cache: FeatureCache | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CxrModel:
-    """Train one configuration on every image of `dataset` (for export); returns the model
-    in eval mode on the CPU.
+    """Train one configuration on `dataset` (for export); returns the model in eval mode on
+    the CPU.
 
-    It trains for the number of epochs cross-validation scored: `epochs` if given (e.g. a
-    trial's `TrialResult.full_fit_epochs`), else `cfg.epochs` without early stopping, else
-    (early stopping) the folds are trained as in `run_trial` first and the median of their
-    chosen epoch counts is used. The learning-rate schedule spans `cfg.epochs` and is cut
-    there, as it was in the folds that stopped early. The model's `training_info` says which:
-    `{"epochs", "epochs_from": "argument" | "config" | "cv_early_stopping", "fold_epochs",
-    "n_trained_images", "trained_hash"}`.
+    How long it trains: `epochs` if given (e.g. a trial's `TrialResult.full_fit_epochs`), else
+    `cfg.epochs` without early stopping (as every fold trained). With early stopping, `stop`
+    decides. "inner" (the default) trains as each cross-validation fold did: an inner split of
+    `cfg.inner_holdout` of the patients stops it and the epoch with the best inner loss is
+    kept — a fixed epoch count is no validated choice when training oscillates (group DRO can
+    swing its group weights from one epoch to the next: a retrain for the folds' median epoch
+    count once called 99 % of films one class, ROBUST.md §8). "cv_epochs" trains on every
+    image for the median of the epoch counts the folds chose (the folds are trained as in
+    `run_trial` first). The learning-rate schedule spans `cfg.epochs` and is cut where
+    training stops, as it was in the folds. The model's `training_info` says which:
+    `{"epochs", "epochs_from": "argument" | "config" | "cv_early_stopping" |
+    "inner_early_stopping", "fold_epochs", "n_trained_images", "trained_hash"}`.
     """
+    if stop not in FIT_STOPS:
+        raise ConfigError(f"stop must be one of {list(FIT_STOPS)}, but got {stop=}")
     cfg = train_config
     session = Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
     fold_epochs: list[int] | None = None
+    if stop == "inner" and cfg.early_stopping is not None and epochs is None:
+        return _fit_inner(session, dataset, log)
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be an integer of at least 1, but got epochs={epochs!r}")
@@ -173,6 +183,34 @@ def fit_full(
         "epochs": int(n),
         "epochs_from": source,
         "fold_epochs": fold_epochs,
+        "n_trained_images": int(len(fit.trained)),
+        "trained_hash": members_hash(row_identities(dataset), fit.trained),
+    }
+    return model
+
+
+FIT_STOPS = ("cv_epochs", "inner")
+"""How `fit_full` decides when to stop (its `stop` argument)."""
+
+
+def _fit_inner(
+    session: Session, dataset: PreparedDataset, log: Callable[[str], None] | None
+) -> CxrModel:
+    """`fit_full(stop="inner")`: early stopping on an inner split of all the patients."""
+    if log:
+        log(
+            f"training on {len(dataset)} images, stopped by an inner split of "
+            f"{session.cfg.inner_holdout:.0%} of the patients (as each fold was)"
+        )
+    fit = session.fit(np.arange(len(dataset)), None, inner=True)
+    model = session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
+    model.training_info = {
+        "epochs": int(fit.best_epoch + 1),
+        "epochs_from": "inner_early_stopping",
+        "fold_epochs": None,
+        "epochs_run": int(fit.epochs_run),
+        "inner_holdout_images": int(len(fit.inner_val_idx)),
+        "inner_val_loss": float(fit.curve[fit.best_epoch]["inner_val_loss"]),
         "n_trained_images": int(len(fit.trained)),
         "trained_hash": members_hash(row_identities(dataset), fit.trained),
     }
