@@ -18,6 +18,7 @@ folder.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -29,7 +30,38 @@ HERE = Path(__file__).resolve().parent
 EXT = HERE.parent / "external"
 EXTERNALS = ("cohen_sites_binary", "adult_holdout_binary", "nih_holdout_binary")
 STUDIES = ("none_rerun_site", "robust_dro_site", "dro_site", "lite2_site", "resolution_site")
+ALL_SITE_STUDIES = (  # every site-CV study of ROBUST.md, for --kinds fold (2026-12-07, eleventh)
+    "none_site",
+    "roi_site",
+    "intensity_site",
+    "adversarial_site",
+    "robust_site",
+    "balance_site",
+    "none_rerun_site",
+    "dro_site",
+    "robust_dro_site",
+    "lite2_site",
+    "resolution_site",
+)
 ROUNDS = 20
+KINDS = {  # what `export` is asked for -> its extra arguments (the retrain's stop named: the
+    # rows before 2026-12-07, eleventh session, ran when cv_epochs was export's only rule)
+    "best trial, cv_epochs stop": ["--retrain-stop", "cv_epochs"],
+    "best trial, inner stop": ["--retrain-stop", "inner"],
+    "fold ensemble": ["--ensemble"],
+    f"ensemble-select {ROUNDS}, cv_epochs stop": [
+        "--ensemble-select",
+        str(ROUNDS),
+        "--retrain-stop",
+        "cv_epochs",
+    ],
+    f"ensemble-select {ROUNDS}, inner stop": [
+        "--ensemble-select",
+        str(ROUNDS),
+        "--retrain-stop",
+        "inner",
+    ],
+}
 
 
 def _cli(*args: str) -> dict:
@@ -87,22 +119,71 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stop_table(rows: list[dict]) -> str:
+    """One trial, four objects: the search's own fold models (its stored external figures),
+    the export retrained with each stop rule, and the exported fold ensemble (cohen_sites /
+    adult_holdout / nih_holdout balanced accuracy)."""
+    kinds = ("best trial, cv_epochs stop", "best trial, inner stop", "fold ensemble")
+    by = {(r["study"], r["model"]): r for r in rows}
+    lines = [
+        "| study | trial | search's fold models | retrained, cv_epochs stop | "
+        "retrained, inner stop | fold ensemble (export --ensemble) |",
+        "| --- | ---: | --- | --- | --- | --- |",
+    ]
+
+    def cell(vals: list[float | None]) -> str:
+        return " / ".join("–" if v is None else f"{v:.3f}" for v in vals)
+
+    for study in dict.fromkeys(r["study"] for r in rows):
+        got = [by.get((study, k)) for k in kinds]
+        if not all(got):
+            continue
+        search = next((g.get("search_fold_models") for g in got if g.get("search_fold_models")), {})
+        cells = [cell([search.get(n) for n in EXTERNALS])]
+        cells += [cell([g[n]["balanced_accuracy"] for n in EXTERNALS]) for g in got]
+        lines.append(f"| {study} | {got[0]['trial']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _search_figures(db: str, trial: int) -> dict:
+    """The search's own external figures for `trial`: its fold models, averaged."""
+    import optuna
+
+    from automl_cxr.study import external_attr_key, load_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    attrs = load_study(db).trials[trial].user_attrs
+    return {
+        name: attrs.get(external_attr_key(name, "balanced_accuracy"))
+        for name in EXTERNALS
+        if attrs.get(external_attr_key(name, "balanced_accuracy")) is not None
+    }
+
+
 def main(argv: list[str]) -> int:
-    data_dir = Path(argv[0]) if argv else Path("data/generalisation")
-    studies = argv[1:] or list(STUDIES)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data_dir", nargs="?", type=Path, default=Path("data/generalisation"))
+    ap.add_argument("studies", nargs="*", help=f"default: {' '.join(STUDIES)}")
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=list(KINDS),
+        default=["best trial, inner stop", f"ensemble-select {ROUNDS}, inner stop"],
+        help="what to export per study (default: the best trial and the selected ensemble)",
+    )
+    args = ap.parse_args(argv)
+    data_dir, studies = args.data_dir, args.studies or list(STUDIES)
     path = HERE / "ensemble_probe.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     done = {(r["study"], r["model"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for study in studies:
             db = str(HERE / f"{study}.db")
-            for kind, extra in (
-                ("best trial", []),
-                (f"ensemble-select {ROUNDS}", ["--ensemble-select", str(ROUNDS)]),
-            ):
+            for kind in args.kinds:
+                extra = KINDS[kind]
                 if (study, kind) in done:
                     continue
-                out = Path(tmp) / f"{study}-{len(extra)}"
+                out = Path(tmp) / f"{study}-{list(KINDS).index(kind)}"
                 t0 = time.perf_counter()
                 exp = _cli(
                     "export", "--study", db, "--data-dir", str(data_dir), "--out", str(out), *extra
@@ -113,10 +194,11 @@ def main(argv: list[str]) -> int:
                     row.update({k: sel.get(k) for k in ("members", "score", "nested", "caveat")})
                 row["trial"] = exp["study"]["trial"]
                 row["trial_value"] = exp["study"]["values"][0]
+                row["search_fold_models"] = _search_figures(db, row["trial"])
                 row.update(_evaluate(out, data_dir))
                 rows.append(row)
                 print(json.dumps(row, default=str), flush=True)
-                (HERE / "ensemble_probe.md").write_text(table(rows))
+                (HERE / "ensemble_probe.md").write_text(table(rows) + "\n" + stop_table(rows))
                 path.write_text(
                     json.dumps({"rounds": ROUNDS, "rows": rows}, indent=2, default=str) + "\n"
                 )
