@@ -158,31 +158,31 @@ def fit_full(
         raise ConfigError(f"stop must be one of {list(FIT_STOPS)}, but got {stop=}")
     cfg = train_config
     session = Session(dataset, model_config, cfg, feature_cache=feature_cache, log=log)
-    fold_epochs: list[int] | None = None
+    rows = np.arange(len(dataset))
     if stop == "inner" and cfg.early_stopping is not None and epochs is None:
-        return _fit_inner(session, dataset, log)
-    if epochs is not None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"epochs must be an integer of at least 1, but got epochs={epochs!r}")
-        n, source = epochs, "argument"
-    elif cfg.early_stopping is None:
-        n, source = cfg.epochs, "config"
+        if log:
+            log(
+                f"training on {len(dataset)} images, stopped by an inner split of "
+                f"{cfg.inner_holdout:.0%} of the patients (as each fold was)"
+            )
+        fit = session.fit(rows, None, inner=True)
+        info = {
+            "epochs": int(fit.best_epoch + 1),
+            "epochs_from": "inner_early_stopping",
+            "fold_epochs": None,
+            "epochs_run": int(fit.epochs_run),
+            "inner_holdout_images": int(len(fit.inner_val_idx)),
+            "inner_val_loss": float(fit.curve[fit.best_epoch]["inner_val_loss"]),
+        }
     else:
-        splits, _ = trial_splits(dataset, cfg)
-        fits = [
-            session.fit(sp.train, sp.val, fold=fi, n_folds=len(splits))
-            for fi, sp in enumerate(splits)
-        ]
-        fold_epochs = [f.best_epoch + 1 for f in fits]
-        n, source = _full_fit_epochs(cfg, fits), "cv_early_stopping"
-    if log:
-        log(f"training on all {len(dataset)} images for {n} epochs ({source})")
-    fit = session.fit(np.arange(len(dataset)), None, epochs=n)
+        n, source, fold_epochs = _fixed_epochs(session, dataset, cfg, epochs)
+        if log:
+            log(f"training on all {len(dataset)} images for {n} epochs ({source})")
+        fit = session.fit(rows, None, epochs=n)
+        info = {"epochs": int(n), "epochs_from": source, "fold_epochs": fold_epochs}
     model = session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
     model.training_info = {
-        "epochs": int(n),
-        "epochs_from": source,
-        "fold_epochs": fold_epochs,
+        **info,
         "n_trained_images": int(len(fit.trained)),
         "trained_hash": members_hash(row_identities(dataset), fit.trained),
     }
@@ -193,28 +193,21 @@ FIT_STOPS = ("cv_epochs", "inner")
 """How `fit_full` decides when to stop (its `stop` argument)."""
 
 
-def _fit_inner(
-    session: Session, dataset: PreparedDataset, log: Callable[[str], None] | None
-) -> CxrModel:
-    """`fit_full(stop="inner")`: early stopping on an inner split of all the patients."""
-    if log:
-        log(
-            f"training on {len(dataset)} images, stopped by an inner split of "
-            f"{session.cfg.inner_holdout:.0%} of the patients (as each fold was)"
-        )
-    fit = session.fit(np.arange(len(dataset)), None, inner=True)
-    model = session.model.eval().to("cpu").to(memory_format=torch.contiguous_format)
-    model.training_info = {
-        "epochs": int(fit.best_epoch + 1),
-        "epochs_from": "inner_early_stopping",
-        "fold_epochs": None,
-        "epochs_run": int(fit.epochs_run),
-        "inner_holdout_images": int(len(fit.inner_val_idx)),
-        "inner_val_loss": float(fit.curve[fit.best_epoch]["inner_val_loss"]),
-        "n_trained_images": int(len(fit.trained)),
-        "trained_hash": members_hash(row_identities(dataset), fit.trained),
-    }
-    return model
+def _fixed_epochs(
+    session: Session, dataset: PreparedDataset, cfg: TrainConfig, epochs: int | None
+) -> tuple[int, str, list[int] | None]:
+    """(epochs, where they come from, the folds' chosen epochs) of a fixed-length full fit."""
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer of at least 1, but got epochs={epochs!r}")
+        return epochs, "argument", None
+    if cfg.early_stopping is None:
+        return cfg.epochs, "config", None
+    splits, _ = trial_splits(dataset, cfg)
+    fits = [
+        session.fit(sp.train, sp.val, fold=fi, n_folds=len(splits)) for fi, sp in enumerate(splits)
+    ]
+    return _full_fit_epochs(cfg, fits), "cv_early_stopping", [f.best_epoch + 1 for f in fits]
 
 
 def fit_folds(
