@@ -175,6 +175,26 @@ def test_a_retrain_with_early_stopping_stops_on_an_inner_split_by_default(
     card = json.loads((tmp_path / "m" / "model_card.json").read_text())
     assert card["training"]["epochs"]["from"] == "inner_early_stopping"
     assert "inner split of the patients" in card["training"]["epochs"]["why"]
+    held = info["inner_holdout_images"]
+    assert (
+        f"({held} of them, whole patients, held out to stop it)" in card["training"]["retrained_on"]
+    )
+    assert card["metrics"]["protocol"].startswith("patient-grouped")
+    # a site-CV study's card names its protocol and how a one-class fold is scored
+    from automl_cxr.deploy._card import build_card
+
+    site = dataclasses.replace(spec, train=dataclasses.replace(spec.train, cv="site"))
+    site_card = build_card(site, ds)
+    assert site_card["metrics"]["protocol"].startswith("site-held-out")
+    assert "one class only" in site_card["metrics"]["protocol"]
+    assert "hospitals of the study's own sources" in site_card["limitations"][0]
+    assert "patient-grouped" not in json.dumps(site_card)
+    # the search's external figure is labelled as its fold models', not the exported model's
+    ext = {"name": "held_out_sites", "metrics": {"balanced_accuracy": 0.61}}
+    attrs = {**spec.user_attrs, "metrics": {**spec.metrics, "external": ext}}
+    labelled = build_card(dataclasses.replace(site, user_attrs=attrs), ds)["metrics"]["external"]
+    assert labelled["metrics"] == ext["metrics"] and "not this exported model" in labelled["object"]
+    assert build_card(site, ds)["metrics"]["external"] is None
     fixed, _ = train_for_export(spec, ds, stop="cv_epochs")
     assert fixed.training_info["epochs_from"] == "argument"
     assert fixed.training_info["epochs"] == 2 and fixed.training_info["n_trained_images"] == len(ds)

@@ -34,11 +34,27 @@ INPUT_CONTRACT = {
 
 CARD_METRICS = SCALAR_METRICS
 
+_CV_LIMITATION = {
+    "patient": "Metrics are patient-grouped cross-validation estimates of the *configuration* "
+    "on the study's data, not of this exact model (retrained on all of it; or, for a fold "
+    "ensemble, whose members were each scored only on their own held-out fold), and not of "
+    "performance on other hospitals, scanners or populations.",
+    "site": "Metrics are site-held-out cross-validation estimates of the *configuration*: each "
+    "fold scored hospitals of the study's own sources that it did not train on. They are not "
+    "of this exact model (retrained on all of the data; or, for a fold ensemble, whose members "
+    "were each scored only on their own held-out fold), and they describe new hospitals only "
+    "as far as the study's sources resemble them (other scanners, populations and case mixes "
+    "can do worse).",
+}
+_CV_PROTOCOL = {
+    "patient": "patient-grouped {k}-fold cross-validation of this configuration",
+    "site": "site-held-out {k}-fold cross-validation of this configuration (each fold "
+    "validates on whole acquisition sites it does not train on, sites sharing a patient "
+    "merged; a fold that holds one class only, such as one hospital's films of one class, "
+    "scores that class's recall as its balanced accuracy)",
+}
+_SPLIT = {"patient": "patient-grouped", "site": "site-held-out"}
 _LIMITATIONS = (
-    "Metrics are patient-grouped cross-validation estimates of the *configuration* on the "
-    "study's data, not of this exact model (retrained on all of it; or, for a fold ensemble, "
-    "whose members were each scored only on their own held-out fold), and not of performance "
-    "on other hospitals, scanners or populations.",
     "Public COVID-19 X-ray collections mix sources: in the paper's recipes every COVID-19 image "
     "comes from one collection of adults and the other classes from a paediatric collection "
     "(Kermany: children aged 1-5). A model can learn the source instead of the disease "
@@ -84,6 +100,7 @@ def build_card(
     fold ensemble) each member's metrics on its own validation fold."""
     metrics = spec.metrics
     summary = metrics.get("summary") or {}
+    cv = spec.train.cv
     meta = dataset.meta
     recipe = meta.get("recipe") or {}
     align = (
@@ -121,9 +138,14 @@ def build_card(
             "epochs": _epochs_info(training_info),
             "retrained_on": (
                 f"all {len(dataset)} images of the study's training data"
+                + (
+                    f" ({held} of them, whole patients, held out to stop it)"
+                    if (held := (training_info or {}).get("inner_holdout_images"))
+                    else ""
+                )
                 if ensemble_folds is None
                 else f"a fold ensemble: {len(ensemble_folds)} models, each trained on the other "
-                f"folds of the trial's patient-grouped split of the {len(dataset)} images; "
+                f"folds of the trial's {_SPLIT[cv]} split of the {len(dataset)} images; "
                 "the output averages their probabilities"
             ),
             "ensemble": None
@@ -163,13 +185,22 @@ def build_card(
         "study": spec.describe(),
         "metrics": {
             "protocol": (
-                f"patient-grouped {summary.get('n_folds', '?')}-fold cross-validation of this "
-                "configuration; mean and corrected resampled t 95% CI over folds (Nadeau & Bengio "
-                "2003; clipped to [0, 1])"
+                _CV_PROTOCOL[cv].format(k=summary.get("n_folds", "?"))
+                + "; mean and corrected resampled t 95% CI over folds (Nadeau & Bengio 2003; "
+                "clipped to [0, 1])"
             ),
             "cv": _cv_metrics(summary),
             "by_source": by_source,
-            "external": metrics.get("external"),
+            "external": (
+                None
+                if not metrics.get("external")
+                else {
+                    "object": "the trial's cross-validation fold models, averaged, as the "
+                    "search scored them; not this exported model (`automl-cxr evaluate --model "
+                    "DIR --data ...` scores it)",
+                    **metrics["external"],
+                }
+            ),
         },
         "diagnostics": {
             "source_label_alignment": {
@@ -180,7 +211,7 @@ def build_card(
             "source_probe": probe,
         },
         "warnings": warnings,
-        "limitations": list(_LIMITATIONS),
+        "limitations": [_CV_LIMITATION[cv], *_LIMITATIONS],
         "export": export or {},
         "calibration": None,
         "operating_point": None,
