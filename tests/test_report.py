@@ -563,6 +563,30 @@ def test_render_html_escapes_names(data) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
+def test_the_ranking_names_what_its_mean_is_over(data, study: optuna.Study) -> None:
+    """Leaderboard headings and dashboard notes say which folds the mean is over: the
+    study's recorded cv mode (patient-grouped here; site-held-out for a --cv site study)."""
+    import copy
+
+    from automl_cxr.report import report_markdown
+    from automl_cxr.report._dashboard import trial_note
+
+    assert data.attrs["protocol"]["cv"] == "patient" and data.folds == "patient-grouped folds"
+    assert "(mean over patient-grouped folds, 95 % CI)" in report_markdown(data)
+    site = copy.copy(data)
+    site.attrs = {**data.attrs, "protocol": {**data.attrs["protocol"], "cv": "site"}}
+    assert site.folds == "site-held-out folds"
+    assert "(mean over site-held-out folds, 95 % CI)" in report_markdown(site)
+    assert "mean over site-held-out folds" in render_html(site, {})
+    site.attrs = {}  # a study that recorded no protocol claims neither
+    assert site.folds == "folds"
+    trial = copy.deepcopy(study.best_trial)
+    assert "### Cross-validation (patient-grouped folds)" in trial_note(trial)
+    for sp in trial.user_attrs["metrics"]["splits"]:
+        sp["cv"] = "site"
+    assert "### Cross-validation (site-held-out folds)" in trial_note(trial)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

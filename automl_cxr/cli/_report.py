@@ -62,7 +62,7 @@ def _console_table(data) -> Table:
     in the files."""
     board = data.board.head(data.top)
     table = _compact_table(
-        f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean over folds)"
+        f"top {len(board)} of {len(data.board)} ranked by {data.metric} (mean over {data.folds})"
     )
     for name, justify in (
         ("#", "right"),

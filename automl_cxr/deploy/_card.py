@@ -8,7 +8,7 @@ from typing import Any
 
 from automl_cxr._numbers import clip01, finite_or_none
 from automl_cxr.data import PreparedDataset
-from automl_cxr.engine import SCALAR_METRICS
+from automl_cxr.engine import CV_FOLDS, SCALAR_METRICS
 
 __all__ = ["CARD_METRICS", "INPUT_CONTRACT", "INTENDED_USE", "build_card"]
 
@@ -46,14 +46,12 @@ _CV_LIMITATION = {
     "as far as the study's sources resemble them (other scanners, populations and case mixes "
     "can do worse).",
 }
-_CV_PROTOCOL = {
-    "patient": "patient-grouped {k}-fold cross-validation of this configuration",
-    "site": "site-held-out {k}-fold cross-validation of this configuration (each fold "
-    "validates on whole acquisition sites it does not train on, sites sharing a patient "
-    "merged; a fold that holds one class only, such as one hospital's films of one class, "
-    "scores that class's recall as its balanced accuracy)",
+_CV_NOTE = {
+    "patient": "",
+    "site": " (each fold validates on whole acquisition sites it does not train on, sites "
+    "sharing a patient merged; a fold that holds one class only, such as one hospital's films "
+    "of one class, scores that class's recall as its balanced accuracy)",
 }
-_SPLIT = {"patient": "patient-grouped", "site": "site-held-out"}
 _LIMITATIONS = (
     "Public COVID-19 X-ray collections mix sources: in the paper's recipes every COVID-19 image "
     "comes from one collection of adults and the other classes from a paediatric collection "
@@ -145,7 +143,7 @@ def build_card(
                 )
                 if ensemble_folds is None
                 else f"a fold ensemble: {len(ensemble_folds)} models, each trained on the other "
-                f"folds of the trial's {_SPLIT[cv]} split of the {len(dataset)} images; "
+                f"folds of the trial's {CV_FOLDS[cv]} split of the {len(dataset)} images; "
                 "the output averages their probabilities"
             ),
             "ensemble": None
@@ -185,9 +183,9 @@ def build_card(
         "study": spec.describe(),
         "metrics": {
             "protocol": (
-                _CV_PROTOCOL[cv].format(k=summary.get("n_folds", "?"))
-                + "; mean and corrected resampled t 95% CI over folds (Nadeau & Bengio 2003; "
-                "clipped to [0, 1])"
+                f"{CV_FOLDS[cv]} {summary.get('n_folds', '?')}-fold cross-validation of this "
+                f"configuration{_CV_NOTE[cv]}; mean and corrected resampled t 95% CI over "
+                "folds (Nadeau & Bengio 2003; clipped to [0, 1])"
             ),
             "cv": _cv_metrics(summary),
             "by_source": by_source,

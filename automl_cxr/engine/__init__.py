@@ -8,6 +8,7 @@ from automl_cxr._lazy import lazy_exports
 
 # Lazy: `automl-cxr report`/`dashboard` need only the light parts; torch loads on first use.
 _EXPORTS = {
+    "CV_FOLDS": "automl_cxr.engine._config",
     "CV_MODES": "automl_cxr.engine._config",
     "OPTIMIZERS": "automl_cxr.engine._config",
     "SCHEDULES": "automl_cxr.engine._config",
@@ -58,6 +59,7 @@ __all__ = [
     "WeightedEvaluator",
     "confusion_scalar",
     "confusion_scalars",
+    "CV_FOLDS",
     "CV_MODES",
     "OPTIMIZERS",
     "SCALAR_METRICS",
@@ -106,6 +108,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 if TYPE_CHECKING:  # pragma: no cover
     from automl_cxr._compat.torch import cpu_bf16_supported  # noqa: F401
     from automl_cxr.engine._config import (  # noqa: F401
+        CV_FOLDS,
         CV_MODES,
         OPTIMIZERS,
         SCHEDULES,

@@ -10,11 +10,13 @@ from typing import Any
 from automl_cxr.errors import ConfigError
 from automl_cxr.lungs._modes import INTENSITY_MODES, ROI_MODES
 
-__all__ = ["CPU_EVAL_BATCH", "CV_MODES", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
+__all__ = ["CPU_EVAL_BATCH", "CV_FOLDS", "CV_MODES", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 CV_MODES = ("patient", "site")
+CV_FOLDS = {"patient": "patient-grouped", "site": "site-held-out"}
+"""What each cv mode's folds are called wherever a figure says what it is a mean over."""
 CPU_EVAL_BATCH = 16
 """Inference batch on a CPU: one thread ran 16 images a batch faster than 32-128 (cache-sized
 activations) and with a fraction of the memory (benchmarks/RESULTS.md)."""

@@ -37,6 +37,7 @@ from automl_cxr._compat.optuna import (
     trial_id,
 )
 from automl_cxr._numbers import clip01, fmt_num
+from automl_cxr.engine import CV_FOLDS
 from automl_cxr.errors import DataError, StorageError
 from automl_cxr.oof import artifact_store, calibration_summary, load_oof
 from automl_cxr.report._records import params_text
@@ -73,7 +74,8 @@ def trial_note(trial: FrozenTrial, calibration: Mapping[str, Any] | None = None)
     ]
     out = [f"## Trial {trial.number} — automl-cxr", ""]
     out.append(f"`{params_text(trial.params)}`")
-    out += ["", "### Cross-validation (patient-grouped folds)", ""]
+    cv = next((sp.get("cv") for sp in splits if sp.get("cv") in CV_FOLDS), None)
+    out += ["", f"### Cross-validation ({CV_FOLDS[cv] + ' ' if cv else ''}folds)", ""]
     out.append("| fold | images | " + " | ".join(keys) + " |")
     out.append("| ---: | ---: | " + " | ".join("---:" for _ in keys) + " |")
     for i, f in enumerate(folds):
@@ -290,7 +292,7 @@ def publish_dashboard(
             save_note(
                 study,
                 f"## automl-cxr: {data.study_name}\n\nRanked by {data.metric} (mean over "
-                "patient-grouped folds, 95% CI). Trial notes hold the per-fold tables; the "
+                f"{data.folds}, 95% CI). Trial notes hold the per-fold tables; the "
                 "figures below are the report's (`automl-cxr report`).\n\n" + markdown_table(h, r),
             )
     return {

@@ -22,6 +22,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from automl_cxr._compat.optuna import storage_of
+from automl_cxr.engine import CV_FOLDS
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.oof import ENSEMBLE_ROUNDS
 from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT, OofReport, build_oof_report
@@ -84,6 +85,13 @@ class ReportData:
     @property
     def best(self) -> dict | None:
         return None if self.board.empty else self.board.iloc[0].to_dict()
+
+    @property
+    def folds(self) -> str:
+        """What the ranking's mean is over: "site-held-out folds", "patient-grouped folds"
+        (or "folds" for a study that recorded no protocol)."""
+        cv = (self.attrs.get("protocol") or {}).get("cv")
+        return f"{CV_FOLDS[cv]} folds" if cv in CV_FOLDS else "folds"
 
     def leaderboard_records(self) -> list[dict]:
         """The leaderboard as JSON-ready dicts (NaN → None)."""

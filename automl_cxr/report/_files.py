@@ -91,7 +91,7 @@ def report_markdown(data: ReportData) -> str:
         f"- dataset: {a.get('dataset', '?')} (classes: {', '.join(a.get('classes') or [])})\n"
         f"- storage: {data.storage}\n"
         f"- profile: {profile or '?'}; objectives: {', '.join(a.get('objectives') or [])}\n"
-        f"- ranked by: {data.metric} (mean over folds, 95 % CI)\n"
+        f"- ranked by: {data.metric} (mean over {data.folds}, 95 % CI)\n"
         f"- trials: {counts_text(data.counts)}\n"
     )
     if data.warning:

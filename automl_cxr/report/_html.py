@@ -228,7 +228,7 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
 
     sections.append(
         f'<section id="leaderboard"><h2>Leaderboard — ranked by {_e(data.metric)} '
-        f"(mean over folds, 95 % CI)</h2>{_leaderboard_html(data)}</section>"
+        f"(mean over {_e(data.folds)}, 95 % CI)</h2>{_leaderboard_html(data)}</section>"
     )
     groups = []
     for name, frame, by in (
