@@ -262,6 +262,12 @@ def test_evaluate_external_folder(
     assert "10 images: covid 6, bacterial 0, normal 4" in out
     assert "95% bootstrap CI" in out and "balanced_accuracy" in out and "confusion matrix" in out
     assert "NOT AN EXTERNAL SET" in cap.err  # Cohen and Kermany are the training sources
+    # the retrained model says how it trained (smoke: fixed epochs, every training image)
+    assert main([*study_args, "--drop-overlap", "--json", "--n-boot", "50"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    tr = res["model"]["training"]
+    assert res["model"]["kind"] == "retrained" and tr["epochs_from"] == "config"
+    assert tr["n_trained_images"] == res["model"]["images"]
 
     assert main([*args, "--model", str(exported), "--json", "--n-boot", "200"]) == 0
     res = json.loads(capsys.readouterr().out)

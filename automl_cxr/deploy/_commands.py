@@ -119,6 +119,7 @@ def run_evaluate(
                 "training images"
             )
         model = fit_full(dataset, spec.model, spec.train, log=log)
+        training = model.training_info  # how long it trained and on which rows (stop rule)
         if pre is not None:
             from automl_cxr.lungs import Preprocessed
 
@@ -126,7 +127,7 @@ def run_evaluate(
         probs = _torch_probs(model, ext.tensor())
         train_shas = set(dataset.manifest["sha256"].astype(str))
         train_sources = source_roots(dataset.manifest)
-        model_desc = {"kind": "retrained", "images": len(dataset)}
+        model_desc = {"kind": "retrained", "images": len(dataset), "training": training}
     result = evaluate_predictions(probs, ext, positive=positive, n_boot=n_boot, seed=seed)
     op = exported.operating_point if exported is not None else None
     if op is not None:  # the same images decided at the model's operating point
