@@ -580,11 +580,27 @@ def test_the_ranking_names_what_its_mean_is_over(data, study: optuna.Study) -> N
     assert "mean over site-held-out folds" in render_html(site, {})
     site.attrs = {}  # a study that recorded no protocol claims neither
     assert site.folds == "folds"
+    assert not any("site-held-out folds" in n for n in data.notes)
     trial = copy.deepcopy(study.best_trial)
     assert "### Cross-validation (patient-grouped folds)" in trial_note(trial)
     for sp in trial.user_attrs["metrics"]["splits"]:
         sp["cv"] = "site"
     assert "### Cross-validation (site-held-out folds)" in trial_note(trial)
+
+
+def test_site_folds_note_gives_each_folds_classes_and_flags_a_one_class_fold() -> None:
+    from automl_cxr.report._data import site_folds_note
+
+    classes = ["covid", "non_covid"]
+    folds = [
+        {"classes": classes, "confusion_matrix": [[80, 22], [16, 17]]},
+        {"classes": classes, "confusion_matrix": [[0, 0], [40, 412]]},  # NIH alone
+    ]
+    note = site_folds_note(folds)
+    assert "fold 0: covid 102, non_covid 33;" in note
+    assert "fold 1: non_covid 452 (one class only)" in note
+    assert "scores that class's recall" in note
+    assert "per class" not in site_folds_note([{"n": 3}])  # no matrices: the rule alone
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -159,6 +159,27 @@ LEADERBOARD_COLUMNS = (
 """Leaderboard columns of the exports, in order (``number`` is the Optuna trial number)."""
 
 
+def site_folds_note(folds: list[dict]) -> str:
+    """How a site-held-out ranking treats its folds, with each fold's class counts (from its
+    confusion matrix; the best trial's folds)."""
+    parts = []
+    for i, f in enumerate(folds):
+        cm, classes = f.get("confusion_matrix"), f.get("classes")
+        if not cm or not classes:
+            continue
+        held = [f"{c} {int(sum(row))}" for c, row in zip(classes, cm, strict=True) if sum(row)]
+        one = " (one class only)" if len(held) == 1 else ""
+        parts.append(f"fold {i}: {', '.join(held)}{one}")
+    return (
+        "site-held-out folds: each validates on whole sites (hospitals) the model did not "
+        "train on. A fold that holds one class only scores that class's recall as its balanced "
+        "accuracy and has no sensitivity or specificity for the absent class (those columns "
+        "average the folds where they are defined); a lopsided fold weighs as much as any in "
+        "the mean"
+        + (f". Validation images per class, best trial: {'; '.join(parts)}" if parts else "")
+    )
+
+
 def build_report_data(
     study: optuna.Study,
     *,
@@ -218,6 +239,9 @@ def build_report_data(
             "search chose nothing on them (no sampler, pruner or ranking sees them); intervals "
             "are bootstrap CIs over patients"
         )
+    if (attrs.get("protocol") or {}).get("cv") == "site" and not board.empty:
+        best = next(t for t in trials if t.number == int(board.iloc[0]["number"]))
+        notes.append(site_folds_note((best.user_attrs.get("metrics") or {}).get("folds") or []))
     imp, imp_note = param_importances(records, trials)
     k = min(top, 4)
     excluded = {s: n for s, n in counts.items() if s != "COMPLETE" and n}
