@@ -126,6 +126,7 @@ def test_export_writes_models_and_card(
     assert cfg["classes"] == ["covid", "bacterial", "normal"] and cfg["resolution"] == 64
     assert cfg["input"]["shape"] == "(B, 1, R, R)" and cfg["input"]["range"] == "[0, 1]"
     assert cfg["checks"]["ok"], cfg["checks"]
+    assert "note" not in cfg["checks"] and cfg["checks"]["onnx_max_prob_diff"] <= 1e-4
     card_md = (exported / "model_card.md").read_text()
     assert "research only, not a medical device" in card_md
     assert "| balanced_accuracy |" in card_md and "95% CI" in card_md

@@ -157,13 +157,33 @@ def _check_runtimes(model: CxrModel | CxrEnsemble, folder: Path, resolution: int
     scale = max(1.0, float(np.abs(ref).max()))
     d_ts = float(np.abs(ts_out - ref).max())
     d_onnx = float(np.abs(onnx_out - ref).max())
-    return {
+    p_ref = torch.softmax(torch.from_numpy(ref), dim=1)
+    out = {
         "batch": 3,
         "atol": CHECK_ATOL * scale,
         "torchscript_max_abs_diff": d_ts,
         "onnx_max_abs_diff": d_onnx,
+        "torchscript_max_prob_diff": _prob_diff(ts_out, p_ref),
+        "onnx_max_prob_diff": _prob_diff(onnx_out, p_ref),
         "ok": d_ts <= CHECK_ATOL * scale and d_onnx <= CHECK_ATOL * scale,
     }
+    if isinstance(model, Preprocessed):
+        out["note"] = PREPROCESS_ROUNDING
+    return out
+
+
+PREPROCESS_ROUNDING = (
+    "the roi/intensity layer rounds its output to gray levels inside the graph (as the "
+    "search's image cache stores them): where a runtime's float arithmetic differs from "
+    "PyTorch's at a rounding boundary, a pixel moves by one gray level (measured on 12 shared "
+    "films through a MobileNet v2 lung_mask model: 13 of 196,608 input pixels one level "
+    "apart, logits up to 1.4e-3 under ONNX Runtime; TorchScript identical)"
+)
+"""Why a graph with the roi/intensity layer can miss the runtime check's tolerance."""
+
+
+def _prob_diff(logits: np.ndarray, p_ref: torch.Tensor) -> float:
+    return float((torch.softmax(torch.from_numpy(logits), dim=1) - p_ref).abs().max())
 
 
 def export_model(
