@@ -321,8 +321,7 @@ def export(
                 f"TorchScript/ONNX outputs differ from PyTorch by more than {ch['atol']:.1g} "
                 f"(logits: TorchScript {ch['torchscript_max_abs_diff']:.2g}, ONNX "
                 f"{ch['onnx_max_abs_diff']:.2g}; probabilities: "
-                f"{ch.get('torchscript_max_prob_diff', float('nan')):.2g}, "
-                f"{ch.get('onnx_max_prob_diff', float('nan')):.2g})"
+                f"{ch['torchscript_max_prob_diff']:.2g}, {ch['onnx_max_prob_diff']:.2g})"
                 + (f": {ch['note']}" if ch.get("note") else "")
                 + "; check the runtimes before using them"
             ]

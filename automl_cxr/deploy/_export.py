@@ -175,10 +175,8 @@ def _check_runtimes(model: CxrModel | CxrEnsemble, folder: Path, resolution: int
 PREPROCESS_ROUNDING = (
     "the roi/intensity layer rounds its output to gray levels inside the graph (as the "
     "search's image cache stores them): where a runtime's float arithmetic differs from "
-    "PyTorch's at a rounding boundary, a pixel moves by one gray level (measured on 12 shared "
-    "films through a MobileNet v2 lung_mask model: logits up to 1.4e-3 apart under ONNX "
-    "Runtime, TorchScript identical; the layer alone under ONNX Runtime: 13 of 196,608 "
-    "pixels one level apart)"
+    "PyTorch's at a rounding boundary, a pixel moves by one gray level and the logits by a "
+    "little more than float error (README, 'The same transform everywhere')"
 )
 """Why a graph with the roi/intensity layer can miss the runtime check's tolerance."""
 
