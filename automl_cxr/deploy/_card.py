@@ -34,17 +34,18 @@ INPUT_CONTRACT = {
 
 CARD_METRICS = SCALAR_METRICS
 
+_NOT_THIS_MODEL = (
+    "not of this exact model (retrained on all of the data; or, for a fold ensemble, whose "
+    "members were each scored only on their own held-out fold)"
+)
 _CV_LIMITATION = {
     "patient": "Metrics are patient-grouped cross-validation estimates of the *configuration* "
-    "on the study's data, not of this exact model (retrained on all of it; or, for a fold "
-    "ensemble, whose members were each scored only on their own held-out fold), and not of "
-    "performance on other hospitals, scanners or populations.",
+    f"on the study's data, {_NOT_THIS_MODEL}, and not of performance on other hospitals, "
+    "scanners or populations.",
     "site": "Metrics are site-held-out cross-validation estimates of the *configuration*: each "
-    "fold scored hospitals of the study's own sources that it did not train on. They are not "
-    "of this exact model (retrained on all of the data; or, for a fold ensemble, whose members "
-    "were each scored only on their own held-out fold), and they describe new hospitals only "
-    "as far as the study's sources resemble them (other scanners, populations and case mixes "
-    "can do worse).",
+    "fold scored hospitals of the study's own sources that it did not train on. They are "
+    f"{_NOT_THIS_MODEL}, and they describe new hospitals only as far as the study's sources "
+    "resemble them (other scanners, populations and case mixes can do worse).",
 }
 _CV_NOTE = {
     "patient": "",
