@@ -5,9 +5,9 @@ transform everywhere"; the runtime check of `export` uses uniform noise instead)
 
 Runs the first N Cohen and N NIH films of the shared data through the export's PyTorch,
 TorchScript and ONNX graphs and prints the largest logit and probability differences. For a
-graph with the roi/intensity layer it also exports that layer alone to ONNX (the legacy
-exporter) and counts the pixels whose output differs from PyTorch's (by one gray level at a
-rounding boundary).
+graph with the roi/intensity layer it also exports that layer alone to ONNX (as `export`
+does), for the model's levers and every other roi x intensity on its segmenter, and counts
+the pixels whose output differs from PyTorch's.
 """
 
 from __future__ import annotations
@@ -33,26 +33,34 @@ def _films(data: Path, n: int) -> list[Path]:
 
 
 def _layer_pixels(model_dir: Path, x: np.ndarray) -> dict | None:
-    """(pixels differing, pixels) of the roi/intensity layer alone under ONNX Runtime."""
+    """Pixels of the roi/intensity layer alone whose ONNX Runtime output differs from
+    PyTorch's, for the model's own levers and for every roi x intensity on its segmenter
+    (exported as `export` exports: `export_onnx`)."""
+    from automl_cxr.deploy._export import export_onnx
     from automl_cxr.deploy._runtime import onnx_session
-    from automl_cxr.lungs import Preprocess
+    from automl_cxr.lungs import INTENSITY_MODES, ROI_MODES, Preprocess, PreprocessSpec, Segmenter
 
     net = ExportedModel(model_dir, runtime="pytorch").torch_model()
-    pre = next((m for m in net.modules() if isinstance(m, Preprocess)), None)
-    if pre is None:
+    own = next((m for m in net.modules() if isinstance(m, Preprocess)), None)
+    if own is None:
         return None
     xt = torch.from_numpy(x).float()
-    with torch.no_grad():
-        ref = pre.eval()(xt).numpy()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(tmp) / "layer.onnx"
-        torch.onnx.export(
-            pre, xt[:1], str(path), input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False
-        )
-        sess = onnx_session(path)
-        out = sess.run(None, {"x": x.astype(np.float32)})[0]
-    return {"differing": int((np.abs(out - ref) > 1e-6).sum()), "pixels": int(ref.size)}
+    res: dict = {"pixels": int(xt.shape[0] * own.resolution**2), "differing": {}}
+    seg = None if own.seg is None else Segmenter(own.seg, own.seg_size, "", "", {})
+    for roi in ROI_MODES if seg is not None else ("full",):
+        for mode in INTENSITY_MODES:
+            pre = Preprocess(PreprocessSpec(roi, mode, "k"), own.resolution, seg).eval()
+            with torch.no_grad():
+                ref = pre(xt).numpy()
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                path = Path(tmp) / "layer.onnx"
+                export_onnx(pre, path, xt.shape[-1])
+                out = onnx_session(path).run(None, {"image": x.astype(np.float32)})[0]
+            own_levers = roi == own.roi and mode == own.mode
+            name = f"{roi}+{mode}" + (" (the model's)" if own_levers else "")
+            res["differing"][name] = int((np.abs(out - ref) > 1e-6).sum())
+    return res
 
 
 def main() -> None:

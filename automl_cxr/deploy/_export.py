@@ -173,10 +173,12 @@ def _check_runtimes(model: CxrModel | CxrEnsemble, folder: Path, resolution: int
 
 
 PREPROCESS_ROUNDING = (
-    "the roi/intensity layer rounds its output to gray levels inside the graph (as the "
-    "search's image cache stores them): where a runtime's float arithmetic differs from "
-    "PyTorch's at a rounding boundary, a pixel moves by one gray level and the logits by a "
-    "little more than float error (README, 'The same transform everywhere')"
+    "the roi/intensity layer takes decisions inside the graph (a lung-mask pixel is on where "
+    "the segmenter's logit is above 0; its output is rounded to gray levels, as the search's "
+    "image cache stores them): where a runtime's float arithmetic lands on the other side of "
+    "one, a pixel moves and the logits by more than float error. The rounding itself runs in "
+    "float64 with ties moved off the boundary, so it agrees across runtimes (README, 'The "
+    "same transform everywhere')"
 )
 """Why a graph with the roi/intensity layer can miss the runtime check's tolerance."""
 

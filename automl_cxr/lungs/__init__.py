@@ -26,6 +26,7 @@ _EXPORTS = {
     "Preprocess": "automl_cxr.lungs._preprocess",
     "PreprocessSpec": "automl_cxr.lungs._preprocess",
     "Preprocessed": "automl_cxr.lungs._preprocess",
+    "quantise": "automl_cxr.lungs._preprocess",
     "SegmenterTraining": "automl_cxr.lungs._train",
     "dice_scores": "automl_cxr.lungs._train",
     "site_holdout": "automl_cxr.lungs._train",

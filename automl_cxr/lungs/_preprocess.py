@@ -7,12 +7,16 @@ model's (R x R) input: gray levels → `intensity` (none | equalize | clahe) →
   plus a margin of `ROI_MARGIN` of the box on each side;
 - `lung_mask`: the same crop, everything outside the (slightly dilated) lungs set to 0.
 The result is resized to R x R (bilinear) and quantised to 1/255, as the uint8 image cache
-stores it. When the segmenter finds no plausible lungs (less than `MIN_AREA` or more than
-`MAX_AREA` of the image, or not two-sided: one side holds under `MIN_SIDE_SHARE` of the mask),
-or the film has no anatomy to segment (its gray levels' standard deviation is under
-`MIN_CONTRAST`: on a featureless field the segmenter draws its positional prior, which can
-pass the shape checks), the image falls back to `full` (with its intensity) and
-`forward_status` says so.
+stores it. The resampling runs in float64 and rounds with `quantise`, so that every runtime
+(PyTorch, TorchScript, ONNX Runtime) lands on the same gray level: bilinear weights of exactly
+1/2 give exact ties (x.5), which float32 arithmetic in another order puts on either side of
+the rounding boundary.
+
+When the segmenter finds no plausible lungs (less than `MIN_AREA` or more than `MAX_AREA` of
+the image, or not two-sided: one side holds under `MIN_SIDE_SHARE` of the mask), or the film
+has no anatomy to segment (its gray levels' standard deviation is under `MIN_CONTRAST`: on a
+featureless field the segmenter draws its positional prior, which can pass the shape checks),
+the image falls back to `full` (with its intensity) and `forward_status` says so.
 
 The same module is the search's cached preprocessing, the external sets' and `evaluate`/
 `predict`'s, and the first layer of an exported model (TorchScript and ONNX).
@@ -43,6 +47,7 @@ __all__ = [
     "Preprocess",
     "PreprocessSpec",
     "Preprocessed",
+    "quantise",
 ]
 
 
@@ -53,6 +58,15 @@ MIN_AREA, MAX_AREA = 0.08, 0.75
 MIN_SIDE_SHARE = 0.2
 MIN_CONTRAST = 0.02  # std of the canvas in [0, 1]; 450 shared films: 0.07-0.32, median 0.22
 _DILATE = 9  # px on the canvas: the mask keeps the lung border
+_TIE_SHIFT = 1e-3
+"""`quantise` moves the rounding boundary this far below x.5: exact ties (x.5, x.25, ... from
+dyadic bilinear weights) then lie ~1e-3 from it, far beyond float64 error in any runtime."""
+
+
+def quantise(v: torch.Tensor) -> torch.Tensor:
+    """Gray levels 0..255 of float64 values `v`: round to nearest, ties up, the boundary at
+    x.5 - `_TIE_SHIFT` (see the module doc)."""
+    return torch.floor(v + (0.5 + _TIE_SHIFT)).clamp(0, 255)
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,7 @@ class PreprocessSpec:
         """The cache key part: everything that changes the preprocessed pixels."""
         seg = f"_{self.segmenter}" if self.needs_segmenter else ""
         return (
-            f"pp1_{self.roi}_{self.intensity}_c{CANVAS}_m{ROI_MARGIN}"
+            f"pp2_{self.roi}_{self.intensity}_c{CANVAS}_m{ROI_MARGIN}"
             f"_a{MIN_AREA}-{MAX_AREA}_s{MIN_SIDE_SHARE}_k{MIN_CONTRAST}{seg}"
         )
 
@@ -182,9 +196,11 @@ class Preprocess(nn.Module):
                 v = torch.where(keep, v, torch.zeros_like(v))
             theta = self._box(m, ok)
         r = self.resolution
-        grid = F.affine_grid(theta, [b, 1, r, r], align_corners=False)
-        out = F.grid_sample(v, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return torch.round(out).clamp(0, 255) / 255.0, ok, theta
+        grid = F.affine_grid(theta.double(), [b, 1, r, r], align_corners=False)
+        out = F.grid_sample(
+            v.double(), grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        return (quantise(out) / 255.0).to(x.dtype), ok, theta
 
     def forward_status(
         self, x: torch.Tensor, small: torch.Tensor | None = None
