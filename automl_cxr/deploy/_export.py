@@ -177,7 +177,7 @@ PREPROCESS_ROUNDING = (
     "the segmenter's logit is above 0; its output is rounded to gray levels, as the search's "
     "image cache stores them): where a runtime's float arithmetic lands on the other side of "
     "one, a pixel moves and the logits by more than float error. The rounding itself runs in "
-    "float64 with ties moved off the boundary, so it agrees across runtimes (README, 'The "
+    "float64 and decides exact ties explicitly, so it agrees across runtimes (README, 'The "
     "same transform everywhere')"
 )
 """Why a graph with the roi/intensity layer can miss the runtime check's tolerance."""

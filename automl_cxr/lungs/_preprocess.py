@@ -9,8 +9,8 @@ model's (R x R) input: gray levels → `intensity` (none | equalize | clahe) →
 The result is resized to R x R (bilinear) and quantised to 1/255, as the uint8 image cache
 stores it. The resampling runs in float64 and rounds with `quantise`, so that every runtime
 (PyTorch, TorchScript, ONNX Runtime) lands on the same gray level: bilinear weights of exactly
-1/2 give exact ties (x.5), which float32 arithmetic in another order puts on either side of
-the rounding boundary.
+1/2 give exact ties (x.5), which float32 arithmetic in another order put on either side of
+the rounding boundary; `quantise` finds them and rounds them to even, as before.
 
 When the segmenter finds no plausible lungs (less than `MIN_AREA` or more than `MAX_AREA` of
 the image, or not two-sided: one side holds under `MIN_SIDE_SHARE` of the mask), or the film
@@ -58,15 +58,17 @@ MIN_AREA, MAX_AREA = 0.08, 0.75
 MIN_SIDE_SHARE = 0.2
 MIN_CONTRAST = 0.02  # std of the canvas in [0, 1]; 450 shared films: 0.07-0.32, median 0.22
 _DILATE = 9  # px on the canvas: the mask keeps the lung border
-_TIE_SHIFT = 1e-3
-"""`quantise` moves the rounding boundary this far below x.5: exact ties (x.5, x.25, ... from
-dyadic bilinear weights) then lie ~1e-3 from it, far beyond float64 error in any runtime."""
+_TIE = 1e-6
+"""`quantise` treats values this close to x.5 as exact ties (float64 error is ~1e-13)."""
 
 
 def quantise(v: torch.Tensor) -> torch.Tensor:
-    """Gray levels 0..255 of float64 values `v`: round to nearest, ties up, the boundary at
-    x.5 - `_TIE_SHIFT` (see the module doc)."""
-    return torch.floor(v + (0.5 + _TIE_SHIFT)).clamp(0, 255)
+    """Gray levels 0..255 of float64 values `v`: round to nearest, exact ties (x.5 within
+    `_TIE`) to even as `torch.round` does, but decided the same way in every runtime."""
+    low = torch.floor(v)
+    odd = low - 2.0 * torch.floor(low / 2.0)  # 1 where `low` is odd
+    tie = (v - low - 0.5).abs() <= _TIE
+    return torch.where(tie, low + odd, torch.floor(v + 0.5)).clamp(0, 255)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class PreprocessSpec:
         """The cache key part: everything that changes the preprocessed pixels."""
         seg = f"_{self.segmenter}" if self.needs_segmenter else ""
         return (
-            f"pp2_{self.roi}_{self.intensity}_c{CANVAS}_m{ROI_MARGIN}"
+            f"pp3_{self.roi}_{self.intensity}_c{CANVAS}_m{ROI_MARGIN}"
             f"_a{MIN_AREA}-{MAX_AREA}_s{MIN_SIDE_SHARE}_k{MIN_CONTRAST}{seg}"
         )
 
