@@ -552,6 +552,12 @@ def test_full_fit_stops_on_an_inner_split_as_each_fold_did(small) -> None:
     assert fit_full(small, _model(small), cfg, epochs=2).training_info["epochs_from"] == "argument"
     with pytest.raises(ConfigError, match="stop must be one of .*'cv_epochs', 'inner'.*'halt'"):
         fit_full(small, _model(small), cfg, stop="halt")
+    # too few patients to stop on: the error names whose split it is, and the class plainly
+    labels = np.asarray(small.labels)
+    two = np.r_[np.flatnonzero(labels == 0)[:1], np.flatnonzero(labels == 1)[:1]]
+    for fold, whose in ((None, "the retrained model's"), (2, "fold 2's")):
+        with pytest.raises(ConfigError, match=f"split of {whose} training patients.*class '"):
+            inner_split(small, two, cfg, fold)
 
 
 def test_without_early_stopping_full_fit_uses_the_configured_epochs(small) -> None:

@@ -23,19 +23,24 @@ __all__ = [
 
 
 def inner_split(
-    dataset: PreparedDataset, train_idx: np.ndarray, cfg: TrainConfig, fold: int
+    dataset: PreparedDataset, train_idx: np.ndarray, cfg: TrainConfig, fold: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Early-stopping split of a fold's training rows: patient-grouped, stratified, about
-    `cfg.inner_holdout` of each class's training images. Returns absolute (fit, inner_val)."""
+    """Early-stopping split of a fold's training rows (`fold` None: of a model trained on
+    all of them, for export): patient-grouped, stratified, about `cfg.inner_holdout` of each
+    class's training images. Returns absolute (fit, inner_val)."""
     labels = dataset.manifest["label"].to_numpy()[train_idx]
     try:
         (sp,) = make_splits(
-            labels, dataset.groups[train_idx], holdout=cfg.inner_holdout, seed=cfg.seed + fold
+            labels,
+            dataset.groups[train_idx],
+            holdout=cfg.inner_holdout,
+            seed=cfg.seed + (fold or 0),
         )
     except ConfigError as exc:
+        whose = "the retrained model's" if fold is None else f"fold {fold}'s"
         raise ConfigError(
-            f"early stopping needs an inner validation split of fold {fold}'s training "
-            f"patients, but {exc}; use early_stopping=None or more data"
+            f"early stopping needs an inner validation split of {whose} training patients, "
+            f"but {exc}; use early_stopping=None or more data"
         ) from None
     return train_idx[sp.train], train_idx[sp.val]
 

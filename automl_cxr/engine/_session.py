@@ -253,7 +253,8 @@ class Session:
         inner_val: np.ndarray | None = None
         fit_idx = np.asarray(train_idx)
         if cfg.early_stopping is not None and (val_idx is not None or inner):
-            fit_idx, inner_val = inner_split(self.dataset, fit_idx, cfg, fold)
+            which = None if val_idx is None else fold  # None: a model for export
+            fit_idx, inner_val = inner_split(self.dataset, fit_idx, cfg, which)
         tr = torch.tensor(fit_idx, dtype=torch.long, device=device)
         counts = torch.bincount(self.labels[tr], minlength=len(classes)).float()
         weight = None

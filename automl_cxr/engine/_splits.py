@@ -110,13 +110,13 @@ def make_splits(
     """
     y, g = _validate_inputs(labels, groups)
     patients_per_class = {cls: int(np.unique(g[y == cls]).size) for cls in np.unique(y)}
-    smallest_cls, smallest = min(patients_per_class.items(), key=lambda kv: (kv[1], str(kv[0])))
+    smallest, smallest_cls = min((n, str(c)) for c, n in patients_per_class.items())
     if holdout is not None:
         _check_holdout(holdout)
         if smallest < 2:
             raise ConfigError(
                 f"a holdout split needs at least 2 patients per class, but class "
-                f"{smallest_cls!r} has {smallest} patient"
+                f"{smallest_cls!r} has {smallest} patient{'s' if smallest != 1 else ''}"
             )
         splits = [_holdout_split(y, g, float(holdout), seed)]
     else:
