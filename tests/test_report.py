@@ -24,7 +24,6 @@ from automl_cxr.cli import main
 from automl_cxr.engine import corrected_paired_ttest
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.report import (
-    PAPER_CAVEAT,
     best_per_group,
     build_figures,
     build_report_data,
@@ -34,6 +33,7 @@ from automl_cxr.report import (
     load_study,
     make_report,
     not_worse_than_best,
+    paper_caveat,
     paper_table,
     pareto_flags,
     render_html,
@@ -508,7 +508,7 @@ def test_exports_exist_and_parse(data, report_dir: Path) -> None:
     assert pt["covid_accuracy"].iloc[-1] == pytest.approx(0.9678)
     md = (report_dir / "paper_table.md").read_text()
     assert "96.78%" in md and "98.66%" in md and "96.46%" in md
-    assert PAPER_CAVEAT in md
+    assert paper_caveat("patient-grouped folds") in md  # the study's folds, named
     assert "image level" in md and "without patient grouping" in md
     assert "source confounding" in md
     report = (report_dir / "report.md").read_text()
@@ -568,7 +568,7 @@ def test_the_ranking_names_what_its_mean_is_over(data, study: optuna.Study) -> N
     study's recorded cv mode (patient-grouped here; site-held-out for a --cv site study)."""
     import copy
 
-    from automl_cxr.report import report_markdown
+    from automl_cxr.report import paper_table_markdown, report_markdown
     from automl_cxr.report._dashboard import trial_note
 
     assert data.attrs["protocol"]["cv"] == "patient" and data.folds == "patient-grouped folds"
@@ -578,6 +578,10 @@ def test_the_ranking_names_what_its_mean_is_over(data, study: optuna.Study) -> N
     assert site.folds == "site-held-out folds"
     assert "(mean over site-held-out folds, 95 % CI)" in report_markdown(site)
     assert "mean over site-held-out folds" in render_html(site, {})
+    # the paper-style table's caveat too (it said "patient-grouped" for every study)
+    assert "ours are means over site-held-out folds" in paper_table_markdown(site)
+    assert "patient-grouped" not in paper_table_markdown(site)
+    assert "ours are means over site-held-out folds" in render_html(site, {})
     site.attrs = {}  # a study that recorded no protocol claims neither
     assert site.folds == "folds"
     assert not any("site-held-out folds" in n for n in data.notes)

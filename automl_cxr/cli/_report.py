@@ -121,7 +121,7 @@ def _paper_table(data) -> Table:
     from automl_cxr.report._paper import PAPER_KEYS
 
     table = Table(
-        title="Beside the seed paper (percent; ours: mean [95% CI] over folds)",
+        title=f"Beside the seed paper (percent; ours: mean [95% CI] over {data.folds})",
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -159,7 +159,7 @@ def _paper_table(data) -> Table:
 
 
 def _print_report(data, files: list[Path]) -> None:
-    from automl_cxr.report._paper import PAPER_CAVEAT
+    from automl_cxr.report._paper import paper_caveat
     from automl_cxr.report._tables import (
         counts_text,
         describe_test_split,
@@ -202,7 +202,7 @@ def _print_report(data, files: list[Path]) -> None:
         c.print(line, highlight=False, soft_wrap=False)
     if len(data.paper):
         c.print(_paper_table(data))
-        c.print(PAPER_CAVEAT, **prose)
+        c.print(paper_caveat(data.folds), **prose)
     for note in data.notes:
         c.print(f"note: {note}", **prose)
     if files:

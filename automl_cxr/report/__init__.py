@@ -31,7 +31,7 @@ from automl_cxr.report._files import (
 )
 from automl_cxr.report._html import render_html
 from automl_cxr.report._oofdata import DEFAULT_OPERATING_POINT
-from automl_cxr.report._paper import PAPER_CAVEAT, PAPER_KEYS, paper_table
+from automl_cxr.report._paper import PAPER_KEYS, paper_caveat, paper_table
 from automl_cxr.report._plotdata import (
     confusion_data,
     history_frame,
@@ -55,7 +55,6 @@ __all__ = [
     "DEFAULT_ALPHA",
     "FIGURE_TITLES",
     "LEADERBOARD_COLUMNS",
-    "PAPER_CAVEAT",
     "PAPER_KEYS",
     "STATES",
     "ReportData",
@@ -73,6 +72,7 @@ __all__ = [
     "make_report",
     "markdown_table",
     "not_worse_than_best",
+    "paper_caveat",
     "paper_table",
     "paper_table_markdown",
     "param_importances",

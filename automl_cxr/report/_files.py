@@ -14,7 +14,7 @@ import pandas as pd
 
 from automl_cxr.errors import StorageError
 from automl_cxr.report._data import LEADERBOARD_COLUMNS, ReportData
-from automl_cxr.report._paper import PAPER_CAVEAT
+from automl_cxr.report._paper import paper_caveat
 from automl_cxr.report._tables import (
     OPERATING_NOTE,
     calibration_legend,
@@ -72,8 +72,9 @@ def paper_table_markdown(data: ReportData) -> str:
         + markdown_table(
             header, rows, ["left", "right", "left", "right", "right", "right", "right"]
         )
-        + "\nOurs: mean over patient-grouped folds (95 % corrected resampled t-interval over "
-        "folds, which accounts for their overlapping training sets). " + PAPER_CAVEAT + "\n"
+        + "\n"
+        + paper_caveat(data.folds)
+        + "\n"
     )
 
 

@@ -19,7 +19,7 @@ from plotly.offline import get_plotlyjs
 
 from automl_cxr.report._data import ReportData
 from automl_cxr.report._figures import FIGURE_TITLES
-from automl_cxr.report._paper import PAPER_CAVEAT
+from automl_cxr.report._paper import paper_caveat
 from automl_cxr.report._records import STATES
 from automl_cxr.report._tables import (
     OPERATING_NOTE,
@@ -250,9 +250,7 @@ def render_html(data: ReportData, figures: Mapping[str, go.Figure]) -> str:
             if len(data.paper)
             else None,
         )
-        + '<p class="note">Ours: mean over patient-grouped folds with the 95 % corrected '
-        "resampled t-interval (Nadeau &amp; Bengio 2003) over "
-        f"folds. {_e(PAPER_CAVEAT)}</p></section>"
+        + f'<p class="note">{_e(paper_caveat(data.folds))}</p></section>'
     )
     h, r = operating_rows(data)
     if r:

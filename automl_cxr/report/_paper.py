@@ -11,18 +11,23 @@ from automl_cxr._numbers import finite_or_nan
 from automl_cxr.report._ranking import best_per_group
 from automl_cxr.report._records import COVID_KEYS
 
-__all__ = ["PAPER_CAVEAT", "PAPER_KEYS", "paper_table"]
+__all__ = ["PAPER_KEYS", "paper_caveat", "paper_table"]
 
-PAPER_CAVEAT = (
-    "The paper's numbers come from a different protocol: 10-fold cross-validation at image "
-    "level, without patient grouping (images of one patient can sit in both the training and "
-    "the test folds), and are reported without intervals; ours are patient-grouped "
-    "cross-validation means with 95 % corrected resampled t-intervals over folds (Nadeau & "
-    "Bengio 2003: widened for the folds' overlapping training sets). Neither protocol controls for "
-    "source confounding (every COVID-19 image from one collection, the other classes from "
-    "another), which may inflate both sets of numbers. The rows stand side by side for "
-    "orientation, not as a like-for-like comparison."
-)
+
+def paper_caveat(folds: str = "folds") -> str:
+    """Why the paper-style table is no like-for-like comparison; `folds` names what our means
+    are over (`ReportData.folds`: "site-held-out folds", "patient-grouped folds")."""
+    return (
+        "The paper's numbers come from a different protocol: 10-fold cross-validation at image "
+        "level, without patient grouping (images of one patient can sit in both the training "
+        f"and the test folds), and are reported without intervals; ours are means over {folds} "
+        "with 95 % corrected resampled t-intervals over folds (Nadeau & Bengio 2003: widened "
+        "for the folds' overlapping training sets). Neither protocol controls for source "
+        "confounding (every COVID-19 image from one collection, the other classes from "
+        "another), which may inflate both sets of numbers. The rows stand side by side for "
+        "orientation, not as a like-for-like comparison."
+    )
+
 
 _NAN = float("nan")
 PAPER_KEYS = ("accuracy", *COVID_KEYS)
