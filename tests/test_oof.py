@@ -323,6 +323,26 @@ def test_site_cv_search_stores_the_folds_it_validated(prepared_dir: Path, tmp_pa
     for i, rec in enumerate(splits):
         assert np.array_equal(np.flatnonzero(o.folds == i), np.sort(rec["val_indices"]))
     assert (o.folds >= 0).sum() == sum(len(r["val_indices"]) for r in splits)
+    assert not o.folds_from_splits
+    # an artifact written before the fix (fold ids of a patient splitter beside the site
+    # folds' predictions) is read with the folds the trial recorded, and the report says so
+    from automl_cxr.oof import artifact_store
+    from automl_cxr.report import build_report_data
+
+    aid = t.user_attrs["oof"]["artifact_id"]
+    path = Path(str(db)).with_suffix(".artifacts") / aid
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert artifact_store(db) is not None and np.array_equal(arrays["folds"], o.folds)
+    arrays["folds"] = np.where(arrays["folds"] >= 0, np.arange(len(o.folds)) % 3, -1)
+    arrays["folds"] = arrays["folds"].astype(np.int8)
+    with path.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    old_ = load_oof(t, db, required=True)
+    assert old_.folds_from_splits and np.array_equal(old_.folds, o.folds)
+    assert old_.valid().folds_from_splits
+    notes = build_report_data(load_study(db), storage=str(db)).notes
+    assert any(f"trial(s) [{t.number}]" in n and "recorded splits" in n for n in notes)
 
 
 def test_report_and_export_select_the_same_ensemble(oofs) -> None:

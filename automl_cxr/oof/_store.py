@@ -124,6 +124,7 @@ class OofPredictions:
     groups: np.ndarray  # (N,) int split-group codes
     dataset_hash: str
     test: TestPredictions | None = None
+    folds_from_splits: bool = False  # stored fold ids disagreed with the trial's splits
 
     @property
     def validated(self) -> np.ndarray:
@@ -141,6 +142,7 @@ class OofPredictions:
             self.groups[m],
             self.dataset_hash,
             self.test,
+            self.folds_from_splits,
         )
 
     def class_index(self, name: str | None) -> int:
@@ -279,6 +281,22 @@ def _read(store: Any, artifact_id: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _recorded_folds(trial: FrozenTrial, validated: np.ndarray) -> np.ndarray | None:
+    """Each row's validation fold as the trial recorded its splits (`metrics.splits[i]
+    .val_indices`), or None when it recorded none or they do not cover exactly the validated
+    rows."""
+    splits = (trial.user_attrs.get("metrics") or {}).get("splits") or []
+    if not splits or any("val_indices" not in sp for sp in splits):
+        return None
+    folds = np.full(len(validated), -1, dtype=np.int64)
+    for sp in splits:
+        idx = np.asarray(sp["val_indices"], dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(folds)):
+            return None
+        folds[idx] = int(sp["fold"])
+    return folds if np.array_equal(folds >= 0, validated) else None
+
+
 def load_oof(
     trial: FrozenTrial,
     storage: str | Path | optuna.storages.BaseStorage,
@@ -286,7 +304,11 @@ def load_oof(
     required: bool = False,
 ) -> OofPredictions | None:
     """A trial's stored out-of-fold predictions (None if it has none, unless `required`:
-    then a StorageError says why)."""
+    then a StorageError says why).
+
+    The fold of each row is the one the trial's recorded splits name: artifacts written before
+    2026-12-05 under `--cv site` carried a patient splitter's fold ids beside the site folds'
+    predictions; such a trial's folds are taken from its splits (`folds_from_splits`)."""
     info = trial.user_attrs.get(OOF_ATTR) or {}
 
     def missing(why: str) -> None:
@@ -326,15 +348,20 @@ def load_oof(
             groups=z["test_groups"].astype(np.int64),
             dataset_hash=str(z["test_hash"]),
         )
+    probs = _probs(z["log_probs"])
+    folds = z["folds"].astype(np.int64)
+    recorded = _recorded_folds(trial, ~np.isnan(probs).any(axis=1))
+    repaired = recorded is not None and not np.array_equal(recorded, folds)
     return OofPredictions(
         number=trial.number,
         classes=[str(c) for c in z["classes"]],
-        probs=_probs(z["log_probs"]),
+        probs=probs,
         labels=z["labels"].astype(np.int64),
-        folds=z["folds"].astype(np.int64),
+        folds=recorded if repaired else folds,
         groups=z["groups"].astype(np.int64),
         dataset_hash=str(z["dataset_hash"]),
         test=test,
+        folds_from_splits=repaired,
     )
 
 

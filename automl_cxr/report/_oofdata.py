@@ -64,6 +64,12 @@ def build_oof_report(
     have = [n for n in ranked if n in oofs]
     rep = OofReport(calibration=pd.DataFrame(columns=_CAL_COLS), n_stored=len(have))
     rep.notes.extend(damaged)
+    if fixed := [n for n in have if oofs[n].folds_from_splits]:
+        rep.notes.append(
+            f"out-of-fold predictions of trial(s) {fixed}: each row's fold is taken from the "
+            "trial's recorded splits, not from the artifact (written before 2026-12-05, when "
+            "the store recomputed patient folds beside site folds' predictions)"
+        )
     if not have:
         if ranked:
             rep.notes.append(
