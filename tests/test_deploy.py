@@ -154,6 +154,12 @@ def test_export_writes_models_and_card(
         ep["epochs"] == trial.user_attrs["full_fit_epochs"] == card["training"]["config"]["epochs"]
     )
     assert ep["from"] == "config" and f"trained for {ep['epochs']} epochs" in card_md
+    # the card says how this model's sources line up with its classes (three_class: each
+    # class from one collection, the others from Kermany's children)
+    src = card["limitations"][1]
+    assert "covid 100% from cohen" in src and "normal 100% from kermany" in src
+    assert "children aged 1-5" in src
+    assert f"resolution: {cfg['resolution']} x {cfg['resolution']}\n" in card_md  # no layer
 
 
 def test_runtimes_match_pytorch_on_real_images(exported: Path, real_images: list[Path]) -> None:

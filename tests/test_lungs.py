@@ -277,6 +277,13 @@ def test_lung_crop_export_predicts_what_the_search_saw(
     assert cfg["checks"]["ok"], cfg["checks"]
     assert "decisions inside the graph" in cfg["checks"]["note"]  # why it could miss
     assert cfg["checks"]["onnx_max_prob_diff"] <= 1e-4
+    # the card states the graph's input (the canvas), not the network's
+    card_md = (out / "model_card.md").read_text()
+    r = spec.train.resolution
+    assert f"- resolution: {r} x {r} (the network's; the exported graph takes {CANVAS} px)" in (
+        card_md
+    )
+    assert f"R = {CANVAS}." in card_md and "roi `lung_crop`, intensity `clahe`" in card_md
     rows = np.arange(0, len(ds), max(1, len(ds) // 6))[:6]
     raw = np.stack([load_image(ds.manifest["path"][i], CANVAS).tensor for i in rows])
     pp_spec, pre = preprocess_for(spec.train, prepared_dir)

@@ -53,16 +53,28 @@ _CV_NOTE = {
     "sharing a patient merged; a fold that holds one class only, such as one hospital's films "
     "of one class, scores that class's recall as its balanced accuracy)",
 }
-_LIMITATIONS = (
-    "Public COVID-19 X-ray collections mix sources: in the paper's recipes every COVID-19 image "
-    "comes from one collection of adults and the other classes from a paediatric collection "
-    "(Kermany: children aged 1-5). A model can learn the source instead of the disease "
-    "(DeGrave et al. 2021; Roberts et al. 2021 found none of 62 screened COVID-19 imaging "
-    "models clinically usable).",
+_VALIDATE = (
     "Validate on an external set from a source never seen in training "
     "(`automl-cxr evaluate --data ...`) and inspect Grad-CAM maps (`automl-cxr predict "
-    "--explain`) before drawing any conclusion.",
+    "--explain`) before drawing any conclusion."
 )
+
+
+def _source_limitation(manifest: Any) -> str:
+    """How the training data's sources line up with its classes (each class's largest source
+    and its share), and why that matters."""
+    parts = []
+    for label, rows in manifest.groupby("label"):
+        share = rows["source"].astype(str).value_counts(normalize=True)
+        parts.append(f"{label} {share.iloc[0]:.0%} from {share.index[0]}")
+    kids = " (Kermany: children aged 1-5)" if (manifest["source"] == "kermany").any() else ""
+    return (
+        "Public COVID-19 X-ray collections mix sources, which can line up with the labels "
+        f"(here, each class's largest source: {', '.join(parts)}{kids}). A model can learn "
+        "the source instead of the disease "
+        "(DeGrave et al. 2021; Roberts et al. 2021 found none of 62 screened COVID-19 imaging "
+        "models clinically usable)."
+    )
 
 
 def _cv_metrics(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -92,11 +104,15 @@ def build_card(
     ensemble_folds: list[dict[str, Any]] | None = None,
     training_info: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    input_resolution: int | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card as a plain dict (written as `model_card.json`, rendered by
     :func:`render_card`). `spec` is a :class:`~automl_cxr.deploy.TrialSpec`, `dataset` the
     training data, `diagnostics` the output of `source_diagnostics`; `ensemble_folds` (for a
-    fold ensemble) each member's metrics on its own validation fold."""
+    fold ensemble) each member's metrics on its own validation fold; `input_resolution` and
+    `preprocess` what the exported graph takes and its roi/intensity layer (`deployable`),
+    when they differ from the network's own input."""
     metrics = spec.metrics
     summary = metrics.get("summary") or {}
     cv = spec.train.cv
@@ -126,7 +142,12 @@ def build_card(
         "intended_use": INTENDED_USE,
         "classes": list(spec.classes),
         "positive": spec.positive,
-        "input": {**INPUT_CONTRACT, "resolution": spec.resolution},
+        "input": {
+            **INPUT_CONTRACT,
+            "resolution": int(input_resolution or spec.resolution),
+            "network_resolution": int(spec.resolution),
+            "preprocess": preprocess,
+        },
         "model": {
             **spec.model.to_dict(),
             **(model_info or {}),
@@ -210,7 +231,7 @@ def build_card(
             "source_probe": probe,
         },
         "warnings": warnings,
-        "limitations": [_CV_LIMITATION[cv], *_LIMITATIONS],
+        "limitations": [_CV_LIMITATION[cv], _source_limitation(dataset.manifest), _VALIDATE],
         "export": export or {},
         "calibration": None,
         "operating_point": None,

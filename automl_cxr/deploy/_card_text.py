@@ -162,13 +162,16 @@ def render_card(card: dict[str, Any]) -> str:
         lines.append("")
     m = card["model"]
     inp = card["input"]
+    r = inp["resolution"]
+    net = inp.get("network_resolution", r)
     lines += [
         "## Model",
         "",
         f"- backbone: `{m['backbone']}` (frozen stages {m['frozen_stages']}, head `{m['head']}` "
         f"{m.get('head_kwargs') or {}}, gray mode `{m['gray_mode']}`)",
         f"- classes (output order): {', '.join(card['classes'])}",
-        f"- resolution: {inp['resolution']} x {inp['resolution']}",
+        f"- resolution: {net} x {net}"
+        + (f" (the network's; the exported graph takes {r} px)" if net != r else ""),
     ]
     if m.get("params_total"):
         lines.append(f"- parameters: {m['params_total']:,}")
@@ -181,10 +184,20 @@ def render_card(card: dict[str, Any]) -> str:
         "",
         "## Input contract",
         "",
-        f"`{inp['shape']}` {inp['dtype']} in {inp['range']}, R = {inp['resolution']}. "
-        + inp["description"],
+        f"`{inp['shape']}` {inp['dtype']} in {inp['range']}, R = {r}. " + inp["description"],
         "",
     ]
+    pp = inp.get("preprocess")
+    if pp:
+        seg = pp.get("segmenter") or {}
+        lines += [
+            f"The graph's first layer applies the trial's levers to that {r} px image — roi "
+            f"`{pp['roi']}`, intensity `{pp['intensity']}`"
+            + (f", lungs found by segmenter `{seg['key']}`" if seg.get("key") else "")
+            + f" — and resizes the result to the network's {net} x {net}, as the search's "
+            "image cache did: give it the whole radiograph, not a crop.",
+            "",
+        ]
     d = card["data"]
     lines += ["## Training data", ""]
     lines.append(f"- dataset: `{d['dataset']}` ({d.get('kind') or 'prepared'})")
@@ -207,7 +220,8 @@ def render_card(card: dict[str, Any]) -> str:
     lines.append(f"- {card['training']['retrained_on']}")
     ep = card["training"].get("epochs")
     if ep:
-        lines.append(f"- trained for {ep['epochs']} epochs: {ep['why']}")
+        n = ep["epochs"]
+        lines.append(f"- trained for {n} epoch{'' if n == 1 else 's'}: {ep['why']}")
     members = card["training"].get("ensemble") or []
     if members:
         lines += ["", "Fold members (each scored on its own validation fold):", ""]

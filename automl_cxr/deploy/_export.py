@@ -363,6 +363,8 @@ def export_trial(
             ensemble_folds=folds,
             training_info=training_info,
             extra=card_extra,
+            input_resolution=resolution,
+            preprocess=pp_extra.get("preprocess"),
         )
 
     config = export_model(
