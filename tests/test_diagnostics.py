@@ -36,7 +36,8 @@ def test_source_probe_fires_on_paper_recipe(smoke_study: Path, prepared_dir: Pat
     assert d["probe"]["predictable"] is True
     assert d["warning"] and "predictable from the pixels" in d["warning"]
     assert "Cramér's V = 1.00" in d["warning"]
-    assert len(d["warnings"]) == 2  # the probe's and the manifest's
+    assert d["warnings"] == [d["warning"]]  # it says what the manifest's warning says
+    assert d["alignment"]["warning"] and "Cramér's V" in d["alignment"]["warning"]
 
 
 def test_source_probe_quiet_when_sources_independent(smoke_study: Path, prepared_dir: Path) -> None:

@@ -242,8 +242,9 @@ def source_diagnostics(
 
     Images are read at `resolution` (use the study's, whose cache already exists) and shrunk to
     `size` thumbnails. Returns ``{"alignment", "probe", "warning", "warnings"}``: ``warning`` is
-    the combined shortcut warning (None when quiet), ``warnings`` every warning that applies
-    (the alignment warning alone fires on the manifest, even when the probe is inconclusive).
+    the combined shortcut warning (None when quiet), ``warnings`` the one to show: the combined
+    warning, else the alignment warning alone (it fires on the manifest, even when the probe is
+    inconclusive).
     """
     manifest = dataset.manifest
     alignment = source_label_alignment(manifest)
@@ -256,7 +257,8 @@ def source_diagnostics(
         seed=seed,
     )
     warning = shortcut_warning(probe, alignment)
-    warns = [w for w in (warning, alignment.get("warning")) if w]
+    # the combined warning says all the alignment warning says (and what the pixels add)
+    warns = [w for w in (warning or alignment.get("warning"),) if w]
     return {
         "dataset": dataset.name,
         "dataset_hash": dataset.hash,
