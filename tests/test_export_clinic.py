@@ -332,3 +332,40 @@ def test_export_ensemble_select_writes_the_selected_weights(
         out_dir=tmp_path / "gc",
     )
     assert Path(res[0]["gradcam"]).is_file()
+
+
+def test_ensemble_select_members_share_the_exported_trials_levers(
+    smoke_study: Path, prepared_dir: Path, tmp_path: Path
+) -> None:
+    """One graph feeds every member the same input: a trial searched with other roi/intensity
+    levers (here a trial of the study rewritten as a lung_mask one, as a `robust` study holds
+    them) is left out of the selection, and the card says so."""
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "s.db"
+    shutil.copy(smoke_study, db)
+    shutil.copytree(smoke_study.with_suffix(".artifacts"), db.with_suffix(".artifacts"))
+    study = load_study(db)
+    best = study.best_trial.number
+    other = next(t for t in study.trials if t.state.name == "COMPLETE" and t.number != best)
+    cfg = other.user_attrs["config"]
+    cfg["train"]["roi"] = "lung_mask"
+    with sqlite3.connect(db) as con:
+        (tid,) = con.execute(
+            "SELECT trial_id FROM trials WHERE number = ?", (other.number,)
+        ).fetchone()
+        con.execute(
+            "UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = 'config'",
+            (json.dumps(cfg), tid),
+        )
+    out = _export(
+        db, prepared_dir, tmp_path / "ens", "--ensemble-select", "4", "--trial", str(best)
+    )
+    members = [m["trial"] for m in out["selected_ensemble"]["members"]]
+    assert members == [best]
+    card = json.loads((tmp_path / "ens" / "model_card.json").read_text())
+    assert (
+        "1 trial(s) at another resolution or with other roi/intensity levers"
+        in (card["selected_ensemble"]["excluded"])
+    )

@@ -80,21 +80,29 @@ def _select(
     log: Log,
 ) -> tuple[WeightedEnsemble, dict[str, Any], dict[str, Any]]:
     """Caruana selection over the COMPLETE trials with stored predictions and the exported
-    trial's input resolution; members retrained on `dataset` (`fit_full`, stopped by `stop`)."""
+    trial's input resolution and roi/intensity levers; members retrained on `dataset`
+    (`fit_full`, stopped by `stop`)."""
     from automl_cxr.engine import fit_full
 
     oofs = load_study_oof(study, storage)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+
+    def graph_input(train: dict[str, Any]) -> tuple[Any, ...]:
+        """What a member's exported graph is fed: its resolution and roi/intensity levers (one
+        graph holds every member behind one input, so they must agree)."""
+        return (train.get("resolution"), train.get("roi", "full"), train.get("intensity", "none"))
+
+    want = graph_input(spec.train.to_dict())
     same_res = {
         n: o
         for n, o in oofs.items()
-        if ((by_number[n].user_attrs.get("config") or {}).get("train") or {}).get("resolution")
-        == spec.resolution
+        if graph_input((by_number[n].user_attrs.get("config") or {}).get("train") or {}) == want
     }
     if len(same_res) < 1:
         raise StorageError(
             f"--ensemble-select needs stored out-of-fold predictions of complete trials at "
-            f"{spec.resolution} px; study {study.study_name!r} has {len(oofs)} with predictions"
+            f"{spec.resolution} px with roi {want[1]!r} and intensity {want[2]!r}; study "
+            f"{study.study_name!r} has {len(oofs)} with predictions"
         )
     metric = _primary_metric(spec)
     sel = select_ensemble(same_res, metric=metric, positive=spec.positive, rounds=rounds)
@@ -117,7 +125,9 @@ def _select(
     }
     excluded = len(oofs) - len(same_res)
     if excluded:
-        card["excluded"] = f"{excluded} trial(s) at another resolution"
+        card["excluded"] = (
+            f"{excluded} trial(s) at another resolution or with other roi/intensity levers"
+        )
     return model, card, {"members": cfgs}
 
 
