@@ -296,6 +296,29 @@ def test_lung_crop_export_predicts_what_the_search_saw(
         got = ExportedModel(out, runtime=rt).predict_proba(raw)
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=rt)
 
+    # the study keeps the segmenter it searched with, and a retrain uses that one even when
+    # the data folder's has been replaced (`lungs train` again: another file, another key)
+    from automl_cxr.deploy import open_trial as reopen
+    from automl_cxr.deploy._select import pin_segmenter
+    from automl_cxr.lungs import save_segmenter, study_segmenter
+
+    seg = load_segmenter(segmenter_file)
+    kept = study_segmenter(db.with_suffix(".artifacts"), seg.key)
+    assert kept.is_file() and load_segmenter(kept).key == seg.key
+    other = tmp_path / "other-data"
+    save_segmenter(seg.net, other / "lungs" / "segmenter.pt", size=seg.size, info={"again": 1})
+    assert load_segmenter(other / "lungs" / "segmenter.pt").key != seg.key
+    spec = reopen(db)
+    assert pin_segmenter(spec, other) is None and spec.train.segmenter == str(kept)
+    kept.unlink()  # a study from before it kept one: refused, by both keys
+    spec = reopen(db)
+    with pytest.raises(DataError, match=f"searched with lung segmenter {seg.key}.*lungs:"):
+        pin_segmenter(spec, other)
+    assert pin_segmenter(spec, prepared_dir) is None  # the data folder's is the same file
+    spec = reopen(db)
+    warned = pin_segmenter(spec, other, any_segmenter=True)
+    assert warned and "--any-segmenter" in warned and spec.train.segmenter is None
+
 
 def test_robust_space_is_builtin_and_refused_without_a_segmenter(
     prepared_dir: Path, tmp_path: Path

@@ -54,6 +54,17 @@ def _echo_json(payload: Any) -> None:
 # ----------------------------------------------------------------------------- evaluate
 
 
+AnySegmenterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--any-segmenter",
+        help="Retrain a lung_crop/lung_mask trial with the data folder's lung segmenter even "
+        "when the trial was searched with another one that is gone (said in the output and "
+        "the card).",
+    ),
+]
+
+
 @app.command("evaluate")
 def evaluate(
     data: Annotated[
@@ -87,6 +98,7 @@ def evaluate(
             "training patient (listed) instead of refusing the set.",
         ),
     ] = False,
+    any_segmenter: AnySegmenterOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -109,6 +121,7 @@ def evaluate(
         runtime=runtime,
         log=_log(quiet or as_json),
         drop_overlap=drop_overlap,
+        any_segmenter=any_segmenter,
     )
     if as_json:
         _echo_json(res)
@@ -228,6 +241,7 @@ def export(
             "median epoch count its folds chose).",
         ),
     ] = "inner",
+    any_segmenter: AnySegmenterOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -249,6 +263,7 @@ def export(
         ensemble_select=ensemble_select,
         retrain_stop=retrain_stop,
         log=_log(quiet or as_json),
+        any_segmenter=any_segmenter,
     )
     if as_json:
         _echo_json(res)

@@ -156,8 +156,10 @@ def render_card(card: dict[str, Any]) -> str:
     lines: list[str] = [f"# Model card: {card['title']}", ""]
     lines += ["> **Intended use: research only, not a medical device.**", ">"]
     lines += [f"> {card['intended_use']}", ""]
-    if card["warnings"]:
+    seg = card.get("segmenter_warning")
+    if card["warnings"] or seg:
         lines += ["## Warnings", ""]
+        lines += [f"- **Not the searched preprocessing:** {seg}"] if seg else []
         lines += [f"- **Shortcut risk:** {w}" for w in card["warnings"]]
         lines.append("")
     m = card["model"]

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from automl_cxr.deploy._select import TrialSpec, trial_spec
+from automl_cxr.deploy._select import TrialSpec, pin_segmenter, trial_spec
 from automl_cxr.errors import ConfigError, StorageError
 from automl_cxr.models import WeightedEnsemble
 from automl_cxr.oof import (
@@ -78,7 +78,8 @@ def _select(
     dataset: Any,
     stop: str,
     log: Log,
-) -> tuple[WeightedEnsemble, dict[str, Any], dict[str, Any]]:
+    any_segmenter: bool = False,
+) -> tuple[WeightedEnsemble, dict[str, Any], dict[str, Any], list[str]]:
     """Caruana selection over the COMPLETE trials with stored predictions and the exported
     trial's input resolution and roi/intensity levers; members retrained on `dataset`
     (`fit_full`, stopped by `stop`)."""
@@ -106,9 +107,11 @@ def _select(
         )
     metric = _primary_metric(spec)
     sel = select_ensemble(same_res, metric=metric, positive=spec.positive, rounds=rounds)
-    members, cfgs = [], []
+    members, cfgs, warnings = [], [], []
     for n, w in sel["weights"].items():
         mspec = trial_spec(study, by_number[n], storage=storage)
+        warned = pin_segmenter(mspec, Path(dataset.root).parent, any_segmenter=any_segmenter)
+        warnings += [warned] if warned else []
         if log:
             log(f"ensemble member trial {n} (weight {w:.3f}, {mspec.model.backbone}): retraining")
         members.append(fit_full(dataset, mspec.model, mspec.train, stop=stop, log=log))
@@ -128,7 +131,7 @@ def _select(
         card["excluded"] = (
             f"{excluded} trial(s) at another resolution or with other roi/intensity levers"
         )
-    return model, card, {"members": cfgs}
+    return model, card, {"members": cfgs}, warnings
 
 
 HOLDOUT_PARTS = 5
@@ -169,12 +172,17 @@ def plan_export(
     ensemble_select: int | None = None,
     stop: str = "inner",
     log: Log = None,
+    any_segmenter: bool = False,
 ) -> ExportPlan:
     """The selected ensemble of one export (Caruana over the study's out-of-fold predictions,
-    members retrained on `dataset`), or an empty plan: the trial's own model."""
+    members retrained on `dataset`, each with the lung segmenter it was searched with:
+    `pin_segmenter`), or an empty plan: the trial's own model."""
     plan = ExportPlan()
     if ensemble_select is not None:
-        model, card, cfg = _select(study, storage, spec, ensemble_select, dataset, stop, log)
+        model, card, cfg, warned = _select(
+            study, storage, spec, ensemble_select, dataset, stop, log, any_segmenter
+        )
+        plan.warnings += warned
         plan.model = model
         plan.card["selected_ensemble"] = card
         plan.config["selected_ensemble"] = cfg

@@ -13,7 +13,14 @@ from automl_cxr.data import external_overlap
 from automl_cxr.deploy._evaluate import evaluate_predictions, load_external
 from automl_cxr.deploy._export import export_trial, source_roots
 from automl_cxr.deploy._predict import ExportedModel, softmax
-from automl_cxr.deploy._select import TrialSpec, load_study, select_trial, training_data, trial_spec
+from automl_cxr.deploy._select import (
+    TrialSpec,
+    load_study,
+    pin_segmenter,
+    select_trial,
+    training_data,
+    trial_spec,
+)
 from automl_cxr.errors import ConfigError, DataError
 from automl_cxr.study import json_safe
 
@@ -64,9 +71,11 @@ def run_evaluate(
     runtime: str = "torchscript",
     log: Log = None,
     drop_overlap: bool = False,
+    any_segmenter: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate the chosen trial (retrained on the study's full training data with `fit_full`)
-    or an exported model (`model_dir`) on an external set.
+    """Evaluate the chosen trial (retrained on the study's full training data with `fit_full`,
+    with the lung segmenter it was searched with: `pin_segmenter`) or an exported model
+    (`model_dir`) on an external set.
 
     Before any model runs, the set is checked with the duplicate finder against the training
     dataset (when it is in the data directory): a copy of a training image or a film of a
@@ -76,8 +85,13 @@ def run_evaluate(
     if study is None and model_dir is None:
         raise ConfigError("pass --study STUDY (retrain its trial) or --model DIR (an export)")
     spec: TrialSpec | None = None
+    seg_warning = None
     if study is not None:
         spec = open_trial(study, study_name, trial)
+        if model_dir is None:
+            seg_warning = pin_segmenter(
+                spec, resolve_data_dir(data_dir), any_segmenter=any_segmenter
+            )
     exported = ExportedModel(model_dir, runtime=runtime) if model_dir is not None else None
     if exported is not None and spec is not None and exported.classes != spec.classes:
         raise DataError(
@@ -141,7 +155,7 @@ def run_evaluate(
             "not a ranking measure",
         }
     overlap = external_overlap(ext.table, train_shas=train_shas, train_sources=train_sources)
-    warnings = [overlap["warning"]] if overlap["warning"] else []
+    warnings = [w for w in (overlap["warning"], seg_warning) if w]
     return json_safe(
         {
             "data": str(data),
@@ -219,6 +233,7 @@ def run_export(
     ensemble_select: int | None = None,
     retrain_stop: str = "inner",
     log: Log = None,
+    any_segmenter: bool = False,
 ) -> dict[str, Any]:
     """Retrain the chosen trial on its training data (`retrain_stop`: as `fit_full`'s `stop`;
     or, with `ensemble`, keep its K fold
@@ -254,14 +269,25 @@ def run_export(
     chosen = select_trial(s, trial)
     spec = trial_spec(s, chosen, storage=study)
     check_export_options(spec, operating_point)  # before any training
+    seg_warning = pin_segmenter(spec, resolve_data_dir(data_dir), any_segmenter=any_segmenter)
     dataset, test = search_split(spec, resolve_data_dir(data_dir))
     fit_ds, cal_rows = dataset, None
     if calibrate or operating_point is not None:
         fit_rows, cal_rows = calibration_holdout(dataset, spec.seed)
         fit_ds = dataset.subset(fit_rows, tag=f"export-fit-{spec.seed}")
     plan = plan_export(
-        s, spec, study, fit_ds, ensemble_select=ensemble_select, stop=retrain_stop, log=log
+        s,
+        spec,
+        study,
+        fit_ds,
+        ensemble_select=ensemble_select,
+        stop=retrain_stop,
+        log=log,
+        any_segmenter=any_segmenter,
     )
+    if seg_warning:
+        plan.warnings.insert(0, seg_warning)
+        plan.card["segmenter_warning"] = plan.config["segmenter_warning"] = seg_warning
     diag = None
     if probe:
         diag = source_diagnostics(dataset, resolution=spec.resolution, seed=spec.seed)

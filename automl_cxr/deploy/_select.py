@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from automl_cxr.study import OBJECTIVE_KEYS, load_study, search_data, storage_ur
 __all__ = [
     "TrialSpec",
     "load_study",
+    "pin_segmenter",
     "search_split",
     "select_trial",
     "trial_spec",
@@ -193,4 +194,49 @@ def search_split(
         f"{spec.study_name!r} was run on: its content hash (after the profile's subsampling) is "
         f"{', '.join(candidates)}, the study recorded {str(spec.dataset_hash)[:12]}. Prepare the "
         "same data again, or point --data-dir at the data the study used"
+    )
+
+
+def pin_segmenter(
+    spec: TrialSpec, data_dir: str | Path, *, any_segmenter: bool = False
+) -> str | None:
+    """Point `spec.train` at the lung segmenter the trial was searched with (its recorded
+    preprocessing key names it): the copy the study keeps in its artifact folder, or the data
+    folder's when it is the same file. A DataError when neither is (retraining with other lung
+    masks would not be the model the search scored), unless `any_segmenter`: then the data
+    folder's is used and a warning returned. No-op for trials without a roi lever or recorded
+    before the key was."""
+    if spec.train.roi == "full":
+        return None
+    recorded = str((spec.user_attrs.get("preprocess") or {}).get("key") or "")
+    if "lungs:" not in recorded:
+        return None
+    from automl_cxr.lungs import load_segmenter, segmenter_path, study_segmenter
+    from automl_cxr.oof import artifact_dir
+
+    want = recorded[recorded.index("lungs:") :]
+    where = artifact_dir(spec.storage) if spec.storage else None
+    here = segmenter_path(spec.train, data_dir)
+    found = []
+    for path in ([study_segmenter(where, want)] if where else []) + [here]:
+        if path.is_file():
+            key = load_segmenter(path).key
+            if key == want:
+                spec.train = replace(spec.train, segmenter=str(path))
+                return None
+            found.append(f"{path} is {key}")
+    what = (
+        f"trial {spec.number} was searched with lung segmenter {want}, but "
+        + ("; ".join(found) if found else f"there is none at {here}")
+        + " and the study keeps no copy of its own (studies before 2026-12-07 did not)"
+    )
+    if any_segmenter and here.is_file():
+        return (
+            f"{what}: retrained with {load_segmenter(here).key} (--any-segmenter), so its lung "
+            "masks, and the model, differ from the ones the search scored"
+        )
+    raise DataError(
+        f"{what}: retraining it would compute other lung masks than the search scored. Put "
+        f"that segmenter back at {here}, search again, or pass --any-segmenter to retrain "
+        "with the data folder's one anyway"
     )

@@ -9,6 +9,8 @@ from automl_cxr._lazy import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_SEGMENTER": "automl_cxr.lungs._cache",
+    "STUDY_SEGMENTERS": "automl_cxr.lungs._cache",
+    "study_segmenter": "automl_cxr.lungs._cache",
     "PreprocessedImages": "automl_cxr.lungs._cache",
     "preprocess_canvas": "automl_cxr.lungs._cache",
     "preprocess_for": "automl_cxr.lungs._cache",

@@ -17,6 +17,8 @@ from automl_cxr.lungs._unet import Segmenter, load_segmenter
 
 __all__ = [
     "DEFAULT_SEGMENTER",
+    "STUDY_SEGMENTERS",
+    "study_segmenter",
     "PreprocessedImages",
     "preprocess_for",
     "preprocess_record",
@@ -28,6 +30,18 @@ __all__ = [
 
 DEFAULT_SEGMENTER = Path("lungs") / "segmenter.pt"
 """Where `automl-cxr lungs train` writes the segmenter, relative to the data folder."""
+
+
+STUDY_SEGMENTERS = "segmenters"
+"""Folder of a study's artifact folder that keeps a copy of each lung segmenter it searched
+with (`<artifacts>/segmenters/lungs-<sha256[:16]>.pt`), so that a trial can be retrained
+with its own segmenter after `lungs train` has written another (training is not
+bit-reproducible)."""
+
+
+def study_segmenter(artifacts: str | Path, key: str) -> Path:
+    """Where a study's artifact folder keeps the segmenter `key` (``lungs:<hash>``)."""
+    return Path(artifacts) / STUDY_SEGMENTERS / f"{key.replace(':', '-')}.pt"
 
 
 def segmenter_path(train_config: Any, data_dir: str | Path) -> Path:

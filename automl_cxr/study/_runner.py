@@ -228,7 +228,7 @@ def _data_stage(
     subsample."""
     full = load_dataset(settings.dataset, settings.data_dir)
     check_metrics(settings.objectives, full.classes, full.positive, dataset=full.name)
-    check_segmenter(space, settings.data_dir)
+    check_segmenter(space, settings.data_dir, settings.storage)
     dataset, test, test_info = search_data(
         full, profile.max_per_class, settings.seed, settings.test
     )

@@ -178,17 +178,34 @@ def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> S
     return load_space(space)
 
 
-def check_segmenter(space: SearchSpace, data_dir: str | Path) -> None:
+def check_segmenter(
+    space: SearchSpace, data_dir: str | Path, storage: str | None = None
+) -> str | None:
     """A space that can draw `roi: lung_crop|lung_mask` needs the lung segmenter: refused before
-    any trial when `<data_dir>/lungs/segmenter.pt` is missing or unreadable."""
+    any trial when `<data_dir>/lungs/segmenter.pt` is missing or unreadable. With a `storage`
+    whose artifact folder is on disk, a copy is kept there (`study_segmenter`), so `export`
+    retrains its trials with the same one. Returns the segmenter's key (None: not needed)."""
     roi = space.train.get("roi")
     if roi is None:
-        return
+        return None
     values = list(roi.choices) if roi.kind == "categorical" else [roi.value]
-    if any(v != "full" for v in values):
-        from automl_cxr.lungs import DEFAULT_SEGMENTER, load_segmenter
+    if all(v == "full" for v in values):
+        return None
+    import shutil
 
-        load_segmenter(Path(data_dir) / DEFAULT_SEGMENTER)  # DataError: how to train one
+    from automl_cxr.lungs import DEFAULT_SEGMENTER, load_segmenter, study_segmenter
+    from automl_cxr.oof import artifact_dir
+
+    seg = load_segmenter(Path(data_dir) / DEFAULT_SEGMENTER)  # DataError: how to train one
+    where = artifact_dir(storage) if storage else None
+    if where is not None:
+        copy_to = study_segmenter(where, seg.key)
+        if not copy_to.is_file():
+            copy_to.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy_to.with_suffix(".tmp")
+            shutil.copyfile(seg.path, tmp)
+            tmp.replace(copy_to)
+    return seg.key
 
 
 def adapt_space(
