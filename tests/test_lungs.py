@@ -237,6 +237,30 @@ def test_robust_trial_runs_on_cached_preprocessing(adult_small, segmenter_file: 
     assert res.summary["metrics"]["worst_site_balanced_accuracy"]["mean"] == min(folds)
 
 
+def test_a_roi_trial_does_not_depend_on_whether_its_segmenter_was_loaded(
+    adult_small, segmenter_file: Path
+) -> None:
+    """The first roi trial of a process builds the segmenter, later ones find it loaded: both
+    train the same model (building it drew from the seeded generator and moved the dropout
+    masks; found by exporting one trial twice)."""
+    from automl_cxr.lungs import _unet
+
+    ds = adult_small
+    model = ModelConfig(
+        backbone="test_efficientnet",
+        num_classes=len(ds.classes),
+        pretrained=False,
+        frozen_stages=4,
+        head="mlp",
+        head_kwargs={"hidden": 32, "dropout": 0.5},
+    )
+    cfg = _cfg(roi="lung_mask", segmenter=str(segmenter_file), epochs=3)
+    _unet._LOADED.clear()
+    first = run_trial(ds, model, cfg)
+    again = run_trial(ds, model, cfg)  # the segmenter is loaded now
+    assert np.array_equal(first.oof_probs, again.oof_probs, equal_nan=True)
+
+
 def test_lung_crop_export_predicts_what_the_search_saw(
     prepared_dir: Path, segmenter_file: Path, tmp_path: Path
 ) -> None:

@@ -144,7 +144,11 @@ def load_segmenter(path: str | Path) -> Segmenter:
         raise DataError(f"{path} is not a readable lung segmenter checkpoint ({exc})") from None
     if not isinstance(ck, dict) or ck.get("format") != SEGMENTER_FORMAT:
         raise DataError(f"{path} is not a lung segmenter checkpoint ({SEGMENTER_FORMAT})")
-    net = LungUNet(ck["encoder"])
+    # built without drawing from the global generator: a trial seeds it before its model and
+    # trains on what follows, so a segmenter built inside the trial (the first in a process)
+    # would change its dropout masks and later ones (already loaded) would not
+    with torch.random.fork_rng(devices=[]):
+        net = LungUNet(ck["encoder"])
     net.load_state_dict(ck["state_dict"])
     net.eval()
     for p in net.parameters():
