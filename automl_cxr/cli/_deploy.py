@@ -14,28 +14,17 @@ from rich.table import Table
 
 from automl_cxr.cli import app
 from automl_cxr.cli._common import err_console, out_console, parse_key_values
+from automl_cxr.cli._deploy_opts import (
+    AnySegmenterOpt,
+    DataDirOpt,
+    JsonOpt,
+    QuietOpt,
+    StudyNameOpt,
+    StudyOpt,
+    TrialOpt,
+)
 from automl_cxr.cli._deploy_view import ci_table, metric_rows, print_diagnose
 from automl_cxr.errors import ConfigError
-
-StudyOpt = Annotated[
-    str | None, typer.Option("--study", help="SQLite file path or Optuna storage URL.")
-]
-StudyNameOpt = Annotated[
-    str | None, typer.Option("--study-name", help="Study in the storage (default: the only one).")
-]
-TrialOpt = Annotated[
-    str,
-    typer.Option(
-        "--trial",
-        help="'best' (best value; Pareto front: best first metric) or a trial number.",
-    ),
-]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="Prepared datasets of the study [$AUTOML_CXR_DATA or ./data]."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
 
 
 def _log(quiet: bool):
@@ -52,17 +41,6 @@ def _echo_json(payload: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluate
-
-
-AnySegmenterOpt = Annotated[
-    bool,
-    typer.Option(
-        "--any-segmenter",
-        help="Retrain a lung_crop/lung_mask trial with the data folder's lung segmenter even "
-        "when the trial was searched with another one that is gone (said in the output and "
-        "the card).",
-    ),
-]
 
 
 @app.command("evaluate")
