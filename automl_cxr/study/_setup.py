@@ -198,13 +198,15 @@ def check_segmenter(
 
     seg = load_segmenter(Path(data_dir) / DEFAULT_SEGMENTER)  # DataError: how to train one
     where = artifact_dir(storage) if storage else None
-    if where is not None:
-        copy_to = study_segmenter(where, seg.key)
-        if not copy_to.is_file():
+    copy_to = study_segmenter(where, seg.key) if where is not None else None
+    if copy_to is not None and not copy_to.is_file():
+        try:
             copy_to.parent.mkdir(parents=True, exist_ok=True)
             tmp = copy_to.with_suffix(".tmp")
             shutil.copyfile(seg.path, tmp)
             tmp.replace(copy_to)
+        except OSError:  # an unwritable artifact folder never stops a search (as for the OOF
+            pass  # store); `export` then needs the data folder's segmenter to be the same
     return seg.key
 
 
