@@ -93,7 +93,7 @@ def rebuild_preprocess(record: dict) -> Preprocess:
     seg = None
     if record.get("segmenter"):
         s = record["segmenter"]
-        seg = Segmenter(LungUNet(s["encoder"]), int(s["size"]), "", "", {})
+        seg = Segmenter(LungUNet.for_weights(s["encoder"]), int(s["size"]), "", "", {})
     return Preprocess(spec, int(record["resolution"]), seg).eval()
 
 

@@ -48,6 +48,15 @@ class LungUNet(nn.Module):
     """(B, 1, S, S) gray in [0, 1] → (B, 1, S, S) lung logits. Encoder: a timm backbone's
     five feature levels (strides 2–32); decoder: upsample, concatenate the skip, conv-BN-ReLU."""
 
+    @classmethod
+    def for_weights(cls, encoder: str) -> LungUNet:
+        """The network's shape, to load trained weights into, built without drawing from the
+        global generator: a trial seeds it before its model and trains on what follows, so a
+        segmenter built inside the trial (the first in a process) would change its dropout
+        masks and later ones (already loaded) would not."""
+        with torch.random.fork_rng(devices=[]):
+            return cls(encoder)
+
     def __init__(self, encoder: str = "mobilenetv2_100") -> None:
         super().__init__()
         self.encoder_name = encoder
@@ -144,11 +153,7 @@ def load_segmenter(path: str | Path) -> Segmenter:
         raise DataError(f"{path} is not a readable lung segmenter checkpoint ({exc})") from None
     if not isinstance(ck, dict) or ck.get("format") != SEGMENTER_FORMAT:
         raise DataError(f"{path} is not a lung segmenter checkpoint ({SEGMENTER_FORMAT})")
-    # built without drawing from the global generator: a trial seeds it before its model and
-    # trains on what follows, so a segmenter built inside the trial (the first in a process)
-    # would change its dropout masks and later ones (already loaded) would not
-    with torch.random.fork_rng(devices=[]):
-        net = LungUNet(ck["encoder"])
+    net = LungUNet.for_weights(ck["encoder"])
     net.load_state_dict(ck["state_dict"])
     net.eval()
     for p in net.parameters():
