@@ -258,7 +258,8 @@ def source_diagnostics(
     )
     warning = shortcut_warning(probe, alignment)
     # the combined warning says all the alignment warning says (and what the pixels add)
-    warns = [w for w in (warning or alignment.get("warning"),) if w]
+    shown = warning or alignment.get("warning")
+    warns = [shown] if shown else []
     return {
         "dataset": dataset.name,
         "dataset_hash": dataset.hash,

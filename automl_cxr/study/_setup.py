@@ -178,19 +178,17 @@ def resolve_space(space: str | Path | SearchSpace | None, profile: Profile) -> S
     return load_space(space)
 
 
-def check_segmenter(
-    space: SearchSpace, data_dir: str | Path, storage: str | None = None
-) -> str | None:
+def check_segmenter(space: SearchSpace, data_dir: str | Path, storage: str | None = None) -> None:
     """A space that can draw `roi: lung_crop|lung_mask` needs the lung segmenter: refused before
     any trial when `<data_dir>/lungs/segmenter.pt` is missing or unreadable. With a `storage`
     whose artifact folder is on disk, a copy is kept there (`study_segmenter`), so `export`
-    retrains its trials with the same one. Returns the segmenter's key (None: not needed)."""
+    retrains its trials with the same one."""
     roi = space.train.get("roi")
     if roi is None:
-        return None
+        return
     values = list(roi.choices) if roi.kind == "categorical" else [roi.value]
     if all(v == "full" for v in values):
-        return None
+        return
     import shutil
 
     from automl_cxr.lungs import DEFAULT_SEGMENTER, load_segmenter, study_segmenter
@@ -207,7 +205,6 @@ def check_segmenter(
             tmp.replace(copy_to)
         except OSError:  # an unwritable artifact folder never stops a search (as for the OOF
             pass  # store); `export` then needs the data folder's segmenter to be the same
-    return seg.key
 
 
 def adapt_space(
