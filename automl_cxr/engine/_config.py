@@ -125,7 +125,9 @@ class TrainConfig:
     `source_balance` and `class_weighting` have no effect (0 = off); `group_dro_adjust` is
     Sagawa et al.'s generalisation adjustment C (a group's loss counts as loss + C/sqrt(size)
     when the group weights are updated, so a small group the model fits easily still gains
-    weight; 0 = none).
+    weight; 0 = none). `weight_average` > 0 evaluates, early-stops on and keeps an exponential
+    moving average of the trained weights with that decay per update (`WeightAverage`; 0 = the
+    weights as trained).
     """
 
     resolution: int = 224
@@ -158,6 +160,7 @@ class TrainConfig:
     source_balance: bool = False
     group_dro: float = 0.0
     group_dro_adjust: float = 0.0
+    weight_average: float = 0.0
     segmenter: str | None = None
 
     def eval_batch(self, device_type: str) -> int:
@@ -187,6 +190,7 @@ class TrainConfig:
         check_number("site_adversarial", self.site_adversarial, 0.0, 1.0)
         check_number("group_dro", self.group_dro, 0.0, 10.0)
         check_number("group_dro_adjust", self.group_dro_adjust, 0.0, 10.0)
+        check_number("weight_average", self.weight_average, 0.0, 1.0, high_open=True)
         if self.segmenter is not None and not isinstance(self.segmenter, str):
             self.segmenter = str(self.segmenter)
         for name in ("class_weighting", "amp", "cpu_amp", "feature_cache", "source_balance"):
@@ -216,6 +220,7 @@ class TrainConfig:
         self.site_adversarial = float(self.site_adversarial)
         self.group_dro = float(self.group_dro)
         self.group_dro_adjust = float(self.group_dro_adjust)
+        self.weight_average = float(self.weight_average)
         self.inner_holdout = float(self.inner_holdout)
         if self.holdout is not None:
             self.holdout = float(self.holdout)

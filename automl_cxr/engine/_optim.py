@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -10,7 +12,7 @@ from timm.scheduler import create_scheduler_v2
 
 from automl_cxr.engine._config import TrainConfig
 
-__all__ = ["build_optimizer", "build_scheduler"]
+__all__ = ["WeightAverage", "build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -48,3 +50,41 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
         updates_per_epoch=steps_per_epoch,
     )
     return sched
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights over training updates (Polyak
+    averaging; Izmailov et al. 2018 and Cha et al. 2021, "SWAD", for why averaged weights
+    generalise better to unseen domains). `decay` per update, warmed up as TensorFlow's
+    `ExponentialMovingAverage(num_updates=...)` does (`min(decay, (1 + t) / (10 + t))` at
+    update t), so the random initial head does not linger; floating-point tensors of the state
+    are averaged, integer buffers (BatchNorm's counter) copied. `swapped(net)` puts the
+    average into `net` for evaluation and restores the trained weights after."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay, self.updates = float(decay), 0
+        self.avg = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        state = net.state_dict()
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in state.items():
+            if v.is_floating_point():
+                self.avg[k].lerp_(v, 1 - d)
+            else:
+                self.avg[k].copy_(v)
+        self.updates += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the averaged state."""
+        return {k: v.clone() for k, v in self.avg.items()}
+
+    @contextlib.contextmanager
+    def swapped(self, net: nn.Module):
+        live = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(self.avg)
+        try:
+            yield net
+        finally:
+            net.load_state_dict(live)

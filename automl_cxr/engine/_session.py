@@ -3,6 +3,7 @@ site-adversarial and source-balanced training, early stopping) and used to predi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ from automl_cxr.engine._metrics import (
     fold_metric,
     scalar_metrics,
 )
-from automl_cxr.engine._optim import build_optimizer, build_scheduler
+from automl_cxr.engine._optim import WeightAverage, build_optimizer, build_scheduler
 from automl_cxr.errors import ConfigError, TrialFailed
 from automl_cxr.lungs import preprocess_for, preprocessed_images
 from automl_cxr.models import CxrModel, ModelConfig, build_model
@@ -263,6 +264,7 @@ class Session:
         if not any(p.requires_grad for p in net.parameters()):
             raise ConfigError("the configuration leaves no trainable parameter")
         opt = build_optimizer(net, cfg)
+        avg = WeightAverage(net, cfg.weight_average) if cfg.weight_average > 0 else None
         site = None
         if cfg.site_adversarial > 0:
             site = SiteTraining(
@@ -315,6 +317,8 @@ class Session:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(opt)
                 self.scaler.update()
+                if avg is not None:
+                    avg.update(net)
                 if site is not None:
                     site.step()
                 updates += 1
@@ -333,15 +337,16 @@ class Session:
                 "n_train": int(len(tr)),
             }
             probs = m = None
-            if val_idx is not None:
-                probs, val_loss = self._evaluate(net, x_source, prep, val_idx)
-                m = compute_metrics(
-                    self.dataset.labels[val_idx], probs, classes, positive=self.dataset.positive
-                )
-                value = float(scalar_metrics(m).get(fold_metric(metric), float("nan")))
-                point.update(val_loss=val_loss, value=value)
-            if inner_val is not None:
-                point["inner_val_loss"] = self._evaluate(net, x_source, prep, inner_val)[1]
+            with avg.swapped(net) if avg is not None else contextlib.nullcontext():
+                if val_idx is not None:
+                    probs, val_loss = self._evaluate(net, x_source, prep, val_idx)
+                    m = compute_metrics(
+                        self.dataset.labels[val_idx], probs, classes, positive=self.dataset.positive
+                    )
+                    value = float(scalar_metrics(m).get(fold_metric(metric), float("nan")))
+                    point.update(val_loss=val_loss, value=value)
+                if inner_val is not None:
+                    point["inner_val_loss"] = self._evaluate(net, x_source, prep, inner_val)[1]
             out.curve.append(point)
             if self.log:
                 extra = (
@@ -360,7 +365,11 @@ class Session:
             elif point["inner_val_loss"] < best_loss - 1e-4:
                 best_loss, bad_epochs = point["inner_val_loss"], 0
                 out.probs, out.metrics, out.best_epoch = probs, m, epoch
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best_state = (
+                    avg.state()
+                    if avg is not None
+                    else {k: v.detach().clone() for k, v in net.state_dict().items()}
+                )
             else:
                 bad_epochs += 1
             if report is not None and val_idx is not None:
@@ -372,6 +381,8 @@ class Session:
             out.site_adversary = {"sites": site.n_sites, "active": site.active}
         if objective.dro is not None:
             out.group_weights = objective.dro.record()
+        if best_state is None and avg is not None:  # no chosen epoch: the last one, as evaluated
+            net.load_state_dict(avg.avg)
         if best_state is not None:
             net.load_state_dict(best_state)  # the model of the chosen epoch
         elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch

@@ -60,6 +60,7 @@ _FLOAT_KEYS = frozenset(
         "site_adversarial",
         "group_dro",
         "group_dro_adjust",
+        "weight_average",
     }
 )
 """Parameters that are real numbers whatever their bounds look like: `{low: 0, high: 1}` is
@@ -85,6 +86,7 @@ _TRAIN_KEYS = (
     "source_balance",
     "group_dro",
     "group_dro_adjust",
+    "weight_average",
 )
 _TOP_KEYS = ("description", "backbones", "frozen_fraction", "heads", "gray_mode", *_TRAIN_KEYS)
 
