@@ -12,7 +12,7 @@ from timm.scheduler import create_scheduler_v2
 
 from automl_cxr.engine._config import TrainConfig
 
-__all__ = ["WeightAverage", "build_optimizer", "build_scheduler"]
+__all__ = ["WeightAverage", "build_optimizer", "build_scheduler", "state_copy"]
 
 
 def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -52,6 +52,11 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
     return sched
 
 
+def state_copy(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of `net`'s state (weights and buffers), e.g. a chosen epoch's model."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 class WeightAverage:
     """An exponential moving average of a network's weights over training updates (Polyak
     averaging; Izmailov et al. 2018 and Cha et al. 2021, "SWAD", for why averaged weights
@@ -63,7 +68,7 @@ class WeightAverage:
 
     def __init__(self, net: nn.Module, decay: float) -> None:
         self.decay, self.updates = float(decay), 0
-        self.avg = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        self.avg = state_copy(net)
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
@@ -82,7 +87,7 @@ class WeightAverage:
 
     @contextlib.contextmanager
     def swapped(self, net: nn.Module):
-        live = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        live = state_copy(net)
         net.load_state_dict(self.avg)
         try:
             yield net
