@@ -7,14 +7,16 @@ configuration (`run_trial`, the search's own folds) under
   the weights, evaluated, early-stopped on and kept: `automl_cxr.engine.WeightAverage`; Cha et
   al. 2021 "SWAD" found averaged weights generalise better to unseen domains);
 - 1 or 2 torch threads (the same arithmetic summed in another order);
-- seeds 0 (the search's), 1, 2,
+- seeds 0 (the search's), 1, 2;
+- the profile's precision (bfloat16 autocast of the trained part on a CPU that computes it
+  natively, as on this machine and in the searches) or, with `--fp32`, float32,
 
 each scored by its site-CV fold mean and on `cohen_sites` (24 Cohen hospitals no training image
 comes from) and `nih_holdout` (new NIH patients: specificity). Nothing is chosen on the external
 sets. Resumable: rows already in the JSON are skipped.
 
 Usage: python results/generalisation/robust/average_probe.py [DATA_DIR]
-       [--decays 0,0.9,0.98] [--threads 1,2] [--seeds 0]
+       [--decays 0,0.9,0.98] [--threads 1,2] [--seeds 0] [--fp32]
 Writes average_probe.json and average_probe.md beside this file.
 """
 
@@ -32,7 +34,7 @@ import optuna
 import torch
 
 from automl_cxr.deploy._select import training_data, trial_spec
-from automl_cxr.engine import run_trial
+from automl_cxr.engine import run_precision, run_trial
 from automl_cxr.study import external_attr_key, prepare_externals
 
 HERE = Path(__file__).resolve().parent
@@ -49,9 +51,9 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def run(data_dir: Path, decays, threads, seeds, out: Path) -> list[dict]:
+def run(data_dir: Path, decays, threads, seeds, out: Path, fp32: bool = False) -> list[dict]:
     rows = json.loads(out.read_text()) if out.exists() else []
-    done = {(r["study"], r["decay"], r["threads"], r["seed"]) for r in rows}
+    done = {(r["study"], r["decay"], r["threads"], r["seed"], r["precision"]) for r in rows}
     ext = HERE.parent / "external"
     for study, number in TRIALS:
         st = optuna.load_study(study_name=None, storage=f"sqlite:///{HERE / study}.db")
@@ -65,10 +67,18 @@ def run(data_dir: Path, decays, threads, seeds, out: Path) -> list[dict]:
         for seed in seeds:
             for th in threads:
                 for d in decays:
-                    if (study, d, th, seed) in done:
+                    cfg = dataclasses.replace(spec.train, weight_average=d, seed=seed)
+                    if fp32:
+                        cfg = dataclasses.replace(cfg, cpu_amp=False)
+                    if (
+                        study,
+                        d,
+                        th,
+                        seed,
+                        run_precision(cfg.device, cpu_amp=cfg.cpu_amp, amp=cfg.amp),
+                    ) in done:
                         continue
                     torch.set_num_threads(th)
-                    cfg = dataclasses.replace(spec.train, weight_average=d, seed=seed)
                     t0 = time.time()
                     r = run_trial(ds, spec.model, cfg, externals=[cohen, nih])
                     e = r.externals
@@ -78,6 +88,7 @@ def run(data_dir: Path, decays, threads, seeds, out: Path) -> list[dict]:
                         "decay": d,
                         "threads": th,
                         "seed": seed,
+                        "precision": r.precision,
                         "cv": float(r.summary["metrics"]["balanced_accuracy"]["mean"]),
                         "folds": [round(f["balanced_accuracy"], 4) for f in r.folds],
                         "cohen": float(e[cohen.name]["metrics"]["balanced_accuracy"]),
@@ -91,32 +102,38 @@ def run(data_dir: Path, decays, threads, seeds, out: Path) -> list[dict]:
     return rows
 
 
-def _recorded(study: str, number: int) -> tuple[list[float], float, float]:
+def _recorded(study: str, number: int) -> tuple[list[float], float, float, str]:
     t = optuna.load_study(study_name=None, storage=f"sqlite:///{HERE / study}.db").trials[number]
     folds = [round(f["balanced_accuracy"], 4) for f in t.user_attrs["metrics"]["folds"]]
     ck = t.user_attrs.get(external_attr_key("cohen_sites_binary", "balanced_accuracy"))
-    return folds, float(t.params.get("frozen_fraction", float("nan"))), float(ck)
+    frozen = float(t.params.get("frozen_fraction", float("nan")))
+    return folds, frozen, float(ck), str(t.user_attrs.get("precision"))
 
 
 def summarise(rows: list[dict]) -> str:
+    runs = [("bf16", 1), ("bf16", 2), ("fp32", 1), ("fp32", 2)]
     lines = [
-        "Float order: the search's figures against the same trial trained again (seed 0, "
-        "`weight_average` 0).",
+        "Float order: the search's figures (its recorded precision) against the same trial "
+        "trained again (seed 0, `weight_average` 0), by precision and thread count.",
         "",
-        "| study | trial | frozen | search: folds / cohen_sites | 1 thread | 2 threads |",
-        "| --- | ---: | ---: | --- | --- | --- |",
+        "| study | trial | frozen | search: precision, folds / cohen_sites | "
+        + " | ".join(f"{p}, {t} thread{'s' if t > 1 else ''}" for p, t in runs)
+        + " |",
+        "| --- | ---: | ---: | --- |" + " --- |" * len(runs),
     ]
     for study, number in TRIALS:
-        folds, frozen, ck = _recorded(study, number)
+        folds, frozen, ck, precision = _recorded(study, number)
         cell = {
-            r["threads"]: f"{r['folds']} / {r['cohen']:.3f}"
+            (r["precision"], r["threads"]): f"{r['folds']} / {r['cohen']:.3f}"
             for r in rows
             if r["study"] == study and r["decay"] == 0 and r["seed"] == 0
         }
         lines.append(
-            f"| {study} | {number} | {frozen:.3f} | {folds} / {ck:.3f} | {cell.get(1, '-')} | "
-            f"{cell.get(2, '-')} |"
+            f"| {study} | {number} | {frozen:.3f} | {precision}, {folds} / {ck:.3f} | "
+            + " | ".join(cell.get(k, "-") for k in runs)
+            + " |"
         )
+    rows = [r for r in rows if r["precision"] == "bf16"]  # the weight-average runs
     lines += [
         "",
         "Weight averaging against the weights as trained, paired on (trial, threads, seed): "
@@ -171,11 +188,12 @@ def main() -> int:
     ap.add_argument("--decays", default="0,0.9,0.98", type=_floats)
     ap.add_argument("--threads", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seeds", default="0", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--fp32", action="store_true", help="train in float32 (cpu_amp off)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = HERE / "average_probe.json"
-    rows = run(args.data_dir, args.decays, args.threads, args.seeds, out)
+    rows = run(args.data_dir, args.decays, args.threads, args.seeds, out, args.fp32)
     text = summarise(rows)
     (HERE / "average_probe.md").write_text(text)
     print(text)
