@@ -217,23 +217,23 @@ def pin_segmenter(
     want = recorded[recorded.index("lungs:") :]
     where = artifact_dir(spec.storage) if spec.storage else None
     here = segmenter_path(spec.train, data_dir)
-    found = []
+    keys: dict[Path, str] = {}  # the segmenters found, by path
     for path in ([study_segmenter(where, want)] if where else []) + [here]:
         if path.is_file():
-            key = load_segmenter(path).key
-            if key == want:
+            keys[path] = load_segmenter(path).key
+            if keys[path] == want:
                 spec.train = replace(spec.train, segmenter=str(path))
                 return None
-            found.append(f"{path} is {key}")
+    found = "; ".join(f"{path} is {key}" for path, key in keys.items())
     what = (
         f"trial {spec.number} was searched with lung segmenter {want}, but "
-        + ("; ".join(found) if found else f"there is none at {here}")
+        + (found or f"there is none at {here}")
         + " and the study keeps no copy of its own (studies before 2026-12-07 did not)"
     )
-    if any_segmenter and here.is_file():
+    if any_segmenter and here in keys:
         return (
-            f"{what}: retrained with {load_segmenter(here).key} (--any-segmenter), so its lung "
-            "masks, and the model, differ from the ones the search scored"
+            f"{what}: retrained with {keys[here]} (--any-segmenter), so its lung masks, and "
+            "the model, differ from the ones the search scored"
         )
     raise DataError(
         f"{what}: retraining it would compute other lung masks than the search scored. Put "
