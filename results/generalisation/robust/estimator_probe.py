@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from feature_probe import C_GRID, CONFIGS, ERASE, _features, _fit_predict
+from feature_probe import C_GRID, CONFIGS, ERASE, _features, _fit_predict, anchored_folds
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedGroupKFold
 
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
@@ -55,17 +54,7 @@ def main(argv: list[str]) -> int:
     site = train.manifest["site"].to_numpy().astype(str)
     patient = train.manifest["patient_id"].to_numpy().astype(str)
     folds, _ = make_site_splits(y, patient, site, n_folds=3, seed=0)
-    anchor = site == "nih"
-    rest = np.flatnonzero(~anchor)
-
-    def anchored(k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
-        return [
-            (np.concatenate([rest[tr], np.flatnonzero(anchor)]), rest[va])
-            for tr, va in cv.split(rest, y[rest], site[rest])
-        ]
-
-    schemes = {f"anch{k}_s{s}": anchored(k, s) for k in (5, 10) for s in (0, 1)}
+    schemes = {f"anch{k}_s{s}": anchored_folds(y, site, k, s) for k in (5, 10) for s in (0, 1)}
     rows = []
     for backbone, size in CONFIGS:
         t0 = time.perf_counter()

@@ -66,6 +66,20 @@ def _features(backbone: str, size: int, datasets: dict) -> dict[str, np.ndarray]
     return out
 
 
+def anchored_folds(
+    y: np.ndarray, site: np.ndarray, k: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, validation rows) of anchored site CV: NIH always trains, the other rows
+    rotate through `k` site-grouped, stratified folds."""
+    anchor = site == "nih"
+    rest = np.flatnonzero(~anchor)
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    return [
+        (np.concatenate([rest[tr], np.flatnonzero(anchor)]), rest[va])
+        for tr, va in cv.split(rest, y[rest], site[rest])
+    ]
+
+
 def _erasure(x: np.ndarray, y: np.ndarray, sites: np.ndarray, k: int) -> np.ndarray:
     """(D, k) orthonormal directions of the count-weighted (class, site) mean differences."""
     vecs = []
@@ -102,14 +116,7 @@ def main(argv: list[str]) -> int:
     site = train.manifest["site"].to_numpy().astype(str)
     patient = train.manifest["patient_id"].to_numpy().astype(str)
     folds, _ = make_site_splits(y, patient, site, n_folds=3, seed=0)
-    anchor = site == "nih"
-    rest = np.flatnonzero(~anchor)
-    anchored = [
-        (np.concatenate([rest[tr], np.flatnonzero(anchor)]), rest[va])
-        for tr, va in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(
-            rest, y[rest], site[rest]
-        )
-    ]
+    anchored = anchored_folds(y, site, 3, 0)
     rows = []
     for backbone, size in CONFIGS:
         t0 = time.perf_counter()
