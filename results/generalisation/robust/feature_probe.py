@@ -39,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
 from automl_cxr.models import ModelConfig, build_model
+from automl_cxr.study import prepare_externals
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = (
@@ -109,8 +110,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     data_dir = Path(argv[0]) if argv else Path("data/generalisation")
     train = load_dataset("binary_adult", data_dir)
-    cohen = load_dataset("cohen_sites_binary", data_dir / "external")
-    nih = load_dataset("nih_holdout_binary", data_dir / "external")
+    ext = HERE.parent / "external"
+    cohen, nih = prepare_externals(  # as `search --external` does
+        [ext / "cohen_sites_binary.csv", ext / "nih_holdout_binary.csv"],
+        dataset=train,
+        data_dir=data_dir,
+    )
     assert train.classes == cohen.classes == ["covid", "non_covid"], train.classes
     y = train.labels
     site = train.manifest["site"].to_numpy().astype(str)
