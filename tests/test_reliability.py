@@ -297,10 +297,14 @@ def test_parallel_workers_share_frozen_features_and_report_progress(
 ) -> None:
     """Workers share one feature folder (each feature set computed by one worker only), and
     the parent shows every worker's finished trials as they land."""
+    # 40 epochs: ~0.9 s per head-only trial instead of ~0.2 s, so that one worker cannot
+    # finish all 12 trials before the other one's first (startup lags of 1-3 s were measured;
+    # under a loaded CI one worker once did all 12 at 2 epochs, and the two-pid check failed).
     space = tmp_path / "head_only.yaml"
     space.write_text(
         "backbones: [test_resnet]\nfrozen_fraction: 1.0\n"
         "heads: {linear: {pool: [avg, max, avgmax]}}\nlr: {low: 1.0e-3, high: 1.0e-2}\n"
+        "epochs: 40\n"
     )
     db = tmp_path / "share.db"
     res = _run(
@@ -312,8 +316,8 @@ def test_parallel_workers_share_frozen_features_and_report_progress(
     study = _study(db)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     # exactly --trials: a worker starts no trial that another one's running trial fills.
-    # (12, not 6: under a loaded CI one worker once finished all 6 head-only trials while the
-    # other was still reading the shared features, and the two-pid check below failed.)
+    # (12, not 6, and 40 epochs above: under a loaded CI one worker once finished all 6, and
+    # later all 12 two-epoch head-only trials before the other one's first.)
     # (A trial two workers start at the same moment beyond --trials is failed before
     # sampling, as `surplus`: documented, and it once happened here.)
     counted = [t for t in study.trials if t.user_attrs.get("fail_kind") != "surplus"]
