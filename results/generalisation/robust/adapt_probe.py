@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from probe_data import external_sets
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
@@ -38,7 +39,6 @@ from sklearn.preprocessing import StandardScaler
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
 from automl_cxr.models import ModelConfig, build_model
-from automl_cxr.study import prepare_externals  # as `search --external` does
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = (
@@ -85,12 +85,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     data_dir = Path(argv[0]) if argv else Path("data/generalisation")
     train = load_dataset("binary_adult", data_dir)
-    ext = HERE.parent / "external"
-    cohen, nih = prepare_externals(
-        [ext / "cohen_sites_binary.csv", ext / "nih_holdout_binary.csv"],
-        dataset=train,
-        data_dir=data_dir,
-    )
+    cohen, nih = external_sets(train, data_dir)
     assert train.classes == cohen.classes == ["covid", "non_covid"], train.classes
     y = np.asarray(train.labels)  # 1 = non-COVID
     yc = np.asarray(cohen.labels)

@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+from probe_data import external_sets
 
 from automl_cxr.deploy._select import training_data, trial_spec
 from automl_cxr.engine import run_precision, run_trial
-from automl_cxr.study import external_attr_key, prepare_externals
+from automl_cxr.study import external_attr_key
 
 HERE = Path(__file__).resolve().parent
 TRIALS = (
@@ -54,16 +55,11 @@ def _floats(text: str) -> list[float]:
 def run(data_dir: Path, decays, threads, seeds, out: Path, fp32: bool = False) -> list[dict]:
     rows = json.loads(out.read_text()) if out.exists() else []
     done = {(r["study"], r["decay"], r["threads"], r["seed"], r["precision"]) for r in rows}
-    ext = HERE.parent / "external"
     for study, number in TRIALS:
         st = optuna.load_study(study_name=None, storage=f"sqlite:///{HERE / study}.db")
         spec = trial_spec(st, st.trials[number])
         ds = training_data(spec, data_dir)
-        cohen, nih = prepare_externals(
-            [ext / "cohen_sites_binary.csv", ext / "nih_holdout_binary.csv"],
-            dataset=ds,
-            data_dir=data_dir,
-        )
+        cohen, nih = external_sets(ds, data_dir)
         for seed in seeds:
             for th in threads:
                 for d in decays:

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from feature_probe import C_GRID, CONFIGS, ERASE, _features, _fit_predict, anchored_folds
+from probe_data import external_sets
 from sklearn.metrics import balanced_accuracy_score
 
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
-from automl_cxr.study import prepare_externals
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,12 +44,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     data_dir = Path(argv[0]) if argv else Path("data/generalisation")
     train = load_dataset("binary_adult", data_dir)
-    ext = HERE.parent / "external"
-    cohen, nih = prepare_externals(
-        [ext / "cohen_sites_binary.csv", ext / "nih_holdout_binary.csv"],
-        dataset=train,
-        data_dir=data_dir,
-    )
+    cohen, nih = external_sets(train, data_dir)
     y = np.asarray(train.labels)
     site = train.manifest["site"].to_numpy().astype(str)
     patient = train.manifest["patient_id"].to_numpy().astype(str)

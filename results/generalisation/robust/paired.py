@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 from optuna.trial import TrialState
+from probe_data import external_sets
 
 from automl_cxr.data import load_dataset
 from automl_cxr.deploy._select import trial_spec
 from automl_cxr.engine import run_trial
-from automl_cxr.study import load_study, prepare_externals
+from automl_cxr.study import load_study
 
 HERE = Path(__file__).resolve().parent
 EXTERNALS = ("cohen_sites_binary", "adult_holdout_binary", "nih_holdout_binary")
@@ -77,9 +78,7 @@ def main(argv: list[str]) -> int:
         if len(picks) == k:
             break
     ds = load_dataset("binary_adult", data_dir)
-    exts = prepare_externals(  # as `search --external` does
-        [HERE.parent / "external" / f"{n}.csv" for n in EXTERNALS], dataset=ds, data_dir=data_dir
-    )
+    exts = external_sets(ds, data_dir, EXTERNALS)
     seg = str(data_dir / "lungs" / "segmenter.pt")
     rows = []
     for t in picks:

@@ -28,12 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from probe_data import external_sets
 from sklearn.metrics import balanced_accuracy_score as bacc
 
 from automl_cxr.data import load_dataset
 from automl_cxr.engine import make_site_splits
 from automl_cxr.models import ModelConfig, build_model
-from automl_cxr.study import prepare_externals
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -96,12 +96,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     data_dir = Path(argv[0]) if argv else Path("data/generalisation")
     train = load_dataset("binary_adult", data_dir)
-    ext = HERE.parent / "external"
-    cohen, nih = prepare_externals(
-        [ext / "cohen_sites_binary.csv", ext / "nih_holdout_binary.csv"],
-        dataset=train,
-        data_dir=data_dir,
-    )
+    cohen, nih = external_sets(train, data_dir)
     y, yc = np.asarray(train.labels), np.asarray(cohen.labels)  # 1 = non-COVID
     site = train.manifest["site"].to_numpy().astype(str)
     source = train.manifest["source"].to_numpy().astype(str)
