@@ -53,6 +53,31 @@ def test_the_average_follows_the_warmed_up_decay_and_copies_integer_buffers() ->
     assert (trained - expected).min() > 1
 
 
+def test_only_what_training_can_change_is_averaged() -> None:
+    """A frozen layer and an eval-mode BatchNorm are not visited on every update; a
+    training-mode BatchNorm's statistics are, even with its affine weights frozen."""
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    net[0].requires_grad_(False)
+    net[2].requires_grad_(False)
+    net.train()
+    net[1].eval()  # as CxrModel keeps its frozen stages
+    avg = WeightAverage(net, 0.9)
+    net(torch.randn(8, 3))  # net[2]'s running statistics move
+    avg.update(net)
+    assert set(avg.moving) == {
+        "1.weight",
+        "1.bias",
+        "2.running_mean",
+        "2.running_var",
+        "2.num_batches_tracked",
+        "3.weight",
+        "3.bias",
+    }
+    assert avg.avg["2.num_batches_tracked"].item() == 1
+    assert torch.equal(avg.avg["0.weight"], net[0].weight)  # the frozen copy, unchanged
+    assert set(avg.state()) == set(net.state_dict())  # the whole state is kept
+
+
 def test_weight_average_keeps_the_average_it_early_stopped_on(adult_small) -> None:
     ds = adult_small
     plain = run_trial(ds, _model(ds), _cfg(early_stopping=2))

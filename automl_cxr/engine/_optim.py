@@ -63,18 +63,34 @@ class WeightAverage:
     generalise better to unseen domains). `decay` per update, warmed up as TensorFlow's
     `ExponentialMovingAverage(num_updates=...)` does (`min(decay, (1 + t) / (10 + t))` at
     update t), so the random initial head does not linger; floating-point tensors of the state
-    are averaged, integer buffers (BatchNorm's counter) copied. `swapped(net)` puts the
-    average into `net` for evaluation and restores the trained weights after."""
+    are averaged, integer buffers (BatchNorm's counter) copied. Only what training can change
+    is visited: the trainable parameters and the buffers of modules in training mode at the
+    first update (a frozen backbone's weights and its eval-mode BatchNorm statistics stay as
+    copied at the start). `swapped(net)` puts the average into `net` for evaluation and
+    restores the trained weights after."""
 
     def __init__(self, net: nn.Module, decay: float) -> None:
         self.decay, self.updates = float(decay), 0
         self.avg = state_copy(net)
+        self.moving: tuple[str, ...] | None = None  # set at the first update
+
+    @staticmethod
+    def _moving(net: nn.Module) -> tuple[str, ...]:
+        """State keys training can change: trainable parameters, training modules' buffers."""
+        keys = {k for k, p in net.named_parameters(remove_duplicate=False) if p.requires_grad}
+        for name, m in net.named_modules(remove_duplicate=False):
+            if m.training:
+                keys.update(f"{name}.{b}" if name else b for b, _ in m.named_buffers(recurse=False))
+        return tuple(k for k in net.state_dict() if k in keys)
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
+        if self.moving is None:
+            self.moving = self._moving(net)
         state = net.state_dict()
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in state.items():
+        for k in self.moving:
+            v = state[k]
             if v.is_floating_point():
                 self.avg[k].lerp_(v, 1 - d)
             else:

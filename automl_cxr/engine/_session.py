@@ -382,12 +382,13 @@ class Session:
             out.site_adversary = {"sites": site.n_sites, "active": site.active}
         if objective.dro is not None:
             out.group_weights = objective.dro.record()
-        if best_state is None and avg is not None:  # no chosen epoch: the last one, as evaluated
-            net.load_state_dict(avg.avg)
         if best_state is not None:
             net.load_state_dict(best_state)  # the model of the chosen epoch
-        elif out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
-            out.probs, out.metrics, out.best_epoch = probs, m, len(out.curve) - 1
+        else:
+            if avg is not None:  # the last epoch, as it was evaluated
+                net.load_state_dict(avg.avg)
+            if out.best_epoch < 0:  # the inner loss never was a number: keep the last epoch
+                out.probs, out.metrics, out.best_epoch = probs, m, len(out.curve) - 1
         out.trained = np.flatnonzero(seen.cpu().numpy())
         out.wall = time.perf_counter() - fit_start
         return out
