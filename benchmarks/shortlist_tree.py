@@ -156,8 +156,9 @@ def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, cfg: str):
 
 
 def _synthetic(n: int) -> tuple[LocalFeatures, list[str]]:
-    """Keypoints of `scale.make_inputs(n)`'s films, made in memory (its draws, its
-    `_make_one`), and each film's source key (source path, flipped or not)."""
+    """Keypoints of `scale.make_inputs(n)`'s films (its draws, its `_make_one`), each written
+    to one temporary file and read back instead of kept on disk, and each film's source key
+    (source path, flipped or not)."""
     import cv2
 
     covid, normal = _films()
@@ -176,30 +177,30 @@ def _synthetic(n: int) -> tuple[LocalFeatures, list[str]]:
         r = np.random.default_rng(i)
         r.uniform(0.7, 1.0), r.uniform(0.7, 1.0), r.integers(0, 2), r.integers(0, 2)
         keys.append(f"{os.path.realpath(src)}|{'flip' if r.random() < 0.5 else ''}")
-    work = Path(tempfile.mkdtemp(prefix="shortlist_tree_"))
+    with tempfile.TemporaryDirectory(prefix="shortlist_tree_") as work:
 
-    def film(i: int) -> np.ndarray:
-        out = work / f"film.{'png' if i % 2 == 0 else 'jpg'}"  # as scale.py writes it
-        _make_one((i, str(plan[i]), str(out), ""))
-        return cv2.imread(str(out), cv2.IMREAD_GRAYSCALE)
+        def film(i: int) -> np.ndarray:
+            out = Path(work) / f"film.{'png' if i % 2 == 0 else 'jpg'}"  # as scale.py writes it
+            _make_one((i, str(plan[i]), str(out), ""))
+            return cv2.imread(str(out), cv2.IMREAD_GRAYSCALE)
 
-    t0 = time.perf_counter()
-    feats = extract_features(film(i) for i in range(n))
+        t0 = time.perf_counter()
+        feats = extract_features(film(i) for i in range(n))
     print(f"{n} synthetic films' keypoints in {time.perf_counter() - t0:.0f} s", flush=True)
     return feats, keys
 
 
 def _keypoint_share() -> dict:
     covid, normal = _films()
-    films, work = covid + normal, Path(tempfile.mkdtemp(prefix="shortlist_tree_kp_"))
-    paths = []
-    for i in range(200):
-        p = work / f"img{i:04d}.{'png' if i % 2 == 0 else 'jpg'}"
-        _make_one((i, str(films[(i * 7919) % len(films)]), str(p), ""))
-        paths.append(p)
-    t0 = time.perf_counter()
-    imgs = [decode_gray(p).pixels for p in paths]
-    t1 = time.perf_counter()
+    films, paths = covid + normal, []
+    with tempfile.TemporaryDirectory(prefix="shortlist_tree_kp_") as work:
+        for i in range(200):
+            p = Path(work) / f"img{i:04d}.{'png' if i % 2 == 0 else 'jpg'}"
+            _make_one((i, str(films[(i * 7919) % len(films)]), str(p), ""))
+            paths.append(p)
+        t0 = time.perf_counter()
+        imgs = [decode_gray(p).pixels for p in paths]
+        t1 = time.perf_counter()
     for img in imgs:
         local_features(img)
     t2 = time.perf_counter()
