@@ -68,7 +68,8 @@ def _films() -> tuple[list[Path], list[Path]]:
     return covid, normal
 
 
-def _make_one(job: tuple[int, str, str, str]) -> None:
+def _make_one(job: tuple[int, str, str, str]) -> bool:
+    """Write film `i` of `src` to `dst`; whether it was flipped."""
     import cv2
 
     i, src, dst, _ = job
@@ -80,7 +81,8 @@ def _make_one(job: tuple[int, str, str, str]) -> None:
     ch, cw = int(h * rng.uniform(0.7, 1.0)), int(w * rng.uniform(0.7, 1.0))
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
     img = img[y : y + ch, x : x + cw]
-    if rng.random() < 0.5:
+    flip = rng.random() < 0.5
+    if flip:
         img = img[:, ::-1]
     img = cv2.resize(np.ascontiguousarray(img), (SIDE, SIDE), interpolation=cv2.INTER_CUBIC)
     f = img.astype(np.float32) / 255.0
@@ -90,16 +92,16 @@ def _make_one(job: tuple[int, str, str, str]) -> None:
         cv2.imwrite(dst, out)
     else:
         cv2.imwrite(dst, out, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return flip
 
 
-def make_inputs(n: int, folder: Path) -> Path:
-    """`n` synthetic films and their CSV manifest (path,label,patient_id,site); reuses files
-    already made by a smaller or equal run in the same folder."""
+def draws(n: int) -> list[tuple[str, int, str, int, Path]]:
+    """(label, patient number, site, source index k, source film) of each of `n` synthetic
+    films, drawn in order from one seeded generator."""
     covid, normal = _films()
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, jobs, patient, left = [], [], 0, 0
-    for i in range(n):
+    out, patient, left = [], 0, 0
+    for _ in range(n):
         if left == 0:
             patient += 1
             left = int(rng.integers(1, 4))
@@ -108,13 +110,23 @@ def make_inputs(n: int, folder: Path) -> Path:
         left -= 1
         pool = covid if label == "covid" else normal
         k = int(rng.integers(0, len(pool)))
-        src = pool[k]
+        out.append((label, patient, site, k, pool[k]))
+    return out
+
+
+def make_inputs(n: int, folder: Path) -> Path:
+    """`n` synthetic films and their CSV manifest (path,label,patient_id,site); reuses files
+    already made by a smaller or equal run in the same folder."""
+    covid, normal = _films()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, jobs = [], []
+    for i, (label, patient, site, k, src) in enumerate(draws(n)):
         dst = folder / f"img{i:06d}.{'png' if i % 2 == 0 else 'jpg'}"
         if n > len(covid) + len(normal):
             # every film made from one source film is that film's patient's: copies join
             # patients (the finder's rule), so patients drawing films at random would at 50,000
             # images all be joined into one patient group per class and no fold split would exist
-            # (the patient/label/site draws above still run, so the same images are made)
+            # (`draws` still makes the patient/label/site draws, so the same images are made)
             rows.append((dst.name, label, f"{label}{k}", f"site{k % SITES}"))
         else:
             rows.append((dst.name, label, f"p{patient}", site))

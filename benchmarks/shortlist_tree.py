@@ -46,18 +46,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from duplicates import _pool  # noqa: E402
-from scale import SIDE, _films, _make_one  # noqa: E402
+from scale import SIDE, _films, _make_one, draws  # noqa: E402
 
 from automl_cxr.data import decode_gray  # noqa: E402
 from automl_cxr.data._duplicates import find_matches  # noqa: E402
 from automl_cxr.data._keypoints import LocalFeatures, extract_features, local_features  # noqa: E402
 from automl_cxr.data._reframe import reframe  # noqa: E402
 from automl_cxr.data._shortlist import (  # noqa: E402
-    VOTE_DISTANCE,
     _strongest,
     candidates,
     nearest_owners,
     shortlist_index,
+    tally_votes,
 )
 from automl_cxr.settings import default_sources_dir  # noqa: E402
 
@@ -115,6 +115,18 @@ def tree_index(codes: np.ndarray, branch: int, leaf: int, probe: int):
     return q
 
 
+class _QueryByQuery:
+    """A tree searched by faiss query by query: `nearest_owners` searches an `IndexBinaryIVF`
+    list by list, a Python loop over the tree's ~270,000 leaves; anything else through its
+    `search`, as here."""
+
+    def __init__(self, index) -> None:
+        self.index, self.ntotal = index, index.ntotal
+
+    def search(self, x: np.ndarray, k: int):
+        return self.index.search(x, k)
+
+
 def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, cfg: str):
     """`vote_counts` with the finder's index (`cfg` "current") or a tree; (pair codes, votes,
     build s, search s, queries)."""
@@ -124,7 +136,7 @@ def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, cfg: str):
     if cfg == "current":
         index = shortlist_index(codes)
     else:
-        index = tree_index(codes, *(int(v) for v in cfg.split(",")))
+        index = _QueryByQuery(tree_index(codes, *(int(v) for v in cfg.split(","))))
     t_build = time.perf_counter() - t0
     if same:
         x, qi = codes, owner
@@ -132,56 +144,25 @@ def _votes(query: LocalFeatures, base: LocalFeatures, same: bool, cfg: str):
         rows, qi = _strongest(query)
         x = query.descriptors[rows]
     t0 = time.perf_counter()
-    if cfg == "current":
-        d, o = nearest_owners(index, owner, x, qi if same else None)
-    else:  # faiss's own search; k = 8 lets a query skip its own image's codes
-        k = 8 if same else 1
-        d, o = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
-        for s in range(0, len(x), 2_000_000):
-            dist, near = index.search(np.ascontiguousarray(x[s : s + 2_000_000]), k)
-            own = np.where(near >= 0, owner[np.clip(near, 0, None)], -1)
-            ok = own >= 0
-            if same:
-                ok &= own != qi[s : s + 2_000_000, None]
-            first = np.argmax(ok, axis=1)
-            r = np.arange(len(first))
-            d[s : s + len(r)] = np.where(ok[r, first], dist[r, first], 999)
-            o[s : s + len(r)] = np.where(ok[r, first], own[r, first], -1)
+    d, o = nearest_owners(index, owner, x, qi if same else None)
     t_search = time.perf_counter() - t0
-    ok = d <= VOTE_DISTANCE
-    a, b = qi[ok], o[ok]
-    if same:
-        a, b = np.minimum(a, b), np.maximum(a, b)
-    return (*np.unique(a * len(base) + b, return_counts=True), t_build, t_search, len(x))
+    return (*tally_votes(qi, d, o, len(base), same), t_build, t_search, len(x))
 
 
 def _synthetic(n: int) -> tuple[LocalFeatures, list[str]]:
-    """Keypoints of `scale.make_inputs(n)`'s films (its draws, its `_make_one`), each written
+    """Keypoints of `scale.make_inputs(n)`'s films (its `draws`, its `_make_one`), each written
     to one temporary file and read back instead of kept on disk, and each film's source key
     (source path, flipped or not)."""
     import cv2
 
-    covid, normal = _films()
-    rng = np.random.default_rng(0)
-    plan, left = [], 0
-    for _ in range(n):  # scale.make_inputs's draws, in its order
-        if left == 0:
-            left = int(rng.integers(1, 4))
-            label = "covid" if rng.random() < 0.4 else "normal"
-            rng.integers(0, 8)
-        left -= 1
-        films = covid if label == "covid" else normal
-        plan.append(films[int(rng.integers(0, len(films)))])
+    plan = [src for *_, src in draws(n)]
     keys = []
-    for i, src in enumerate(plan):  # _make_one's draws up to its flip
-        r = np.random.default_rng(i)
-        r.uniform(0.7, 1.0), r.uniform(0.7, 1.0), r.integers(0, 2), r.integers(0, 2)
-        keys.append(f"{os.path.realpath(src)}|{'flip' if r.random() < 0.5 else ''}")
     with tempfile.TemporaryDirectory(prefix="shortlist_tree_") as work:
 
         def film(i: int) -> np.ndarray:
             out = Path(work) / f"film.{'png' if i % 2 == 0 else 'jpg'}"  # as scale.py writes it
-            _make_one((i, str(plan[i]), str(out), ""))
+            flip = _make_one((i, str(plan[i]), str(out), ""))
+            keys.append(f"{os.path.realpath(plan[i])}|{'flip' if flip else ''}")
             return cv2.imread(str(out), cv2.IMREAD_GRAYSCALE)
 
         t0 = time.perf_counter()

@@ -38,6 +38,7 @@ __all__ = [
     "nearest_owners",
     "shortlist",
     "shortlist_index",
+    "tally_votes",
     "vote_counts",
 ]
 
@@ -235,11 +236,19 @@ def vote_counts(
         del rows
     d, o = nearest_owners(index, owner, x, qi if same else None)
     del x, index
-    ok = d <= VOTE_DISTANCE
-    a, b = qi[ok], o[ok]
+    return tally_votes(qi, d, o, len(base), same)
+
+
+def tally_votes(
+    query_owner: np.ndarray, dist: np.ndarray, owner: np.ndarray, n_base: int, same: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`vote_counts`' output from each query descriptor's image, its nearest code's distance
+    and that code's image: a vote within `VOTE_DISTANCE` counts for the pair."""
+    ok = dist <= VOTE_DISTANCE
+    a, b = query_owner[ok], owner[ok]
     if same:
         a, b = np.minimum(a, b), np.maximum(a, b)
-    return np.unique(a * len(base) + b, return_counts=True)
+    return np.unique(a * n_base + b, return_counts=True)
 
 
 def candidates(
