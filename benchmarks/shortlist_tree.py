@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from duplicates import _pool  # noqa: E402
 from scale import SIDE, _films, _make_one, draws  # noqa: E402
 
-from automl_cxr.data import decode_gray  # noqa: E402
+from automl_cxr.data import _shortlist, decode_gray  # noqa: E402
 from automl_cxr.data._duplicates import find_matches  # noqa: E402
 from automl_cxr.data._keypoints import LocalFeatures, extract_features, local_features  # noqa: E402
 from automl_cxr.data._reframe import reframe  # noqa: E402
@@ -65,16 +65,13 @@ _TRAIN_PER_LEAF = 20
 
 
 def _kmeans(codes: np.ndarray, k: int, seed: int) -> np.ndarray:
-    import faiss
-
+    """The shortlist's binary k-means (`_shortlist._kmeans`) on at most 160 codes per centre,
+    drawn before the codes are unpacked to floats."""
     if k >= len(codes):
         return codes.copy()
-    rng = np.random.default_rng(seed)
     if len(codes) > k * 160:
-        codes = codes[rng.choice(len(codes), k * 160, replace=False)]
-    km = faiss.Kmeans(256, k, niter=10, seed=seed, min_points_per_centroid=1)
-    km.train(np.unpackbits(codes, axis=1).astype(np.float32))
-    return np.packbits(km.centroids > 0.5, axis=1)
+        codes = codes[np.random.default_rng(seed).choice(len(codes), k * 160, replace=False)]
+    return _shortlist._kmeans(codes, k, seed=seed, niter=10)
 
 
 def tree_index(codes: np.ndarray, branch: int, leaf: int, probe: int):
